@@ -1,0 +1,63 @@
+"""`llm-cluster` command line.
+
+  llm-cluster generate [--model DIR] "prompt" ...   complete prompts offline
+  llm-cluster make-model --arch ARCH --out DIR ...  write a random HF checkpoint
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _generate(args) -> int:
+    from cluster import LLM, SamplingParams
+
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
+    if args.model is None:
+        print(f"(no --model given: using the tiny random model at {llm.engine.config.model.path})", file=sys.stderr)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    for prompt, out in zip(args.prompts, llm.generate(args.prompts, params)):
+        print(f"{prompt}{out.outputs[0].text}")
+    return 0
+
+
+def _make_model(args) -> int:
+    from cluster.models import make
+
+    return make.run(args) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-cluster", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete prompts with one in-process engine")
+    gen.add_argument("prompts", nargs="+")
+    gen.add_argument("--model", default=None, help="HF checkpoint directory (default: a tiny random model made once)")
+    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--device", default="auto")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.set_defaults(func=_generate)
+
+    mk = sub.add_parser("make-model", help="write a random checkpoint in Hugging Face format")
+    from cluster.models import make
+
+    make.add_arguments(mk)
+    mk.set_defaults(func=_make_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"llm-cluster: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

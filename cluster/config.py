@@ -1,0 +1,127 @@
+"""Every knob of the cluster, as frozen dataclasses, validated where they are made.
+
+A component receives only its own sub-config. Each field has a default, a unit
+suffix where it has a unit and a one-line comment; `__post_init__` raises
+`ValueError` naming the field (`CacheConfig.block_size=0 must be ...`).
+Environment variables are read here and nowhere else (`env_*` helpers).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the field."""
+
+
+def _require(ok: bool, owner: str, name: str, value: object, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{owner}.{name}={value!r} {rule}")
+
+
+def _positive_int(owner: str, name: str, value: object) -> None:
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, owner, name, value, "must be an integer >= 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which checkpoint an instance serves and in what precision."""
+
+    path: str = ""  # HF checkpoint directory (config.json, *.safetensors, tokenizer.json)
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 on GPU, fp32 on CPU)
+    max_model_len: int | None = None  # context cap; None: the checkpoint's max_position_embeddings
+    served_name: str | None = None  # name in /v1/models; None: the directory's name
+    seed: int = 0  # seed for anything random the engine does outside per-request sampling
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "ModelConfig", "dtype", self.dtype, "must be one of auto, float32, bfloat16, float16")
+        if self.max_model_len is not None:
+            _positive_int("ModelConfig", "max_model_len", self.max_model_len)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """How the paged KV cache is sized and reused."""
+
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int | None = None  # fixed block count; None: derive from the memory budget
+    memory_budget_bytes: int | None = None  # KV budget; None: gpu_memory_fraction of free memory (GPU) or 1 GiB (CPU)
+    gpu_memory_fraction: float = 0.85  # share of the device memory left after weights that KV may take
+    enable_prefix_caching: bool = True  # reuse full blocks whose token chain hashes match
+
+    def __post_init__(self) -> None:
+        _positive_int("CacheConfig", "block_size", self.block_size)
+        if self.num_blocks is not None:
+            _positive_int("CacheConfig", "num_blocks", self.num_blocks)
+        if self.memory_budget_bytes is not None:
+            _positive_int("CacheConfig", "memory_budget_bytes", self.memory_budget_bytes)
+        _require(0 < self.gpu_memory_fraction <= 1, "CacheConfig", "gpu_memory_fraction", self.gpu_memory_fraction, "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """What runs in each step."""
+
+    max_num_seqs: int = 256  # sequences running at once
+    max_num_batched_tokens: int = 8192  # token budget of one step (decodes + prefill chunks)
+    enable_chunked_prefill: bool = True  # split long prompts across steps under the budget
+    max_waiting: int = 4096  # queue bound; beyond it add_request refuses (backpressure)
+
+    def __post_init__(self) -> None:
+        _positive_int("SchedulerConfig", "max_num_seqs", self.max_num_seqs)
+        _positive_int("SchedulerConfig", "max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive_int("SchedulerConfig", "max_waiting", self.max_waiting)
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """How the model runs on the device."""
+
+    device: str = "auto"  # auto | cpu | cuda
+    attention_backend: str = "auto"  # auto | torch_ref | triton
+    enable_cuda_graphs: bool = True  # capture decode batches on CUDA
+    cuda_graph_max_batch: int = 256  # largest decode batch captured
+
+    def __post_init__(self) -> None:
+        _require(self.device in ("auto", "cpu", "cuda"), "RunnerConfig", "device", self.device, "must be auto, cpu or cuda")
+        _require(self.attention_backend in ("auto", "torch_ref", "triton"), "RunnerConfig", "attention_backend", self.attention_backend, "must be auto, torch_ref or triton")
+        _positive_int("RunnerConfig", "cuda_graph_max_batch", self.cuda_graph_max_batch)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """One engine instance: the model and how it is cached, scheduled and run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+
+
+def from_dict(cls, data: dict | None, owner: str | None = None):
+    """Build a (nested) config dataclass from plain dicts, naming unknown keys."""
+    owner = owner or cls.__name__
+    data = dict(data or {})
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{owner}: unknown field(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = _nested_config_type(known[name])
+        kwargs[name] = from_dict(sub, value, f"{owner}.{name}") if sub and isinstance(value, dict) else value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{owner}: {exc}") from None
+
+
+def _nested_config_type(f):
+    factory = f.default_factory if callable(getattr(f, "default_factory", None)) else None
+    return factory if isinstance(factory, type) and hasattr(factory, "__dataclass_fields__") else None
+
+
+def env_cache_dir() -> str:
+    """Where made models and other cached artefacts live (LLM_CLUSTER_CACHE)."""
+    return os.environ.get("LLM_CLUSTER_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "llm-cluster"))

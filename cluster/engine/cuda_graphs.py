@@ -1,0 +1,81 @@
+"""CUDA graphs for pure-decode steps.
+
+A decode step of a large model is hundreds of small kernels; launching them
+one by one costs more than running them at small batch. We capture the whole
+forward once per batch-size bucket into static buffers and replay it:
+
+    bucket sizes: 1 2 4 8 16 24 32 40 ... max_batch
+    a batch of 5 runs the graph of 8; rows 5..7 are padding
+    (slot -1: their KV is not written; seq_len 1: they read one harmless entry)
+
+The attention backend must be capturable (no host sync, no `*_cpu` fields), which
+the Triton backend is; the graph's metadata uses the model's maximum context as
+an upper bound for the kernel grid.
+"""
+from __future__ import annotations
+
+import torch
+
+from cluster.engine.attention.base import AttentionMetadata
+
+
+def bucket_sizes(max_batch: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4, 8) if b <= max_batch]
+    sizes += list(range(16, max_batch + 1, 8))
+    return sizes
+
+
+class DecodeGraphs:
+    def __init__(self, runner, max_batch: int):
+        self.runner = runner
+        self.sizes = bucket_sizes(max_batch)
+        self.max_batch = self.sizes[-1]
+        dev, n = runner.device, self.max_batch
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(n, runner.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self._capture_all()
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        max_len = self.runner.max_blocks_per_seq * self.runner.block_size
+        return AttentionMetadata(self.query_start_loc[: bs + 1], self.seq_lens[:bs], self.block_tables[:bs],
+                                 self.slot_mapping[:bs], 1, max_len, [], [])
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        from cluster.engine.runner import AttnInputs
+
+        pool = None
+        for bs in reversed(self.sizes):
+            attn = AttnInputs(self.runner.backend, self._meta(bs), self.runner.kv_caches)
+            run = lambda: self.runner.model(self.input_ids[:bs], self.positions[:bs], attn)  # noqa: E731
+            run()  # warm up (Triton compiles, cuBLAS picks kernels) outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[bs] = run()
+            pool = graph.pool() if pool is None else pool
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+
+    def fits(self, inputs) -> bool:
+        return inputs.meta.num_seqs <= self.max_batch
+
+    def replay(self, inputs) -> torch.Tensor:
+        num = inputs.meta.num_seqs
+        bs = next(b for b in self.sizes if b >= num)
+        meta = inputs.meta
+        self.input_ids[:num].copy_(inputs.input_ids)
+        self.positions[:num].copy_(inputs.positions)
+        self.slot_mapping[:num].copy_(meta.slot_mapping)
+        self.slot_mapping[num:bs].fill_(-1)
+        self.seq_lens[:num].copy_(meta.seq_lens)
+        self.seq_lens[num:bs].fill_(1)
+        self.block_tables[:num, : meta.block_tables.shape[1]].copy_(meta.block_tables)
+        self.graphs[bs].replay()
+        return self.outputs[bs][:num]

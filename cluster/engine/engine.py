@@ -1,0 +1,259 @@
+"""One engine instance: three nouns and a loop.
+
+  Scheduler     decides *what* runs          (engine/scheduler.py, no torch)
+  KVCacheManager decides *where* KV lives     (engine/kv_cache.py)
+  ModelRunner   decides *how* it runs        (engine/runner.py)
+
+A request's life:
+  (1) `add_request` validates it, makes its `n` sequences and queues them;
+  (2) `step` = schedule -> run -> update: one flat batch of prefill chunks and
+      decodes, one token sampled for every sequence whose known tokens are all
+      computed;
+  (3) new tokens are detokenized incrementally; stop strings cut the text;
+  (4) finished sequences free their blocks (a prefill-role sequence keeps them
+      until `release`, see `handoff.py`);
+  (5) each step returns the `TokenDelta`s it produced, which `LLM.generate`
+      accumulates and the API streams.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from cluster.config import EngineConfig
+from cluster.engine.kv_cache import KVCacheManager
+from cluster.engine.runner import ModelRunner, kv_bytes_per_block
+from cluster.engine.scheduler import Scheduler
+from cluster.engine.sequence import Sequence
+from cluster.engine.stop import TextState
+from cluster.models.registry import arch_config, build_model
+from cluster.platform import current_platform
+from cluster.types import FinishReason, Role, SamplingParams, TokenDelta
+
+CPU_KV_BUDGET_BYTES = 256 << 20
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full: the caller should retry later (HTTP 429/503)."""
+
+
+@dataclass
+class KVHandoff:
+    """A prefilled request, as the decode side sees it: its tokens and where its KV is."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    first_token_id: int
+    block_ids: list[int]  # in the prefill engine; KV of tokens 0..num_tokens-1
+    num_tokens: int
+    block_size: int
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    texts: list[TextState]
+    arrival_s: float = field(default_factory=time.monotonic)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, role: Role = Role.MIXED, tokenizer=None, progress: bool = True):
+        self.config = config
+        self.role = role
+        self.platform = current_platform(config.runner.device)
+        self.device = self.platform.device()
+        self.dtype = self.platform.resolve_dtype(config.model.dtype)
+        self.arch = arch_config(config.model.path)
+        self.max_model_len = resolve_max_len(config, self.arch)
+        self.tokenizer = tokenizer
+        eos = frozenset(self.arch.eos_token_ids) | (tokenizer.eos_token_ids if tokenizer else frozenset())
+        self.eos_token_ids = eos
+        torch.manual_seed(config.model.seed)
+        self.model = build_model(config.model.path, self.dtype, self.device, self.max_model_len, progress=progress)
+        num_blocks = self._num_blocks()
+        self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv, eos)
+        self.runner = ModelRunner(self.model, num_blocks, config.cache.block_size, self.device, self.dtype,
+                                  config.runner.attention_backend, eos, config.runner.enable_cuda_graphs,
+                                  config.runner.cuda_graph_max_batch, self.max_model_len)
+        self.requests: dict[str, RequestState] = {}
+
+    def _num_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        per_block = kv_bytes_per_block(self.model, cache.block_size, self.dtype)
+        if cache.memory_budget_bytes is not None:
+            budget = cache.memory_budget_bytes
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * cache.gpu_memory_fraction) - activation_reserve_bytes(self.config, self.arch, self.dtype)
+        else:
+            budget = CPU_KV_BUDGET_BYTES
+        min_blocks = -(-self.max_model_len // cache.block_size)
+        # more blocks than every running sequence at full length is only prefix cache; keep it bounded
+        num_blocks = min(budget // per_block, 2 * self.config.scheduler.max_num_seqs * min_blocks)
+        if num_blocks < min_blocks:
+            raise ValueError(f"KV budget of {budget} bytes holds {num_blocks} blocks, fewer than one max-length "
+                             f"sequence needs ({min_blocks}); raise CacheConfig.memory_budget_bytes or lower max_model_len")
+        return int(num_blocks)
+
+    # -- (1) admission ---------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        self._validate(request_id, prompt_token_ids, params)
+        if len(self.scheduler.waiting) + params.n > self.config.scheduler.max_waiting:
+            raise EngineOverloaded(f"engine queue is full ({len(self.scheduler.waiting)} waiting)")
+        now = time.monotonic()
+        seqs: list[Sequence] = []
+        for index in range(params.n):
+            seq = Sequence(request_id, index, list(prompt_token_ids), params, now, self.max_model_len,
+                           parent=seqs[0] if seqs else None, stop_after_prefill=self.role == Role.PREFILL)
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        texts = [TextState(self.tokenizer, prompt_token_ids, params) for _ in seqs]
+        self.requests[request_id] = RequestState(request_id, prompt, list(prompt_token_ids), seqs, texts, now)
+
+    def _validate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt is {len(prompt_token_ids)} tokens; the model's context is {self.max_model_len} "
+                             f"tokens and at least one must be left to generate")
+        vocab = self.arch.vocab_size
+        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
+
+    def abort(self, request_id: str) -> None:
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return
+        for seq in state.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, FinishReason.ABORT)
+            elif seq.finish_reason == FinishReason.PREFILLED:
+                self.scheduler.release(seq)
+            self.runner.forget(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # -- (2)-(5) one step ----------------------------------------------------------
+    def step(self) -> list[TokenDelta]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        result = self.runner.execute(sched)
+        self.scheduler.update(sched, result.sampled)
+        deltas = []
+        for item in sched.scheduled:
+            seq = item.seq
+            if item.samples:
+                deltas.append(self._emit(seq, result.logprobs.get(seq.seq_id)))
+        return deltas
+
+    def _emit(self, seq: Sequence, logprob) -> TokenDelta:
+        state = self.requests[seq.request_id]
+        text = state.texts[seq.index]
+        new_text, stop = text.push(seq.token_ids[-1])
+        if stop is not None and not seq.is_finished:
+            self.scheduler.finish(seq, FinishReason.STOP, stop)
+        if seq.is_finished:
+            new_text += text.flush()
+        if seq.is_finished and seq.finish_reason != FinishReason.PREFILLED:
+            self.runner.forget(seq)
+        delta = TokenDelta(seq.request_id, seq.index, [seq.token_ids[-1]], new_text,
+                           [logprob] if logprob is not None else None, seq.finish_reason, seq.stop_reason,
+                           seq.num_prompt_tokens, seq.num_cached_tokens)
+        if all(s.is_finished for s in state.seqs) and self.role != Role.PREFILL:
+            del self.requests[seq.request_id]
+        return delta
+
+    # -- prefill role: hand the KV over -------------------------------------------------
+    def prefilled(self, request_id: str) -> KVHandoff:
+        """What the decode side needs once a prefill-role request has its first token."""
+        seq = self.requests[request_id].seqs[0]
+        if seq.finish_reason != FinishReason.PREFILLED:
+            raise ValueError(f"request {request_id!r} has not finished its prefill (status {seq.status.value})")
+        return KVHandoff(request_id, list(seq.prompt_token_ids), seq.token_ids[-1], list(seq.block_ids),
+                         seq.num_prompt_tokens, self.kv.block_size)
+
+    def release(self, request_id: str) -> None:
+        """The decode side confirmed (or the hand-over timed out): free the KV."""
+        state = self.requests.pop(request_id, None)
+        for seq in state.seqs if state else []:
+            self.scheduler.release(seq)
+            self.runner.forget(seq)
+
+    # -- decode role: admit a request whose KV arrives from elsewhere ----------------------
+    def reserve(self, request_id: str, prompt_token_ids: list[int], first_token_id: int, params: SamplingParams,
+                prompt: str | None = None) -> list[int] | None:
+        """Reserve blocks for the prompt's KV before any of it moves; None if the pool is short."""
+        self._validate(request_id, prompt_token_ids, params)
+        if params.n != 1:
+            raise ValueError("disaggregated requests carry one sequence (n=1); the router splits n > 1")
+        seq = Sequence(request_id, 0, list(prompt_token_ids), params, time.monotonic(), self.max_model_len)
+        seq.append_token(first_token_id)
+        if not self.kv.allocate_slots(seq, seq.num_prompt_tokens):
+            return None
+        text = TextState(self.tokenizer, prompt_token_ids, params)
+        text.push(first_token_id)  # the prefill side already streamed it
+        text.flush()
+        self.requests[request_id] = RequestState(request_id, prompt, list(prompt_token_ids), [seq], [text])
+        return list(seq.block_ids)
+
+    def commit(self, request_id: str) -> None:
+        """All KV landed in the reserved blocks: the request joins the running batch."""
+        seq = self.requests[request_id].seqs[0]
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        stop = self.scheduler.check_stop(seq)  # the first token may already end it (max_tokens=1)
+        if stop is not None:
+            raise ValueError(f"request {request_id!r} is already finished ({stop[0].value}); nothing to decode")
+        self.kv.cache_full_blocks(seq)
+        self.scheduler.add_running(seq)
+
+    def recompute(self, request_id: str) -> None:
+        """The KV never arrived: compute prompt + first token here instead (no request is lost)."""
+        seq = self.requests[request_id].seqs[0]
+        self.kv.free(seq)
+        seq.num_computed_tokens = 0
+        self.scheduler.add(seq)
+
+    # -- stats -----------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_usage": self.kv.usage(),
+            "num_free_blocks": self.kv.num_free_blocks,
+            "prefix_hit_rate": self.kv.prefix_hit_rate(),
+            "num_preemptions": self.scheduler.num_preemptions,
+        }
+
+
+def resolve_max_len(config: EngineConfig, arch) -> int:
+    limit = arch.max_position_embeddings
+    if arch.sliding_window:
+        limit = min(limit, arch.sliding_window)  # no sliding-window attention: stay inside the window
+    want = config.model.max_model_len
+    if want is not None and want > limit:
+        raise ValueError(f"ModelConfig.max_model_len={want} exceeds the checkpoint's context of {limit}")
+    return want or limit
+
+
+def activation_reserve_bytes(config: EngineConfig, arch, dtype: torch.dtype) -> int:
+    """Room left for activations of the largest step (a generous estimate, plus 1 GiB slack)."""
+    tokens = config.scheduler.max_num_batched_tokens
+    width = max(arch.intermediate_size, arch.moe_intermediate_size * arch.num_experts_per_tok) * 2 + arch.hidden_size * 4
+    logits = config.scheduler.max_num_seqs * arch.vocab_size * 4 * 2
+    return tokens * width * torch.tensor([], dtype=dtype).element_size() * 2 + logits + (1 << 30)

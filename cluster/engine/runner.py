@@ -1,0 +1,179 @@
+"""How a step runs on the device: inputs from the schedule, model forward, sampling.
+
+  (1) `prepare` flattens the scheduled sequences into one token batch
+      (prefill chunks and decodes back to back) with positions, KV slots,
+      block tables and the rows whose last position samples;
+  (2) the model runs once over the whole batch (a captured CUDA graph for
+      pure-decode batches on GPU);
+  (3) logits are computed only for sampling rows and handed to the sampler.
+
+The runner owns the KV tensors; `kv_cache.KVCacheManager` owns the block ids.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cluster.engine.attention.base import AttentionMetadata, make_backend
+from cluster.engine.cuda_graphs import DecodeGraphs
+from cluster.engine.sampler import Sampler, SamplingBatch
+from cluster.engine.scheduler import SchedulerOutput
+from cluster.engine.sequence import Sequence
+from cluster.types import TokenLogprob
+
+
+@dataclass
+class AttnInputs:
+    """What every attention layer reads during one forward."""
+
+    backend: object
+    meta: AttentionMetadata
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor
+    sampling_seqs: list[Sequence]
+    is_pure_decode: bool
+
+
+@dataclass
+class StepResult:
+    sampled: dict[int, int]  # seq_id -> token id
+    logprobs: dict[int, TokenLogprob]
+
+
+class ModelRunner:
+    def __init__(self, model, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype,
+                 attention_backend: str = "auto", eos_token_ids: frozenset[int] = frozenset(),
+                 enable_cuda_graphs: bool = False, cuda_graph_max_batch: int = 256, max_model_len: int = 4096):
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.backend = make_backend(attention_backend, device)
+        self.sampler = Sampler()
+        self.eos_token_ids = eos_token_ids
+        self.kv_caches = allocate_kv(model, num_blocks, block_size, device, dtype)
+        self.generators: dict[int, torch.Generator] = {}
+        self.graphs = None
+        if enable_cuda_graphs and device.type == "cuda":
+            self.graphs = DecodeGraphs(self, cuda_graph_max_batch)
+
+    # -- (1) inputs ----------------------------------------------------------
+    def prepare(self, sched: SchedulerOutput) -> StepInputs:
+        ids, positions, slots, query_start, seq_lens, logits_idx, sampling = [], [], [], [0], [], [], []
+        block_tables = np.zeros((len(sched.scheduled), self.max_blocks_per_seq), dtype=np.int32)
+        bs = self.block_size
+        for row, item in enumerate(sched.scheduled):
+            seq, start = item.seq, item.seq.num_computed_tokens
+            end = start + item.num_new_tokens
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            blocks = seq.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            block_tables[row, : len(blocks)] = blocks
+            query_start.append(query_start[-1] + item.num_new_tokens)
+            seq_lens.append(end)
+            if item.samples:
+                logits_idx.append(query_start[-1] - 1)
+                sampling.append(seq)
+        dev = self.device
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.from_numpy(block_tables).to(dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            max_query_len=max(item.num_new_tokens for item in sched.scheduled),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=query_start,
+            seq_lens_cpu=seq_lens,
+        )
+        return StepInputs(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            meta=meta,
+            logits_indices=torch.tensor(logits_idx, dtype=torch.int64, device=dev),
+            sampling_seqs=sampling,
+            is_pure_decode=meta.max_query_len == 1,
+        )
+
+    # -- (2) forward -----------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        if self.graphs is not None and inputs.is_pure_decode and self.graphs.fits(inputs):
+            return self.graphs.replay(inputs)
+        attn = AttnInputs(self.backend, inputs.meta, self.kv_caches)
+        return self.model(inputs.input_ids, inputs.positions, attn)
+
+    # -- (3) sample --------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> StepResult:
+        inputs = self.prepare(sched)
+        hidden = self.forward(inputs)
+        if not inputs.sampling_seqs:
+            return StepResult({}, {})
+        logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()
+        return self.sample(logits, inputs.sampling_seqs)
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> StepResult:
+        batch = SamplingBatch(
+            params=[s.params for s in seqs],
+            generators=[self._generator(s) for s in seqs],
+            prompt_token_ids=[s.prompt_token_ids for s in seqs],
+            output_token_ids=[s.output_token_ids for s in seqs],
+            eos_token_ids=self.eos_token_ids,
+        )
+        out = self.sampler(logits, batch)
+        sampled = {s.seq_id: t for s, t in zip(seqs, out.token_ids)}
+        logprobs = {s.seq_id: lp for s, lp in zip(seqs, out.logprobs) if lp is not None}
+        return StepResult(sampled, logprobs)
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        if seq.params.seed is None:
+            return None
+        gen = self.generators.get(seq.seq_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seq.params.seed + seq.index)
+            self.generators[seq.seq_id] = gen
+        return gen
+
+    def read_kv(self, layer_id: int, block_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy of one layer's KV blocks, [len(block_ids), block_size, kv_heads, head_dim] each."""
+        index = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        k_cache, v_cache = self.kv_caches[layer_id]
+        return k_cache.index_select(0, index), v_cache.index_select(0, index)
+
+    def write_kv(self, layer_id: int, block_ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        index = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        k_cache, v_cache = self.kv_caches[layer_id]
+        k_cache.index_copy_(0, index, k.to(k_cache.device, k_cache.dtype))
+        v_cache.index_copy_(0, index, v.to(v_cache.device, v_cache.dtype))
+
+    def forget(self, seq: Sequence) -> None:
+        self.generators.pop(seq.seq_id, None)
+
+
+def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
+    cfg = model.cfg
+    num_kv_heads = model.model.layers[next(iter(model.model.layers))].self_attn.num_kv_heads
+    per_layer = 2 * block_size * num_kv_heads * cfg.head_dim * torch.tensor([], dtype=dtype).element_size()
+    return per_layer * len(model.model.layers)
+
+
+def allocate_kv(model, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype):
+    """One (K, V) pair per layer of this stage, indexed by global layer id."""
+    layers = model.model.layers
+    first = next(iter(layers.values())).self_attn
+    shape = (num_blocks, block_size, first.num_kv_heads, model.cfg.head_dim)
+    caches: list = [None] * model.cfg.num_layers
+    for layer_id in layers:
+        caches[int(layer_id)] = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+    return caches

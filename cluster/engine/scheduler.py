@@ -1,0 +1,192 @@
+"""Decides what runs in each step. Imports no torch.
+
+Each step (`schedule`):
+  (1) running sequences that decode (one new token each) go first, oldest first;
+  (2) running sequences part-way through a prompt get their next chunk;
+  (3) waiting sequences are admitted first-come-first-served: prefix-cache hits
+      are reused, the rest of the prompt is chunked under the token budget;
+  (4) when the pool has no block for a running sequence, the newest running
+      sequence is preempted (its KV freed, it recomputes later) until it fits.
+After the model ran (`update`): computed counts advance, sampled tokens are
+appended, finished sequences free their blocks, full blocks join the prefix cache.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from cluster.config import SchedulerConfig
+from cluster.engine.kv_cache import KVCacheManager
+from cluster.engine.sequence import Sequence, SeqStatus
+from cluster.types import FinishReason
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+    samples: bool  # this chunk reaches the end of the known tokens: sample one
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, eos_token_ids: frozenset[int] = frozenset()):
+        self.config = config
+        self.kv = kv
+        self.eos_token_ids = eos_token_ids
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # -- admission -----------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """Decode role: a sequence whose KV blocks are already filled joins the batch."""
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -- one step --------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        decodes = [s for s in self.running if s.num_uncomputed == 1]
+        chunks = [s for s in self.running if s.num_uncomputed > 1]
+        for seq in decodes + chunks:
+            if seq.status != SeqStatus.RUNNING or budget == 0:
+                continue
+            num_new = self._chunk(seq, budget)
+            if num_new == 0 or not self._reserve(seq, num_new, out):
+                continue
+            out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens + num_new == seq.num_tokens))
+            budget -= num_new
+        if not out.preempted:
+            budget = self._admit_waiting(out, budget)
+        return out
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        if seq.num_uncomputed <= budget:
+            return seq.num_uncomputed
+        return budget if self.config.enable_chunked_prefill else 0
+
+    def _reserve(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> bool:
+        """Find blocks for `seq`, preempting the newest running sequences if needed."""
+        while not self.kv.allocate_slots(seq, num_new):
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        out.scheduled = [s for s in out.scheduled if s.seq is not seq]
+        self.kv.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.PREEMPTED
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+        self.num_preemptions += 1
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not self._share_prefix(seq):
+                break
+            num_new = self._chunk(seq, budget)
+            if num_new == 0 or not self.kv.allocate_slots(seq, num_new):
+                self.kv.free(seq)  # give back the prefix hits; retried next step
+                seq.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens + num_new == seq.num_tokens))
+            budget -= num_new
+        return budget
+
+    def _share_prefix(self, seq: Sequence) -> bool:
+        """Reuse KV from the prefix cache, or from the sibling whose prompt it shares (n > 1).
+
+        A sibling waits (False) while its parent's prompt is still being computed,
+        so the prompt's KV is computed once and shared.
+        """
+        parent = seq.parent
+        if parent is not None and parent.status == SeqStatus.RUNNING:
+            if parent.num_computed_tokens < parent.num_prompt_tokens:
+                return False
+            self.kv.fork(parent, seq)
+            return True
+        self.kv.match_prefix(seq)
+        return True
+
+    # -- after the model ran -----------------------------------------------
+    def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
+        """Advance computed counts, append sampled tokens (seq_id -> token); return sequences that finished."""
+        finished = []
+        for item in out.scheduled:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            if item.samples:
+                seq.append_token(sampled[seq.seq_id])
+                reason = self.check_stop(seq)
+                if reason is not None:
+                    self.finish(seq, reason[0], reason[1])
+                    finished.append(seq)
+                    continue
+            self.kv.cache_full_blocks(seq)
+        return finished
+
+    def check_stop(self, seq: Sequence) -> tuple[FinishReason, int | None] | None:
+        token = seq.token_ids[-1]
+        params = seq.params
+        if seq.num_output_tokens >= params.min_tokens:
+            if token in params.stop_token_ids:
+                return FinishReason.STOP, token
+            if not params.ignore_eos and token in self.eos_token_ids:
+                return FinishReason.STOP, None
+        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+            return FinishReason.LENGTH, None
+        if seq.num_tokens >= seq.max_len:
+            return FinishReason.LENGTH, None
+        if seq.stop_after_prefill:
+            return FinishReason.PREFILLED, None
+        return None
+
+    def finish(self, seq: Sequence, reason: FinishReason, stop_reason=None, free: bool = True) -> None:
+        """End a sequence; a prefill-role sequence keeps its blocks until `release`."""
+        if seq.status == SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        if reason == FinishReason.PREFILLED:
+            self.kv.cache_full_blocks(seq)
+        elif free:
+            self.kv.free(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Prefill role: the decode side has the KV (or the hand-over timed out)."""
+        if seq.block_ids:
+            self.kv.free(seq)

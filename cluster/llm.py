@@ -1,0 +1,94 @@
+"""`LLM`: the offline API, in the shape vLLM users know.
+
+    llm = LLM(model="/path/to/hf_dir")
+    outs = llm.generate(["Hello", [1, 2, 3]], SamplingParams(max_tokens=32, temperature=0))
+    outs[0].outputs[0].token_ids, outs[0].outputs[0].text
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+from tqdm.auto import tqdm
+
+from cluster.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig
+from cluster.types import CompletionOutput, RequestOutput, SamplingParams, TokenDelta
+
+
+class LLM:
+    def __init__(self, model: str | None = None, dtype: str = "auto", device: str = "auto", *,
+                 max_model_len: int | None = None, block_size: int = 16, num_blocks: int | None = None,
+                 kv_memory_bytes: int | None = None, enable_prefix_caching: bool = True,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, enable_chunked_prefill: bool = True,
+                 attention_backend: str = "auto", enable_cuda_graphs: bool = True, seed: int = 0,
+                 progress: bool = True):
+        from cluster.engine.engine import Engine
+        from cluster.models.tokenizer import Tokenizer
+
+        if model is None:
+            from cluster.models.make import ensure_default_model
+
+            model = ensure_default_model()
+        if not os.path.isdir(model):
+            raise FileNotFoundError(f"model {model!r} is not a local checkpoint directory")
+        config = EngineConfig(
+            model=ModelConfig(path=model, dtype=dtype, max_model_len=max_model_len, seed=seed),
+            cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, memory_budget_bytes=kv_memory_bytes,
+                              enable_prefix_caching=enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                      enable_chunked_prefill=enable_chunked_prefill),
+            runner=RunnerConfig(device=device, attention_backend=attention_backend, enable_cuda_graphs=enable_cuda_graphs),
+        )
+        tokenizer = Tokenizer.from_dir(model) if os.path.isfile(os.path.join(model, "tokenizer.json")) else None
+        self.engine = Engine(config, tokenizer=tokenizer, progress=progress)
+        self.tokenizer = tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run every prompt (text or token ids) to completion; outputs in input order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
+        encoded = [self._encode(p) for p in prompts]  # validate everything before queueing anything
+        outputs: dict[str, RequestOutput] = {}
+        order = []
+        for (text, ids), p in zip(encoded, params_list):
+            request_id = str(next(self._ids))
+            self.engine.add_request(request_id, ids, p, prompt=text)
+            outputs[request_id] = RequestOutput(request_id, text, ids, [CompletionOutput(i, "", []) for i in range(p.n)], False)
+            if p.logprobs is not None:
+                for c in outputs[request_id].outputs:
+                    c.logprobs = []
+            order.append(request_id)
+        bar = tqdm(total=len(order), desc="generating", disable=not use_tqdm)
+        while self.engine.has_unfinished():
+            for delta in self.engine.step():
+                if _accumulate(outputs[delta.request_id], delta):
+                    bar.update(1)
+        bar.close()
+        return [outputs[r] for r in order]
+
+    def _encode(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this checkpoint has no tokenizer.json: pass token id lists")
+            return prompt, self.tokenizer.encode(prompt)
+        return None, list(prompt)
+
+
+def _accumulate(out: RequestOutput, delta: TokenDelta) -> bool:
+    """Add a step's delta; True when this completes the request."""
+    comp = out.outputs[delta.index]
+    comp.token_ids.extend(delta.token_ids)
+    comp.text += delta.text
+    if delta.logprobs is not None and comp.logprobs is not None:
+        comp.logprobs.extend(delta.logprobs)
+    if delta.finish_reason is not None:
+        comp.finish_reason, comp.stop_reason = delta.finish_reason, delta.stop_reason
+        out.num_cached_tokens = delta.num_cached_tokens
+    out.finished = all(c.finished for c in out.outputs)
+    return out.finished and delta.finish_reason is not None

@@ -1,0 +1,333 @@
+"""Random checkpoints in true Hugging Face format, made locally (nothing is downloaded).
+
+`make_model(arch, out_dir, ...)` goes through five steps:
+
+1. Tokenizer: a byte-level BPE is trained on `data/corpus.txt` with `tokenizers`
+   (once per process, deterministic), given Llama-3 / ChatML special tokens, a
+   BOS-adding post-processor and a ChatML chat template.
+2. Config: transformers' own config class for `arch`, filled from the arguments
+   (RoPE goes in `rope_parameters`, the transformers 5 spelling; MoE archs make
+   every layer sparse).
+3. Model: transformers' own model class, built directly on `device` in `dtype`
+   with transformers' init switched off, then every parameter is filled in place
+   from one seeded generator on that device (scheme below).
+4. Save: `save_pretrained` for model (sharded with an index when
+   `max_shard_size` is given), tokenizer and generation config, into a temp dir
+   beside `out_dir`.
+5. Publish: the temp dir is renamed onto `out_dir` (atomic), so a crash never
+   leaves half a checkpoint and of two racing makers exactly one wins.
+
+Init scheme (why not transformers' N(0, 0.02)): parity tests compare our engine
+with transformers token-for-token under greedy decoding. With std 0.02 a tiny
+model's logits have std ~0.16, top-2 gaps are often < 1e-3 and any change of
+summation order flips the argmax; the residual stream is also dominated by the
+token embedding, so generations loop. With `initializer_range=None` we instead
+draw every matrix from N(0, 1/fan_in) (activations stay O(1) at any width, in
+bf16 too), embeddings from N(0, 1), the LM head from N(0, (LOGIT_STD)^2/hidden)
+(logit std ~LOGIT_STD), RMSNorm weights (q/k norms too) from 1 + 0.1*N(0, 1) and
+biases from N(0, 0.2^2). See tests/models/test_make.py for the measured gaps.
+A float `initializer_range` draws every matrix and embedding from
+N(0, initializer_range^2) instead (norms and biases as above).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import shutil
+import tempfile
+from typing import Any
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
+BOS, EOS, IM_START, IM_END, PAD = SPECIAL_TOKENS
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('Unknown role: ' + message['role']) }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LOGIT_STD = 4.0  # std of the random logits with the default init: wide top-2 gaps, argmax unchanged by scale
+NORM_WEIGHT_STD = 0.1  # RMSNorm weights are 1 + this * N(0, 1)
+BIAS_STD = 0.2  # qkv biases (qwen2, qwen2_moe) are N(0, this^2)
+VOCAB_MULTIPLE = 64  # default model vocab: tokenizer size rounded up to a multiple of this
+CORPUS_PATH = os.path.join(os.path.dirname(__file__), "data", "corpus.txt")
+DEFAULT_MODEL_NAME = "tiny-llama-v1"
+
+
+@functools.lru_cache(maxsize=4)
+def trained_tokenizer_json(vocab_size: int) -> str:
+    """Step 1: the BPE tokenizer as tokenizer.json text (trained once per process per size)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train([CORPUS_PATH], trainer)
+    bos_id = tokenizer.token_to_id(BOS)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)],
+    )
+    return tokenizer.to_str()
+
+
+def _save_tokenizer(out_dir: str, tokenizer_vocab_size: int, max_position_embeddings: int) -> Any:
+    """Step 1 (save): tokenizer.json + tokenizer_config.json + chat_template.jinja; returns the HF tokenizer."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(trained_tokenizer_json(tokenizer_vocab_size))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD, chat_template=CHAT_TEMPLATE,
+        extra_special_tokens=[IM_START, IM_END],
+        clean_up_tokenization_spaces=False, model_max_length=max_position_embeddings,
+    )
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def _arch_kwargs(arch: str, a: dict) -> dict:
+    """Step 2: the config fields that differ between archs."""
+    head_dim = a["hidden_size"] // a["num_heads"]
+    moe_size = a["moe_intermediate_size"] or a["intermediate_size"]
+    if arch in ("llama", "mistral", "qwen2"):
+        extra = {"sliding_window": None} if arch == "mistral" else {}
+        return extra
+    if arch == "qwen3":
+        return {"head_dim": head_dim}
+    if arch == "mixtral":
+        return {"num_local_experts": a["num_experts"], "num_experts_per_tok": a["num_experts_per_tok"],
+                "sliding_window": None, "router_jitter_noise": 0.0}
+    moe = {"num_experts": a["num_experts"], "num_experts_per_tok": a["num_experts_per_tok"],
+           "moe_intermediate_size": moe_size, "decoder_sparse_step": 1, "mlp_only_layers": []}
+    if arch == "qwen2_moe":
+        shared = a["shared_expert_intermediate_size"] or a["intermediate_size"]
+        return {**moe, "shared_expert_intermediate_size": shared, "norm_topk_prob": False}
+    return {**moe, "head_dim": head_dim, "norm_topk_prob": True}
+
+
+def _rope_kwargs(config_cls: type, rope_theta: float, rope_scaling: dict | None) -> dict:
+    """Step 2: RoPE as this transformers version spells it (5.x: one `rope_parameters` dict)."""
+    scaling = dict(rope_scaling or {})
+    if "type" in scaling and "rope_type" not in scaling:
+        scaling["rope_type"] = scaling.pop("type")
+    fields = getattr(config_cls, "__dataclass_fields__", {})
+    if "rope_parameters" in fields:
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": rope_theta, **scaling}}
+    return {"rope_theta": rope_theta, "rope_scaling": scaling or None}
+
+
+def build_config(arch: str, a: dict, special_ids: dict[str, int]) -> Any:
+    """Step 2: transformers' config for `arch` from make_model's arguments `a`."""
+    from transformers import AutoConfig, CONFIG_MAPPING
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
+    init_range = a["initializer_range"] or 1.0 / math.sqrt(a["hidden_size"])
+    return AutoConfig.for_model(
+        arch, vocab_size=a["vocab_size"], hidden_size=a["hidden_size"], intermediate_size=a["intermediate_size"],
+        num_hidden_layers=a["num_layers"], num_attention_heads=a["num_heads"], num_key_value_heads=a["num_kv_heads"],
+        max_position_embeddings=a["max_position_embeddings"], tie_word_embeddings=a["tie_word_embeddings"],
+        initializer_range=init_range, bos_token_id=special_ids[BOS], eos_token_id=special_ids[EOS],
+        pad_token_id=special_ids[PAD], **_rope_kwargs(CONFIG_MAPPING[arch], a["rope_theta"], a["rope_scaling"]),
+        **_arch_kwargs(arch, a),
+    )
+
+
+def _param_scale(name: str, param: Any, config: Any, initializer_range: float | None) -> tuple[float, float]:
+    """Step 3: (mean, std) one parameter is drawn with (the scheme in the module docstring)."""
+    # Tied: logit(j) = e_j . (w * norm(h)) and h holds the current token's own e, so with w ~ 1 the term
+    # sum_i w_i e_i^2 > 0 lifts the current token and greedy decoding repeats it. A final norm weight
+    # w ~ N(0, 1) (random signs) gives that term zero mean; the embedding then takes the LM head's std.
+    tied_head = config.tie_word_embeddings and initializer_range is None
+    if name.endswith(".bias"):
+        return 0.0, BIAS_STD
+    if param.dim() == 1:  # RMSNorm weights, q/k norms included
+        return (0.0, 1.0) if tied_head and name == "model.norm.weight" else (1.0, NORM_WEIGHT_STD)
+    if initializer_range is not None:
+        return 0.0, initializer_range
+    if name.endswith("embed_tokens.weight") and not tied_head:
+        return 0.0, 1.0
+    if name.startswith("lm_head") or name.endswith("embed_tokens.weight"):
+        return 0.0, LOGIT_STD / math.sqrt(config.hidden_size)
+    return 0.0, 1.0 / math.sqrt(param.shape[-1])  # fan_in: Linear (out, in) and fused experts (E, out, in) alike
+
+
+def init_weights(model: Any, seed: int, initializer_range: float | None, progress: bool) -> None:
+    """Step 3: fill every parameter in place from one generator on the parameters' device."""
+    import torch
+    from tqdm import tqdm
+
+    params = list(model.named_parameters())  # shared (tied) parameters appear once
+    generator = torch.Generator(device=params[0][1].device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in tqdm(params, desc="init weights", unit="tensor", disable=not progress, leave=False):
+            mean, std = _param_scale(name, param, model.config, initializer_range)
+            param.normal_(mean, std, generator=generator)
+
+
+def _build_model(config: Any, dtype: str, device: str) -> Any:
+    """Step 3: the model built on `device` in `dtype`, transformers' own (slow) init skipped."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers import initialization
+
+    with torch.device(device), initialization.no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.tie_weights()  # no_init_weights also skipped the tying that init_weights does
+    return model
+
+
+def _save_all(model: Any, tmp_dir: str, a: dict, special_ids: dict[str, int]) -> None:
+    """Step 4: model shards, config, generation config."""
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(
+        bos_token_id=special_ids[BOS], eos_token_id=[special_ids[EOS], special_ids[IM_END]],
+        pad_token_id=special_ids[PAD],
+    )
+    shard_kwargs = {"max_shard_size": a["max_shard_size"]} if a["max_shard_size"] else {}
+    model.save_pretrained(tmp_dir, **shard_kwargs)
+
+
+def publish(tmp_dir: str, out_dir: str) -> None:
+    """Step 5: rename `tmp_dir` onto `out_dir`; FileExistsError (tmp removed) if `out_dir` is taken."""
+    try:
+        os.rename(tmp_dir, out_dir)  # POSIX: atomic; replaces only a missing or empty directory
+    except OSError as err:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise FileExistsError(f"{out_dir} already exists and is not empty") from err
+
+
+def make_model(arch: str, out_dir: str, *, num_layers: int = 2, hidden_size: int = 64, num_heads: int = 4,
+               num_kv_heads: int = 2, intermediate_size: int = 128, vocab_size: int | None = None,
+               num_experts: int = 4, num_experts_per_tok: int = 2, moe_intermediate_size: int | None = None,
+               shared_expert_intermediate_size: int | None = None, max_position_embeddings: int = 2048,
+               tie_word_embeddings: bool = False, rope_theta: float = 10000.0, rope_scaling: dict | None = None,
+               seed: int = 0, dtype: str = "float32", device: str = "cpu", max_shard_size: str | None = None,
+               initializer_range: float | None = None, tokenizer_vocab_size: int = 1024,
+               progress: bool = True) -> str:
+    """Make a random `arch` checkpoint at `out_dir` (steps in the module docstring); returns out_dir."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
+    a = dict(locals())
+    from tqdm import tqdm
+
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    stages = tqdm(total=4, desc=f"make {arch}", unit="step", disable=not progress)
+    try:
+        with _transformers_progress(progress):
+            hf_tokenizer = _save_tokenizer(tmp_dir, tokenizer_vocab_size, max_position_embeddings)
+            special_ids = {tok: hf_tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
+            a["vocab_size"] = vocab_size or -(-len(hf_tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+            stages.update(1)
+            model = _build_model(build_config(arch, a, special_ids), dtype, device)
+            stages.update(1)
+            init_weights(model, seed, initializer_range, progress)
+            stages.update(1)
+            _save_all(model, tmp_dir, a, special_ids)
+            stages.update(1)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    finally:
+        stages.close()
+    publish(tmp_dir, out_dir)
+    return out_dir
+
+
+class _transformers_progress:
+    """Context manager: transformers' own progress bars (shard writing) follow `progress`, then are restored."""
+
+    def __init__(self, progress: bool) -> None:
+        self.progress = progress
+        self.was_enabled = True
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging
+
+        self.was_enabled = logging.is_progress_bar_enabled()
+        if not self.progress:
+            logging.disable_progress_bar()
+
+    def __exit__(self, *exc: object) -> None:
+        from transformers.utils import logging
+
+        if self.was_enabled:
+            logging.enable_progress_bar()
+
+
+def default_model_dir() -> str:
+    """Where the shared tiny llama lives: <cache>/models/tiny-llama-v1."""
+    from cluster.config import env_cache_dir
+
+    return os.path.join(env_cache_dir(), "models", DEFAULT_MODEL_NAME)
+
+
+def ensure_default_model() -> str:
+    """The tiny llama (2 layers, hidden 64), made on first use; a racing loser uses the winner's dir."""
+    out_dir = default_model_dir()
+    if os.path.exists(os.path.join(out_dir, "config.json")):
+        return out_dir
+    try:
+        make_model("llama", out_dir, progress=False)
+    except FileExistsError:
+        pass  # another process published first; its checkpoint is the same (same args, same seed)
+    return out_dir
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `make-model` subcommand's flags."""
+    parser.add_argument("--arch", required=True, choices=ARCHS)
+    parser.add_argument("--out", required=True, help="checkpoint directory to create")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--intermediate", type=int, default=128)
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--experts-per-tok", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=None, help="model vocab (default: tokenizer size rounded up to 64)")
+    parser.add_argument("--max-position", type=int, default=2048)
+    parser.add_argument("--tie-embeddings", action="store_true")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shard-size", default=None, help="e.g. 5GB; default: one file")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> str:
+    """Make the checkpoint the parsed flags describe; prints and returns its path."""
+    out_dir = make_model(
+        args.arch, args.out, num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads,
+        num_kv_heads=args.kv_heads, intermediate_size=args.intermediate, num_experts=args.experts,
+        num_experts_per_tok=args.experts_per_tok, vocab_size=args.vocab, max_position_embeddings=args.max_position,
+        tie_word_embeddings=args.tie_embeddings, dtype=args.dtype, device=args.device,
+        max_shard_size=args.shard_size, seed=args.seed,
+    )
+    print(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`llm-cluster make-model ...` as a standalone entry point."""
+    parser = argparse.ArgumentParser(prog="llm-cluster make-model", description="Make a random HF checkpoint.")
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

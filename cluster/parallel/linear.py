@@ -1,0 +1,177 @@
+"""Tensor-parallel building blocks: every weight of a model is one of these.
+
+Each parameter carries a `weight_loader(param, source, shard_id)` that copies
+its own shard out of `source`, a safetensors slice (or a tensor), so a rank
+reads only the rows/columns it keeps and never materialises the full weight.
+
+  ColumnParallelLinear   W [out, in]: rank r keeps rows  r*out/tp .. (r+1)*out/tp
+  RowParallelLinear      W [out, in]: rank r keeps cols  r*in/tp  .. ; all-reduce after
+  QKVParallelLinear      q | k | v stacked; KV heads split, replicated if tp > kv heads
+  MergedColumnParallel   gate | up stacked (each split like a column linear)
+  VocabParallelEmbedding rows of the vocab split; masked lookup + all-reduce
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cluster.parallel.groups import TPGroup
+
+
+def narrow(source, dim: int, start: int, length: int) -> torch.Tensor:
+    """Read [start, start+length) along `dim` of a tensor or a lazy safetensors slice."""
+    if isinstance(source, torch.Tensor):
+        return source.narrow(dim, start, length)
+    index = [slice(None)] * len(source.get_shape())
+    index[dim] = slice(start, start + length)
+    return source[tuple(index)]
+
+
+def materialise(source) -> torch.Tensor:
+    return source if isinstance(source, torch.Tensor) else source[:]
+
+
+def shape_of(source) -> tuple[int, ...]:
+    return tuple(source.shape) if isinstance(source, torch.Tensor) else tuple(source.get_shape())
+
+
+def copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str = "") -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ValueError(f"weight {name or '?'}: checkpoint shape {tuple(src.shape)} does not match the model's {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+def _param(shape: tuple[int, ...], loader) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(shape), requires_grad=False)
+    p.weight_loader = loader
+    return p
+
+
+def default_loader(param: nn.Parameter, source, shard_id=None) -> None:
+    copy_checked(param.data, materialise(source))
+
+
+class ReplicatedLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.weight = _param((out_features, in_features), default_loader)
+        self.bias = _param((out_features,), default_loader) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Output features split across ranks; the output stays sharded."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup, bias: bool = False):
+        super().__init__()
+        if out_features % tp.size:
+            raise ValueError(f"output size {out_features} is not divisible by tensor parallel size {tp.size}")
+        self.tp = tp
+        self.out_per_rank = out_features // tp.size
+        self.weight = _param((self.out_per_rank, in_features), self._load)
+        self.bias = _param((self.out_per_rank,), self._load) if bias else None
+
+    def _load(self, param, source, shard_id=None) -> None:
+        copy_checked(param.data, narrow(source, 0, self.tp.rank * self.out_per_rank, self.out_per_rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column linears stacked in one weight (gate | up), each split per rank."""
+
+    def __init__(self, in_features: int, out_sizes: list[int], tp: TPGroup, bias: bool = False):
+        super().__init__(in_features, sum(out_sizes), tp, bias)
+        self.out_sizes_per_rank = [size // tp.size for size in out_sizes]
+
+    def _load(self, param, source, shard_id=None) -> None:
+        size = self.out_sizes_per_rank[shard_id]
+        offset = sum(self.out_sizes_per_rank[:shard_id])
+        copy_checked(param.data.narrow(0, offset, size), narrow(source, 0, self.tp.rank * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q | k | v in one weight. Query heads split across ranks; KV heads split
+    too, or replicated (each rank keeps one head) when tp > num_kv_heads."""
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, tp: TPGroup, bias: bool = False):
+        if num_heads % tp.size:
+            raise ValueError(f"num_attention_heads={num_heads} is not divisible by tensor parallel size {tp.size}")
+        if tp.size > num_kv_heads and tp.size % num_kv_heads:
+            raise ValueError(f"tensor parallel size {tp.size} is neither a divisor nor a multiple of num_key_value_heads={num_kv_heads}")
+        self.head_dim = head_dim
+        self.num_heads = num_heads // tp.size
+        self.num_kv_heads = max(1, num_kv_heads // tp.size)
+        self.kv_head_start = (tp.rank * num_kv_heads) // tp.size if tp.size > num_kv_heads else tp.rank * self.num_kv_heads
+        total = (self.num_heads + 2 * self.num_kv_heads) * head_dim
+        super().__init__(hidden, total * tp.size, tp, bias)
+
+    def _load(self, param, source, shard_id=None) -> None:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if shard_id == "q":
+            dst, start = param.data.narrow(0, 0, q_size), self.tp.rank * q_size
+        else:
+            offset = q_size if shard_id == "k" else q_size + kv_size
+            dst, start = param.data.narrow(0, offset, kv_size), self.kv_head_start * self.head_dim
+        copy_checked(dst, narrow(source, 0, start, dst.shape[0]))
+
+
+class RowParallelLinear(nn.Module):
+    """Input features split across ranks; partial sums are all-reduced (unless the caller defers it)."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup, bias: bool = False, reduce_results: bool = True):
+        super().__init__()
+        if in_features % tp.size:
+            raise ValueError(f"input size {in_features} is not divisible by tensor parallel size {tp.size}")
+        self.tp = tp
+        self.reduce_results = reduce_results
+        self.in_per_rank = in_features // tp.size
+        self.weight = _param((out_features, self.in_per_rank), self._load)
+        self.bias = _param((out_features,), default_loader) if bias else None
+
+    def _load(self, param, source, shard_id=None) -> None:
+        copy_checked(param.data, narrow(source, 1, self.tp.rank * self.in_per_rank, self.in_per_rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight)
+        if self.reduce_results:
+            out = self.tp.all_reduce(out)
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden: int, tp: TPGroup):
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.rows_per_rank = (vocab_size + tp.size - 1) // tp.size
+        self.row_start = tp.rank * self.rows_per_rank
+        self.weight = _param((self.rows_per_rank, hidden), self._load)
+
+    def _load(self, param, source, shard_id=None) -> None:
+        rows = max(0, min(self.rows_per_rank, shape_of(source)[0] - self.row_start))
+        param.data.zero_()
+        copy_checked(param.data.narrow(0, 0, rows), narrow(source, 0, self.row_start, rows))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.row_start
+        outside = (local < 0) | (local >= self.rows_per_rank)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside[:, None], 0)
+        return self.tp.all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Vocab-sharded output projection; logits gathered to full vocab only where sampled."""
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        local = F.linear(hidden, self.weight)
+        return self.tp.all_gather_last_dim(local)[:, : self.vocab_size]

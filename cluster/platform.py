@@ -1,0 +1,42 @@
+"""Device, dtype and collective backend for the machine we run on.
+
+Everything else asks this module instead of testing `torch.cuda.is_available()`
+itself, so CPU (gloo, float32) and GPU (NCCL, bf16) share one code path and a
+third platform (an NPU with its own collective library) is one new entry here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Platform:
+    device_type: str  # cpu | cuda
+    dist_backend: str  # gloo | nccl
+    default_dtype: torch.dtype
+
+    def device(self, index: int = 0) -> torch.device:
+        return torch.device("cpu") if self.device_type == "cpu" else torch.device(self.device_type, index)
+
+    def resolve_dtype(self, name: str) -> torch.dtype:
+        return self.default_dtype if name == "auto" else _DTYPES[name]
+
+    def synchronize(self) -> None:
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()
+
+
+def current_platform(device: str = "auto") -> Platform:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("RunnerConfig.device='cuda' but no CUDA device is visible")
+        return Platform("cuda", "nccl", torch.bfloat16)
+    if device == "cpu":
+        return Platform("cpu", "gloo", torch.float32)
+    raise ValueError(f"RunnerConfig.device={device!r} is not supported (auto, cpu, cuda)")
