@@ -66,6 +66,12 @@ def load_arch_config(model_dir: str) -> ArchConfig:
             raw = json.load(f)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    gen_path = os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(gen_path):  # generation_config's eos ids win, as in transformers
+        with open(gen_path) as f:
+            gen_eos = json.load(f).get("eos_token_id")
+        if gen_eos is not None:
+            raw = {**raw, "eos_token_id": gen_eos}
     return parse_arch_config(raw)
 
 
@@ -128,7 +134,8 @@ def _moe_fields(family: str, raw: dict) -> dict:
         step = raw.get("decoder_sparse_step", 1) or 1
         dense = set(raw.get("mlp_only_layers") or [])
         dense |= {i for i in range(raw["num_hidden_layers"]) if (i + 1) % step != 0}
-        return dict(num_experts=raw["num_experts"], num_experts_per_tok=raw["num_experts_per_tok"],
+        num_experts = raw.get("num_experts", raw.get("num_local_experts"))  # transformers 5 renames it
+        return dict(num_experts=num_experts, num_experts_per_tok=raw["num_experts_per_tok"],
                     moe_intermediate_size=raw["moe_intermediate_size"],
                     shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size", 0) if family == "qwen2_moe" else 0,
                     norm_topk_prob=bool(raw.get("norm_topk_prob", family == "qwen3_moe")),

@@ -37,6 +37,7 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, fields
 from typing import Any
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
@@ -95,51 +96,77 @@ def _save_tokenizer(out_dir: str, tokenizer_vocab_size: int, max_position_embedd
     return tokenizer
 
 
-def _arch_kwargs(arch: str, a: dict) -> dict:
+@dataclass(frozen=True)
+class ModelSpec:
+    """What make_model builds (its keyword arguments, less where and how loudly)."""
+
+    arch: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int | None  # None: tokenizer size rounded up to VOCAB_MULTIPLE
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int | None  # None: intermediate_size
+    shared_expert_intermediate_size: int | None  # None: intermediate_size (qwen2_moe)
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope_theta: float
+    rope_scaling: dict | None  # e.g. {"rope_type": "llama3", "factor": 8.0, ...}
+    seed: int
+    dtype: str  # float32 | bfloat16 | float16
+    device: str  # where the weights are built and initialised: cpu, cuda, cuda:1, ...
+    max_shard_size: str | None  # e.g. "5GB"; None: one model.safetensors
+    initializer_range: float | None  # None: the fan-in scheme of the module docstring
+    tokenizer_vocab_size: int
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; valid: {', '.join(ARCHS)}")
+
+
+def _arch_kwargs(spec: ModelSpec) -> dict[str, object]:
     """Step 2: the config fields that differ between archs."""
-    head_dim = a["hidden_size"] // a["num_heads"]
-    moe_size = a["moe_intermediate_size"] or a["intermediate_size"]
-    if arch in ("llama", "mistral", "qwen2"):
-        extra = {"sliding_window": None} if arch == "mistral" else {}
-        return extra
-    if arch == "qwen3":
-        return {"head_dim": head_dim}
-    if arch == "mixtral":
-        return {"num_local_experts": a["num_experts"], "num_experts_per_tok": a["num_experts_per_tok"],
-                "sliding_window": None, "router_jitter_noise": 0.0}
-    moe = {"num_experts": a["num_experts"], "num_experts_per_tok": a["num_experts_per_tok"],
-           "moe_intermediate_size": moe_size, "decoder_sparse_step": 1, "mlp_only_layers": []}
-    if arch == "qwen2_moe":
-        shared = a["shared_expert_intermediate_size"] or a["intermediate_size"]
-        return {**moe, "shared_expert_intermediate_size": shared, "norm_topk_prob": False}
-    return {**moe, "head_dim": head_dim, "norm_topk_prob": True}
+    head_dim = spec.hidden_size // spec.num_heads
+    moe = {"num_experts": spec.num_experts, "num_experts_per_tok": spec.num_experts_per_tok,
+           "moe_intermediate_size": spec.moe_intermediate_size or spec.intermediate_size,
+           "decoder_sparse_step": 1, "mlp_only_layers": []}
+    shared_size = spec.shared_expert_intermediate_size or spec.intermediate_size
+    return {
+        "llama": {},
+        "mistral": {"sliding_window": None},
+        "qwen2": {},
+        "qwen3": {"head_dim": head_dim},
+        "mixtral": {"num_local_experts": spec.num_experts, "num_experts_per_tok": spec.num_experts_per_tok,
+                    "sliding_window": None, "router_jitter_noise": 0.0},
+        "qwen2_moe": {**moe, "shared_expert_intermediate_size": shared_size, "norm_topk_prob": False},
+        "qwen3_moe": {**moe, "head_dim": head_dim, "norm_topk_prob": True},
+    }[spec.arch]
 
 
-def _rope_kwargs(config_cls: type, rope_theta: float, rope_scaling: dict | None) -> dict:
+def _rope_kwargs(config_cls: type, rope_theta: float, rope_scaling: dict | None) -> dict[str, object]:
     """Step 2: RoPE as this transformers version spells it (5.x: one `rope_parameters` dict)."""
     scaling = dict(rope_scaling or {})
     if "type" in scaling and "rope_type" not in scaling:
         scaling["rope_type"] = scaling.pop("type")
-    fields = getattr(config_cls, "__dataclass_fields__", {})
-    if "rope_parameters" in fields:
+    if "rope_parameters" in getattr(config_cls, "__dataclass_fields__", {}):
         return {"rope_parameters": {"rope_type": "default", "rope_theta": rope_theta, **scaling}}
-    return {"rope_theta": rope_theta, "rope_scaling": scaling or None}
+    return {"rope_theta": rope_theta, "rope_scaling": scaling or None}  # transformers 4 spelling
 
 
-def build_config(arch: str, a: dict, special_ids: dict[str, int]) -> Any:
-    """Step 2: transformers' config for `arch` from make_model's arguments `a`."""
-    from transformers import AutoConfig, CONFIG_MAPPING
+def build_config(spec: ModelSpec, vocab_size: int, special_ids: dict[str, int]) -> Any:
+    """Step 2: transformers' config for `spec`."""
+    from transformers import CONFIG_MAPPING, AutoConfig
 
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
-    init_range = a["initializer_range"] or 1.0 / math.sqrt(a["hidden_size"])
     return AutoConfig.for_model(
-        arch, vocab_size=a["vocab_size"], hidden_size=a["hidden_size"], intermediate_size=a["intermediate_size"],
-        num_hidden_layers=a["num_layers"], num_attention_heads=a["num_heads"], num_key_value_heads=a["num_kv_heads"],
-        max_position_embeddings=a["max_position_embeddings"], tie_word_embeddings=a["tie_word_embeddings"],
-        initializer_range=init_range, bos_token_id=special_ids[BOS], eos_token_id=special_ids[EOS],
-        pad_token_id=special_ids[PAD], **_rope_kwargs(CONFIG_MAPPING[arch], a["rope_theta"], a["rope_scaling"]),
-        **_arch_kwargs(arch, a),
+        spec.arch, vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=spec.tie_word_embeddings,
+        initializer_range=spec.initializer_range or 1.0 / math.sqrt(spec.hidden_size),
+        bos_token_id=special_ids[BOS], eos_token_id=special_ids[EOS], pad_token_id=special_ids[PAD],
+        **_rope_kwargs(CONFIG_MAPPING[spec.arch], spec.rope_theta, spec.rope_scaling), **_arch_kwargs(spec),
     )
 
 
@@ -187,16 +214,15 @@ def _build_model(config: Any, dtype: str, device: str) -> Any:
     return model
 
 
-def _save_all(model: Any, tmp_dir: str, a: dict, special_ids: dict[str, int]) -> None:
-    """Step 4: model shards, config, generation config."""
+def _save_model(model: Any, out_dir: str, max_shard_size: str | None, special_ids: dict[str, int]) -> None:
+    """Step 4: config.json, generation_config.json and the safetensors (sharded with an index if asked)."""
     from transformers import GenerationConfig
 
     model.generation_config = GenerationConfig(
         bos_token_id=special_ids[BOS], eos_token_id=[special_ids[EOS], special_ids[IM_END]],
         pad_token_id=special_ids[PAD],
     )
-    shard_kwargs = {"max_shard_size": a["max_shard_size"]} if a["max_shard_size"] else {}
-    model.save_pretrained(tmp_dir, **shard_kwargs)
+    model.save_pretrained(out_dir, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
 
 
 def publish(tmp_dir: str, out_dir: str) -> None:
@@ -208,6 +234,24 @@ def publish(tmp_dir: str, out_dir: str) -> None:
         raise FileExistsError(f"{out_dir} already exists and is not empty") from err
 
 
+def _make_into(spec: ModelSpec, tmp_dir: str, progress: bool) -> None:
+    """Steps 1-4 into `tmp_dir`, one progress-bar step each."""
+    from tqdm import tqdm
+
+    with tqdm(total=4, desc=f"make {spec.arch}", unit="step", disable=not progress) as stages, \
+            _transformers_progress(progress):
+        hf_tokenizer = _save_tokenizer(tmp_dir, spec.tokenizer_vocab_size, spec.max_position_embeddings)
+        special_ids = {token: hf_tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+        vocab_size = spec.vocab_size or -(-len(hf_tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        stages.update(1)
+        model = _build_model(build_config(spec, vocab_size, special_ids), spec.dtype, spec.device)
+        stages.update(1)
+        init_weights(model, spec.seed, spec.initializer_range, progress)
+        stages.update(1)
+        _save_model(model, tmp_dir, spec.max_shard_size, special_ids)
+        stages.update(1)
+
+
 def make_model(arch: str, out_dir: str, *, num_layers: int = 2, hidden_size: int = 64, num_heads: int = 4,
                num_kv_heads: int = 2, intermediate_size: int = 128, vocab_size: int | None = None,
                num_experts: int = 4, num_experts_per_tok: int = 2, moe_intermediate_size: int | None = None,
@@ -216,34 +260,21 @@ def make_model(arch: str, out_dir: str, *, num_layers: int = 2, hidden_size: int
                seed: int = 0, dtype: str = "float32", device: str = "cpu", max_shard_size: str | None = None,
                initializer_range: float | None = None, tokenizer_vocab_size: int = 1024,
                progress: bool = True) -> str:
-    """Make a random `arch` checkpoint at `out_dir` (steps in the module docstring); returns out_dir."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
-    a = dict(locals())
-    from tqdm import tqdm
+    """Make a random `arch` checkpoint at `out_dir` (steps in the module docstring); returns its path.
 
+    Raises ValueError for an unknown arch and FileExistsError if `out_dir` exists and is not empty.
+    Not thread-safe: transformers' init switch-off patches torch.nn.init for the build's duration.
+    """
+    spec = ModelSpec(**{f.name: value for f in fields(ModelSpec) if (value := locals()[f.name]) is not None or True})
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    stages = tqdm(total=4, desc=f"make {arch}", unit="step", disable=not progress)
     try:
-        with _transformers_progress(progress):
-            hf_tokenizer = _save_tokenizer(tmp_dir, tokenizer_vocab_size, max_position_embeddings)
-            special_ids = {tok: hf_tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
-            a["vocab_size"] = vocab_size or -(-len(hf_tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-            stages.update(1)
-            model = _build_model(build_config(arch, a, special_ids), dtype, device)
-            stages.update(1)
-            init_weights(model, seed, initializer_range, progress)
-            stages.update(1)
-            _save_all(model, tmp_dir, a, special_ids)
-            stages.update(1)
+        _make_into(spec, tmp_dir, progress)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    finally:
-        stages.close()
     publish(tmp_dir, out_dir)
     return out_dir
 

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random checkpoints made once per test session with `transformers`."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tiny checkpoints, one per architecture; variants cover tied embeddings, MQA,
+# llama3 rope scaling and a sharded safetensors index.
+CHECKPOINTS = {
+    "llama": dict(arch="llama"),
+    "llama_tied_mqa_rope3_sharded": dict(
+        arch="llama", num_kv_heads=1, tie_word_embeddings=True, max_shard_size="100KB",
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 256},
+    ),
+    "mistral": dict(arch="mistral"),
+    "qwen2": dict(arch="qwen2"),
+    "qwen3": dict(arch="qwen3"),
+    "mixtral": dict(arch="mixtral"),
+    "qwen2_moe": dict(arch="qwen2_moe"),
+    "qwen3_moe": dict(arch="qwen3_moe"),
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoints")
+    made: dict[str, str] = {}
+
+    def get(name: str) -> str:
+        if name not in made:
+            from cluster.models.make import make_model
+
+            spec = dict(CHECKPOINTS[name])
+            made[name] = make_model(spec.pop("arch"), os.path.join(root, name), progress=False, **spec)
+        return made[name]
+
+    return get
