@@ -53,7 +53,9 @@ class LLM:
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
-        encoded = [self._encode(p) for p in prompts]  # validate everything before queueing anything
+        encoded = [self._encode(p) for p in prompts]
+        for n, ((_, ids), p) in enumerate(zip(encoded, params_list)):  # validate all before queueing any
+            self.engine.validate(f"check-{n}", ids, p)
         outputs: dict[str, RequestOutput] = {}
         order = []
         for (text, ids), p in zip(encoded, params_list):

@@ -106,7 +106,7 @@ class Engine:
     # -- (1) admission ---------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None) -> None:
-        self._validate(request_id, prompt_token_ids, params)
+        self.validate(request_id, prompt_token_ids, params)
         if len(self.scheduler.waiting) + params.n > self.config.scheduler.max_waiting:
             raise EngineOverloaded(f"engine queue is full ({len(self.scheduler.waiting)} waiting)")
         now = time.monotonic()
@@ -119,7 +119,7 @@ class Engine:
         texts = [TextState(self.tokenizer, prompt_token_ids, params) for _ in seqs]
         self.requests[request_id] = RequestState(request_id, prompt, list(prompt_token_ids), seqs, texts, now)
 
-    def _validate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
@@ -155,28 +155,31 @@ class Engine:
             return []
         result = self.runner.execute(sched)
         self.scheduler.update(sched, result.sampled)
-        deltas = []
-        for item in sched.scheduled:
-            seq = item.seq
-            if item.samples:
-                deltas.append(self._emit(seq, result.logprobs.get(seq.seq_id)))
+        deltas = [self._emit(item.seq, result.logprobs.get(item.seq.seq_id)) for item in sched.scheduled if item.samples]
+        if self.role != Role.PREFILL:  # prefill-role requests stay until `release`
+            for delta in deltas:
+                state = self.requests.get(delta.request_id)
+                if state and all(s.is_finished for s in state.seqs):
+                    del self.requests[delta.request_id]
         return deltas
 
     def _emit(self, seq: Sequence, logprob) -> TokenDelta:
         state = self.requests[seq.request_id]
         text = state.texts[seq.index]
         new_text, stop = text.push(seq.token_ids[-1])
+        if seq.is_finished and stop is None:
+            tail, stop = text.flush()
+            new_text += tail
+            if stop is not None and seq.finish_reason != FinishReason.PREFILLED:
+                seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop
         if stop is not None and not seq.is_finished:
             self.scheduler.finish(seq, FinishReason.STOP, stop)
-        if seq.is_finished:
-            new_text += text.flush()
+            new_text += text.flush()[0]
         if seq.is_finished and seq.finish_reason != FinishReason.PREFILLED:
             self.runner.forget(seq)
         delta = TokenDelta(seq.request_id, seq.index, [seq.token_ids[-1]], new_text,
                            [logprob] if logprob is not None else None, seq.finish_reason, seq.stop_reason,
                            seq.num_prompt_tokens, seq.num_cached_tokens)
-        if all(s.is_finished for s in state.seqs) and self.role != Role.PREFILL:
-            del self.requests[seq.request_id]
         return delta
 
     # -- prefill role: hand the KV over -------------------------------------------------
@@ -199,7 +202,7 @@ class Engine:
     def reserve(self, request_id: str, prompt_token_ids: list[int], first_token_id: int, params: SamplingParams,
                 prompt: str | None = None) -> list[int] | None:
         """Reserve blocks for the prompt's KV before any of it moves; None if the pool is short."""
-        self._validate(request_id, prompt_token_ids, params)
+        self.validate(request_id, prompt_token_ids, params)
         if params.n != 1:
             raise ValueError("disaggregated requests carry one sequence (n=1); the router splits n > 1")
         seq = Sequence(request_id, 0, list(prompt_token_ids), params, time.monotonic(), self.max_model_len)
@@ -208,7 +211,7 @@ class Engine:
             return None
         text = TextState(self.tokenizer, prompt_token_ids, params)
         text.push(first_token_id)  # the prefill side already streamed it
-        text.flush()
+        text.num_emitted = len(text.text)
         self.requests[request_id] = RequestState(request_id, prompt, list(prompt_token_ids), [seq], [text])
         return list(seq.block_ids)
 

@@ -29,25 +29,20 @@ class TextState:
     def push(self, token_id: int) -> tuple[str, str | None]:
         if self.detok is None or self.stopped:
             return "", None
-        start = len(self.text)
-        self.text += self.detok.push([token_id])
-        stop = self._find_stop(max(0, start - self.hold))
-        if stop is not None:
-            return self._take(len(self.text)), stop
-        return self._take(len(self.text) - self.hold), None
+        return self._extend(self.detok.push([token_id]))
 
-    def _find_stop(self, search_from: int) -> str | None:
-        best = None
-        for s in self.params.stop:
-            pos = self.text.find(s, search_from)
-            if pos != -1 and (best is None or pos < best[0]):
-                best = (pos, s)
-        if best is None:
-            return None
-        pos, s = best
-        self.text = self.text[: pos + len(s)] if self.params.include_stop_str_in_output else self.text[:pos]
+    def _extend(self, new_text: str) -> tuple[str, str | None]:
+        from cluster.models.tokenizer import find_stop
+
+        start = len(self.text)
+        self.text += new_text
+        found = find_stop(self.text, self.params.stop, start) if self.params.stop and new_text else None
+        if found is None:
+            return self._take(len(self.text) - self.hold), None
+        pos, stop = found
+        self.text = self.text[: pos + len(stop)] if self.params.include_stop_str_in_output else self.text[:pos]
         self.stopped = True
-        return s
+        return self._take(len(self.text)), stop
 
     def _take(self, upto: int) -> str:
         upto = max(upto, self.num_emitted)
@@ -55,5 +50,11 @@ class TextState:
         self.num_emitted = upto
         return out
 
-    def flush(self) -> str:
-        return self._take(len(self.text))
+    def flush(self) -> tuple[str, str | None]:
+        """At the end: the detokenizer's and our held-back text (a stop string may still match in it)."""
+        if self.detok is None:
+            return "", None
+        if self.stopped:
+            return self._take(len(self.text)), None
+        text, stop = self._extend(self.detok.flush())
+        return text + self._take(len(self.text)), stop

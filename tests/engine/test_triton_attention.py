@@ -99,14 +99,14 @@ def test_split_kv_decode(num_kv_splits, group):
 
 
 def test_heuristic_split_path_batch1():
-    assert choose_num_kv_splits(1, NUM_KV_HEADS, 300, 132) == 2
+    assert choose_num_kv_splits(1, NUM_KV_HEADS, 300, 132) == 4
     out, ref = _run_both([(299, 1)], group=2)
     _assert_close(out, ref)
 
 
 def test_choose_num_kv_splits():
     assert choose_num_kv_splits(1, 8, 32768, 132) == 32
-    assert choose_num_kv_splits(1, 8, 1024, 132) == 8
+    assert choose_num_kv_splits(1, 8, 1024, 132) == 16
     assert choose_num_kv_splits(32, 8, 1024, 132) == 1
     assert choose_num_kv_splits(4, 8, 100, 132) == 1
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,7 +39,11 @@ def _tensors(path: str) -> dict[str, torch.Tensor]:
 
 
 def _file_hashes(path: str) -> dict[str, str]:
-    return {name: hashlib.sha256(open(os.path.join(path, name), "rb").read()).hexdigest() for name in os.listdir(path)}
+    return {name: hashlib.sha256(Path(path, name).read_bytes()).hexdigest() for name in os.listdir(path)}
+
+
+def _json(*parts: str) -> dict:
+    return json.loads(Path(*parts).read_text(encoding="utf-8"))
 
 
 def _greedy(path: str) -> tuple[list[float], list[list[int]]]:
@@ -60,7 +65,7 @@ def _greedy(path: str) -> tuple[list[float], list[list[int]]]:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_arch_reloads_with_transformers_and_generates_varied_text(made: dict[str, str], arch: str) -> None:
-    config = json.load(open(os.path.join(made[arch], "config.json")))
+    config = _json(made[arch], "config.json")
     assert config["model_type"] == arch and config["num_hidden_layers"] == 2 and config["vocab_size"] == 1024
     gaps, outputs = _greedy(made[arch])
     assert all(len(ids) == NUM_NEW_TOKENS for ids in outputs)
@@ -81,9 +86,9 @@ def test_arch_specific_weights_are_non_trivial(made: dict[str, str]) -> None:
     assert qwen2_moe["model.layers.1.mlp.shared_expert_gate.weight"].shape == (1, 64)
     assert qwen2_moe["model.layers.1.mlp.experts.3.gate_proj.weight"].shape == (128, 64)
     for arch, norm_topk in (("qwen2_moe", False), ("qwen3_moe", True)):
-        config = json.load(open(os.path.join(made[arch], "config.json")))
+        config = _json(made[arch], "config.json")
         assert (config["norm_topk_prob"], config["decoder_sparse_step"], config["mlp_only_layers"]) == (norm_topk, 1, [])
-    generation = json.load(open(os.path.join(made["llama"], "generation_config.json")))
+    generation = _json(made["llama"], "generation_config.json")
     assert generation["eos_token_id"] == [1, 3]
 
 
@@ -96,7 +101,7 @@ def test_same_seed_same_files_other_seed_other_weights(tmp_path, made: dict[str,
 
 def test_sharded_checkpoint_has_an_index_and_the_same_weights(tmp_path, made: dict[str, str]) -> None:
     path = make_model("qwen2_moe", str(tmp_path / "sharded"), max_shard_size="100KB", progress=False)
-    index = json.load(open(os.path.join(path, "model.safetensors.index.json")))
+    index = _json(path, "model.safetensors.index.json")
     shards = {name for name in os.listdir(path) if name.endswith(".safetensors")}
     assert len(shards) > 1 and set(index["weight_map"].values()) == shards
     whole, split = _tensors(made["qwen2_moe"]), _tensors(path)
@@ -117,7 +122,7 @@ def test_llama3_rope_scaling_and_tied_embeddings(tmp_path) -> None:
                "original_max_position_embeddings": 256}
     path = make_model("llama", str(tmp_path / "llama3"), rope_scaling=scaling, rope_theta=500000.0,
                       tie_word_embeddings=True, progress=False)
-    config = json.load(open(os.path.join(path, "config.json")))
+    config = _json(path, "config.json")
     assert config["rope_parameters"] == {**scaling, "rope_theta": 500000.0}
     assert "lm_head.weight" not in _tensors(path)
     gaps, outputs = _greedy(path)
@@ -142,7 +147,7 @@ def test_cli_makes_what_the_flags_say(tmp_path) -> None:
     out = str(tmp_path / "cli")
     assert make.main(["--arch", "qwen3", "--out", out, "--layers", "1", "--hidden", "32", "--heads", "2",
                       "--kv-heads", "1", "--intermediate", "48", "--vocab", "1088", "--seed", "3"]) == 0
-    config = json.load(open(os.path.join(out, "config.json")))
+    config = _json(out, "config.json")
     assert (config["num_hidden_layers"], config["hidden_size"], config["head_dim"], config["vocab_size"]) == (1, 32, 16, 1088)
 
 

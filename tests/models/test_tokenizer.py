@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -65,7 +66,8 @@ def test_encode_equals_transformers(tok: Tokenizer, hf) -> None:
 def test_encode_and_decode_round_trip_like_transformers(tok: Tokenizer, hf, text: str) -> None:
     ids = tok.encode(text)
     assert ids == hf(text)["input_ids"]
-    assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=True) == text
+    assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=True)
+    assert tok.decode(ids[1:], skip_special_tokens=False) == text  # text may hold special tokens' strings
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -96,17 +98,18 @@ def test_chat_template_sources_and_errors(tmp_path, model_dir: str, tok: Tokeniz
         tok.apply_chat_template([{"role": "wizard", "content": "x"}])
     copy = str(tmp_path / "copy")
     shutil.copytree(model_dir, copy)
-    template = open(os.path.join(copy, "chat_template.jinja")).read()
+    template = Path(copy, "chat_template.jinja").read_text(encoding="utf-8")
     os.remove(os.path.join(copy, "chat_template.jinja"))
     with pytest.raises(ValueError, match="has no chat template"):
         Tokenizer.from_dir(copy).apply_chat_template(CONVERSATIONS[0])
-    config_path = os.path.join(copy, "tokenizer_config.json")
-    config = json.load(open(config_path))
+    config_path = Path(copy, "tokenizer_config.json")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
     expected = tok.apply_chat_template(CONVERSATIONS[1])
     for entry in (template, [{"name": "tool_use", "template": "x"}, {"name": "default", "template": template}]):
-        json.dump({**config, "chat_template": entry}, open(config_path, "w"))
+        config_path.write_text(json.dumps({**config, "chat_template": entry}), encoding="utf-8")
         assert Tokenizer.from_dir(copy).apply_chat_template(CONVERSATIONS[1]) == expected
-    json.dump({**config, "chat_template": "{{ strftime_now('%Y') | length }}{{ messages | tojson }}"}, open(config_path, "w"))
+    probe = "{{ strftime_now('%Y') | length }}{{ messages | tojson }}"
+    config_path.write_text(json.dumps({**config, "chat_template": probe}), encoding="utf-8")
     assert Tokenizer.from_dir(copy).apply_chat_template([{"role": "user", "content": "é"}]) == '4[{"role": "user", "content": "é"}]'
 
 
@@ -135,7 +138,7 @@ def test_incremental_deltas_concatenate_to_decode(tok: Tokenizer, partial_utf8_i
 @given(text=st.text(max_size=40), prompt=st.text(max_size=10))
 def test_streaming_real_text_never_emits_half_a_character(tok: Tokenizer, text: str, prompt: str) -> None:
     ids = tok.encode(text, add_special_tokens=False)
-    deltas = _stream(tok, ids, [1] * len(ids), tok.encode(prompt), skip=True)
+    deltas = _stream(tok, ids, [1] * len(ids), tok.encode(prompt), skip=False)
     assert "".join(deltas) == text
     assert not any(REPLACEMENT_CHAR in delta for delta in deltas if REPLACEMENT_CHAR not in text)
 

@@ -39,7 +39,7 @@ import triton.language as tl
 from cluster.engine.attention.base import AttentionBackend, AttentionMetadata
 
 _LOG2_E = 1.4426950408889634
-_MIN_TOKENS_PER_SPLIT = 128  # a split reads at least this much context
+_MIN_TOKENS_PER_SPLIT = 64  # a split reads at least this much context
 _MAX_KV_SPLITS = 64
 _CPU_NUM_SMS = 132  # what the heuristic assumes off-GPU (an H100)
 
@@ -147,8 +147,10 @@ def _unified_attention_kernel(
         seq = tl.program_id(0)
         q_tile = 0
     else:
-        seq = _find_seq(query_start_ptr, tl.program_id(0), num_seqs, BLOCK_Q)
-        q_tile = tl.program_id(0) - (tl.load(query_start_ptr + seq) // BLOCK_Q + seq)
+        # Reversed, so the long causal rows (late q-tiles) start first and the tail is short.
+        q_tile_id = tl.num_programs(0) - 1 - tl.program_id(0)
+        seq = _find_seq(query_start_ptr, q_tile_id, num_seqs, BLOCK_Q)
+        q_tile = q_tile_id - (tl.load(query_start_ptr + seq) // BLOCK_Q + seq)
     q_start = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_start
     if (q_len < min_query_len) | (q_tile * BLOCK_Q >= q_len):
@@ -321,7 +323,7 @@ def choose_num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num
     """Split KV only while (sequence, kv head) programs fill under ~2 waves of SMs.
 
     Each split keeps >= _MIN_TOKENS_PER_SPLIT tokens so the partials stay cheap;
-    e.g. H100, 8 kv heads: batch 1 @ 32k -> 32 splits, batch 1 @ 1k -> 8, batch 32 -> 1.
+    e.g. H100, 8 kv heads: batch 1 @ 32k -> 32 splits, batch 1 @ 1k -> 16, batch 32 -> 1.
     """
     num_programs = num_seqs * num_kv_heads
     if num_programs >= num_sms:

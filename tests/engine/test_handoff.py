@@ -1,0 +1,95 @@
+"""The disaggregation seam, in-process: a prefill engine hands its KV to a decode engine.
+
+The decode engine reserves blocks before any KV moves; KV is copied layer by
+layer; the tokens equal those of one mixed engine. A hand-over that never
+arrives falls back to recomputing on the decode side.
+"""
+from __future__ import annotations
+
+import random
+
+from cluster.config import CacheConfig, EngineConfig, ModelConfig
+from cluster.engine.engine import Engine
+from cluster.types import FinishReason, Role, SamplingParams
+
+PARAMS = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+
+
+def _engine(model_dir, role=Role.MIXED, num_blocks=None):
+    cfg = EngineConfig(model=ModelConfig(path=model_dir), cache=CacheConfig(num_blocks=num_blocks))
+    return Engine(cfg, role=role, progress=False)
+
+
+def _run(engine, outputs):
+    while engine.has_unfinished():
+        for d in engine.step():
+            outputs.setdefault(d.request_id, []).extend(d.token_ids)
+            if d.finish_reason is not None:
+                outputs.setdefault("_finished", {})[d.request_id] = d.finish_reason
+
+
+def _prompts(n=4):
+    rng = random.Random(3)
+    return [[rng.randrange(500) for _ in range(length)] for length in (7, 16, 45, 130)[:n]]
+
+
+def test_prefill_to_decode_matches_one_engine(checkpoint_dir):
+    model_dir = checkpoint_dir("qwen3")
+    mixed, prefill, decode = _engine(model_dir), _engine(model_dir, Role.PREFILL), _engine(model_dir, Role.DECODE)
+    expected: dict = {}
+    for i, p in enumerate(_prompts()):
+        mixed.add_request(str(i), p, PARAMS)
+        prefill.add_request(str(i), p, PARAMS)
+    _run(mixed, expected)
+
+    firsts: dict = {}
+    _run(prefill, firsts)
+    assert all(r == FinishReason.PREFILLED for r in firsts["_finished"].values())
+    assert prefill.kv.num_free_blocks < prefill.kv.num_blocks  # KV kept for the hand-over
+    got: dict = {}
+    for i in range(4):
+        rid = str(i)
+        handoff = prefill.prefilled(rid)
+        assert handoff.first_token_id == firsts[rid][0]
+        dst_blocks = decode.reserve(rid, handoff.prompt_token_ids, handoff.first_token_id, PARAMS)
+        assert dst_blocks is not None and len(dst_blocks) == len(handoff.block_ids)
+        for layer in range(prefill.arch.num_layers):  # layer by layer, as the transport streams it
+            k, v = prefill.runner.read_kv(layer, handoff.block_ids)
+            decode.runner.write_kv(layer, dst_blocks, k, v)
+        decode.commit(rid)
+        prefill.release(rid)
+        got[rid] = [handoff.first_token_id]
+    assert prefill.kv.num_free_blocks == prefill.kv.num_blocks
+    _run(decode, got)
+    for i in range(4):
+        assert got[str(i)] == expected[str(i)]
+    assert decode.kv.num_free_blocks == decode.kv.num_blocks
+
+
+def test_decode_refuses_kv_it_has_no_blocks_for(checkpoint_dir):
+    model_dir = checkpoint_dir("qwen3")
+    decode = _engine(model_dir, Role.DECODE, num_blocks=140)  # 2048 ctx needs 128 blocks
+    assert decode.reserve("big", [1] * 2000, 5, PARAMS) is not None
+    assert decode.reserve("next", [1] * 300, 5, PARAMS) is None  # 19 blocks, 15 left: refused, nothing held
+    assert "next" not in decode.requests
+    assert decode.kv.num_free_blocks == 140 - 125
+
+
+def test_lost_handoff_recomputes_on_decode(checkpoint_dir):
+    model_dir = checkpoint_dir("qwen3")
+    mixed, prefill, decode = _engine(model_dir), _engine(model_dir, Role.PREFILL), _engine(model_dir, Role.DECODE)
+    prompt = _prompts(3)[2]
+    expected: dict = {}
+    mixed.add_request("r", prompt, PARAMS)
+    _run(mixed, expected)
+    firsts: dict = {}
+    prefill.add_request("r", prompt, PARAMS)
+    _run(prefill, firsts)
+    handoff = prefill.prefilled("r")
+    assert decode.reserve("r", handoff.prompt_token_ids, handoff.first_token_id, PARAMS) is not None
+    prefill.release("r")  # the prefill side times out; no KV ever reaches the decode side
+    decode.recompute("r")
+    got = {"r": [handoff.first_token_id]}
+    _run(decode, got)
+    assert got["r"] == expected["r"]
+    assert decode.kv.num_free_blocks == decode.kv.num_blocks
