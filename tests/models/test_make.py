@@ -162,6 +162,18 @@ def test_default_model_is_made_once_and_races_resolve(tmp_path, monkeypatch) -> 
     assert make.ensure_default_model() == make.default_model_dir()
 
 
+def test_default_model_loser_uses_the_winners_dir(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LLM_CLUSTER_CACHE", str(tmp_path))
+
+    def winner_publishes_first(arch: str, out_dir: str, **kwargs: object) -> str:
+        os.makedirs(out_dir)
+        Path(out_dir, "config.json").write_text("{}")
+        raise FileExistsError(out_dir)
+
+    monkeypatch.setattr(make, "make_model", winner_publishes_first)
+    assert make.ensure_default_model() == str(tmp_path / "models" / "tiny-llama-v1")
+
+
 def test_importing_the_module_does_not_import_transformers() -> None:
     script = "import sys, cluster.models.make, cluster.models.tokenizer; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", script], check=True)
