@@ -1,0 +1,57 @@
+"""The one interface the API server talks to, whatever serves the requests.
+
+  LocalEngineClient (runtime/local.py)   one in-process engine (colocated, tests, `generate`)
+  ClusterClient     (runtime/cluster.py) the Ray cluster: router + prefill/decode pools
+
+Methods, all called by the API server:
+  generate(request_id, prompt_token_ids, params, prompt)  async iterator of TokenDelta, one per
+      new token of any of the request's `n` completions; ends after every completion has a
+      finish_reason; raises Overloaded before yielding anything if the request cannot be admitted;
+      a delta with `error` set ends that completion with FinishReason.ERROR.
+  abort(request_id)   the client went away: stop the request and free its KV everywhere.
+  info()              model name, max_model_len, tokenizer (for chat templates and token counts).
+  health()            a dict; raises if the backend cannot serve.
+  close()             stop everything this client started.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from cluster.types import SamplingParams, TokenDelta
+
+
+class Overloaded(RuntimeError):
+    """The backend's queues are full; the API answers 429 (or 503 when draining) with Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0, unavailable: bool = False):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.unavailable = unavailable
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    max_model_len: int
+    tokenizer: object  # cluster.models.tokenizer.Tokenizer
+    vocab_size: int
+
+
+class EngineClient(ABC):
+    @abstractmethod
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 prompt: str | None = None) -> AsyncIterator[TokenDelta]: ...
+
+    @abstractmethod
+    async def abort(self, request_id: str) -> None: ...
+
+    @abstractmethod
+    def info(self) -> ModelInfo: ...
+
+    @abstractmethod
+    async def health(self) -> dict: ...
+
+    async def close(self) -> None:
+        return None
