@@ -41,8 +41,8 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, fields
 from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from typing import Any
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
@@ -63,7 +63,7 @@ NORM_WEIGHT_STD = 0.1  # RMSNorm weights are 1 + this * N(0, 1)
 BIAS_STD = 0.2  # qkv biases (qwen2, qwen2_moe) are N(0, this^2)
 VOCAB_MULTIPLE = 64  # default model vocab: tokenizer size rounded up to a multiple of this
 CORPUS_PATH = os.path.join(os.path.dirname(__file__), "data", "corpus.txt")
-DEFAULT_MODEL_NAME = "tiny-llama-v1"
+DEFAULT_MODEL_NAME = "tiny-llama-v1"  # bump the version whenever make_model's output changes
 
 
 @functools.lru_cache(maxsize=4)
@@ -210,8 +210,7 @@ def init_weights(model: Any, seed: int, initializer_range: float | None, progres
 def _build_model(config: Any, dtype: str, device: str) -> Any:
     """Step 3: the model built on `device` in `dtype`, transformers' own (slow) init skipped."""
     import torch
-    from transformers import AutoModelForCausalLM
-    from transformers import initialization
+    from transformers import AutoModelForCausalLM, initialization
 
     with torch.device(device), initialization.no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))

@@ -211,7 +211,8 @@ class IncrementalDetokenizer:
     (it ends on a whole character) the offsets move up (prefix <- read <- len), so the
     window starts on a character boundary and stays a few tokens long: two short decodes
     per push, not a decode of everything. While it ends in U+FFFD (half a multi-byte
-    character) nothing is emitted; `flush()` emits what is still held at the end.
+    character) nothing is emitted; `flush()` emits what is still held at the end. (Only
+    a stream that keeps ending in invalid bytes, e.g. random ids, grows the window.)
 
     The deltas and `flush()` concatenate to `tokenizer.decode(output_ids)`. The prompt's
     last ids only seed the window (dropped if they end in half a character), so decoders

@@ -66,7 +66,7 @@ def _assert_close(out, ref, dtype=torch.float32):
 MIXED = [(0, 37), (45, 20), (70, 1), (0, 1), (130, 3), (16, 16), (5, 0), (200, 1), (31, 70)]
 
 
-@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("group", [1, 2, 3, 4])
 def test_mixed_batch_matches_reference(group):
     out, ref = _run_both(MIXED, group, num_pad_tokens=3)
     _assert_close(out, ref)
@@ -89,6 +89,9 @@ def test_long_prefill_crosses_many_tiles():
     _assert_close(out, ref)
 
 
+# The padding tokens' split partials are never written (torch.empty), so merging them
+# may overflow in numpy; their outputs are garbage by contract and are not compared.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 @pytest.mark.parametrize("num_kv_splits", [2, 8])
 @pytest.mark.parametrize("group", [1, 4])
 def test_split_kv_decode(num_kv_splits, group):

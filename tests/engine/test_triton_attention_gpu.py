@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.triton]
+pytestmark = pytest.mark.gpu
 
 if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("GPU TESTS NOT RUN: need CUDA and compiled (not interpreted) triton; "

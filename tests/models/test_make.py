@@ -151,6 +151,7 @@ def test_cli_makes_what_the_flags_say(tmp_path) -> None:
     assert (config["num_hidden_layers"], config["hidden_size"], config["head_dim"], config["vocab_size"]) == (1, 32, 16, 1088)
 
 
+@pytest.mark.slow
 def test_default_model_is_made_once_and_races_resolve(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("LLM_CLUSTER_CACHE", str(tmp_path))
     script = "from cluster.models.make import ensure_default_model as e; print(e())"

@@ -108,9 +108,9 @@ def test_chat_template_sources_and_errors(tmp_path, model_dir: str, tok: Tokeniz
     for entry in (template, [{"name": "tool_use", "template": "x"}, {"name": "default", "template": template}]):
         config_path.write_text(json.dumps({**config, "chat_template": entry}), encoding="utf-8")
         assert Tokenizer.from_dir(copy).apply_chat_template(CONVERSATIONS[1]) == expected
-    probe = "{{ strftime_now('%Y') | length }}{{ messages | tojson }}"
+    probe = "{{ strftime_now('%Y') | length }}{{ messages | tojson }}{% generation %}!{% endgeneration %}"
     config_path.write_text(json.dumps({**config, "chat_template": probe}), encoding="utf-8")
-    assert Tokenizer.from_dir(copy).apply_chat_template([{"role": "user", "content": "é"}]) == '4[{"role": "user", "content": "é"}]'
+    assert Tokenizer.from_dir(copy).apply_chat_template([{"role": "user", "content": "é"}]) == '4[{"role": "user", "content": "é"}]!'
 
 
 def _stream(tok: Tokenizer, ids: list[int], chunks: list[int], prompt: list[int], skip: bool) -> list[str]:

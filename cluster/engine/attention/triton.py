@@ -26,9 +26,10 @@ One `forward` call, for a flat batch that mixes prefill chunks and decodes:
    that write fp32 partials; `_reduce_splits_kernel` merges them.
 
 No step needs the `*_cpu` lists or a host sync: grids come from tensor shapes
-and `meta.max_query_len` / `meta.max_seq_len`, which may be fixed upper bounds,
-so a pure-decode step can be captured in a CUDA graph (compile the kernels
-with one eager step before capturing).
+and `meta.max_query_len` / `meta.max_seq_len`, which may be fixed upper bounds
+(never below the truth: a sequence longer than `max_query_len` allows would be
+left unattended), so a pure-decode step can be captured in a CUDA graph
+(compile the kernels with one eager step before capturing).
 """
 from dataclasses import dataclass
 
@@ -340,6 +341,9 @@ class _LaunchConfig:
     num_stages: int
 
 
+# Tuned on an H100 with triton 3.6 (bf16, 32/8 heads, dim 128): decode configs
+# were within ~3% of each other; for prefill (64, 64, 4 warps) and
+# (128, 128, 8 warps, 3 stages) were up to ~5% faster on some shapes, not all.
 def _decode_config(group: int) -> _LaunchConfig:
     # 16 rows is the smallest tl.dot M; one decode token fills `group` of them.
     return _LaunchConfig(max(16, triton.next_power_of_2(group)), tile_n=64, num_warps=4, num_stages=2)

@@ -1,0 +1,92 @@
+"""KV transport: moves a request's KV, layer by layer, from a prefill instance to a decode instance.
+
+A transfer is a polled state machine; neither step loop ever blocks on the network:
+
+    WAITING ──first layer posted──▶ TRANSFERRING ──all layers done──▶ DONE
+        └──────────── peer gone / error / timeout ────────────────▶ FAILED
+
+Who owns the blocks at each moment:
+  - the decode side reserves its blocks *before* any KV moves (`expect`), and owns them
+    throughout; on FAILED it recomputes the prompt there (or fails the request);
+  - the prefill side keeps its blocks until its sends are DONE and the decode side has
+    confirmed (or a timeout frees them).
+
+Methods (sender = prefill instance's step loop, receiver = decode instance's step loop,
+links = the runtime when instances join or leave):
+  listen() -> address              links: where peers can rendezvous with this endpoint
+  connect(peer_id, address, is_master)  links: make a pairwise link (blocks until both sides join)
+  disconnect(peer_id)              links: tear a dead peer's link down; its transfers FAIL
+  send_layer(peer_id, transfer_id, layer_id, kv)  sender: post one layer's KV [2, blocks, ...]
+  send_state(transfer_id)          sender: poll
+  expect(peer_id, transfer_id, num_layers, layer_shape, dtype, device)  receiver: post receives
+  recv_state(transfer_id)          receiver: poll
+  take(transfer_id) -> list[kv]    receiver: the landed layers, once DONE (forgets the transfer)
+  forget(transfer_id)              either side: drop a transfer's bookkeeping
+"""
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class TransferState(enum.Enum):
+    WAITING = "waiting"
+    TRANSFERRING = "transferring"
+    DONE = "done"
+    FAILED = "failed"
+
+
+def tag_of(transfer_id: int, layer_id: int, num_layers: int) -> int:
+    """Message tag of one layer of one transfer on a link (kept inside int31)."""
+    return (transfer_id * num_layers + layer_id) % (2**31 - 1)
+
+
+class KVTransport(ABC):
+    @abstractmethod
+    def listen(self) -> str: ...
+
+    @abstractmethod
+    def connect(self, peer_id: str, address: str, is_master: bool) -> None: ...
+
+    @abstractmethod
+    def disconnect(self, peer_id: str) -> None: ...
+
+    @abstractmethod
+    def send_layer(self, peer_id: str, transfer_id: int, layer_id: int, num_layers: int, kv: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def send_state(self, transfer_id: int) -> TransferState: ...
+
+    @abstractmethod
+    def expect(self, peer_id: str, transfer_id: int, num_layers: int, layer_shape: tuple[int, ...],
+               dtype: torch.dtype, device: torch.device) -> None: ...
+
+    @abstractmethod
+    def recv_state(self, transfer_id: int) -> TransferState: ...
+
+    @abstractmethod
+    def take(self, transfer_id: int) -> list[torch.Tensor]: ...
+
+    @abstractmethod
+    def forget(self, transfer_id: int) -> None: ...
+
+    def has_link(self, peer_id: str) -> bool:
+        return False
+
+    def close(self) -> None:
+        return None
+
+
+def make_transport(name: str, **kwargs) -> KVTransport:
+    """By name from config; heavy backends imported only when chosen."""
+    if name == "loopback":
+        from cluster.disagg.transfer.loopback import LoopbackTransport
+
+        return LoopbackTransport(**kwargs)
+    if name == "torchdist":
+        from cluster.disagg.transfer.torchdist import TorchDistTransport
+
+        return TorchDistTransport(**kwargs)
+    raise ValueError(f"DisaggConfig.transport={name!r} is not known (loopback, torchdist)")

@@ -1,0 +1,80 @@
+"""KV transports: real two-process gloo links made on demand, polled, failing fast."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+import torch
+
+from cluster.disagg.transfer.base import TransferState
+from cluster.disagg.transfer.loopback import LoopbackHub, LoopbackTransport
+from cluster.disagg.transfer.torchdist import TorchDistTransport
+
+SHAPE = (2, 3, 4, 2, 8)
+LAYERS = 3
+
+
+def _poll(fn, transfer_id, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = fn(transfer_id)
+        if state in (TransferState.DONE, TransferState.FAILED):
+            return state
+        time.sleep(0.005)
+    raise AssertionError("transfer neither finished nor failed")
+
+
+def _layer(transfer_id, layer):
+    return torch.full(SHAPE, float(transfer_id * 10 + layer))
+
+
+def _prefill_side(address_q, result_q, die_after_layers):
+    t = TorchDistTransport("prefill-0", timeout_s=3.0)
+    address = address_q.get()
+    t.connect("decode-0", address, is_master=False)
+    for transfer_id in (1, 2):
+        for layer in range(LAYERS):
+            if transfer_id == 2 and layer == die_after_layers:
+                result_q.put("dying")
+                result_q.close()
+                result_q.join_thread()  # flush before dying abruptly
+                import os
+
+                os._exit(0)  # a prefill instance killed mid-transfer
+            t.send_layer("decode-0", transfer_id, layer, LAYERS, _layer(transfer_id, layer))
+        result_q.put(_poll(t.send_state, transfer_id).value)
+
+
+def test_two_process_gloo_link_streams_layers_and_detects_a_dead_peer():
+    ctx = mp.get_context("spawn")
+    address_q, result_q = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_prefill_side, args=(address_q, result_q, 1), daemon=True)
+    proc.start()
+    decode = TorchDistTransport("decode-0", timeout_s=3.0)
+    address_q.put(decode.listen())
+    decode.connect("prefill-0", decode.listen(), is_master=True)
+    decode.expect("prefill-0", 1, LAYERS, SHAPE, torch.float32, torch.device("cpu"))
+    decode.expect("prefill-0", 2, LAYERS, SHAPE, torch.float32, torch.device("cpu"))
+    assert _poll(decode.recv_state, 1) == TransferState.DONE
+    layers = decode.take(1)
+    assert all(torch.equal(layers[i], _layer(1, i)) for i in range(LAYERS))
+    assert result_q.get(timeout=10) == "done"
+    assert result_q.get(timeout=10) == "dying"
+    t0 = time.monotonic()
+    assert _poll(decode.recv_state, 2) == TransferState.FAILED  # the peer died after one layer
+    assert time.monotonic() - t0 < 8
+    proc.join(timeout=10)
+
+
+def test_loopback_transport_round_trip():
+    hub = LoopbackHub()
+    a, b = LoopbackTransport(hub), LoopbackTransport(hub)
+    a.connect("b", b.listen(), False)
+    b.connect("a", a.listen(), True)
+    b.expect("a", 5, 2, SHAPE, torch.float32, torch.device("cpu"))
+    assert b.recv_state(5) == TransferState.WAITING
+    a.send_layer("b", 5, 0, 2, _layer(5, 0))
+    assert b.recv_state(5) == TransferState.TRANSFERRING
+    a.send_layer("b", 5, 1, 2, _layer(5, 1))
+    assert b.recv_state(5) == TransferState.DONE and a.send_state(5) == TransferState.DONE
+    assert torch.equal(b.take(5)[1], _layer(5, 1))
