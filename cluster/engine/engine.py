@@ -82,6 +82,8 @@ class Engine:
                                   config.runner.attention_backend, eos, config.runner.enable_cuda_graphs,
                                   config.runner.cuda_graph_max_batch, self.max_model_len)
         self.requests: dict[str, RequestState] = {}
+        # prefill role: streams each layer's KV as soon as it is written (disagg/prefill.py)
+        self.kv_stream = None
 
     def _num_blocks(self) -> int:
         cache = self.config.cache
@@ -153,7 +155,8 @@ class Engine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        result = self.runner.execute(sched)
+        hook = self.kv_stream.begin_step(sched) if self.kv_stream is not None else None
+        result = self.runner.execute(sched, hook)
         self.scheduler.update(sched, result.sampled)
         deltas = [self._emit(item.seq, result.logprobs.get(item.seq.seq_id)) for item in sched.scheduled if item.samples]
         if self.role != Role.PREFILL:  # prefill-role requests stay until `release`
@@ -199,38 +202,50 @@ class Engine:
             self.runner.forget(seq)
 
     # -- decode role: admit a request whose KV arrives from elsewhere ----------------------
-    def reserve(self, request_id: str, prompt_token_ids: list[int], first_token_id: int, params: SamplingParams,
+    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                 prompt: str | None = None) -> list[int] | None:
-        """Reserve blocks for the prompt's KV before any of it moves; None if the pool is short."""
+        """Reserve blocks for the prompt's KV before any of it moves; None (nothing held) if the pool is short."""
         self.validate(request_id, prompt_token_ids, params)
         if params.n != 1:
             raise ValueError("disaggregated requests carry one sequence (n=1); the router splits n > 1")
         seq = Sequence(request_id, 0, list(prompt_token_ids), params, time.monotonic(), self.max_model_len)
-        seq.append_token(first_token_id)
         if not self.kv.allocate_slots(seq, seq.num_prompt_tokens):
             return None
         text = TextState(self.tokenizer, prompt_token_ids, params)
-        text.push(first_token_id)  # the prefill side already streamed it
-        text.num_emitted = len(text.text)
         self.requests[request_id] = RequestState(request_id, prompt, list(prompt_token_ids), [seq], [text])
         return list(seq.block_ids)
 
-    def commit(self, request_id: str) -> None:
-        """All KV landed in the reserved blocks: the request joins the running batch."""
-        seq = self.requests[request_id].seqs[0]
+    def commit(self, request_id: str, first_token_id: int) -> None:
+        """All KV landed in the reserved blocks: the request joins the running batch after its first token."""
+        state = self.requests[request_id]
+        seq = state.seqs[0]
+        self._append_first(state, first_token_id)
         seq.num_computed_tokens = seq.num_prompt_tokens
-        stop = self.scheduler.check_stop(seq)  # the first token may already end it (max_tokens=1)
+        stop = self.scheduler.check_stop(seq)  # the first token may already end it (max_tokens=1, eos)
         if stop is not None:
-            raise ValueError(f"request {request_id!r} is already finished ({stop[0].value}); nothing to decode")
+            self.scheduler.finish(seq, stop[0], stop[1])
+            del self.requests[request_id]
+            return
         self.kv.cache_full_blocks(seq)
         self.scheduler.add_running(seq)
 
-    def recompute(self, request_id: str) -> None:
-        """The KV never arrived: compute prompt + first token here instead (no request is lost)."""
-        seq = self.requests[request_id].seqs[0]
+    def recompute(self, request_id: str, first_token_id: int | None = None) -> None:
+        """The KV never arrived: compute the prompt (and first token, if known) here. No request is lost."""
+        state = self.requests[request_id]
+        seq = state.seqs[0]
         self.kv.free(seq)
         seq.num_computed_tokens = 0
+        if first_token_id is not None:
+            self._append_first(state, first_token_id)
         self.scheduler.add(seq)
+
+    def _append_first(self, state: RequestState, first_token_id: int) -> None:
+        """The prefill side sampled and streamed the first token; continue the text after it."""
+        seq, text = state.seqs[0], state.texts[0]
+        if seq.num_output_tokens == 0:
+            seq.append_token(first_token_id)
+            text.push(first_token_id)
+            text.num_emitted = len(text.text)
 
     # -- stats -----------------------------------------------------------------------
     def stats(self) -> dict[str, float]:

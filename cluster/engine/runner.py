@@ -11,6 +11,7 @@ The runner owns the KV tensors; `kv_cache.KVCacheManager` owns the block ids.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,7 @@ class AttnInputs:
     backend: object
     meta: AttentionMetadata
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    on_layer_done: Callable[[int], None] | None = None  # called after each layer wrote its KV
 
 
 @dataclass
@@ -106,17 +108,17 @@ class ModelRunner:
 
     # -- (2) forward -----------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, inputs: StepInputs) -> torch.Tensor:
-        if self.graphs is not None and inputs.is_pure_decode and self.graphs.fits(inputs):
+    def forward(self, inputs: StepInputs, on_layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
+        if self.graphs is not None and inputs.is_pure_decode and on_layer_done is None and self.graphs.fits(inputs):
             return self.graphs.replay(inputs)
-        attn = AttnInputs(self.backend, inputs.meta, self.kv_caches)
+        attn = AttnInputs(self.backend, inputs.meta, self.kv_caches, on_layer_done)
         return self.model(inputs.input_ids, inputs.positions, attn)
 
     # -- (3) sample --------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> StepResult:
+    def execute(self, sched: SchedulerOutput, on_layer_done: Callable[[int], None] | None = None) -> StepResult:
         inputs = self.prepare(sched)
-        hidden = self.forward(inputs)
+        hidden = self.forward(inputs, on_layer_done)
         if not inputs.sampling_seqs:
             return StepResult({}, {})
         logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()

@@ -106,4 +106,6 @@ class Attention(nn.Module):
         q, k = rotary(positions, q, k)
         k_cache, v_cache = attn.kv_caches[self.layer_id]
         out = attn.backend.forward(q, k, v, k_cache, v_cache, attn.meta, self.scale)
+        if attn.on_layer_done is not None:  # KV of this layer is in the cache: it may start streaming
+            attn.on_layer_done(self.layer_id)
         return self.o_proj(out.reshape(-1, q_size))

@@ -53,8 +53,8 @@ def test_two_process_gloo_link_streams_layers_and_detects_a_dead_peer():
     decode = TorchDistTransport("decode-0", timeout_s=3.0)
     address_q.put(decode.listen())
     decode.connect("prefill-0", decode.listen(), is_master=True)
-    decode.expect("prefill-0", 1, LAYERS, SHAPE, torch.float32, torch.device("cpu"))
-    decode.expect("prefill-0", 2, LAYERS, SHAPE, torch.float32, torch.device("cpu"))
+    decode.expect("prefill-0", 1, [(SHAPE, torch.float32)] * LAYERS, torch.device("cpu"))
+    decode.expect("prefill-0", 2, [(SHAPE, torch.float32)] * LAYERS, torch.device("cpu"))
     assert _poll(decode.recv_state, 1) == TransferState.DONE
     layers = decode.take(1)
     assert all(torch.equal(layers[i], _layer(1, i)) for i in range(LAYERS))
@@ -71,7 +71,7 @@ def test_loopback_transport_round_trip():
     a, b = LoopbackTransport(hub), LoopbackTransport(hub)
     a.connect("b", b.listen(), False)
     b.connect("a", a.listen(), True)
-    b.expect("a", 5, 2, SHAPE, torch.float32, torch.device("cpu"))
+    b.expect("a", 5, [(SHAPE, torch.float32)] * 2, torch.device("cpu"))
     assert b.recv_state(5) == TransferState.WAITING
     a.send_layer("b", 5, 0, 2, _layer(5, 0))
     assert b.recv_state(5) == TransferState.TRANSFERRING

@@ -51,12 +51,12 @@ def test_prefill_to_decode_matches_one_engine(checkpoint_dir):
         rid = str(i)
         handoff = prefill.prefilled(rid)
         assert handoff.first_token_id == firsts[rid][0]
-        dst_blocks = decode.reserve(rid, handoff.prompt_token_ids, handoff.first_token_id, PARAMS)
+        dst_blocks = decode.reserve(rid, handoff.prompt_token_ids, PARAMS)
         assert dst_blocks is not None and len(dst_blocks) == len(handoff.block_ids)
         for layer in range(prefill.arch.num_layers):  # layer by layer, as the transport streams it
             k, v = prefill.runner.read_kv(layer, handoff.block_ids)
             decode.runner.write_kv(layer, dst_blocks, k, v)
-        decode.commit(rid)
+        decode.commit(rid, handoff.first_token_id)
         prefill.release(rid)
         got[rid] = [handoff.first_token_id]
     assert prefill.kv.num_free_blocks == prefill.kv.num_blocks
@@ -69,8 +69,8 @@ def test_prefill_to_decode_matches_one_engine(checkpoint_dir):
 def test_decode_refuses_kv_it_has_no_blocks_for(checkpoint_dir):
     model_dir = checkpoint_dir("qwen3")
     decode = _engine(model_dir, Role.DECODE, num_blocks=140)  # 2048 ctx needs 128 blocks
-    assert decode.reserve("big", [1] * 2000, 5, PARAMS) is not None
-    assert decode.reserve("next", [1] * 300, 5, PARAMS) is None  # 19 blocks, 15 left: refused, nothing held
+    assert decode.reserve("big", [1] * 2000, PARAMS) is not None
+    assert decode.reserve("next", [1] * 300, PARAMS) is None  # 19 blocks, 15 left: refused, nothing held
     assert "next" not in decode.requests
     assert decode.kv.num_free_blocks == 140 - 125
 
@@ -86,9 +86,9 @@ def test_lost_handoff_recomputes_on_decode(checkpoint_dir):
     prefill.add_request("r", prompt, PARAMS)
     _run(prefill, firsts)
     handoff = prefill.prefilled("r")
-    assert decode.reserve("r", handoff.prompt_token_ids, handoff.first_token_id, PARAMS) is not None
+    assert decode.reserve("r", handoff.prompt_token_ids, PARAMS) is not None
     prefill.release("r")  # the prefill side times out; no KV ever reaches the decode side
-    decode.recompute("r")
+    decode.recompute("r", handoff.first_token_id)
     got = {"r": [handoff.first_token_id]}
     _run(decode, got)
     assert got["r"] == expected["r"]

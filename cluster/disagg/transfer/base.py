@@ -16,9 +16,10 @@ links = the runtime when instances join or leave):
   listen() -> address              links: where peers can rendezvous with this endpoint
   connect(peer_id, address, is_master)  links: make a pairwise link (blocks until both sides join)
   disconnect(peer_id)              links: tear a dead peer's link down; its transfers FAIL
-  send_layer(peer_id, transfer_id, layer_id, kv)  sender: post one layer's KV [2, blocks, ...]
+  send_layer(peer_id, transfer_id, index, num_messages, tensor)  sender: post message `index`
+                                   (layer l's KV [2, blocks, ...]; the last one: the first token)
   send_state(transfer_id)          sender: poll
-  expect(peer_id, transfer_id, num_layers, layer_shape, dtype, device)  receiver: post receives
+  expect(peer_id, transfer_id, specs, device)  receiver: post receives, one (shape, dtype) per message
   recv_state(transfer_id)          receiver: poll
   take(transfer_id) -> list[kv]    receiver: the landed layers, once DONE (forgets the transfer)
   forget(transfer_id)              either side: drop a transfer's bookkeeping
@@ -60,8 +61,8 @@ class KVTransport(ABC):
     def send_state(self, transfer_id: int) -> TransferState: ...
 
     @abstractmethod
-    def expect(self, peer_id: str, transfer_id: int, num_layers: int, layer_shape: tuple[int, ...],
-               dtype: torch.dtype, device: torch.device) -> None: ...
+    def expect(self, peer_id: str, transfer_id: int, specs: list[tuple[tuple[int, ...], torch.dtype]],
+               device: torch.device) -> None: ...
 
     @abstractmethod
     def recv_state(self, transfer_id: int) -> TransferState: ...

@@ -54,8 +54,8 @@ class LoopbackTransport(KVTransport):
     def send_state(self, transfer_id) -> TransferState:
         return self.sent.get(transfer_id, TransferState.WAITING)
 
-    def expect(self, peer_id, transfer_id, num_layers, layer_shape, dtype, device) -> None:
-        self.expected[transfer_id] = (peer_id, num_layers)
+    def expect(self, peer_id, transfer_id, specs, device) -> None:
+        self.expected[transfer_id] = (peer_id, len(specs))
 
     def recv_state(self, transfer_id) -> TransferState:
         got = self.inbox.get(transfer_id, {})

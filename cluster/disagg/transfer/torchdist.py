@@ -125,16 +125,16 @@ class TorchDistTransport(KVTransport):
         return t.state if t else TransferState.WAITING
 
     # -- receiver ------------------------------------------------------------------
-    def expect(self, peer_id, transfer_id, num_layers, layer_shape, dtype, device) -> None:
-        tracker = self._tracker(transfer_id, peer_id, num_layers)
+    def expect(self, peer_id, transfer_id, specs, device) -> None:
+        tracker = self._tracker(transfer_id, peer_id, len(specs))
         link = self.links.get(peer_id)
         if link is None:
             self._fail(tracker, f"no link to {peer_id}")
             return
-        for layer_id in range(num_layers):
-            buf = torch.empty(layer_shape, dtype=dtype, device=device)
+        for index, (shape, dtype) in enumerate(specs):
+            buf = torch.empty(shape, dtype=dtype, device=device)
             try:
-                work = link.group.recv([buf], link.peer_rank, tag_of(transfer_id, layer_id, num_layers))
+                work = link.group.recv([buf], link.peer_rank, tag_of(transfer_id, index, len(specs)))
             except RuntimeError as exc:
                 self._fail(tracker, str(exc))
                 return

@@ -1,0 +1,121 @@
+"""The decode side of disaggregation: reserve blocks, receive KV, join the batch.
+
+  (1) `reserve` allocates blocks for the prompt's KV before anything moves and
+      posts the receives (one message per layer, then the first token); a
+      decode instance never accepts KV it has no blocks for (None: pick another);
+  (2) `poll`, between steps, checks every pending transfer without blocking:
+        DONE    -> KV copied into the reserved blocks, request joins the batch;
+        FAILED or older than transfer_timeout_s -> recompute the prompt here
+                   (on_failure=recompute) or end the request with an error;
+  (3) `step` runs the engine and returns its deltas (plus error deltas of (2)).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from cluster.config import DisaggConfig
+from cluster.disagg.transfer.base import KVTransport, TransferState
+from cluster.engine.engine import Engine
+from cluster.types import FinishReason, SamplingParams, TokenDelta
+
+
+@dataclass
+class PendingTransfer:
+    request_id: str
+    peer_id: str
+    transfer_id: int
+    block_ids: list[int]
+    started_s: float
+
+
+class DecodeWorker:
+    def __init__(self, engine: Engine, transport: KVTransport, config: DisaggConfig):
+        self.engine = engine
+        self.transport = transport
+        self.config = config
+        self.pending: dict[str, PendingTransfer] = {}
+        self.errors: list[TokenDelta] = []
+        self.failed: dict[str, float] = {}  # request id -> when its transfer failed (awaiting recompute)
+        self.reported: set[str] = set()
+        self.num_recomputed = 0
+        self.transfer_latencies_s: list[float] = []
+
+    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, peer_id: str,
+                transfer_id: int, prompt: str | None = None) -> bool:
+        block_ids = self.engine.reserve(request_id, prompt_token_ids, params, prompt)
+        if block_ids is None:
+            return False
+        runner = self.engine.runner
+        k_cache = next(c for c in runner.kv_caches if c is not None)[0]
+        layer_shape = (2, len(block_ids), *k_cache.shape[1:])
+        specs = [(layer_shape, k_cache.dtype)] * self.engine.arch.num_layers + [((1,), torch.int64)]
+        self.transport.expect(peer_id, transfer_id, specs, self.engine.device)
+        self.pending[request_id] = PendingTransfer(request_id, peer_id, transfer_id, block_ids, time.monotonic())
+        return True
+
+    def poll(self) -> list[str]:
+        """Land finished transfers; returns the ids that joined the batch."""
+        landed, now = [], time.monotonic()
+        for request_id, p in list(self.pending.items()):
+            state = self.transport.recv_state(p.transfer_id)
+            if state == TransferState.DONE:
+                self._land(p)
+                landed.append(request_id)
+            elif state == TransferState.FAILED or now - p.started_s > self.config.transfer_timeout_s:
+                self._fall_back(p, "failed" if state == TransferState.FAILED else "timed out")
+        return landed
+
+    def _land(self, p: PendingTransfer) -> None:
+        messages = self.transport.take(p.transfer_id)
+        for layer_id, kv in enumerate(messages[:-1]):
+            self.engine.runner.write_kv(layer_id, p.block_ids, kv[0], kv[1])
+        first_token = int(messages[-1].item())
+        del self.pending[p.request_id]
+        self.transfer_latencies_s.append(time.monotonic() - p.started_s)
+        self.engine.commit(p.request_id, first_token)
+
+    def _fall_back(self, p: PendingTransfer, why: str) -> None:
+        """No KV: recompute here once the router tells us the first token the client saw (if any)."""
+        del self.pending[p.request_id]
+        self.transport.forget(p.transfer_id)
+        if self.config.on_failure == "recompute":
+            self.failed[p.request_id] = time.monotonic()
+            return
+        self.engine.abort(p.request_id)
+        self.errors.append(TokenDelta(p.request_id, 0, [], "", finish_reason=FinishReason.ERROR,
+                                      error=f"KV transfer from {p.peer_id} {why}"))
+
+    def take_failed(self) -> list[str]:
+        """Transfers that failed since the last call: the router answers each with `recompute`."""
+        new = [r for r in self.failed if r not in self.reported]
+        self.reported.update(new)
+        return new
+
+    def recompute(self, request_id: str, first_token_id: int | None) -> None:
+        if self.failed.pop(request_id, None) is None:
+            return
+        self.reported.discard(request_id)
+        self.num_recomputed += 1
+        self.engine.recompute(request_id, first_token_id)
+
+    def _recompute_unanswered(self) -> None:
+        now = time.monotonic()
+        for request_id, since in list(self.failed.items()):
+            if now - since > self.config.transfer_timeout_s:
+                self.recompute(request_id, None)
+
+    def step(self) -> list[TokenDelta]:
+        self.poll()
+        self._recompute_unanswered()
+        deltas, self.errors = self.errors, []
+        return deltas + self.engine.step()
+
+    def abort(self, request_id: str) -> None:
+        self.failed.pop(request_id, None)
+        p = self.pending.pop(request_id, None)
+        if p is not None:
+            self.transport.forget(p.transfer_id)
+        self.engine.abort(request_id)

@@ -1,0 +1,112 @@
+"""The prefill side of disaggregation: run the prompt, stream its KV out layer by layer.
+
+  (1) `submit` queues a request in the prefill-role engine with a send plan:
+      which decode peer, which transfer id;
+  (2) in the step where a request's last prompt chunk runs, `begin_step` returns a
+      hook the model calls after every layer: layer l's KV leaves (an async send)
+      while layer l+1 computes;
+  (3) after the step the first token is sampled and sent as the transfer's last
+      message; the request's deltas (that first token) go back to the router;
+  (4) `poll` frees a request's blocks once its sends are done and the decode side
+      confirmed, or the transfer failed, or `release_timeout_s` passed.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from cluster.config import DisaggConfig
+from cluster.disagg.transfer.base import KVTransport, TransferState
+from cluster.engine.engine import Engine
+from cluster.types import FinishReason, SamplingParams, TokenDelta
+
+
+@dataclass
+class SendPlan:
+    request_id: str
+    peer_id: str
+    transfer_id: int
+    started_s: float = 0.0
+    confirmed: bool = False
+    first_sent: bool = False
+
+
+class PrefillWorker:
+    def __init__(self, engine: Engine, transport: KVTransport, config: DisaggConfig):
+        self.engine = engine
+        self.transport = transport
+        self.config = config
+        self.plans: dict[str, SendPlan] = {}
+        self.sending: list[tuple] = []  # (seq, plan) whose prompt completes in this step
+        engine.kv_stream = self
+        self.num_layers = engine.arch.num_layers
+        self.bytes_sent = 0
+
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, peer_id: str,
+               transfer_id: int, prompt: str | None = None) -> None:
+        self.engine.add_request(request_id, prompt_token_ids, params, prompt)
+        self.plans[request_id] = SendPlan(request_id, peer_id, transfer_id)
+
+    # -- (2) called by the engine's step ------------------------------------------------
+    def begin_step(self, sched):
+        self.sending = [(item.seq, self.plans[item.seq.request_id]) for item in sched.scheduled
+                        if item.samples and item.seq.request_id in self.plans]
+        for _, plan in self.sending:
+            plan.started_s = time.monotonic()
+        return self._send_layer if self.sending else None
+
+    def _send_layer(self, layer_id: int) -> None:
+        for seq, plan in self.sending:
+            num_blocks = -(-seq.num_prompt_tokens // self.engine.kv.block_size)
+            k, v = self.engine.runner.read_kv(layer_id, seq.block_ids[:num_blocks])
+            kv = torch.stack((k, v))
+            self.bytes_sent += kv.numel() * kv.element_size()
+            self.transport.send_layer(plan.peer_id, plan.transfer_id, layer_id, self.num_layers + 1, kv)
+
+    # -- (3) after the step ----------------------------------------------------------------
+    def step(self) -> list[TokenDelta]:
+        deltas = self.engine.step()
+        for delta in deltas:
+            plan = self.plans.get(delta.request_id)
+            if plan is None or plan.first_sent:
+                continue
+            first = torch.tensor([delta.token_ids[0]], dtype=torch.int64, device=self.engine.device)
+            self.transport.send_layer(plan.peer_id, plan.transfer_id, self.num_layers, self.num_layers + 1, first)
+            plan.first_sent = True
+            if delta.finish_reason == FinishReason.PREFILLED:
+                delta.finish_reason = None  # the decode side continues the stream
+        self.sending = []
+        return deltas
+
+    # -- (4) ownership of the prefill copy -------------------------------------------------
+    def confirm(self, request_id: str) -> None:
+        """The decode side has the KV."""
+        plan = self.plans.get(request_id)
+        if plan is not None:
+            plan.confirmed = True
+
+    def poll(self) -> list[str]:
+        """Free KV that is no longer needed; returns request ids whose transfer failed."""
+        failed, now = [], time.monotonic()
+        for request_id, plan in list(self.plans.items()):
+            if not plan.first_sent:
+                continue
+            state = self.transport.send_state(plan.transfer_id)
+            timed_out = now - plan.started_s > self.config.release_timeout_s
+            if state == TransferState.FAILED:
+                failed.append(request_id)
+            if (state == TransferState.DONE and plan.confirmed) or state == TransferState.FAILED or timed_out:
+                self._release(request_id)
+        return failed
+
+    def abort(self, request_id: str) -> None:
+        self._release(request_id)
+        self.engine.abort(request_id)
+
+    def _release(self, request_id: str) -> None:
+        plan = self.plans.pop(request_id, None)
+        if plan is not None:
+            self.transport.forget(plan.transfer_id)
+        self.engine.release(request_id)

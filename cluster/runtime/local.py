@@ -1,0 +1,313 @@
+"""`LocalEngineClient`: one in-process `Engine` behind the `EngineClient` interface.
+
+Only the step-loop thread touches the engine. A request's life:
+  (1) `generate` (on the caller's event loop) admits it against `max_pending`, raising
+      `Overloaded` before anything is yielded, makes an asyncio.Queue for it and posts an
+      `_Add` to the inbox;
+  (2) the loop thread, woken by the condition, drains the inbox between steps: `add_request`
+      (its ValueError / EngineOverloaded go back to `generate`, which raises them) and aborts;
+  (3) it runs `engine.step()` and hands each TokenDelta to its request's queue with
+      `loop.call_soon_threadsafe`, one call per event loop per step;
+  (4) `generate` yields the deltas and returns once each of the `n` completions has a finish reason;
+  (5) `abort` (or a consumer that stops iterating early) posts an `_Abort`: `engine.abort`
+      frees the KV and open completions end with FinishReason.ABORT;
+  (6) if `engine.step` raises, every in-flight completion ends with a delta whose `error` is
+      set (FinishReason.ERROR) and the engine drops those requests; later requests still run;
+  (7) idle, the thread sleeps on the condition (no spinning); `close` wakes and joins it.
+Engine stats reach `Metrics` every `stats_interval_s` while busy and once on becoming idle.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from cluster.config import EngineConfig
+from cluster.engine.engine import Engine, EngineOverloaded
+from cluster.engine.sequence import SeqStatus
+from cluster.metrics import Metrics
+from cluster.runtime.client import EngineClient, ModelInfo, Overloaded
+from cluster.types import FinishReason, SamplingParams, TokenDelta
+
+_ADMITTED = object()  # first queue item of a request the engine accepted
+
+
+@dataclass(frozen=True)
+class LocalClientConfig:
+    """How a LocalEngineClient admits requests and reports on its engine."""
+
+    max_pending: int = 256  # requests admitted (waiting + running) at once; more get Overloaded (HTTP 429)
+    retry_after_s: float = 1.0  # the Retry-After an Overloaded carries
+    stats_interval_s: float = 0.5  # how often engine stats reach Metrics while busy
+    pool: str = "local"  # `pool` label of this engine's metrics
+    instance: str = "0"  # `instance` label of this engine's metrics
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_pending, int) and self.max_pending >= 1):
+            raise ValueError(f"LocalClientConfig.max_pending={self.max_pending!r} must be an integer >= 1")
+        if not self.retry_after_s > 0:
+            raise ValueError(f"LocalClientConfig.retry_after_s={self.retry_after_s!r} must be > 0")
+        if not self.stats_interval_s > 0:
+            raise ValueError(f"LocalClientConfig.stats_interval_s={self.stats_interval_s!r} must be > 0")
+
+
+@dataclass
+class _Pending:
+    """Loop-thread bookkeeping of one admitted request."""
+
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    open_indices: set[int]  # completions without a finish reason yet
+    submitted_s: float
+    scheduled: bool = False
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None
+    pending: _Pending
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+@dataclass
+class _Outbox:
+    """Items for asyncio queues, sent once per event loop at the end of a loop iteration."""
+
+    items: dict[asyncio.AbstractEventLoop, list] = field(default_factory=dict)
+
+    def put(self, pending: _Pending, item: object) -> None:
+        self.items.setdefault(pending.loop, []).append((pending.queue, item))
+
+    def flush(self) -> None:
+        for loop, items in self.items.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed: nobody is listening any more
+                pass
+        self.items = {}
+
+
+def _put_all(items: list) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+class LocalEngineClient(EngineClient):
+    def __init__(self, engine: Engine, config: LocalClientConfig = LocalClientConfig(),
+                 metrics: Metrics | None = None, served_name: str | None = None):
+        self.engine = engine
+        self.config = config
+        self.metrics = metrics
+        path = engine.config.model.path
+        self._info = ModelInfo(served_name or engine.config.model.served_name or os.path.basename(path.rstrip("/")),
+                               engine.max_model_len, engine.tokenizer, engine.arch.vocab_size)
+        self._cond = threading.Condition()
+        self._inbox: list[_Add | _Abort] = []  # guarded by _cond
+        self._admitted: set[str] = set()  # request ids admitted and not yet ended; guarded by _cond
+        self._closing = False
+        self._dead: str | None = None  # why the loop thread stopped, if it did on its own
+        self._pending: dict[str, _Pending] = {}  # loop thread only
+        self._busy = False  # loop thread only: the engine has unfinished work
+        self._last_stats_s = 0.0
+        self._stats: dict[str, float] = {}  # the latest snapshot, replaced whole by the loop thread
+        self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, engine_config: EngineConfig, config: LocalClientConfig = LocalClientConfig(),
+                    metrics: Metrics | None = None, served_name: str | None = None,
+                    progress: bool = False) -> "LocalEngineClient":
+        """Load the checkpoint (and its tokenizer) into an engine and start its loop."""
+        from cluster.models.tokenizer import Tokenizer
+
+        path = engine_config.model.path
+        tokenizer = Tokenizer.from_dir(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+        return cls(Engine(engine_config, tokenizer=tokenizer, progress=progress), config, metrics, served_name)
+
+    # -- EngineClient -------------------------------------------------------------
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       prompt: str | None = None):
+        self._admit(request_id)
+        pending = _Pending(asyncio.Queue(), asyncio.get_running_loop(), set(range(params.n)), time.monotonic())
+        self._post(_Add(request_id, list(prompt_token_ids), params, prompt, pending))
+        done = False
+        try:
+            first = await pending.queue.get()
+            if isinstance(first, BaseException):
+                done = True  # the loop thread already forgot it
+                raise first
+            num_open = params.n
+            while num_open:
+                delta: TokenDelta = await pending.queue.get()
+                if delta.finish_reason is not None:
+                    num_open -= 1
+                    done = num_open == 0
+                yield delta
+        finally:
+            if not done:  # the consumer left early (client disconnect, cancellation)
+                self._post(_Abort(request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._post(_Abort(request_id))
+
+    def info(self) -> ModelInfo:
+        return self._info
+
+    async def health(self) -> dict:
+        if self._dead or not self._thread.is_alive():
+            raise RuntimeError(f"engine loop is not running: {self._dead or 'closed'}")
+        with self._cond:
+            num_admitted = len(self._admitted)
+        return {"status": "ok", "num_admitted": num_admitted, **self._stats}
+
+    async def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        await asyncio.to_thread(self._thread.join)
+        self._fail_all("the engine client was closed")  # the thread is gone: this thread may touch the engine
+
+    def stats(self) -> dict[str, float]:
+        """The latest engine stats snapshot (refreshed every step while busy and when going idle)."""
+        return dict(self._stats)
+
+    # -- submission (any thread) ------------------------------------------------------
+    def _admit(self, request_id: str) -> None:
+        with self._cond:
+            if self._closing or self._dead:
+                raise Overloaded(f"engine is not serving: {self._dead or 'closed'}",
+                                 self.config.retry_after_s, unavailable=True)
+            if request_id in self._admitted:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            if len(self._admitted) >= self.config.max_pending:
+                raise Overloaded(f"{len(self._admitted)} requests pending (max_pending={self.config.max_pending})",
+                                 self.config.retry_after_s)
+            self._admitted.add(request_id)
+
+    def _post(self, command: _Add | _Abort) -> None:
+        with self._cond:
+            self._inbox.append(command)
+            self._cond.notify()
+
+    def _release(self, request_id: str) -> None:
+        with self._cond:
+            self._admitted.discard(request_id)
+
+    # -- the step loop (loop thread only) ------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while self._iterate():
+                pass
+        except BaseException as exc:  # the loop itself broke: fail everything, never leave a request hanging
+            self._dead = f"engine loop crashed: {exc!r}"
+            self._fail_all(self._dead)
+            raise
+
+    def _iterate(self) -> bool:
+        with self._cond:
+            while not self._inbox and not self._closing and not self._busy:
+                self._cond.wait()
+            if self._closing:
+                return False
+            commands, self._inbox = self._inbox, []
+        out = _Outbox()
+        for command in commands:
+            self._apply(command, out)
+        if self.engine.has_unfinished():
+            try:
+                deltas = self.engine.step()
+            except Exception as exc:  # noqa: BLE001 - reported to every in-flight request
+                self._fail_all(f"engine step failed: {exc!r}", out)
+            else:
+                self._route(deltas, out)
+        self._busy = self.engine.has_unfinished()
+        self._note_scheduled()
+        out.flush()
+        self._export_stats(force=not self._busy)
+        return True
+
+    def _apply(self, command: _Add | _Abort, out: _Outbox) -> None:
+        if isinstance(command, _Abort):
+            pending = self._pending.pop(command.request_id, None)
+            self.engine.abort(command.request_id)  # frees its KV; a no-op for unknown ids
+            if pending is not None:
+                for index in sorted(pending.open_indices):
+                    out.put(pending, TokenDelta(command.request_id, index, [], "", finish_reason=FinishReason.ABORT))
+                self._release(command.request_id)
+            return
+        try:
+            self.engine.add_request(command.request_id, command.prompt_token_ids, command.params, command.prompt)
+        except EngineOverloaded as exc:
+            self._reject(command, Overloaded(str(exc), self.config.retry_after_s), out)
+        except Exception as exc:  # noqa: BLE001 - ValueError (bad request) or worse: the caller raises it
+            self._reject(command, exc, out)
+        else:
+            self._pending[command.request_id] = command.pending
+            out.put(command.pending, _ADMITTED)
+
+    def _reject(self, command: _Add, exc: BaseException, out: _Outbox) -> None:
+        out.put(command.pending, exc)
+        self._release(command.request_id)
+
+    def _route(self, deltas: list[TokenDelta], out: _Outbox) -> None:
+        for delta in deltas:
+            pending = self._pending.get(delta.request_id)
+            if pending is None:
+                continue
+            self._mark_scheduled(delta.request_id, pending)
+            out.put(pending, delta)
+            if delta.finish_reason is not None:
+                pending.open_indices.discard(delta.index)
+                if not pending.open_indices:
+                    del self._pending[delta.request_id]
+                    self._release(delta.request_id)
+
+    def _fail_all(self, message: str, out: _Outbox | None = None) -> None:
+        out = out or _Outbox()
+        for request_id, pending in list(self._pending.items()):
+            for index in sorted(pending.open_indices):
+                out.put(pending, TokenDelta(request_id, index, [], "", finish_reason=FinishReason.ERROR, error=message))
+            try:
+                self.engine.abort(request_id)
+            except Exception:  # noqa: BLE001 - the engine is already broken; the requests are failed anyway
+                pass
+            self._release(request_id)
+        self._pending.clear()
+        out.flush()
+
+    # -- metrics (loop thread only) --------------------------------------------------------
+    def _note_scheduled(self) -> None:
+        for request_id, pending in self._pending.items():
+            if not pending.scheduled:
+                state = self.engine.requests.get(request_id)
+                if state is not None and any(s.status != SeqStatus.WAITING for s in state.seqs):
+                    self._mark_scheduled(request_id, pending)
+
+    def _mark_scheduled(self, request_id: str, pending: _Pending) -> None:
+        if pending.scheduled:
+            return
+        pending.scheduled = True
+        if self.metrics is not None:
+            self.metrics.observe_queue_time(self.config.pool, self.config.instance,
+                                            time.monotonic() - pending.submitted_s, model=self._info.name)
+
+    def _export_stats(self, force: bool) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_stats_s < self.config.stats_interval_s:
+            return
+        self._last_stats_s = now
+        pool = self.engine.kv.pool
+        stats = {**self.engine.stats(), "num_blocks": self.engine.kv.num_blocks,
+                 "num_prefix_queried_tokens": pool.num_queries, "num_prefix_hit_tokens": pool.num_hits}
+        self._stats = stats
+        if self.metrics is not None:
+            self.metrics.set_engine_stats(self.config.pool, self.config.instance, stats, model=self._info.name)
