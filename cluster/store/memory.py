@@ -199,7 +199,7 @@ class MemoryStore(ClusterStore):
                 raise ValueError(f"request_id={request_id!r} is already in the journal")
             self._journal.set(request_id, raw, now + self._journal_ttl_s)
 
-    def journal_update(self, request_id: str, **fields: object) -> JournalEntry | None:
+    def journal_update(self, request_id: str, /, **fields: object) -> JournalEntry | None:
         check_id("request_id", request_id)
         check_update_fields(fields)
         with self._lock:

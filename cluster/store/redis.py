@@ -248,7 +248,7 @@ class RedisStore(ClusterStore):
         with self._reach("journal_start"):
             self._r.transaction(txn, key)
 
-    def journal_update(self, request_id: str, **fields: object) -> JournalEntry | None:
+    def journal_update(self, request_id: str, /, **fields: object) -> JournalEntry | None:
         check_id("request_id", request_id)
         check_update_fields(fields)
         key = self._key("journal", request_id)
