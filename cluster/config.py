@@ -90,6 +90,73 @@ class RunnerConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How one instance spreads over devices: `tp x pp` ranks on one host, experts over the tp ranks.
+
+    World rank w = stage * tp + tp_rank; rank 0 is the driver process (it schedules).
+    The overlap switches can be flipped per step at run time (`Executor.set_overlap`)
+    so a benchmark measures both settings on one instance.
+    """
+
+    tensor_parallel_size: int = 1  # ranks that split every layer's weights (tp)
+    pipeline_parallel_size: int = 1  # stages the layers are partitioned into (pp)
+    expert_parallel_size: int = 1  # ranks the experts of MoE layers are spread over (ep): 1 or tp
+    overlap_tp_comm: bool = False  # split big steps in two micro-batches; one's all-reduce runs while the other computes
+    overlap_ep_comm: bool = False  # the same two micro-batches hide MoE dispatch/combine behind expert compute
+    overlap_min_tokens: int = 512  # steps with fewer tokens are not split (decode would read the weights twice)
+    async_pp_send: bool = True  # a stage sends activations without waiting for the send before computing on
+    num_pp_microbatches: int = 0  # micro-batches per step in flight through the stages; 0: pipeline_parallel_size
+    master_addr: str = "127.0.0.1"  # where the driver's rendezvous store listens and gloo binds (ranks share a host)
+    master_port: int = 0  # the store's port; 0: a free port picked at start
+    collective_timeout_s: float = 60.0  # a device collective slower than this fails the instance
+    liveness_poll_s: float = 0.2  # how often the driver checks that every rank's process is alive
+
+    def __post_init__(self) -> None:
+        owner = "ParallelConfig"
+        _positive_int(owner, "tensor_parallel_size", self.tensor_parallel_size)
+        _positive_int(owner, "pipeline_parallel_size", self.pipeline_parallel_size)
+        _positive_int(owner, "expert_parallel_size", self.expert_parallel_size)
+        _require(self.expert_parallel_size in (1, self.tensor_parallel_size), owner, "expert_parallel_size",
+                 self.expert_parallel_size, f"must be 1 or tensor_parallel_size ({self.tensor_parallel_size}): "
+                 "experts are spread over the tensor-parallel ranks")
+        _positive_int(owner, "overlap_min_tokens", self.overlap_min_tokens)
+        _require(isinstance(self.num_pp_microbatches, int) and self.num_pp_microbatches >= 0, owner,
+                 "num_pp_microbatches", self.num_pp_microbatches, "must be an integer >= 0 (0: one per stage)")
+        _require(isinstance(self.master_port, int) and 0 <= self.master_port < 65536, owner, "master_port",
+                 self.master_port, "must be a port number (0: pick a free one)")
+        _require(bool(self.master_addr), owner, "master_addr", self.master_addr, "must be a host address")
+        _require(self.collective_timeout_s > 0, owner, "collective_timeout_s", self.collective_timeout_s, "must be > 0")
+        _require(self.liveness_poll_s > 0, owner, "liveness_poll_s", self.liveness_poll_s, "must be > 0")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.num_pp_microbatches or self.pipeline_parallel_size
+
+    def check_model(self, *, num_heads: int, num_kv_heads: int, num_layers: int, intermediate_size: int,
+                    num_experts: int = 0, moe_intermediate_size: int = 0, shared_expert_intermediate_size: int = 0) -> None:
+        """Raise ConfigError, naming the field, if the model cannot be split this way."""
+        tp, pp, owner = self.tensor_parallel_size, self.pipeline_parallel_size, "ParallelConfig"
+        _require(num_heads % tp == 0, owner, "tensor_parallel_size", tp, f"must divide num_attention_heads={num_heads}")
+        _require(num_kv_heads % tp == 0 or tp % num_kv_heads == 0, owner, "tensor_parallel_size", tp,
+                 f"must divide num_key_value_heads={num_kv_heads} or be a multiple of it (heads replicated)")
+        _require(num_layers % pp == 0, owner, "pipeline_parallel_size", pp, f"must divide num_hidden_layers={num_layers}")
+        _require(intermediate_size % tp == 0, owner, "tensor_parallel_size", tp, f"must divide intermediate_size={intermediate_size}")
+        if num_experts and self.expert_parallel_size > 1:
+            ep = self.expert_parallel_size
+            _require(num_experts % ep == 0, owner, "expert_parallel_size", ep, f"must divide num_experts={num_experts}")
+        elif num_experts:
+            _require(moe_intermediate_size % tp == 0, owner, "tensor_parallel_size", tp,
+                     f"must divide moe_intermediate_size={moe_intermediate_size} (experts split by tensor parallelism)")
+        if shared_expert_intermediate_size and self.expert_parallel_size == 1:
+            _require(shared_expert_intermediate_size % tp == 0, owner, "tensor_parallel_size", tp,
+                     f"must divide shared_expert_intermediate_size={shared_expert_intermediate_size}")
+
+
+@dataclass(frozen=True)
 class DisaggConfig:
     """How KV moves from prefill to decode instances."""
 
@@ -114,6 +181,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def from_dict(cls, data: dict | None, owner: str | None = None):

@@ -29,6 +29,15 @@ class Platform:
         if self.device_type == "cuda":
             torch.cuda.synchronize()
 
+    def bind(self, local_rank: int) -> torch.device:
+        """The device rank `local_rank` of a one-host instance runs on, made current (collectives use it)."""
+        device = self.device(local_rank)
+        if self.device_type == "cuda":
+            if local_rank >= torch.cuda.device_count():
+                raise ValueError(f"rank {local_rank} needs GPU {local_rank} but only {torch.cuda.device_count()} are visible")
+            torch.cuda.set_device(device)
+        return device
+
 
 def current_platform(device: str = "auto") -> Platform:
     if device == "auto":

@@ -44,7 +44,7 @@ class _SamplingFields(_Request):
     presence_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] | None = None
     stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1 - MAX_N)] | None = None  # torch's seed range
     user: StrictStr | None = None
     # vLLM extras that load generators send
     top_k: Annotated[StrictInt, Field(ge=-1)] | None = None

@@ -121,7 +121,8 @@ def bench_hf(model_dir: str, num: int, in_len: int, out_len: int, batch: int, vo
     ids = torch.tensor(prompts[:batch], device="cuda")
     kwargs = dict(max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False, cache_implementation="static",
                   attention_mask=torch.ones_like(ids), pad_token_id=0)
-    model.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+    # transformers compiles the forward for a static cache; warm up with the exact shapes timed below
+    model.generate(ids, **kwargs)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     model.generate(ids, **kwargs)

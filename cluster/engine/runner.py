@@ -65,7 +65,8 @@ class ModelRunner:
         self.kv_caches = allocate_kv(model, num_blocks, block_size, device, dtype)
         self.generators: dict[int, torch.Generator] = {}
         self.graphs = None
-        if enable_cuda_graphs and device.type == "cuda":
+        # the MoE expert loop syncs with the host (per-expert token counts): not capturable yet
+        if enable_cuda_graphs and device.type == "cuda" and not model.cfg.is_moe:
             self.graphs = DecodeGraphs(self, cuda_graph_max_batch)
 
     # -- (1) inputs ----------------------------------------------------------

@@ -1,24 +1,70 @@
-"""The one place that knows which process groups a rank belongs to.
+"""The one place that builds process groups, and the handles layers talk through.
 
-An instance is `tp x pp` ranks. Layers receive the `TPGroup` they shard over
-and never look anything up globally. A single-device instance uses
-`TPGroup.single()`: rank 0 of size 1, no collective is ever called.
+An instance is `tp x pp` ranks on one host; world rank w = stage * tp + tp_rank:
+
+    stage 0:   w0 ... w(tp-1)          tp group "tp0"   (w0 is the driver: it schedules and samples)
+    stage 1:   w(tp) ... w(2tp-1)      tp group "tp1"
+               column r: "pipe{r}"     stage s -> s+1 activations
+                         "back{r}"     last stage -> stage 0: normed hidden rows that sample
+    all ranks: "host"                  gloo on CPU whatever the platform: the step broadcast
+
+The return path has a communicator of its own so that, on NCCL, it never queues
+behind the forward sends on the same stream (with two stages both would share one).
+
+Lifecycle:
+  (1) the driver serves a TCPStore at ParallelConfig.master_addr (port from config, or a
+      free one) and passes the port to the ranks it spawns;
+  (2) every rank calls `build_groups`; groups are made in one global order, each rank
+      making those it belongs to. A group is a c10d ProcessGroup built straight from a
+      PrefixStore (no torch.distributed default group, so one process can hold the
+      groups of several instances and the KV transport's links besides);
+  (3) layers receive their `TPGroup` (experts their EP group), the pipeline its
+      `PipeGroup`, the executor the `HostGroup`;
+  (4) `InstanceGroups.abort()` makes pending device collectives fail (NCCL would wait on a
+      dead peer until the timeout; gloo sees the closed socket by itself).
+
+The backend comes from the platform: gloo on CPU, NCCL on CUDA; an NPU's collective
+library is one more entry in `_BACKENDS`.
 """
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import (AllgatherOptions, AllreduceOptions, AllToAllOptions, BroadcastOptions,
+                                        GatherOptions, ReduceOp)
+
+# The host group waits for the next step however long the engine idles; a dead peer is
+# seen through its closed socket and the driver's liveness watch, not through a timeout.
+HOST_GROUP_TIMEOUT = datetime.timedelta(days=365)
+
+
+class Pending:
+    """A collective in flight. `wait()` returns its result; on CUDA it orders the current
+    stream after the collective (which ran on the backend's own stream) without blocking the host."""
+
+    __slots__ = ("work", "result")
+
+    def __init__(self, work, result):
+        self.work = work
+        self.result = result
+
+    def wait(self):
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.result
 
 
 @dataclass(frozen=True)
 class TPGroup:
-    """A tensor-parallel group as the layers see it."""
+    """A tensor- (or expert-) parallel group as the layers see it; size 1 never communicates."""
 
     rank: int = 0
     size: int = 1
-    group: object | None = None  # torch.distributed ProcessGroup; None when size == 1
+    group: object | None = None  # c10d ProcessGroup; None when size == 1
 
     @staticmethod
     def single() -> "TPGroup":
@@ -26,12 +72,197 @@ class TPGroup:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
-            dist.all_reduce(x, group=self.group)
+            self.group.allreduce([x], AllreduceOptions()).wait()
         return x
+
+    def all_reduce_async(self, x: torch.Tensor) -> Pending:
+        if self.size == 1:
+            return Pending(None, x)
+        return Pending(self.group.allreduce([x], AllreduceOptions()), x)
+
+    def all_gather_rows_async(self, x: torch.Tensor) -> Pending:
+        """[n, ...] on every rank -> [size * n, ...], rank r's rows at r*n."""
+        if self.size == 1:
+            return Pending(None, x)
+        x = x.contiguous()
+        out = x.new_empty((self.size * x.shape[0], *x.shape[1:]))
+        return Pending(self.group._allgather_base(out, x, AllgatherOptions()), out)
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return x
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=-1)
+        rows = self.all_gather_rows_async(x.reshape(-1, x.shape[-1])).wait()
+        return torch.cat(rows.view(self.size, -1, x.shape[-1]).unbind(0), dim=-1).view(*x.shape[:-1], -1)
+
+    def gather_last_dim_to_first(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Rank 0 gets every rank's x concatenated on the last dim; the others get None."""
+        if self.size == 1:
+            return x
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else []
+        opts = GatherOptions()
+        opts.rootRank = 0
+        self.group.gather([parts] if parts else [], [x], opts).wait()
+        return torch.cat(parts, dim=-1) if self.rank == 0 else None
+
+    def all_to_all_async(self, x: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> Pending:
+        """Rows [sum(send_splits), ...]: split i goes to rank i; returns [sum(recv_splits), ...]."""
+        x = x.contiguous()
+        out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+        return Pending(self.group.alltoall_base(out, x, recv_splits, send_splits, AllToAllOptions()), out)
+
+
+@dataclass(frozen=True)
+class PipeGroup:
+    """The point-to-point links of one rank's tp column: previous/next stage and the way back."""
+
+    stage: int = 0
+    num_stages: int = 1
+    forward: object | None = None  # ProcessGroup of the column; group rank == stage
+    back: object | None = None  # ProcessGroup {0: first stage, 1: last stage}
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+    def send_next(self, x: torch.Tensor, tag: int) -> Pending:
+        return Pending(self.forward.send([x.contiguous()], self.stage + 1, tag), None)
+
+    def recv_prev(self, out: torch.Tensor, tag: int) -> Pending:
+        return Pending(self.forward.recv([out], self.stage - 1, tag), out)
+
+    def send_first(self, x: torch.Tensor, tag: int) -> Pending:
+        return Pending(self.back.send([x.contiguous()], 0, tag), None)
+
+    def recv_last(self, out: torch.Tensor, tag: int) -> Pending:
+        return Pending(self.back.recv([out], 1, tag), out)
+
+
+@dataclass(frozen=True)
+class HostGroup:
+    """Every rank of the instance, on CPU: the step broadcast and start-up agreements."""
+
+    rank: int = 0
+    size: int = 1
+    group: object | None = None
+
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `x` lands in every rank's `x` (same shape and dtype everywhere)."""
+        if self.size > 1:
+            opts = BroadcastOptions()
+            opts.rootRank = 0
+            self.group.broadcast([x], opts).wait()
+        return x
+
+    def min_int(self, value: int) -> int:
+        x = torch.tensor([value], dtype=torch.int64)
+        if self.size > 1:
+            opts = AllreduceOptions()
+            opts.reduceOp = ReduceOp.MIN
+            self.group.allreduce([x], opts).wait()
+        return int(x.item())
+
+    def gather_to_first(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """Rank 0 gets every rank's `x` (same shape everywhere) in rank order; the others None."""
+        if self.size == 1:
+            return [x]
+        parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else []
+        opts = GatherOptions()
+        opts.rootRank = 0
+        self.group.gather([parts] if parts else [], [x.contiguous()], opts).wait()
+        return parts if self.rank == 0 else None
+
+
+@dataclass
+class InstanceGroups:
+    """Every group one rank belongs to."""
+
+    world_rank: int
+    tp: TPGroup
+    ep: TPGroup  # == tp when experts are spread over the tp ranks, else single
+    pipe: PipeGroup
+    host: HostGroup
+    backend: str
+
+    @property
+    def is_driver(self) -> bool:
+        return self.world_rank == 0
+
+    def abort(self) -> None:
+        """Fail pending device collectives now (a peer died); gloo needs no help."""
+        if self.backend == "gloo":
+            return
+        for pg in (self.tp.group, self.pipe.forward, self.pipe.back):
+            if pg is not None and hasattr(pg, "abort"):
+                pg.abort()
+
+
+def serve_store(addr: str, port: int, world_size: int, timeout_s: float) -> dist.TCPStore:
+    """The driver's rendezvous store; port 0 picks a free one (read it back from `.port`)."""
+    return dist.TCPStore(addr, port, world_size, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def dial_store(addr: str, port: int, world_size: int, timeout_s: float) -> dist.TCPStore:
+    return dist.TCPStore(addr, port, world_size, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def build_groups(world_rank: int, parallel, backend: str, store, instance_id: str = "") -> InstanceGroups:
+    """Make every group `world_rank` belongs to (all ranks call this with the same arguments but rank)."""
+    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+    stage, tp_rank = divmod(world_rank, tp)
+    timeout = datetime.timedelta(seconds=parallel.collective_timeout_s)
+    host_addr = parallel.master_addr
+    prefix = f"{instance_id}/" if instance_id else ""
+
+    def make(name: str, ranks: list[int], kind: str, group_timeout=timeout):
+        return _new_group(store, prefix + name, ranks.index(world_rank), len(ranks), kind, group_timeout, host_addr)
+
+    # one global order: host, tp0..tp(pp-1), pipe0.., back0..
+    host = make("host", list(range(tp * pp)), "gloo", HOST_GROUP_TIMEOUT) if tp * pp > 1 else None
+    tp_group = make(f"tp{stage}", [stage * tp + r for r in range(tp)], backend) if tp > 1 else None
+    forward = back = None
+    if pp > 1:
+        column = [s * tp + tp_rank for s in range(pp)]
+        forward = make(f"pipe{tp_rank}", column, backend)
+        if stage in (0, pp - 1):
+            back = make(f"back{tp_rank}", [column[0], column[-1]], backend)
+    tp_handle = TPGroup(tp_rank, tp, tp_group)
+    ep_handle = tp_handle if parallel.expert_parallel_size > 1 else TPGroup.single()
+    return InstanceGroups(world_rank, tp_handle, ep_handle, PipeGroup(stage, pp, forward, back),
+                          HostGroup(world_rank, tp * pp, host), backend)
+
+
+def _gloo(prefix_store, rank: int, size: int, timeout, host_addr: str):
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = timeout
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host_addr)]
+    backend = dist.ProcessGroupGloo(prefix_store, rank, size, opts)
+    return backend, dist.ProcessGroup.BackendType.GLOO, torch.device("cpu")
+
+
+def _nccl(prefix_store, rank: int, size: int, timeout, host_addr: str):
+    opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = timeout
+    backend = dist.ProcessGroupNCCL(prefix_store, rank, size, opts)
+    return backend, dist.ProcessGroup.BackendType.NCCL, torch.device("cuda")
+
+
+_BACKENDS = {"gloo": _gloo, "nccl": _nccl}  # an NPU platform adds its collective library here
+
+
+def _new_group(store, name: str, rank: int, size: int, kind: str, timeout, host_addr: str):
+    if kind not in _BACKENDS:
+        raise ValueError(f"no process-group backend {kind!r}; known: {', '.join(_BACKENDS)}")
+    prefix_store = dist.PrefixStore(name, store)
+    group = dist.ProcessGroup(prefix_store, rank, size)
+    backend, backend_type, device = _BACKENDS[kind](prefix_store, rank, size, timeout, host_addr)
+    group._set_default_backend(backend_type)
+    if hasattr(backend, "_set_sequence_number_for_group"):
+        backend._set_sequence_number_for_group()
+    group._register_backend(device, backend_type, backend)
+    return group

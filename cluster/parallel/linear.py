@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cluster.parallel.groups import TPGroup
+from cluster.parallel.overlap import all_reduce_steps
 
 
 def narrow(source, dim: int, start: int, length: int) -> torch.Tensor:
@@ -144,6 +145,15 @@ class RowParallelLinear(nn.Module):
             out = out + self.bias
         return out
 
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's partial sum, not yet reduced (see `reduce_steps`)."""
+        return F.linear(x, self.weight)
+
+    def reduce_steps(self, partial: torch.Tensor, overlap: bool):
+        """Generator: all-reduce `partial`, yielding while it is in flight when `overlap`; returns the output."""
+        out = yield from all_reduce_steps(self.tp, partial, overlap)
+        return out + self.bias if self.bias is not None else out
+
 
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden: int, tp: TPGroup):
@@ -170,8 +180,9 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Vocab-sharded output projection; logits gathered to full vocab only where sampled."""
+    """Vocab-sharded output projection; full-vocab logits are gathered only on tp rank 0, which samples."""
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         local = F.linear(hidden, self.weight)
-        return self.tp.all_gather_last_dim(local)[:, : self.vocab_size]
+        full = self.tp.gather_last_dim_to_first(local)
+        return full[:, : self.vocab_size] if full is not None else None

@@ -147,6 +147,8 @@ class RedisStore(ClusterStore):
             yield
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
             raise StoreUnavailable(f"Redis at {self._where} is unavailable ({op}): {e}") from e
+        except redis.exceptions.InvalidResponse as e:  # something else listens there
+            raise StoreUnavailable(f"{self._where} does not speak the Redis protocol ({op}): {e}") from e
 
     def _key(self, kind: str, name: object = None) -> str:
         return f"{self._ns}{kind}" if name is None else f"{self._ns}{kind}:{name}"

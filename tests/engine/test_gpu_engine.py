@@ -26,6 +26,6 @@ def test_cuda_graph_engine_matches_transformers(checkpoint_dir, name):
     prompts = [[rng.randrange(900) for _ in range(n)] for n in (1, 7, 33, 120, 250)]
     expected = _hf_greedy(model_dir, prompts)
     llm = LLM(model=model_dir, device="cuda", dtype="float32", progress=False)
-    assert llm.engine.runner.graphs is not None
+    assert (llm.engine.runner.graphs is not None) == (not llm.engine.arch.is_moe)
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32, min_tokens=32))
     assert [o.outputs[0].token_ids for o in outs] == expected

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 import uuid
 
@@ -237,7 +238,7 @@ def test_bad_arguments_raise_value_error(store, call, match):
 
 
 @pytest.mark.parametrize("make_bad, match", [
-    (lambda: info("a", Role.DECODE).__class__("a", "gpu", "x"), "pool"),
+    (lambda: InstanceInfo("a", "gpu", "x"), "pool"),
     (lambda: InstanceInfo("a", Role.DECODE, "x", tp=0), "tp"),
     (lambda: InstanceInfo("a", Role.DECODE, ""), "address"),
     (lambda: InstanceLoad(kv_usage=1.5), "kv_usage"),
@@ -301,6 +302,17 @@ def test_unreachable_redis_raises_store_unavailable_quickly():
         with pytest.raises(StoreUnavailable, match="127.0.0.1"):
             call()
         assert time.monotonic() - started < 2.0
+
+
+def test_silent_server_times_out_as_store_unavailable():
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        store = make_store(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", timeout_s=0.3)
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="Timeout"):
+            store.match_prefix([1])
+        assert time.monotonic() - started < 2 * 0.3 + 0.5  # one try, one retry
 
 
 def test_make_store_picks_backend_by_url(redis_url):
@@ -371,7 +383,7 @@ def apply(store, op):
         return ("ValueError", str(e))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(OPS, max_size=30))
 def test_memory_and_redis_agree(redis_url, ops):
     memory, redis_store = MemoryStore(), RedisStore(redis_url, namespace=f"prop-{uuid.uuid4().hex}:")
