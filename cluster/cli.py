@@ -1,5 +1,6 @@
 """`llm-cluster` command line.
 
+  llm-cluster up [--config cluster.yaml]            start the cluster and its OpenAI API
   llm-cluster generate [--model DIR] "prompt" ...   complete prompts offline
   llm-cluster make-model --arch ARCH --out DIR ...  write a random HF checkpoint
 """
@@ -21,6 +22,33 @@ def _generate(args) -> int:
     return 0
 
 
+def _up(args) -> int:
+    import asyncio
+
+    from cluster.config import load_cluster_config
+
+    overrides: dict = {}
+    if args.model:
+        overrides["engine"] = {"model": {"path": args.model}}
+    if args.port is not None:
+        overrides["api"] = {"port": args.port}
+    config = load_cluster_config(args.config, overrides)
+    if not config.engine.model.path:
+        from dataclasses import replace
+
+        from cluster.models.make import ensure_default_model
+
+        print("no model configured: using the tiny random model (made once, cached)", file=sys.stderr)
+        config = replace(config, engine=replace(config.engine, model=replace(config.engine.model, path=ensure_default_model())))
+    from cluster.runtime.launcher import serve_cluster
+
+    try:
+        asyncio.run(serve_cluster(config))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def _make_model(args) -> int:
     from cluster.models import make
 
@@ -30,6 +58,12 @@ def _make_model(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-cluster", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the cluster (embedded default: local Ray, tiny model, 1 prefill + 1 decode on CPU)")
+    up.add_argument("--config", default=None, help="cluster YAML (see examples/)")
+    up.add_argument("--model", default=None, help="HF checkpoint directory (overrides the config)")
+    up.add_argument("--port", type=int, default=None)
+    up.set_defaults(func=_up)
 
     gen = sub.add_parser("generate", help="complete prompts with one in-process engine")
     gen.add_argument("prompts", nargs="+")

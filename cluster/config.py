@@ -194,19 +194,126 @@ def from_dict(cls, data: dict | None, owner: str | None = None):
         raise ConfigError(f"{owner}: unknown field(s) {', '.join(unknown)}; known: {', '.join(known)}")
     kwargs = {}
     for name, value in data.items():
-        sub = _nested_config_type(known[name])
+        sub = _nested_config_type(cls, known[name])
         kwargs[name] = from_dict(sub, value, f"{owner}.{name}") if sub and isinstance(value, dict) else value
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{owner}: {exc}") from None
+    except ConfigError as exc:  # name the path in the file, not just the class (prefill.tp, not PoolConfig.tp)
+        raise ConfigError(f"{owner}: {exc}" if owner != cls.__name__ else str(exc)) from None
 
 
-def _nested_config_type(f):
-    factory = f.default_factory if callable(getattr(f, "default_factory", None)) else None
-    return factory if isinstance(factory, type) and hasattr(factory, "__dataclass_fields__") else None
+def _nested_config_type(cls, f):
+    import typing
+
+    hint = typing.get_type_hints(cls).get(f.name)
+    return hint if isinstance(hint, type) and hasattr(hint, "__dataclass_fields__") else None
 
 
 def env_cache_dir() -> str:
     """Where made models and other cached artefacts live (LLM_CLUSTER_CACHE)."""
     return os.environ.get("LLM_CLUSTER_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "llm-cluster"))
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One pool of identical instances (prefill, decode, or mixed)."""
+
+    instances: int = 0  # instances started at launch (the autoscaler may change it later)
+    tp: int = 1  # tensor-parallel ranks per instance
+    pp: int = 1  # pipeline stages per instance
+    num_cpus_per_rank: float = 0.5  # Ray CPUs per rank actor (CPU deployments; fractions share cores)
+    num_gpus_per_rank: float = 0.0  # Ray GPUs per rank actor (1 on GPU deployments)
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.instances, int) and self.instances >= 0, "PoolConfig", "instances", self.instances, "must be an integer >= 0")
+        _positive_int("PoolConfig", "tp", self.tp)
+        _positive_int("PoolConfig", "pp", self.pp)
+        _require(self.num_cpus_per_rank >= 0, "PoolConfig", "num_cpus_per_rank", self.num_cpus_per_rank, "must be >= 0")
+        _require(self.num_gpus_per_rank >= 0, "PoolConfig", "num_gpus_per_rank", self.num_gpus_per_rank, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How requests are placed on instances."""
+
+    policy: str = "load"  # load: queued prefill tokens + prefix overlap / free blocks + batch | round_robin
+    prefix_weight_tokens: float = 1.0  # a prefix-cache hit of one token is worth this many queued tokens
+    heartbeat_s: float = 1.0  # instances report load this often
+    instance_ttl_s: float = 5.0  # an instance silent for this long is dead
+
+    def __post_init__(self) -> None:
+        _require(self.policy in ("load", "round_robin"), "RouterConfig", "policy", self.policy, "must be load or round_robin")
+        _require(self.heartbeat_s > 0, "RouterConfig", "heartbeat_s", self.heartbeat_s, "must be > 0")
+        _require(self.instance_ttl_s > self.heartbeat_s, "RouterConfig", "instance_ttl_s", self.instance_ttl_s, "must exceed heartbeat_s")
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """The OpenAI-compatible HTTP server."""
+
+    host: str = "127.0.0.1"  # bind address (0.0.0.0 only inside a container/pod)
+    port: int = 8000
+    max_pending: int = 256  # requests admitted at once; beyond it 429 with Retry-After
+    served_model_name: str | None = None  # /v1/models id; None: the checkpoint directory's name
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.port, int) and 0 <= self.port < 65536, "ApiConfig", "port", self.port, "must be a port number")
+        _positive_int("ApiConfig", "max_pending", self.max_pending)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Cluster state: in memory by default, Redis when redis_url is set."""
+
+    redis_url: str | None = None  # redis://host:port/db; None: in-memory (one process)
+    namespace: str = "llm_cluster:"
+
+    def __post_init__(self) -> None:
+        _require(self.redis_url is None or self.redis_url.startswith(("redis://", "rediss://", "memory://")),
+                 "StoreConfig", "redis_url", self.redis_url, "must be redis://host:port/db (or unset)")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Everything `llm-cluster up` starts."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    prefill: PoolConfig = field(default_factory=lambda: PoolConfig(instances=1))
+    decode: PoolConfig = field(default_factory=lambda: PoolConfig(instances=1))
+    mixed: PoolConfig = field(default_factory=PoolConfig)
+    disagg: DisaggConfig = field(default_factory=DisaggConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    ray_address: str | None = None  # None: start a local Ray on loopback; "auto" or an address: join it
+
+    def __post_init__(self) -> None:
+        disagg = self.prefill.instances > 0 or self.decode.instances > 0
+        if disagg and (self.prefill.instances == 0 or self.decode.instances == 0):
+            raise ConfigError("ClusterConfig: a disaggregated deployment needs prefill.instances >= 1 and decode.instances >= 1")
+        if not disagg and self.mixed.instances == 0:
+            raise ConfigError("ClusterConfig: no instances: set mixed.instances, or prefill and decode instances")
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.prefill.instances > 0
+
+
+def load_cluster_config(path: str | None, overrides: dict | None = None) -> ClusterConfig:
+    """Read YAML (unknown keys and bad values are errors naming the field)."""
+    data: dict = {}
+    if path:
+        import yaml
+
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for key, value in (overrides or {}).items():
+        data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.__setitem__(key, value)
+    return from_dict(ClusterConfig, data)

@@ -71,11 +71,16 @@ def from_validation(exc: ValidationError | RequestValidationError) -> APIError:
     errors = exc.errors()
     if not errors:
         return invalid("invalid request")
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    first = max(errors, key=lambda e: len(e.get("loc", ())))  # the deepest: most specific among union branches
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_union_tag(str(p))]
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     extra = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return invalid(f"{'.'.join(loc)}: {message}{extra}" if loc else message + extra, param=loc[0] if loc else None)
+
+
+def _is_union_tag(part: str) -> bool:
+    """pydantic names the union member it tried inside `loc` (`str`, `list[TextPart]`); not a field."""
+    return "[" in part or part in ("str", "int", "float", "bool")
 
 
 def from_value_error(exc: ValueError) -> APIError:

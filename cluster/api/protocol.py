@@ -56,9 +56,11 @@ class _SamplingFields(_Request):
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
     def _check_stop(cls, value):
+        if not (value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value))):
+            raise ValueError("stop must be a string or a list of strings")
         stops = [value] if isinstance(value, str) else (value or [])
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
@@ -96,6 +98,15 @@ class CompletionRequest(_SamplingFields):
     echo: StrictBool = False
     best_of: PositiveInt | None = None
     suffix: StrictStr | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _check_prompt_shape(cls, value):
+        if isinstance(value, str) or (isinstance(value, list) and (
+                all(isinstance(p, str) for p in value) or all(_is_token(t) for t in value)
+                or all(isinstance(p, list) and all(_is_token(t) for t in p) for p in value))):
+            return value
+        raise ValueError("must be a string, a list of strings, a list of token ids or a list of token id lists")
 
     @field_validator("prompt")
     @classmethod
@@ -146,6 +157,8 @@ class ChatMessage(_Request):
     @field_validator("content", mode="before")
     @classmethod
     def _check_parts(cls, value):
+        if not (value is None or isinstance(value, (str, list))):
+            raise ValueError("content must be a string or a list of text parts")
         if isinstance(value, list):
             for i, part in enumerate(value):
                 kind = part.get("type") if isinstance(part, dict) else None
@@ -177,6 +190,10 @@ class ChatCompletionRequest(_SamplingFields):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self._sampling(max_tokens, logprobs)
+
+
+def _is_token(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _fail(message: str):

@@ -2,7 +2,8 @@
 
   Scheduler     decides *what* runs          (engine/scheduler.py, no torch)
   KVCacheManager decides *where* KV lives     (engine/kv_cache.py)
-  ModelRunner   decides *how* it runs        (engine/runner.py)
+  ModelRunner   decides *how* it runs        (engine/runner.py; behind an Executor,
+                                              engine/executor.py, when the instance spans ranks)
 
 A request's life:
   (1) `add_request` validates it, makes its `n` sequences and queues them;
@@ -23,16 +24,14 @@ from dataclasses import dataclass, field
 import torch
 
 from cluster.config import EngineConfig
+from cluster.engine.executor import make_executor
 from cluster.engine.kv_cache import KVCacheManager
-from cluster.engine.runner import ModelRunner, kv_bytes_per_block
 from cluster.engine.scheduler import Scheduler
 from cluster.engine.sequence import Sequence
 from cluster.engine.stop import TextState
-from cluster.models.registry import arch_config, build_model
+from cluster.models.registry import arch_config
 from cluster.platform import current_platform
 from cluster.types import FinishReason, Role, SamplingParams, TokenDelta
-
-CPU_KV_BUDGET_BYTES = 256 << 20
 
 
 class EngineOverloaded(RuntimeError):
@@ -74,36 +73,14 @@ class Engine:
         eos = frozenset(self.arch.eos_token_ids) | (tokenizer.eos_token_ids if tokenizer else frozenset())
         self.eos_token_ids = eos
         torch.manual_seed(config.model.seed)
-        self.model = build_model(config.model.path, self.dtype, self.device, self.max_model_len, progress=progress)
-        num_blocks = self._num_blocks()
-        self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        # one process, or the driver of tp x pp ranks (executor.py); either way rank 0's runner samples
+        self.executor = make_executor(config, self.platform, self.dtype, self.arch, self.max_model_len, eos, progress)
+        self.model, self.runner = self.executor.model, self.executor.runner
+        self.kv = KVCacheManager(self.executor.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, eos)
-        self.runner = ModelRunner(self.model, num_blocks, config.cache.block_size, self.device, self.dtype,
-                                  config.runner.attention_backend, eos, config.runner.enable_cuda_graphs,
-                                  config.runner.cuda_graph_max_batch, self.max_model_len)
         self.requests: dict[str, RequestState] = {}
         # prefill role: streams each layer's KV as soon as it is written (disagg/prefill.py)
         self.kv_stream = None
-
-    def _num_blocks(self) -> int:
-        cache = self.config.cache
-        if cache.num_blocks is not None:
-            return cache.num_blocks
-        per_block = kv_bytes_per_block(self.model, cache.block_size, self.dtype)
-        if cache.memory_budget_bytes is not None:
-            budget = cache.memory_budget_bytes
-        elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * cache.gpu_memory_fraction) - activation_reserve_bytes(self.config, self.arch, self.dtype)
-        else:
-            budget = CPU_KV_BUDGET_BYTES
-        min_blocks = -(-self.max_model_len // cache.block_size)
-        # more blocks than every running sequence at full length is only prefix cache; keep it bounded
-        num_blocks = min(budget // per_block, 2 * self.config.scheduler.max_num_seqs * min_blocks)
-        if num_blocks < min_blocks:
-            raise ValueError(f"KV budget of {budget} bytes holds {num_blocks} blocks, fewer than one max-length "
-                             f"sequence needs ({min_blocks}); raise CacheConfig.memory_budget_bytes or lower max_model_len")
-        return int(num_blocks)
 
     # -- (1) admission ---------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -156,7 +133,7 @@ class Engine:
         if sched.is_empty:
             return []
         hook = self.kv_stream.begin_step(sched) if self.kv_stream is not None else None
-        result = self.runner.execute(sched, hook)
+        result = self.executor.execute(sched, hook)
         self.scheduler.update(sched, result.sampled)
         deltas = [self._emit(item.seq, result.logprobs.get(item.seq.seq_id)) for item in sched.scheduled if item.samples]
         if self.role != Role.PREFILL:  # prefill-role requests stay until `release`
@@ -247,6 +224,10 @@ class Engine:
             text.push(first_token_id)
             text.num_emitted = len(text.text)
 
+    def shutdown(self) -> None:
+        """Stop the instance's other ranks (a single-process engine has none)."""
+        self.executor.shutdown()
+
     # -- stats -----------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
         return {
@@ -267,11 +248,3 @@ def resolve_max_len(config: EngineConfig, arch) -> int:
     if want is not None and want > limit:
         raise ValueError(f"ModelConfig.max_model_len={want} exceeds the checkpoint's context of {limit}")
     return want or limit
-
-
-def activation_reserve_bytes(config: EngineConfig, arch, dtype: torch.dtype) -> int:
-    """Room left for activations of the largest step (a generous estimate, plus 1 GiB slack)."""
-    tokens = config.scheduler.max_num_batched_tokens
-    width = max(arch.intermediate_size, arch.moe_intermediate_size * arch.num_experts_per_tok) * 2 + arch.hidden_size * 4
-    logits = config.scheduler.max_num_seqs * arch.vocab_size * 4 * 2
-    return tokens * width * torch.tensor([], dtype=dtype).element_size() * 2 + logits + (1 << 30)

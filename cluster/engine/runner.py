@@ -2,7 +2,8 @@
 
   (1) `prepare` flattens the scheduled sequences into one token batch
       (prefill chunks and decodes back to back) with positions, KV slots,
-      block tables and the rows whose last position samples;
+      block tables and the rows whose last position samples (a `StepPlan`,
+      step_plan.py), then `upload`s it;
   (2) the model runs once over the whole batch (a captured CUDA graph for
       pure-decode batches on GPU);
   (3) logits are computed only for sampling rows and handed to the sampler.
@@ -14,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from cluster.engine.attention.base import AttentionMetadata, make_backend
@@ -22,6 +22,7 @@ from cluster.engine.cuda_graphs import DecodeGraphs
 from cluster.engine.sampler import Sampler, SamplingBatch
 from cluster.engine.scheduler import SchedulerOutput
 from cluster.engine.sequence import Sequence
+from cluster.engine.step_plan import StepPlan, plan_step
 from cluster.types import TokenLogprob
 
 
@@ -71,39 +72,27 @@ class ModelRunner:
 
     # -- (1) inputs ----------------------------------------------------------
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
-        ids, positions, slots, query_start, seq_lens, logits_idx, sampling = [], [], [], [0], [], [], []
-        block_tables = np.zeros((len(sched.scheduled), self.max_blocks_per_seq), dtype=np.int32)
-        bs = self.block_size
-        for row, item in enumerate(sched.scheduled):
-            seq, start = item.seq, item.seq.num_computed_tokens
-            end = start + item.num_new_tokens
-            ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            blocks = seq.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            block_tables[row, : len(blocks)] = blocks
-            query_start.append(query_start[-1] + item.num_new_tokens)
-            seq_lens.append(end)
-            if item.samples:
-                logits_idx.append(query_start[-1] - 1)
-                sampling.append(seq)
+        return self.upload(plan_step(sched, self.block_size))
+
+    def upload(self, plan: StepPlan) -> StepInputs:
+        """A step plan (host lists, see step_plan.py) as device tensors."""
         dev = self.device
         meta = AttentionMetadata(
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(block_tables).to(dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            max_query_len=max(item.num_new_tokens for item in sched.scheduled),
-            max_seq_len=max(seq_lens),
-            query_start_loc_cpu=query_start,
-            seq_lens_cpu=seq_lens,
+            query_start_loc=torch.tensor(plan.query_start_loc, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(plan.seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.from_numpy(plan.block_tables).to(dev),
+            slot_mapping=torch.tensor(plan.slot_mapping, dtype=torch.int64, device=dev),
+            max_query_len=plan.max_query_len,
+            max_seq_len=max(plan.seq_lens),
+            query_start_loc_cpu=plan.query_start_loc,
+            seq_lens_cpu=plan.seq_lens,
         )
         return StepInputs(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            input_ids=torch.tensor(plan.input_ids, dtype=torch.int64, device=dev),
+            positions=torch.tensor(plan.positions, dtype=torch.int64, device=dev),
             meta=meta,
-            logits_indices=torch.tensor(logits_idx, dtype=torch.int64, device=dev),
-            sampling_seqs=sampling,
+            logits_indices=torch.tensor(plan.logits_indices, dtype=torch.int64, device=dev),
+            sampling_seqs=plan.sampling_seqs,
             is_pure_decode=meta.max_query_len == 1,
         )
 

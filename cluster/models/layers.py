@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from cluster.models import fused
 from cluster.parallel.groups import TPGroup
 from cluster.parallel.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, default_loader
 
@@ -23,11 +23,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
         self.weight.weight_loader = default_loader
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with `residual`, (norm(x + residual), x + residual) -- the add fused on CUDA."""
+        if residual is None:
+            return fused.rms_norm(x, self.weight, self.eps)
+        return fused.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -58,14 +58,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].to(q.dtype)[:, None, :]
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        """Rotated (q, k): in place on CUDA, new tensors on the torch path -- use the result."""
+        return fused.rotary_(q, k, positions, self.cos, self.sin)
 
 
 class GatedMLP(nn.Module):
@@ -77,8 +71,12 @@ class GatedMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate, hidden, tp, reduce_results=reduce_results)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(fused.silu_and_mul(self.gate_up_proj(x)))
+
+    def steps(self, x: torch.Tensor, overlap):
+        """`forward` as a generator that yields while the all-reduce is in flight (parallel/overlap.py)."""
+        act = fused.silu_and_mul(self.gate_up_proj(x))
+        return (yield from self.down_proj.reduce_steps(self.down_proj.partial(act), overlap.tp))
 
 
 class Attention(nn.Module):
@@ -96,6 +94,10 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim**-0.5
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, rotary: RotaryEmbedding, attn) -> torch.Tensor:
+        return self.o_proj(self.attend(positions, x, rotary, attn))
+
+    def attend(self, positions: torch.Tensor, x: torch.Tensor, rotary: RotaryEmbedding, attn) -> torch.Tensor:
+        """Everything before the output projection: this rank's heads, [num_tokens, heads * head_dim]."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -108,4 +110,4 @@ class Attention(nn.Module):
         out = attn.backend.forward(q, k, v, k_cache, v_cache, attn.meta, self.scale)
         if attn.on_layer_done is not None:  # KV of this layer is in the cache: it may start streaming
             attn.on_layer_done(self.layer_id)
-        return self.o_proj(out.reshape(-1, q_size))
+        return out.reshape(-1, q_size)

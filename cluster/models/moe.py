@@ -120,7 +120,8 @@ class SparseMoE(nn.Module):
         return self.tp.all_reduce(self._partial(x))
 
     def _partial(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.experts(x, *reversed(self.route(x)))
+        topk_weights, topk_ids = self.route(x)
+        out = self.experts(x, topk_ids, topk_weights)
         if self.shared_expert is not None:
             # tp-split: its partial sums join the experts' partial sums in one all-reduce
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

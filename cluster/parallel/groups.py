@@ -130,13 +130,15 @@ class PipeGroup:
         return self.stage == self.num_stages - 1
 
     def send_next(self, x: torch.Tensor, tag: int) -> Pending:
-        return Pending(self.forward.send([x.contiguous()], self.stage + 1, tag), None)
+        x = x.contiguous()  # held by the Pending until the send completes
+        return Pending(self.forward.send([x], self.stage + 1, tag), x)
 
     def recv_prev(self, out: torch.Tensor, tag: int) -> Pending:
         return Pending(self.forward.recv([out], self.stage - 1, tag), out)
 
     def send_first(self, x: torch.Tensor, tag: int) -> Pending:
-        return Pending(self.back.send([x.contiguous()], 0, tag), None)
+        x = x.contiguous()
+        return Pending(self.back.send([x], 0, tag), x)
 
     def recv_last(self, out: torch.Tensor, tag: int) -> Pending:
         return Pending(self.back.recv([out], 1, tag), out)

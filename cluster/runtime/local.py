@@ -119,6 +119,8 @@ class LocalEngineClient(EngineClient):
         self._busy = False  # loop thread only: the engine has unfinished work
         self._last_stats_s = 0.0
         self._stats: dict[str, float] = {}  # the latest snapshot, replaced whole by the loop thread
+        if metrics is not None:
+            metrics.set_pool_size(config.pool, 1, model=self._info.name)
         self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
         self._thread.start()
 

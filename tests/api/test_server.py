@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
 import threading
 import time
 
@@ -21,11 +20,24 @@ from cluster import LLM, SamplingParams
 from cluster.api.server import build_app, make_server
 from cluster.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig
 from cluster.metrics import Metrics
+from cluster.runtime.client import EngineClient, ModelInfo, Overloaded
 from cluster.runtime.local import LocalClientConfig, LocalEngineClient
 
 MODEL = "tiny-llama"
 MAX_MODEL_LEN = 512
 PROMPTS = ["The capital of France", "Once upon a time", "Numbers: 1, 2, 3", "def main():"]
+
+
+def start_uvicorn(app):
+    """uvicorn in a daemon thread on 127.0.0.1; port 0 lets the OS pick a free one, read back once it listens."""
+    server = make_server(app, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    return server, thread, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
 
 
 class Served:
@@ -42,16 +54,7 @@ class Served:
         self.failures_left = 0
         if step_delay_s:
             self.engine.step = self._slow_step(step_delay_s)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = make_server(build_app(self.client, self.metrics, MODEL), "127.0.0.1", 0)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
+        self.server, self.thread, self.url = start_uvicorn(build_app(self.client, self.metrics, MODEL))
 
     def _slow_step(self, delay_s: float):
         def step():
@@ -412,3 +415,44 @@ def test_engine_failure_fails_requests_with_an_error_and_recovers(small):
     ok = api.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, **GREEDY)
     assert ok.choices[0].finish_reason == "length" and ok.usage.completion_tokens == 8
     assert small.value("llm_cluster_requests_finished_total", finish_reason="error") == 2
+
+
+class BrokenClient(EngineClient):
+    """A backend that is draining ("drain" prompts), buggy (everything else) and unhealthy."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    async def generate(self, request_id, prompt_token_ids, params, prompt=None):
+        if prompt == "drain":
+            raise Overloaded("draining for shutdown", retry_after_s=2.5, unavailable=True)
+        raise KeyError("a bug in the backend")
+        yield  # an async generator, like every client
+
+    async def abort(self, request_id):
+        return None
+
+    def info(self):
+        return ModelInfo(MODEL, MAX_MODEL_LEN, self.tokenizer, 1024)
+
+    async def health(self):
+        raise RuntimeError("no engine")
+
+
+def test_backend_bugs_are_500_and_draining_is_503_with_openai_bodies(llm):
+    server, thread, url = start_uvicorn(build_app(BrokenClient(llm.tokenizer), Metrics(), MODEL))
+    try:
+        with httpx.Client(base_url=url, timeout=10) as http:
+            bug = http.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+            assert bug.status_code == 500 and bug.json()["error"]["type"] == "server_error"
+            drain = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                             "stream": True})
+            assert drain.status_code == 500  # the chat prompt is the rendered template, not "drain"
+            drain = http.post("/v1/completions", json={"model": MODEL, "prompt": "drain", "stream": True})
+            assert drain.status_code == 503 and drain.headers["retry-after"] == "3"
+            assert drain.json()["error"]["code"] == "unavailable"
+            health = http.get("/health")
+            assert health.status_code == 503 and "no engine" in health.json()["error"]["message"]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

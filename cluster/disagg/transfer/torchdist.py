@@ -28,12 +28,6 @@ import torch.distributed as dist
 from cluster.disagg.transfer.base import KVTransport, TransferState, tag_of
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class _Link:
     group: object
@@ -73,8 +67,13 @@ class TorchDistTransport(KVTransport):
     # -- links -----------------------------------------------------------------
     def listen(self) -> str:
         if self.store is None:
-            port = free_port(self.host)
-            self.store = dist.TCPStore(self.host, port, is_master=True, wait_for_workers=False, timeout=self.timeout)
+            # bind the rendezvous socket ourselves: TCPStore alone would listen on every interface
+            self.listen_socket = socket.socket()
+            self.listen_socket.bind((self.host, 0))
+            self.listen_socket.listen(64)
+            port = self.listen_socket.getsockname()[1]
+            self.store = dist.TCPStore(self.host, port, is_master=True, wait_for_workers=False, timeout=self.timeout,
+                                       master_listen_fd=self.listen_socket.fileno(), use_libuv=False)
             self.address = f"{self.host}:{port}"
         return self.address
 
@@ -89,7 +88,10 @@ class TorchDistTransport(KVTransport):
         if self.backend == "nccl":
             group = dist.ProcessGroupNCCL(prefixed, rank, 2, dist.ProcessGroupNCCL.Options())
         else:
-            group = dist.ProcessGroupGloo(prefixed, rank, 2, self.timeout)
+            options = dist.ProcessGroupGloo._Options()
+            options._timeout = self.timeout
+            options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]  # pairs bind this address only
+            group = dist.ProcessGroupGloo(prefixed, rank, 2, options)
         with self.lock:
             self.links[peer_id] = _Link(group, rank)
 

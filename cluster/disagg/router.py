@@ -1,0 +1,77 @@
+"""Placement: which prefill instance runs a prompt, which decode instance continues it.
+
+  load policy (default)
+    prefill: least (queued prefill tokens - prefix-cache hit tokens x weight), where hits come
+             from the store's prefix index (block chain hashes -> instances);
+    decode:  most free KV blocks among those with room for the prompt, fewest running;
+  round_robin: cycles, for comparison.
+
+The router keeps a local tally of what it dispatched since the last heartbeat, so a burst
+between two heartbeats spreads instead of piling onto the instance that looked idlest.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from cluster.config import RouterConfig
+from cluster.types import Role
+
+
+@dataclass
+class InstanceView:
+    instance_id: str
+    role: Role
+    handle: object
+    block_size: int = 16
+    num_blocks: int = 0
+    load: dict = field(default_factory=dict)  # last heartbeat's engine stats
+    dispatched_tokens: int = 0  # prompt tokens sent since that heartbeat
+    dispatched_requests: int = 0
+    alive: bool = True
+
+    def refresh(self, load: dict) -> None:
+        self.load = load
+        self.dispatched_tokens = 0
+        self.dispatched_requests = 0
+
+
+class Router:
+    def __init__(self, config: RouterConfig):
+        self.config = config
+        self.cycles: dict[Role, itertools.count] = {}
+
+    def pick_prefill(self, candidates: list[InstanceView], prefix_hits: dict[str, int], num_tokens: int) -> InstanceView:
+        live = [v for v in candidates if v.alive]
+        if not live:
+            raise LookupError("no live prefill instance")
+        if self.config.policy == "round_robin":
+            return self._next(Role.PREFILL, live)
+
+        def cost(v: InstanceView) -> float:
+            queued = v.load.get("num_queued_prefill_tokens", 0) + v.dispatched_tokens
+            hit_tokens = prefix_hits.get(v.instance_id, 0) * v.block_size
+            return queued - self.config.prefix_weight_tokens * min(hit_tokens, num_tokens)
+
+        return min(live, key=lambda v: (cost(v), v.instance_id))
+
+    def rank_decode(self, candidates: list[InstanceView], num_tokens: int) -> list[InstanceView]:
+        """Decode instances to try, best first (the first that reserves blocks wins)."""
+        live = [v for v in candidates if v.alive]
+        if self.config.policy == "round_robin":
+            first = self._next(Role.DECODE, live) if live else None
+            return sorted(live, key=lambda v: v is not first)
+
+        def key(v: InstanceView):
+            free = v.load.get("num_free_blocks", v.num_blocks) - v.dispatched_tokens // max(1, v.block_size)
+            running = v.load.get("num_running", 0) + v.dispatched_requests
+            return (-free, running, v.instance_id)
+
+        return sorted(live, key=key)
+
+    def pick_mixed(self, candidates: list[InstanceView], prefix_hits: dict[str, int], num_tokens: int) -> InstanceView:
+        return self.pick_prefill(candidates, prefix_hits, num_tokens)
+
+    def _next(self, role: Role, live: list[InstanceView]) -> InstanceView:
+        counter = self.cycles.setdefault(role, itertools.count())
+        return sorted(live, key=lambda v: v.instance_id)[next(counter) % len(live)]

@@ -1,0 +1,254 @@
+"""How an Engine's steps reach the devices: one process, or the ranks of a `tp x pp` instance.
+
+The Engine calls, from its step loop:
+  execute(sched, on_layer_done) -> StepResult   once per step: run the model, sample
+  runner                                        the driver rank's ModelRunner (sampling state;
+                                                read_kv/write_kv of the KV hand-over)
+  model, num_blocks                             the driver rank's model; KV blocks every rank holds
+  shutdown()                                    once, when the engine closes
+Benchmarks and tests also call:
+  set_flags(**changes)                          overlap / async sends / timing, per step from now on
+  stats(reset) -> dict                          busy time per rank, expert load per layer
+
+`UniExecutor` is today's single-process path, untouched: a ModelRunner.
+
+`MultiProcExecutor` makes an instance of `tp * pp` ranks on one host:
+  (1) it serves the rendezvous store and spawns ranks 1..N-1 (torch.multiprocessing,
+      spawn); the driver process itself is rank 0;
+  (2) every rank builds its groups and its Worker (engine/worker.py); start-up runs on
+      a helper thread while this one watches the ranks, so a rank that dies while
+      loading fails the start at once, with its error;
+  (3) each step: plan (host lists) -> header + payload broadcast on the host group ->
+      every rank executes it -> rank 0 samples. No Ray, no pickling, no spawning in
+      the loop;
+  (4) a liveness thread polls the ranks; one that dies aborts the device groups (NCCL
+      would wait on it until the timeout; gloo sees the closed socket) and the next or
+      current step raises `InstanceFailed` naming the rank and its exit code or error;
+  (5) `shutdown` broadcasts SHUTDOWN and joins the ranks (killing stragglers).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import replace
+
+import torch
+
+from cluster.config import EngineConfig
+from cluster.engine.kv_budget import num_kv_blocks
+from cluster.engine.runner import ModelRunner, StepResult
+from cluster.engine.step_plan import Command, pack, plan_step
+from cluster.engine.worker import StepFlags, Worker, worker_main
+from cluster.models.registry import build_model
+from cluster.parallel.groups import build_groups, serve_store
+
+JOIN_TIMEOUT_S = 5.0
+FAILURE_GRACE_S = 2.0  # after a collective error, how long to wait for the dead rank's exit code
+
+
+class InstanceFailed(RuntimeError):
+    """A rank of a multi-rank instance died or failed; the instance cannot run more steps."""
+
+
+class Executor(ABC):
+    runner: ModelRunner
+    model: torch.nn.Module
+    num_blocks: int
+
+    @abstractmethod
+    def execute(self, sched, on_layer_done=None) -> StepResult: ...
+
+    def set_flags(self, **changes) -> None:
+        """Overlap switches and timing, from the next step on (single process: nothing to switch)."""
+
+    def stats(self, reset: bool = False) -> dict:
+        return {}
+
+    def shutdown(self) -> None:
+        """Release the ranks (single process: nothing to do)."""
+
+
+class UniExecutor(Executor):
+    """One process, one device: the ModelRunner as it always was."""
+
+    def __init__(self, config: EngineConfig, device: torch.device, dtype: torch.dtype, arch, max_model_len: int,
+                 eos_token_ids: frozenset[int], progress: bool = True):
+        self.model = build_model(config.model.path, dtype, device, max_model_len, progress=progress)
+        self.num_blocks = num_kv_blocks(config, arch, self.model, device, dtype, max_model_len)
+        self.runner = ModelRunner(self.model, self.num_blocks, config.cache.block_size, device, dtype,
+                                  config.runner.attention_backend, eos_token_ids, config.runner.enable_cuda_graphs,
+                                  config.runner.cuda_graph_max_batch, max_model_len)
+
+    def execute(self, sched, on_layer_done=None) -> StepResult:
+        return self.runner.execute(sched, on_layer_done)
+
+
+class MultiProcExecutor(Executor):
+    def __init__(self, config: EngineConfig, platform, dtype: torch.dtype, max_model_len: int,
+                 eos_token_ids: frozenset[int], progress: bool = True):
+        parallel = config.parallel
+        self.config = config
+        self.flags = StepFlags(parallel.overlap_tp_comm, parallel.overlap_ep_comm, parallel.async_pp_send)
+        self.num_microbatches = parallel.num_microbatches
+        self.failure: str | None = None
+        self.store = serve_store(parallel.master_addr, parallel.master_port, parallel.world_size, parallel.collective_timeout_s)
+        context = torch.multiprocessing.get_context("spawn")
+        self.procs = [context.Process(target=worker_main, name=f"llm-cluster-rank{rank}", daemon=True,
+                                      args=(rank, config, self.store.port, os.getpid(), max_model_len))
+                      for rank in range(1, parallel.world_size)]
+        for proc in self.procs:
+            proc.start()
+        self._start(platform, dtype, max_model_len, eos_token_ids, progress)
+        self.runner = self.worker.runner
+        self.model = self.worker.model
+        self.num_blocks = self.worker.num_blocks
+        self._stop_watch = threading.Event()
+        threading.Thread(target=self._watch, daemon=True, name="rank-liveness").start()
+
+    # -- (2) start-up ----------------------------------------------------------------
+    def _start(self, platform, dtype, max_model_len, eos_token_ids, progress) -> None:
+        result: dict = {}
+
+        def build() -> None:
+            try:
+                device = platform.bind(0)
+                groups = build_groups(0, self.config.parallel, platform.dist_backend, self.store)
+                result["worker"] = Worker(self.config, groups, device, dtype, max_model_len, eos_token_ids, progress)
+            except BaseException as exc:  # handed to the caller's thread below
+                result["error"] = exc
+
+        helper = threading.Thread(target=build, daemon=True, name="rank0-start")
+        helper.start()
+        while helper.is_alive():
+            helper.join(self.config.parallel.liveness_poll_s)
+            dead = self._dead_ranks()
+            if dead and helper.is_alive():
+                self._kill_all()
+                raise InstanceFailed(f"instance failed to start: {dead}")
+        if "error" in result:
+            self._kill_all()
+            dead = self._dead_ranks(wait_s=FAILURE_GRACE_S)
+            raise InstanceFailed(f"instance failed to start: {dead or result['error']}") from result["error"]
+        self.worker = result["worker"]
+        if platform.device_type == "cuda":
+            torch.cuda.set_device(self.worker.device)  # current device is per thread
+
+    # -- (3) one step --------------------------------------------------------------------
+    def execute(self, sched, on_layer_done=None) -> StepResult:
+        if on_layer_done is not None:
+            raise NotImplementedError("per-layer KV streaming from a multi-rank instance is not supported yet")
+        self._check_alive()
+        plan = plan_step(sched, self.config.cache.block_size)
+        header, payload = pack(plan, Command.STEP, self.flags.encode(), self.num_microbatches)
+        host = self.worker.groups.host
+        try:
+            host.broadcast(header)
+            host.broadcast(payload)
+            logits = self.worker.execute(plan, self.flags, self.num_microbatches)
+            if logits is None:
+                return StepResult({}, {})
+            return self.runner.sample(logits.float(), plan.sampling_seqs)
+        except RuntimeError as exc:  # gloo / NCCL report a dead or stuck peer as RuntimeError (DistError)
+            raise self._fail(exc) from exc
+
+    def set_flags(self, **changes) -> None:
+        num_microbatches = changes.pop("num_microbatches", None)
+        if num_microbatches is not None:
+            self.num_microbatches = num_microbatches
+        self.flags = replace(self.flags, **changes)
+
+    def stats(self, reset: bool = False) -> dict:
+        """Busy seconds and measured steps per rank (timing needs set_flags(measure=True)),
+        tokens routed to each expert of each layer, summed over ranks."""
+        self._check_alive()
+        header, _ = pack(None, Command.STATS, int(reset))
+        host = self.worker.groups.host
+        try:
+            host.broadcast(header)
+            rows = host.gather_to_first(self.worker.stats_vector(reset))
+        except RuntimeError as exc:
+            raise self._fail(exc) from exc
+        table = torch.stack(rows)
+        arch = self.worker.arch
+        experts = table[:, 3:].sum(0).view(arch.num_layers, -1)
+        return {"busy_s": table[:, 0].tolist(), "num_measured_steps": int(table[0, 1]),
+                "tokens_per_expert": experts.long().tolist() if arch.num_experts else []}
+
+    # -- (4) liveness -------------------------------------------------------------------
+    def _dead_ranks(self, wait_s: float = 0.0) -> str:
+        """'' if every rank lives, else which died and why (waiting up to wait_s for the exit to show)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            dead = [(rank, proc) for rank, proc in enumerate(self.procs, start=1) if proc.exitcode is not None]
+            if dead or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        return "; ".join(f"rank {rank} (pid {proc.pid}) {self._why(rank, proc.exitcode)}" for rank, proc in dead)
+
+    def _why(self, rank: int, exitcode: int) -> str:
+        key = f"error/{rank}"
+        try:
+            if self.store.check([key]):
+                return f"failed: {self.store.get(key).decode()}"
+        except Exception:  # the store itself may be unusable by now
+            pass
+        if exitcode < 0:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        return f"exited with code {exitcode}"
+
+    def _watch(self) -> None:
+        while not self._stop_watch.wait(self.config.parallel.liveness_poll_s):
+            if any(proc.exitcode is not None for proc in self.procs):
+                self.failure = self.failure or f"instance failed: {self._dead_ranks()}"
+                self.worker.groups.abort()
+                return
+
+    def _check_alive(self) -> None:
+        if self.failure is None:
+            dead = self._dead_ranks()
+            if dead:
+                self.failure = f"instance failed: {dead}"
+        if self.failure is not None:
+            raise InstanceFailed(self.failure)
+
+    def _fail(self, exc: Exception) -> InstanceFailed:
+        dead = self._dead_ranks(wait_s=FAILURE_GRACE_S)
+        self.failure = self.failure or f"instance failed: {dead or f'{type(exc).__name__}: {exc}'}"
+        self._kill_all()
+        return InstanceFailed(self.failure)
+
+    # -- (5) shutdown ----------------------------------------------------------------------
+    def shutdown(self) -> None:
+        self._stop_watch.set()
+        if self.failure is None and not self._dead_ranks():
+            try:
+                header, _ = pack(None, Command.SHUTDOWN)
+                self.worker.groups.host.broadcast(header)
+            except RuntimeError:
+                pass
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        for proc in self.procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        self._kill_all()
+
+    def _kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.exitcode is None:
+                proc.kill()
+        for proc in self.procs:
+            proc.join(JOIN_TIMEOUT_S)
+
+
+def make_executor(config: EngineConfig, platform, dtype: torch.dtype, arch, max_model_len: int,
+                  eos_token_ids: frozenset[int], progress: bool = True) -> Executor:
+    parallel = config.parallel
+    parallel.check_model(num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads, num_layers=arch.num_layers,
+                         intermediate_size=arch.intermediate_size, num_experts=arch.num_experts,
+                         moe_intermediate_size=arch.moe_intermediate_size,
+                         shared_expert_intermediate_size=arch.shared_expert_intermediate_size)
+    if parallel.world_size == 1:
+        return UniExecutor(config, platform.device(), dtype, arch, max_model_len, eos_token_ids, progress)
+    return MultiProcExecutor(config, platform, dtype, max_model_len, eos_token_ids, progress)

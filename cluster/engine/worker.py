@@ -1,0 +1,242 @@
+"""One rank of a multi-rank instance: its share of the model and KV, and how a step runs on it.
+
+  (1) `Worker(...)` builds its stage's layers with its tp/ep shard (each weight loader
+      reads only its slice of the safetensors file), agrees with the other ranks on the
+      KV block count (the minimum, over the host group) and allocates its KV;
+  (2) `execute(plan, flags, num_microbatches)` runs one step on this rank:
+        pp == 1, overlap   two micro-batches taking turns, so one's all-reduce (TP) or
+                           dispatch/combine (EP) is in flight while the other computes
+        pp == 1            one forward (a captured CUDA graph for decodes when allowed)
+        pp > 1             this stage's share of M micro-batches (parallel/pipeline.py)
+      and returns full-vocab logits on the driver (world rank 0), None elsewhere;
+  (3) `worker_main` is a spawned rank's whole life: bind its device, build its groups
+      and Worker, then loop: header, payload, execute, until SHUTDOWN. An error is
+      written to the rendezvous store (so the driver can name it) and the process exits;
+      a rank whose driver is gone exits too.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from cluster.config import EngineConfig
+from cluster.engine.kv_budget import num_kv_blocks
+from cluster.engine.runner import AttnInputs, ModelRunner
+from cluster.engine.step_plan import HEADER_SIZE, Command, StepPlan, payload_size, split, unpack
+from cluster.models.registry import arch_config, build_model
+from cluster.parallel.groups import InstanceGroups, build_groups, dial_store
+from cluster.parallel.overlap import OverlapFlags
+from cluster.parallel.pipeline import run_stage, stage_layers
+from cluster.platform import current_platform
+
+PARENT_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class StepFlags:
+    """Per-step switches the driver broadcasts in the header (so they can change at run time)."""
+
+    overlap_tp: bool = False
+    overlap_ep: bool = False
+    async_pp: bool = True
+    measure: bool = False  # time this rank's compute (bubbles, overlap) into its stats
+
+    def encode(self) -> int:
+        return self.overlap_tp | self.overlap_ep << 1 | self.async_pp << 2 | self.measure << 3
+
+    @staticmethod
+    def decode(bits: int) -> "StepFlags":
+        return StepFlags(bool(bits & 1), bool(bits & 2), bool(bits & 4), bool(bits & 8))
+
+
+class BusyTimer:
+    """Compute time of this rank while `measure` is on: CUDA events on GPU, wall clock on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.busy_s = 0.0
+        self.num_steps = 0
+        self._pending: list = []
+
+    def start(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def stop(self, started) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pending.append((started, end))
+        else:
+            self.busy_s += time.perf_counter() - started
+
+    def settle(self) -> None:
+        """End of a measured step: resolve the events (waits for this rank's GPU work)."""
+        for start, end in self._pending:
+            end.synchronize()
+            self.busy_s += start.elapsed_time(end) / 1e3
+        self._pending.clear()
+        self.num_steps += 1
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, groups: InstanceGroups, device: torch.device, dtype: torch.dtype,
+                 max_model_len: int, eos_token_ids: frozenset[int] = frozenset(), progress: bool = False):
+        parallel = config.parallel
+        self.config = config
+        self.groups = groups
+        self.device = device
+        self.dtype = dtype
+        self.arch = arch_config(config.model.path)
+        self.num_stages = parallel.pipeline_parallel_size
+        layer_range = stage_layers(self.arch.num_layers, self.num_stages, groups.pipe.stage)
+        torch.manual_seed(config.model.seed)
+        self.model = build_model(config.model.path, dtype, device, max_model_len, tp=groups.tp, ep=groups.ep,
+                                 layer_range=layer_range, progress=progress)
+        self.num_blocks = groups.host.min_int(num_kv_blocks(config, self.arch, self.model, device, dtype, max_model_len))
+        # graphs capture one whole-model forward; pipeline stages and all-to-all (host-synced splits) run eagerly
+        graphs = config.runner.enable_cuda_graphs and self.num_stages == 1 and groups.ep.size == 1
+        self.runner = ModelRunner(self.model, self.num_blocks, config.cache.block_size, device, dtype,
+                                  config.runner.attention_backend, eos_token_ids, graphs,
+                                  config.runner.cuda_graph_max_batch, max_model_len)
+        self.timer = BusyTimer(device)
+
+    # -- (2) one step -------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan, flags: StepFlags, num_microbatches: int = 1) -> torch.Tensor | None:
+        if self.num_stages > 1:
+            logits = self._pipelined(plan, flags, num_microbatches)
+        elif self._splits(plan, flags):
+            logits = self._overlapped(plan, flags)
+        else:
+            started = self.timer.start() if flags.measure else None
+            inputs = self.runner.upload(plan)
+            rows = self.runner.forward(inputs)[inputs.logits_indices]
+            logits = self.model.compute_logits(rows) if plan.logits_indices else None
+            if started is not None:
+                self.timer.stop(started)
+        if flags.measure:
+            self.timer.settle()
+        return logits
+
+    def _splits(self, plan: StepPlan, flags: StepFlags) -> bool:
+        wanted = (flags.overlap_tp and self.groups.tp.size > 1) or (flags.overlap_ep and self.groups.ep.size > 1)
+        return wanted and plan.num_tokens >= max(2, self.config.parallel.overlap_min_tokens)
+
+    def _attn(self, inputs) -> AttnInputs:
+        return AttnInputs(self.runner.backend, inputs.meta, self.runner.kv_caches)
+
+    def _overlapped(self, plan: StepPlan, flags: StepFlags) -> torch.Tensor | None:
+        started = self.timer.start() if flags.measure else None
+        parts = [self.runner.upload(part) for part in split(plan, 2)]
+        batches = [(i.input_ids, i.positions, self._attn(i), None) for i in parts]
+        hiddens = self.model.forward_microbatches(batches, OverlapFlags(flags.overlap_tp, flags.overlap_ep))
+        rows = torch.cat([h[i.logits_indices] for h, i in zip(hiddens, parts)])
+        logits = self.model.compute_logits(rows) if plan.logits_indices else None
+        if started is not None:
+            self.timer.stop(started)
+        return logits
+
+    def _pipelined(self, plan: StepPlan, flags: StepFlags, num_microbatches: int) -> torch.Tensor | None:
+        plans = split(plan, num_microbatches)
+        parts = [self.runner.upload(p) for p in plans]
+        is_last = self.groups.pipe.is_last
+
+        def forward_part(m: int, hidden: torch.Tensor | None) -> torch.Tensor | None:
+            started = self.timer.start() if flags.measure else None
+            inputs = parts[m]
+            out = self.model(inputs.input_ids, inputs.positions, self._attn(inputs), hidden)
+            if is_last:
+                out = out[inputs.logits_indices] if plans[m].logits_indices else None
+            if started is not None:
+                self.timer.stop(started)
+            return out
+
+        sizes = [(p.num_tokens, len(p.logits_indices)) for p in plans]
+        returns = run_stage(self.groups.pipe, sizes, forward_part, self.arch.hidden_size, self.dtype, self.device, flags.async_pp)
+        logits = []
+        for pending in returns:
+            if pending is not None:
+                started = self.timer.start() if flags.measure else None
+                logits.append(self.model.compute_logits(pending.wait()))
+                if started is not None:
+                    self.timer.stop(started)
+        if not logits or logits[0] is None:
+            return None
+        return torch.cat(logits)
+
+    # -- statistics ----------------------------------------------------------------
+    def stats_vector(self, reset: bool) -> torch.Tensor:
+        """float64 [3 + num_layers * num_experts]: busy_s, measured steps, this rank's id,
+        then tokens routed to each (layer, expert) counted on this rank."""
+        arch = self.arch
+        experts = torch.zeros(arch.num_layers, max(arch.num_experts, 1), dtype=torch.float64)
+        for layer_id, layer in self.model.model.layers.items():
+            counts = getattr(getattr(layer.mlp, "experts", None), "tokens_per_expert", None)
+            if counts is not None:
+                experts[int(layer_id)] = counts.double().cpu()
+                if reset:
+                    counts.zero_()
+        head = torch.tensor([self.timer.busy_s, self.timer.num_steps, self.groups.world_rank], dtype=torch.float64)
+        if reset:
+            self.timer.busy_s, self.timer.num_steps = 0.0, 0
+        return torch.cat([head, experts.flatten()])
+
+
+# -- (3) a spawned rank ----------------------------------------------------------------
+def worker_main(world_rank: int, config: EngineConfig, store_port: int, parent_pid: int, max_model_len: int) -> None:
+    _exit_with_parent(parent_pid)
+    store = None
+    try:
+        parallel = config.parallel
+        platform = current_platform(config.runner.device)
+        device = platform.bind(world_rank)
+        dtype = platform.resolve_dtype(config.model.dtype)
+        store = dial_store(parallel.master_addr, store_port, parallel.world_size, parallel.collective_timeout_s)
+        groups = build_groups(world_rank, parallel, platform.dist_backend, store)
+        worker = Worker(config, groups, device, dtype, max_model_len)
+        serve(worker)
+    except BaseException as exc:  # report any failure by name, then leave: the driver fails the instance
+        message = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+        if store is not None:
+            try:
+                store.set(f"error/{world_rank}", message)
+            except Exception:  # the driver may be gone already
+                pass
+        os._exit(1)
+    os._exit(0)
+
+
+def serve(worker: Worker) -> None:
+    """The step loop of a non-driver rank: the driver's broadcasts say what to do."""
+    host = worker.groups.host
+    header = torch.empty(HEADER_SIZE, dtype=torch.int64)
+    while True:
+        host.broadcast(header)
+        command, bits, *_ = header.tolist()
+        if command == Command.SHUTDOWN:
+            return
+        if command == Command.STATS:
+            host.gather_to_first(worker.stats_vector(reset=bool(bits)))
+            continue
+        payload = host.broadcast(torch.empty(payload_size(header), dtype=torch.int64))
+        worker.execute(unpack(header, payload), StepFlags.decode(bits), int(header[6]))
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A rank whose driver died leaves at once instead of waiting on a broadcast forever."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()

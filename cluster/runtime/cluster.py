@@ -1,0 +1,343 @@
+"""ClusterClient: the EngineClient of a Ray cluster of prefill, decode (or mixed) instances.
+
+A disaggregated request's life (one "leg" per completion; n > 1 makes n legs):
+  (1) the router picks a decode instance that can reserve blocks for the prompt and a
+      prefill instance (queued tokens, prefix hits from the store's prefix index);
+  (2) the two get a KV link if they have none yet (made on demand: elastic membership);
+  (3) decode reserves blocks and posts receives, then prefill queues the prompt;
+  (4) prefill's first token streams to the client at once (TTFT); its KV streams to
+      decode layer by layer; decode lands it and continues; prefill frees its copy
+      when decode's first token shows the KV arrived (or after a timeout);
+  (5) a failed transfer -> decode recomputes (told the first token the client saw);
+      a dead decode instance -> the leg restarts elsewhere from prompt + tokens so far;
+      every leg ends in a finish reason or an error the client sees.
+Each instance is read by one long-poll task (all its deltas per call); a heartbeat task
+refreshes loads, the store's registry and prefix index, and notices dead instances.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+
+from cluster.config import ClusterConfig
+from cluster.disagg.router import InstanceView, Router
+from cluster.engine.kv_cache import prefix_hashes
+from cluster.runtime.client import EngineClient, ModelInfo, Overloaded
+from cluster.runtime.instance import RequestSpec, error_delta
+from cluster.types import FinishReason, Role, SamplingParams, TokenDelta
+
+log = logging.getLogger(__name__)
+MAX_RETRIES = 2
+
+
+@dataclass
+class Leg:
+    """One completion of a request as it moves through the pools."""
+
+    leg_id: str
+    index: int
+    spec: RequestSpec
+    queue: asyncio.Queue
+    prefill_id: str | None = None
+    decode_id: str | None = None
+    first_token: int | None = None
+    output_ids: list[int] = field(default_factory=list)
+    held: list[TokenDelta] = field(default_factory=list)  # decode deltas that arrived before the first token
+    retries: int = 0
+    done: bool = False
+    expect_prefill_token: bool = True  # False once decode recomputes without it (prefill lost)
+    confirmed: bool = False
+
+
+class ClusterClient(EngineClient):
+    def __init__(self, config: ClusterConfig, info: ModelInfo, store, metrics=None):
+        self.config = config
+        self._info = info
+        self.store = store
+        self.metrics = metrics
+        self.router = Router(config.router)
+        self.instances: dict[str, InstanceView] = {}
+        self.legs: dict[str, Leg] = {}
+        self.transfer_ids = itertools.count(1)
+        self.links: set[tuple[str, str]] = set()
+        self.link_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.tasks: list[asyncio.Task] = []
+        self.poll_tasks: dict[str, asyncio.Task] = {}
+        self.num_pending = 0
+
+    # -- membership ----------------------------------------------------------------
+    async def add_instance(self, instance_id: str, role: Role, handle) -> None:
+        """Join an instance (at start or at run time): it takes traffic from its next heartbeat on."""
+        info = await handle.info.remote()
+        view = InstanceView(instance_id, role, handle, info["block_size"], info["num_blocks"])
+        view.link_address = info["link_address"]
+        view.refresh(await handle.stats.remote())
+        self.instances[instance_id] = view
+        self.poll_tasks[instance_id] = asyncio.create_task(self._poll(view))
+        from cluster.store.base import InstanceInfo
+
+        self.store.register_instance(InstanceInfo(instance_id, role, info["link_address"] or instance_id,
+                                                  num_blocks=info["num_blocks"], block_size=info["block_size"],
+                                                  started_at=time.time()), self.config.router.instance_ttl_s)
+
+    async def start(self) -> None:
+        self.tasks.append(asyncio.create_task(self._heartbeat()))
+
+    def pool(self, role: Role) -> list[InstanceView]:
+        return [v for v in self.instances.values() if v.role == role and v.alive]
+
+    # -- EngineClient ----------------------------------------------------------------
+    def info(self) -> ModelInfo:
+        return self._info
+
+    async def health(self) -> dict:
+        pools = {r.value: len(self.pool(r)) for r in Role}
+        if self.config.disaggregated and (not pools["prefill"] or not pools["decode"]):
+            raise RuntimeError(f"a pool has no live instance: {pools}")
+        if not self.config.disaggregated and not pools["mixed"]:
+            raise RuntimeError("no live mixed instance")
+        return {"status": "ok", "pools": pools, "in_flight": self.num_pending}
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       prompt: str | None = None) -> AsyncIterator[TokenDelta]:
+        if self.num_pending >= self.config.api.max_pending:
+            raise Overloaded(f"{self.num_pending} requests in flight (limit {self.config.api.max_pending})", 1.0)
+        queue: asyncio.Queue = asyncio.Queue()
+        legs = self._legs(request_id, prompt_token_ids, params, prompt, queue)
+        self.num_pending += 1
+        try:
+            for leg in legs:
+                self.legs[leg.leg_id] = leg
+            await asyncio.gather(*(self._dispatch(leg) for leg in legs))
+            remaining = len(legs) if self.config.disaggregated else params.n
+            while remaining:
+                delta = await queue.get()
+                if delta.finish_reason is not None:
+                    remaining -= 1
+                yield replace(delta, request_id=request_id)
+        finally:
+            self.num_pending -= 1
+            for leg in legs:
+                if not leg.done:
+                    await self._abort_leg(leg)
+                self.legs.pop(leg.leg_id, None)
+
+    def _legs(self, request_id, prompt_token_ids, params, prompt, queue) -> list[Leg]:
+        if not self.config.disaggregated:
+            return [Leg(request_id, 0, RequestSpec(request_id, prompt_token_ids, params, prompt), queue)]
+        legs = []
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            spec = RequestSpec(f"{request_id}#{i}", list(prompt_token_ids), replace(params, n=1, seed=seed), prompt)
+            legs.append(Leg(spec.request_id, i, spec, queue))
+        return legs
+
+    async def abort(self, request_id: str) -> None:
+        for leg in [l for l in self.legs.values() if l.leg_id == request_id or l.leg_id.startswith(request_id + "#")]:
+            await self._abort_leg(leg)
+
+    async def close(self) -> None:
+        for task in self.tasks + list(self.poll_tasks.values()):
+            task.cancel()
+
+    # -- (1)-(3) dispatch -------------------------------------------------------------------
+    async def _dispatch(self, leg: Leg) -> None:
+        spec = leg.spec
+        hits = self._prefix_hits(spec.prompt_token_ids)
+        if not self.config.disaggregated:
+            target = self.router.pick_mixed(self.pool(Role.MIXED), hits, len(spec.prompt_token_ids))
+            leg.decode_id = target.instance_id
+            self._count(target, spec)
+            await target.handle.submit.remote(spec)
+            return
+        prefill = self.router.pick_prefill(self.pool(Role.PREFILL), hits, len(spec.prompt_token_ids))
+        transfer_id = next(self.transfer_ids)
+        for decode in self.router.rank_decode(self.pool(Role.DECODE), len(spec.prompt_token_ids)):
+            await self._ensure_link(prefill, decode)
+            if await decode.handle.reserve.remote(spec, prefill.instance_id, transfer_id):
+                break
+        else:
+            raise Overloaded("no decode instance has free KV blocks for this prompt", 2.0)
+        leg.prefill_id, leg.decode_id = prefill.instance_id, decode.instance_id
+        self._count(prefill, spec)
+        self._count(decode, spec)
+        self._journal_start(leg)
+        await prefill.handle.submit_prefill.remote(spec, decode.instance_id, transfer_id)
+
+    def _count(self, view: InstanceView, spec: RequestSpec) -> None:
+        view.dispatched_tokens += len(spec.prompt_token_ids)
+        view.dispatched_requests += 1
+
+    async def _ensure_link(self, prefill: InstanceView, decode: InstanceView) -> None:
+        key = (prefill.instance_id, decode.instance_id)
+        if key in self.links:
+            return
+        lock = self.link_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            if key in self.links:
+                return
+            await asyncio.gather(decode.handle.connect.remote(prefill.instance_id, decode.link_address, True),
+                                 prefill.handle.connect.remote(decode.instance_id, decode.link_address, False))
+            self.links.add(key)
+
+    def _prefix_hits(self, prompt_token_ids: list[int]) -> dict[str, int]:
+        block_size = next((v.block_size for v in self.instances.values()), 16)
+        try:
+            return self.store.match_prefix(prefix_hashes(prompt_token_ids, block_size))
+        except Exception:  # the prefix index is advice; placement works without it
+            return {}
+
+    # -- (4) deltas ---------------------------------------------------------------------------
+    async def _poll(self, view: InstanceView) -> None:
+        while view.alive:
+            try:
+                deltas, events, error = await view.handle.next_deltas.remote(0.5)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # RayActorError: the instance process is gone
+                await self._instance_died(view, f"{type(exc).__name__}: {exc}")
+                return
+            if error:
+                await self._instance_died(view, error)
+                return
+            for delta in deltas:
+                await self._on_delta(view, delta)
+            for kind, leg_id in events:
+                leg = self.legs.get(leg_id)
+                if kind == "transfer_failed" and leg is not None:
+                    leg.expect_prefill_token = leg.first_token is not None
+                    await view.handle.recompute.remote(leg_id, leg.first_token)
+
+    async def _on_delta(self, view: InstanceView, delta: TokenDelta) -> None:
+        leg = self.legs.get(delta.request_id)
+        if leg is None or leg.done:
+            return
+        if view.role == Role.PREFILL:
+            if not leg.expect_prefill_token or leg.first_token is not None:
+                return  # decode already went on without it
+            leg.first_token = delta.token_ids[0] if delta.token_ids else None
+            self._emit(leg, delta)
+            for held in leg.held:
+                self._emit(leg, held)
+            leg.held = []
+            if delta.finish_reason is not None:  # the first token already ended it
+                await self._abort_remote(leg.decode_id, leg.leg_id)
+            return
+        if self.config.disaggregated and leg.expect_prefill_token and leg.first_token is None:
+            leg.held.append(delta)
+            return
+        if self.config.disaggregated and not leg.confirmed and leg.prefill_id in self.instances:
+            leg.confirmed = True  # decode produced a token: the KV landed, prefill may free its copy
+            await self._confirm(leg)
+        self._emit(leg, delta)
+
+    def _emit(self, leg: Leg, delta: TokenDelta) -> None:
+        if leg.done:
+            return
+        leg.output_ids.extend(delta.token_ids)
+        if delta.finish_reason is not None:
+            leg.done = True
+            self._journal_finish(leg)
+        leg.queue.put_nowait(replace(delta, index=leg.index) if self.config.disaggregated else delta)
+
+    # -- (5) failures ---------------------------------------------------------------------------
+    async def _instance_died(self, view: InstanceView, why: str) -> None:
+        if not view.alive:
+            return
+        view.alive = False
+        log.warning("instance %s died: %s", view.instance_id, why.splitlines()[-1] if why else why)
+        self.store.deregister_instance(view.instance_id)
+        for key in [k for k in self.links if view.instance_id in k]:
+            self.links.discard(key)
+            other = key[1] if key[0] == view.instance_id else key[0]
+            if other in self.instances and self.instances[other].alive:
+                await self.instances[other].handle.disconnect.remote(view.instance_id)
+        for leg in [l for l in self.legs.values() if not l.done]:
+            if leg.decode_id == view.instance_id or (leg.prefill_id == view.instance_id and leg.first_token is None
+                                                     and not self.config.disaggregated):
+                await self._retry(leg, why)
+
+    async def _retry(self, leg: Leg, why: str) -> None:
+        """Restart a leg elsewhere from its prompt and the tokens the client already has."""
+        if leg.retries >= MAX_RETRIES or not self.pool(Role.DECODE if self.config.disaggregated else Role.MIXED):
+            leg.queue.put_nowait(error_delta(leg.leg_id, leg.index, f"instance failed and no retry was possible: {why[-200:]}"))
+            leg.done = True
+            return
+        p = leg.spec.params
+        emitted = len(leg.output_ids)
+        params = replace(p, max_tokens=None if p.max_tokens is None else p.max_tokens - emitted,
+                         min_tokens=max(0, p.min_tokens - emitted))
+        leg.spec = RequestSpec(f"{leg.leg_id.split('~')[0]}~{leg.retries + 1}", leg.spec.prompt_token_ids + leg.output_ids,
+                               params, None)
+        self.legs.pop(leg.leg_id, None)
+        leg.leg_id, leg.retries = leg.spec.request_id, leg.retries + 1
+        leg.first_token, leg.held, leg.expect_prefill_token, leg.confirmed = None, [], True, False
+        self.legs[leg.leg_id] = leg
+        try:
+            await self._dispatch(leg)
+        except Exception as exc:
+            leg.queue.put_nowait(error_delta(leg.leg_id, leg.index, f"retry failed: {exc}"))
+            leg.done = True
+
+    async def _confirm(self, leg: Leg) -> None:
+        view = self.instances.get(leg.prefill_id)
+        if view is not None and view.alive:
+            try:
+                await view.handle.confirm.remote(leg.leg_id)
+            except Exception:
+                pass
+
+    async def _abort_leg(self, leg: Leg) -> None:
+        leg.done = True
+        for instance_id in {leg.prefill_id, leg.decode_id} - {None}:
+            await self._abort_remote(instance_id, leg.leg_id)
+        self._journal_finish(leg)
+
+    async def _abort_remote(self, instance_id: str | None, leg_id: str) -> None:
+        view = self.instances.get(instance_id or "")
+        if view is not None and view.alive:
+            try:
+                await view.handle.abort.remote(leg_id)
+            except Exception:  # it died meanwhile; its KV is gone with it
+                pass
+
+    # -- heartbeat --------------------------------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        from cluster.store.base import InstanceLoad
+
+        while True:
+            for view in [v for v in self.instances.values() if v.alive]:
+                try:
+                    stats = await asyncio.wait_for(view.handle.stats.remote(), self.config.router.instance_ttl_s)
+                    hashes = await view.handle.prefix_hashes.remote()
+                except Exception as exc:
+                    await self._instance_died(view, f"heartbeat failed: {type(exc).__name__}: {exc}")
+                    continue
+                view.refresh(stats)
+                load = InstanceLoad(stats["num_running"], stats["num_waiting"], stats["num_queued_prefill_tokens"],
+                                    stats["num_free_blocks"], min(1.0, stats["kv_usage"]), time.time())
+                self.store.heartbeat(view.instance_id, load, self.config.router.instance_ttl_s)
+                if hashes:
+                    self.store.add_prefix_blocks(view.instance_id, hashes[-4096:])
+                if self.metrics is not None:
+                    self.metrics.set_engine_stats(view.role.value, view.instance_id, stats)
+            await asyncio.sleep(self.config.router.heartbeat_s)
+
+    def _journal_start(self, leg: Leg) -> None:
+        from cluster.store.base import JournalEntry, JournalState
+
+        try:
+            self.store.journal_start(leg.leg_id, JournalEntry(leg.leg_id, leg.spec.prompt_token_ids, {"n": 1},
+                                                              leg.prefill_id, leg.decode_id, JournalState.PREFILLING))
+        except ValueError:
+            pass
+
+    def _journal_finish(self, leg: Leg) -> None:
+        try:
+            self.store.journal_finish(leg.leg_id)
+        except Exception:
+            pass

@@ -1,0 +1,203 @@
+"""One instance as a Ray actor: an engine (mixed, prefill or decode role) and its step loop.
+
+  (1) the actor builds its engine, its KV link endpoint and its role's worker;
+  (2) a loop thread owns the engine: it drains the command inbox, runs a step,
+      polls transfers, and publishes deltas; nothing else touches the engine;
+  (3) Ray calls (submit, reserve, abort, connect...) only enqueue commands, and
+      those that answer wait on a future the loop thread resolves between steps;
+  (4) `next_deltas` is a long poll: the router gets every delta of every
+      request on this instance in one call per step, not one call per token.
+
+No Ray call happens inside the step loop; the loop never blocks on the network.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import traceback
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from cluster.config import DisaggConfig, EngineConfig
+from cluster.types import FinishReason, Role, SamplingParams, TokenDelta
+
+
+@dataclass
+class RequestSpec:
+    """A request as the router hands it to an instance (plain data: crosses Ray)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+
+
+class InstanceActor:
+    def __init__(self, instance_id: str, role: Role, engine_config: EngineConfig, disagg: DisaggConfig):
+        from cluster.engine.engine import Engine
+        from cluster.models.tokenizer import Tokenizer
+
+        self.instance_id = instance_id
+        self.role = role
+        tokenizer = Tokenizer.from_dir(engine_config.model.path)
+        self.engine = Engine(engine_config, role=role, tokenizer=tokenizer, progress=False)
+        self.worker = None
+        self.transport = None
+        if role != Role.MIXED:
+            self._make_worker(disagg)
+        self.inbox: queue.Queue = queue.Queue()
+        self.deltas: list[TokenDelta] = []
+        self.events: list[tuple[str, str]] = []  # ("transfer_failed", request_id)
+        self.cond = threading.Condition()
+        self.error: str | None = None
+        self.stopped = False
+        self.num_steps = 0
+        self.loop = threading.Thread(target=self._loop, daemon=True, name=f"step-loop-{instance_id}")
+        self.loop.start()
+
+    def _make_worker(self, disagg: DisaggConfig) -> None:
+        from cluster.disagg.decode import DecodeWorker
+        from cluster.disagg.prefill import PrefillWorker
+        from cluster.disagg.transfer.base import make_transport
+
+        backend = self.engine.platform.dist_backend
+        self.transport = make_transport("torchdist", endpoint_id=self.instance_id, host=disagg.link_host,
+                                        backend=backend, timeout_s=disagg.transfer_timeout_s)
+        self.transport.listen()
+        worker_cls = PrefillWorker if self.role == Role.PREFILL else DecodeWorker
+        self.worker = worker_cls(self.engine, self.transport, disagg)
+
+    # -- (3) commands -----------------------------------------------------------
+    def _call(self, fn, *args, timeout_s: float = 30.0):
+        if self.error:
+            raise RuntimeError(f"instance {self.instance_id} failed: {self.error}")
+        fut: Future = Future()
+        self.inbox.put((fn, args, fut))
+        with self.cond:
+            self.cond.notify_all()
+        return fut.result(timeout=timeout_s)
+
+    def info(self) -> dict:
+        e = self.engine
+        return {"instance_id": self.instance_id, "role": self.role.value, "num_blocks": e.kv.num_blocks,
+                "block_size": e.kv.block_size, "max_model_len": e.max_model_len,
+                "link_address": self.transport.listen() if self.transport else None}
+
+    def connect(self, peer_id: str, address: str, is_master: bool) -> bool:
+        """Make a KV link to a peer instance (both sides are called at once; blocks until joined)."""
+        if not self.transport.has_link(peer_id):
+            self.transport.connect(peer_id, address, is_master)
+        return True
+
+    def disconnect(self, peer_id: str) -> None:
+        if self.transport is not None:
+            self.transport.disconnect(peer_id)
+
+    def submit(self, spec: RequestSpec) -> None:
+        self._call(lambda: self.engine.add_request(spec.request_id, spec.prompt_token_ids, spec.params, spec.prompt))
+
+    def submit_prefill(self, spec: RequestSpec, peer_id: str, transfer_id: int) -> None:
+        self._call(lambda: self.worker.submit(spec.request_id, spec.prompt_token_ids, spec.params, peer_id,
+                                              transfer_id, spec.prompt))
+
+    def reserve(self, spec: RequestSpec, peer_id: str, transfer_id: int) -> bool:
+        return self._call(lambda: self.worker.reserve(spec.request_id, spec.prompt_token_ids, spec.params, peer_id,
+                                                      transfer_id, spec.prompt))
+
+    def recompute(self, request_id: str, first_token_id: int | None) -> None:
+        self._call(lambda: self.worker.recompute(request_id, first_token_id))
+
+    def confirm(self, request_id: str) -> None:
+        self._call(lambda: self.worker.confirm(request_id))
+
+    def abort(self, request_id: str) -> None:
+        target = self.worker if self.worker is not None else self.engine
+        self._call(lambda: target.abort(request_id))
+
+    def stats(self) -> dict:
+        stats = dict(self.engine.stats())
+        stats["num_queued_prefill_tokens"] = sum(s.num_uncomputed for s in self.engine.scheduler.waiting)
+        stats["num_steps"] = self.num_steps
+        if self.role == Role.PREFILL:
+            stats["kv_bytes_sent"] = self.worker.bytes_sent
+        if self.role == Role.DECODE:
+            stats["num_recomputed"] = self.worker.num_recomputed
+            stats["transfer_latencies_s"] = list(self.worker.transfer_latencies_s[-256:])
+        return stats
+
+    def ping(self) -> str:
+        if self.error:
+            raise RuntimeError(self.error)
+        return self.instance_id
+
+    def prefix_hashes(self) -> list[int]:
+        return list(self.engine.kv.pool.cached)
+
+    # -- (4) results -----------------------------------------------------------------
+    def next_deltas(self, timeout_s: float = 0.5) -> tuple[list[TokenDelta], list[tuple[str, str]], str | None]:
+        with self.cond:
+            if not self.deltas and not self.events and not self.error:
+                self.cond.wait(timeout=timeout_s)
+            deltas, events = self.deltas, self.events
+            self.deltas, self.events = [], []
+        return deltas, events, self.error
+
+    def shutdown(self) -> None:
+        self.stopped = True
+        with self.cond:
+            self.cond.notify_all()
+
+    # -- (2) the loop ------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self.stopped:
+                self._drain_inbox()
+                deltas = self._step()
+                events = [("transfer_failed", r) for r in self.worker.take_failed()] if self.role == Role.DECODE else []
+                if self.role == Role.PREFILL:
+                    self.worker.poll()
+                if deltas or events:
+                    with self.cond:
+                        self.deltas.extend(deltas)
+                        self.events.extend(events)
+                        self.cond.notify_all()
+                if not deltas and not self._busy():
+                    with self.cond:
+                        if self.inbox.empty():
+                            self.cond.wait(timeout=0.005 if self._waiting_on_network() else 0.05)
+        except Exception:  # the instance is dead: every request on it must learn so
+            self.error = traceback.format_exc(limit=6)
+            with self.cond:
+                self.cond.notify_all()
+
+    def _step(self) -> list[TokenDelta]:
+        if not (self._busy() or self._waiting_on_network()):
+            return []
+        self.num_steps += 1
+        return self.worker.step() if self.worker is not None else self.engine.step()
+
+    def _busy(self) -> bool:
+        return self.engine.has_unfinished()
+
+    def _waiting_on_network(self) -> bool:
+        if self.role == Role.DECODE:
+            return bool(self.worker.pending or self.worker.failed)
+        if self.role == Role.PREFILL:
+            return bool(self.worker.plans)
+        return False
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                fn, args, fut = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                fut.set_result(fn(*args))
+            except Exception as exc:  # a bad command fails its caller, not the instance
+                fut.set_exception(exc)
+
+
+def error_delta(request_id: str, index: int, message: str) -> TokenDelta:
+    return TokenDelta(request_id, index, [], "", finish_reason=FinishReason.ERROR, error=message)

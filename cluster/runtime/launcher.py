@@ -1,0 +1,154 @@
+"""`llm-cluster up`: Ray, the instance pools, the router client and the API server.
+
+  (1) join a Ray cluster (`ray_address`) or start a local one bound to loopback;
+  (2) start each pool's instances as Ray actors, one placement group per instance
+      (its tp x pp ranks' CPUs/GPUs reserved together);
+  (3) build the ClusterClient (router + state store) and join every instance;
+  (4) serve the OpenAI API (and `POST /admin/instances` to add an instance at run time)
+      until SIGINT/SIGTERM, then stop the actors and Ray.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import sys
+import tempfile
+
+from cluster.config import ClusterConfig
+from cluster.types import Role
+
+_ids = itertools.count()
+
+
+def start_ray(config: ClusterConfig, num_cpus: int | None = None) -> None:
+    if not config.ray_address:
+        # a local Ray stays on the loopback interface; Ray reads this when it is first imported
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    if config.ray_address:
+        ray.init(address=config.ray_address, log_to_driver=False)
+        return
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus or max(4, os.cpu_count() or 1),
+             _temp_dir=tempfile.mkdtemp(prefix="llm-cluster-ray-"), log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+
+
+def start_instance(config: ClusterConfig, role: Role):
+    """One instance actor in its own placement group; returns (instance_id, handle)."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from cluster.runtime.instance import InstanceActor
+
+    pool = {Role.PREFILL: config.prefill, Role.DECODE: config.decode, Role.MIXED: config.mixed}[role]
+    num_ranks = pool.tp * pool.pp
+    bundle = {"CPU": pool.num_cpus_per_rank} | ({"GPU": pool.num_gpus_per_rank} if pool.num_gpus_per_rank else {})
+    group = placement_group([bundle] * num_ranks, strategy="STRICT_PACK")
+    instance_id = f"{role.value}-{next(_ids)}"
+    actor = ray.remote(InstanceActor).options(
+        name=f"llm-cluster-{instance_id}-{os.getpid()}",
+        num_cpus=pool.num_cpus_per_rank * num_ranks,
+        num_gpus=pool.num_gpus_per_rank * num_ranks,
+        max_concurrency=64,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True),
+    ).remote(instance_id, role, config.engine, config.disagg)
+    return instance_id, actor, group
+
+
+def model_info(config: ClusterConfig):
+    from cluster.engine.engine import resolve_max_len
+    from cluster.models.hf_config import load_arch_config
+    from cluster.models.tokenizer import Tokenizer
+    from cluster.runtime.client import ModelInfo
+
+    path = config.engine.model.path
+    arch = load_arch_config(path)
+    name = config.api.served_model_name or config.engine.model.served_name or os.path.basename(os.path.normpath(path))
+    return ModelInfo(name, resolve_max_len(config.engine, arch), Tokenizer.from_dir(path), arch.vocab_size)
+
+
+class Cluster:
+    """What `up` runs; also used by tests to start a cluster in-process."""
+
+    def __init__(self, config: ClusterConfig):
+        self.config = config
+        self.actors: dict[str, object] = {}
+        self.groups: list = []
+        self.client = None
+        self.metrics = None
+
+    async def start(self) -> None:
+        from cluster.metrics import Metrics
+        from cluster.runtime.cluster import ClusterClient
+        from cluster.store import make_store
+
+        start_ray(self.config)
+        self.metrics = Metrics()
+        store = make_store(self.config.store.redis_url, namespace=self.config.store.namespace)
+        self.client = ClusterClient(self.config, model_info(self.config), store, self.metrics)
+        roles = [(Role.PREFILL, self.config.prefill.instances), (Role.DECODE, self.config.decode.instances),
+                 (Role.MIXED, self.config.mixed.instances)]
+        await asyncio.gather(*(self.add_instance(role) for role, count in roles for _ in range(count)))
+        await self.client.start()
+
+    async def add_instance(self, role: Role) -> str:
+        instance_id, actor, group = start_instance(self.config, role)
+        self.actors[instance_id] = actor
+        self.groups.append(group)
+        await self.client.add_instance(instance_id, role, actor)
+        return instance_id
+
+    def kill_instance(self, instance_id: str) -> None:
+        import ray
+
+        ray.kill(self.actors[instance_id], no_restart=True)
+
+    def app(self):
+        from fastapi import Body
+
+        from cluster.api.server import build_app
+
+        app = build_app(self.client, self.metrics, self.client.info().name)
+
+        @app.post("/admin/instances")
+        async def add_instance(body: dict = Body(...)):
+            role = Role(body.get("role", "decode"))
+            return {"instance_id": await self.add_instance(role)}
+
+        return app
+
+    async def stop(self) -> None:
+        import ray
+
+        if self.client is not None:
+            await self.client.close()
+        for actor in self.actors.values():
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:
+                pass
+        if not self.config.ray_address:
+            ray.shutdown()
+
+
+async def serve_cluster(config: ClusterConfig) -> None:
+    import uvicorn
+
+    cluster = Cluster(config)
+    print(f"starting llm-cluster: model {config.engine.model.path}", file=sys.stderr, flush=True)
+    await cluster.start()
+    server = uvicorn.Server(uvicorn.Config(cluster.app(), host=config.api.host, port=config.api.port, log_level="warning"))
+    pools = ", ".join(f"{r.value}={len(cluster.client.pool(r))}" for r in Role if cluster.client.pool(r))
+    print(f"llm-cluster is up ({pools}).\n  OpenAI API: http://{config.api.host}:{config.api.port}/v1   "
+          f"model: {cluster.client.info().name}\n  e.g. OpenAI(base_url='http://{config.api.host}:{config.api.port}/v1', "
+          f"api_key='none')\n  Ctrl-C stops it.", flush=True)
+    try:
+        await server.serve()
+    finally:
+        await cluster.stop()
+        print("llm-cluster stopped.", flush=True)
