@@ -7,6 +7,7 @@ can never break the error path itself.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -25,6 +26,10 @@ logger = logging.getLogger(__name__)
 _TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
           413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
 _SAMPLING_FIELD = re.compile(r"SamplingParams\.(\w+)=")
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready (nobody reads the response)."""
 
 
 class APIError(Exception):
@@ -97,6 +102,24 @@ def from_overloaded(exc: Overloaded) -> APIError:
     return APIError(429, f"server overloaded, retry later: {exc}", code="overloaded", headers={"Retry-After": retry_after})
 
 
+def guarded(route):
+    """Wrap a route so a bug answers 500 with the OpenAI body from inside the route.
+
+    (Starlette's catch-all handler also answers, but then re-raises, and uvicorn drops the connection.)
+    """
+    @functools.wraps(route)
+    async def wrapper(request: Request) -> Response:
+        try:
+            return await route(request)
+        except (APIError, ClientGone):
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything else is our bug; the client gets a clean 500
+            logger.exception("unhandled error serving %s", request.url.path)
+            return error_response(500, f"internal server error: {type(exc).__name__}: {exc}")
+
+    return wrapper
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_api_error(request: Request, exc: APIError) -> Response:
         return exc.response()
@@ -108,11 +131,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None,
                               headers=getattr(exc, "headers", None))
 
+    async def on_client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         logger.exception("unhandled error serving %s", request.url.path)
         return error_response(500, f"internal server error: {type(exc).__name__}")
 
     app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(ClientGone, on_client_gone)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(Exception, on_unexpected)

@@ -25,7 +25,8 @@ from fastapi import FastAPI, Request
 from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from cluster.api.errors import APIError, from_overloaded, from_validation, from_value_error, install_error_handlers, invalid
+from cluster.api.errors import (APIError, ClientGone, from_overloaded, from_validation, from_value_error, guarded,
+                               install_error_handlers, invalid)
 from cluster.api.protocol import (ChatChoiceLogprobs, ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse,
                                   ChatResponseMessage, CompletionChoice, CompletionLogprobs, CompletionRequest,
                                   CompletionResponse, ModelCard, ModelList)
@@ -38,10 +39,6 @@ MAX_BODY_BYTES = 16 << 20
 DISCONNECT_POLL_S = 0.2
 
 
-class ClientGone(Exception):
-    """The HTTP client disconnected before its answer was ready."""
-
-
 @dataclass
 class _Choice:
     text: str = ""
@@ -51,13 +48,20 @@ class _Choice:
 
 
 class _SSEResponse(StreamingResponse):
-    """StreamingResponse that always closes its generator (so a dropped client aborts at once)."""
+    """An SSE stream that, however it ends (done, client gone, cancelled), closes its Run: aborts, metrics."""
+
+    def __init__(self, content, run: Run):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.run = run
 
     async def stream_response(self, send) -> None:
         try:
             await super().stream_response(send)
         finally:
-            await self.body_iterator.aclose()
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                await self.run.close()
 
 
 class OpenAIServer:
@@ -80,8 +84,7 @@ class OpenAIServer:
         run = self._run(response_id, prompts, params, start_s, "prompt")
         await self._start(request, run)
         if body.stream:
-            return _SSEResponse(completion_sse(run, response_id, body.include_usage, self.strings),
-                                media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return _SSEResponse(completion_sse(run, response_id, body.include_usage, self.strings), run)
         choices = await self._collect(request, run, len(prompts) * params.n)
         out = []
         for index, c in enumerate(choices):
@@ -104,8 +107,7 @@ class OpenAIServer:
         run = self._run(response_id, [prompt], params, start_s, "messages")
         await self._start(request, run)
         if body.stream:
-            return _SSEResponse(chat_sse(run, response_id, body.include_usage, self.strings),
-                                media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return _SSEResponse(chat_sse(run, response_id, body.include_usage, self.strings), run)
         choices = await self._collect(request, run, params.n)
         out = [ChatCompletionChoice(
             index=index, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason,
@@ -293,13 +295,8 @@ def build_app(client: EngineClient, metrics: Metrics, served_model_name: str) ->
     server = OpenAIServer(client, metrics, served_model_name)
     app = FastAPI(title="llm-cluster", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
-
-    async def on_client_gone(request: Request, exc: ClientGone) -> Response:
-        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
-
-    app.add_exception_handler(ClientGone, on_client_gone)
-    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
-    app.add_api_route("/v1/chat/completions", server.chat, methods=["POST"])
+    app.add_api_route("/v1/completions", guarded(server.completions), methods=["POST"])
+    app.add_api_route("/v1/chat/completions", guarded(server.chat), methods=["POST"])
     app.add_api_route("/v1/models", server.models, methods=["GET"])
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.metrics_text, methods=["GET"])

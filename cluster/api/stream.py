@@ -14,6 +14,7 @@ with `n` completions; choice index = prompt_index * n + completion index):
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -89,6 +90,7 @@ class Run:
         self._streams: list[AsyncIterator[TokenDelta]] = []
         self._firsts: list[TokenDelta] = []
         self._iter: AsyncIterator[tuple[int, TokenDelta]] | None = None
+        self._closed = False
 
     async def start(self) -> None:
         self._streams = [self.client.generate(c.request_id, c.prompt_token_ids, c.params, c.prompt) for c in self.calls]
@@ -117,7 +119,10 @@ class Run:
             yield i * n + delta.index, delta
 
     async def close(self) -> None:
-        """Record metrics, close the streams and abort what did not finish (KV freed)."""
+        """Record metrics, close the streams and abort what did not finish (KV freed). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         for call in self.calls:
             call.record(self.metrics, self.model)
         unfinished = [c.request_id for c in self.calls if not c.finished]
@@ -125,7 +130,10 @@ class Run:
             if self._iter is not None:
                 await self._iter.aclose()
             for stream in self._streams:
-                await stream.aclose()
+                try:
+                    await stream.aclose()
+                except RuntimeError:  # still running in a cancelled merge pump; it aborts itself on exit
+                    pass
         finally:
             for request_id in unfinished:  # LocalEngineClient.abort never suspends: safe while being cancelled
                 await self.client.abort(request_id)
@@ -207,59 +215,53 @@ def _finish(delta: TokenDelta) -> tuple[str | None, str | int | None]:
 
 
 async def completion_sse(run: Run, response_id: str, include_usage: bool, strings: TokenStrings) -> AsyncIterator[str]:
+    """The completions stream; whoever serves it must `run.close()` afterwards (the SSE response does)."""
     offsets: dict[int, int] = {}
-    try:
-        async for index, delta in run.deltas():
-            if delta.error is not None:
-                yield sse(_json(error_body(500, f"generation failed: {delta.error}", code="engine_error")))
-                break
-            if not (delta.text or delta.finish_reason or delta.logprobs):
-                continue
-            logprobs = None
-            if delta.logprobs is not None:
-                logprobs = CompletionLogprobs()
-                offsets[index] = strings.completion(delta.logprobs, logprobs, offsets.get(index, 0))
-            reason, stop_reason = _finish(delta)
-            chunk = CompletionResponse(id=response_id, model=run.model, choices=[CompletionChoice(
-                index=index, text=delta.text, logprobs=logprobs, finish_reason=reason, stop_reason=stop_reason)])
-            yield sse(chunk.model_dump_json(exclude=None if include_usage else {"usage"}))
-        else:
-            if include_usage:
-                yield sse(CompletionResponse(id=response_id, model=run.model, choices=[], usage=run.usage()).model_dump_json())
-        yield DONE
-    finally:
-        await run.close()
+    async for index, delta in run.deltas():
+        if delta.error is not None:
+            yield _error_event(delta.error)
+            break
+        if not (delta.text or delta.finish_reason or delta.logprobs):
+            continue
+        logprobs = None
+        if delta.logprobs is not None:
+            logprobs = CompletionLogprobs()
+            offsets[index] = strings.completion(delta.logprobs, logprobs, offsets.get(index, 0))
+        reason, stop_reason = _finish(delta)
+        chunk = CompletionResponse(id=response_id, model=run.model, choices=[CompletionChoice(
+            index=index, text=delta.text, logprobs=logprobs, finish_reason=reason, stop_reason=stop_reason)])
+        yield sse(chunk.model_dump_json(exclude=None if include_usage else {"usage"}))
+    else:
+        if include_usage:
+            yield sse(CompletionResponse(id=response_id, model=run.model, choices=[], usage=run.usage()).model_dump_json())
+    yield DONE
 
 
 async def chat_sse(run: Run, response_id: str, include_usage: bool, strings: TokenStrings) -> AsyncIterator[str]:
+    """The chat stream: a role chunk per choice, content chunks, usage, [DONE]; `run.close()` is the caller's."""
     exclude = None if include_usage else {"usage"}
 
     def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
         return sse(ChatCompletionChunk(id=response_id, model=run.model, choices=choices, usage=usage)
                    .model_dump_json(exclude=exclude if usage is None else None))
 
-    try:
-        n = run.calls[0].params.n
-        yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(n)])
-        async for index, delta in run.deltas():
-            if delta.error is not None:
-                yield sse(_json(error_body(500, f"generation failed: {delta.error}", code="engine_error")))
-                break
-            if not (delta.text or delta.finish_reason or delta.logprobs):
-                continue
-            logprobs = ChatChoiceLogprobs(content=strings.chat(delta.logprobs)) if delta.logprobs is not None else None
-            reason, stop_reason = _finish(delta)
-            yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(content=delta.text or None), logprobs=logprobs,
-                                          finish_reason=reason, stop_reason=stop_reason)])
-        else:
-            if include_usage:
-                yield chunk([], run.usage())
-        yield DONE
-    finally:
-        await run.close()
+    n = run.calls[0].params.n
+    yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(n)])
+    async for index, delta in run.deltas():
+        if delta.error is not None:
+            yield _error_event(delta.error)
+            break
+        if not (delta.text or delta.finish_reason or delta.logprobs):
+            continue
+        logprobs = ChatChoiceLogprobs(content=strings.chat(delta.logprobs)) if delta.logprobs is not None else None
+        reason, stop_reason = _finish(delta)
+        yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(content=delta.text or None), logprobs=logprobs,
+                                      finish_reason=reason, stop_reason=stop_reason)])
+    else:
+        if include_usage:
+            yield chunk([], run.usage())
+    yield DONE
 
 
-def _json(body: dict) -> str:
-    import json
-
-    return json.dumps(body)
+def _error_event(error: str) -> str:
+    return sse(json.dumps(error_body(500, f"generation failed: {error}", code="engine_error")))

@@ -147,7 +147,7 @@ class Engine:
         state = self.requests[seq.request_id]
         text = state.texts[seq.index]
         new_text, stop = text.push(seq.token_ids[-1])
-        if seq.is_finished and stop is None:
+        if seq.is_finished and stop is None and seq.finish_reason != FinishReason.PREFILLED:
             tail, stop = text.flush()
             new_text += tail
             if stop is not None and seq.finish_reason != FinishReason.PREFILLED:
@@ -222,7 +222,7 @@ class Engine:
         if seq.num_output_tokens == 0:
             seq.append_token(first_token_id)
             text.push(first_token_id)
-            text.num_emitted = len(text.text)
+            text.num_emitted = max(0, len(text.text) - text.hold)  # what the prefill side emitted; the rest is ours
 
     def shutdown(self) -> None:
         """Stop the instance's other ranks (a single-process engine has none)."""

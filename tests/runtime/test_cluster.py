@@ -1,0 +1,108 @@
+"""The disaggregated cluster end to end: real Ray actors, gloo KV links, the openai client."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import random
+import subprocess
+import time
+
+import pytest
+
+from cluster import LLM, SamplingParams
+from tests.runtime.conftest import RunningCluster, cluster_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model):
+    running = RunningCluster(cluster_config(tiny_model, prefill=1, decode=2))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    return LLM(model=tiny_model, device="cpu", progress=False)
+
+
+def _openai(cluster):
+    import openai
+
+    return openai.OpenAI(base_url=cluster.url, api_key="none", max_retries=0, timeout=60)
+
+
+def test_everything_listens_on_loopback_only(cluster):
+    import os
+
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+    ours = [line.split() for line in out.splitlines() if "ray" in line or f"pid={os.getpid()}," in line]
+    assert ours, "found none of the cluster's sockets"
+    bad = [f[3] for f in ours if not (f[3].startswith(("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")))]
+    assert not bad, f"listening beyond loopback: {bad}"
+
+
+def test_disaggregated_greedy_equals_single_engine(cluster, reference):
+    client = _openai(cluster)
+    rng = random.Random(7)
+    prompts = [[rng.randrange(1, 900) for _ in range(n)] for n in (3, 20, 77, 140)]
+    expected = [o.outputs[0].token_ids for o in
+                reference.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))]
+    tok = reference.tokenizer
+    for p, want in zip(prompts, expected):
+        got = client.completions.create(model="llama", prompt=p, max_tokens=16, temperature=0.0,
+                                        extra_body={"ignore_eos": True})
+        assert got.choices[0].text == tok.decode(want)
+        assert got.usage.completion_tokens == 16
+
+
+def test_chat_stream_stop_and_n(cluster, reference):
+    client = _openai(cluster)
+    chunks = list(client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "Say hi"}],
+                                                 max_tokens=12, temperature=0.0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    whole = client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "Say hi"}],
+                                           max_tokens=12, temperature=0.0)
+    assert whole.choices[0].message.content == text
+    base = client.completions.create(model="llama", prompt="Numbers:", max_tokens=24, temperature=0.0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = base[len(base) // 2 : len(base) // 2 + 2]
+    cut = client.completions.create(model="llama", prompt="Numbers:", max_tokens=24, temperature=0.0, stop=[stop],
+                                    extra_body={"ignore_eos": True}).choices[0]
+    assert cut.text == base[: base.index(stop)] and cut.finish_reason == "stop"
+    many = client.completions.create(model="llama", prompt="Once", max_tokens=8, temperature=1.0, n=3, seed=5,
+                                     extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in many.choices) == [0, 1, 2]
+    assert all(c.finish_reason == "length" for c in many.choices)
+
+
+def test_64_concurrent_requests_complete(cluster):
+    client = _openai(cluster)
+
+    def one(i):
+        r = client.completions.create(model="llama", prompt=f"request {i}", max_tokens=8, temperature=0.0,
+                                      extra_body={"ignore_eos": True})
+        return r.usage.completion_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        counts = list(pool.map(one, range(64), timeout=240))
+    assert counts == [8] * 64
+
+
+def test_added_decode_instance_takes_traffic(cluster):
+    import httpx
+
+    before = {v.instance_id for v in cluster.client.instances.values()}
+    new_id = httpx.post(cluster.url.replace("/v1", "/admin/instances"), json={"role": "decode"}, timeout=120).json()["instance_id"]
+    assert new_id not in before
+    client = _openai(cluster)
+    import ray
+
+    steps_before = ray.get(cluster.client.instances[new_id].handle.stats.remote())["num_steps"]
+    for i in range(6):
+        client.completions.create(model="llama", prompt=f"new instance {i}", max_tokens=6, temperature=0.0)
+    stats = ray.get(cluster.client.instances[new_id].handle.stats.remote())
+    assert stats["num_steps"] > steps_before, "the new decode instance got no request"
