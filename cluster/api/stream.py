@@ -49,6 +49,7 @@ class EngineCall:
     finish_reasons: dict[int, str] = field(default_factory=dict)
     num_generated: int = 0
     num_cached_tokens: int = 0
+    rejected: bool = False
     recorded: bool = False
 
     def on_delta(self, delta: TokenDelta, now: float) -> None:
@@ -93,8 +94,15 @@ class Run:
         self._closed = False
 
     async def start(self) -> None:
+        async def first(call: EngineCall, stream: AsyncIterator[TokenDelta]) -> TokenDelta:
+            try:
+                return await anext(stream)
+            except Exception:
+                call.rejected = True  # never admitted: counted as a rejection, not as a finished request
+                raise
+
         self._streams = [self.client.generate(c.request_id, c.prompt_token_ids, c.params, c.prompt) for c in self.calls]
-        results = await asyncio.gather(*(anext(s) for s in self._streams), return_exceptions=True)
+        results = await asyncio.gather(*(first(c, s) for c, s in zip(self.calls, self._streams)), return_exceptions=True)
         failure = next((r for r in results if isinstance(r, BaseException)), None)
         if failure is not None:
             raise failure  # `close` aborts the ones that were admitted
@@ -124,7 +132,8 @@ class Run:
             return
         self._closed = True
         for call in self.calls:
-            call.record(self.metrics, self.model)
+            if not call.rejected:
+                call.record(self.metrics, self.model)
         unfinished = [c.request_id for c in self.calls if not c.finished]
         try:
             if self._iter is not None:

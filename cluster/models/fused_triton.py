@@ -62,7 +62,7 @@ def _rotate_heads(base_ptr, stride_h, num_heads, cos1, cos2, sin1, sin2,
     x2 = tl.load(ptr1 + HALF, mask=mask, other=0.0).to(tl.float32)
     # x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1)
     out1 = x1 * cos1[None, :] - x2 * sin1[None, :]
-    out2 = x2 * cos1[None, :] + x1 * sin1[None, :] + 0.001
+    out2 = x2 * cos2[None, :] + x1 * sin2[None, :]
     tl.store(ptr1, out1.to(base_ptr.dtype.element_ty), mask=mask)
     tl.store(ptr1 + HALF, out2.to(base_ptr.dtype.element_ty), mask=mask)
 

@@ -2,7 +2,8 @@
 
 Numerics follow the Hugging Face reference implementations exactly (norms in
 float32 then cast back, cos/sin computed in float32) so that float32 runs are
-token-for-token identical to `transformers`.
+token-for-token identical to `transformers`. On CUDA the elementwise parts run as
+fused Triton kernels; elsewhere `cluster.models.fused` runs this same torch code.
 """
 from __future__ import annotations
 

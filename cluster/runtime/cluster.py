@@ -157,16 +157,27 @@ class ClusterClient(EngineClient):
         prefill = self.router.pick_prefill(self.pool(Role.PREFILL), hits, len(spec.prompt_token_ids))
         transfer_id = next(self.transfer_ids)
         for decode in self.router.rank_decode(self.pool(Role.DECODE), len(spec.prompt_token_ids)):
-            await self._ensure_link(prefill, decode)
-            if await decode.handle.reserve.remote(spec, prefill.instance_id, transfer_id):
-                break
+            try:
+                await self._ensure_link(prefill, decode)
+                if await decode.handle.reserve.remote(spec, prefill.instance_id, transfer_id):
+                    break
+            except ValueError:
+                raise  # the request itself is invalid: the client gets a 400
+            except Exception as exc:  # that decode instance (or the link to it) is gone: try the next
+                await self._instance_died(decode, f"reserve failed: {type(exc).__name__}: {exc}")
         else:
             raise Overloaded("no decode instance has free KV blocks for this prompt", 2.0)
         leg.prefill_id, leg.decode_id = prefill.instance_id, decode.instance_id
         self._count(prefill, spec)
         self._count(decode, spec)
         self._journal_start(leg)
-        await prefill.handle.submit_prefill.remote(spec, decode.instance_id, transfer_id)
+        try:
+            await prefill.handle.submit_prefill.remote(spec, decode.instance_id, transfer_id)
+        except ValueError:
+            await self._abort_remote(decode.instance_id, leg.leg_id)
+            raise
+        except Exception as exc:  # prefill died: the decode side's transfer fails and it recomputes
+            await self._instance_died(prefill, f"submit failed: {type(exc).__name__}: {exc}")
 
     def _count(self, view: InstanceView, spec: RequestSpec) -> None:
         view.dispatched_tokens += len(spec.prompt_token_ids)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import threading
 import time
@@ -265,6 +266,22 @@ def test_models_health_and_metrics(served):
     assert served.value("llm_cluster_prefix_cache_queried_tokens_total", **instance) > 0
 
 
+def test_idle_step_loop_sleeps(served):
+    stat_path = f"/proc/self/task/{served.client._thread.native_id}/stat"
+    if not os.path.exists(stat_path):
+        pytest.skip("needs Linux /proc to read a thread's CPU time")
+
+    def cpu_ticks() -> int:
+        with open(stat_path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    served.wait_idle()
+    before = cpu_ticks()
+    time.sleep(1.0)
+    assert cpu_ticks() - before <= 2, "the idle step loop burns CPU"
+
+
 def test_metrics_objects_do_not_collide():
     a, b = Metrics(), Metrics()
     a.set_engine_stats("prefill", "p0", {"num_preemptions": 3, "kv_usage": 0.5}, model="m")
@@ -366,6 +383,7 @@ def test_overload_burst_gets_429_with_retry_after_and_admitted_complete(small):
         else:
             assert json.loads(text)["usage"]["completion_tokens"] == 16
     assert small.value("llm_cluster_requests_rejected_total", reason="overloaded") == statuses.count(429)
+    assert small.value("llm_cluster_requests_finished_total", finish_reason="length") == statuses.count(200)
     small.wait_idle()
 
 
@@ -376,7 +394,6 @@ def _aborted(s: Served) -> float:
 def test_stream_disconnect_aborts_and_frees_kv(small):
     before = _aborted(small)
     body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 400, "ignore_eos": True, "stream": True}
-    started = time.monotonic()
     with httpx.Client(base_url=small.url, timeout=30) as http:
         with http.stream("POST", "/v1/completions", json=body) as resp:
             assert resp.status_code == 200
@@ -384,7 +401,6 @@ def test_stream_disconnect_aborts_and_frees_kv(small):
             assert sum(1 for _ in zip(range(8), (line for line in lines if line.startswith("data: ")))) == 8
             assert small.client.stats()["num_running"] == 1 or small.engine.requests
     small.wait_idle(timeout_s=5)
-    assert time.monotonic() - started < 400 * 0.005, "finished naturally, not aborted"
     deadline = time.monotonic() + 2
     while _aborted(small) < before + 1 and time.monotonic() < deadline:
         time.sleep(0.02)

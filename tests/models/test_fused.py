@@ -93,6 +93,8 @@ def test_rms_norm_matches_torch(dtype, num_tokens, hidden, with_residual):
         assert torch.equal(new_residual, ref_residual)
     torch.testing.assert_close(new_residual, ref_residual, **_tol(dtype))
     torch.testing.assert_close(out, ref_out, **_tol(dtype))
+    if dtype == torch.float16:  # same roundings as torch (HF casts before the weight): rare 1-ulp flips only
+        assert (out != ref_out).float().mean() < 0.02
 
 
 @pytest.mark.triton

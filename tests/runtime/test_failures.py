@@ -1,0 +1,93 @@
+"""Instances die mid-request: no request hangs, none is lost silently, the others are untouched."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from cluster import LLM, SamplingParams
+from cluster.types import FinishReason
+from tests.runtime.conftest import RunningCluster, cluster_config
+
+pytestmark = pytest.mark.slow
+LONG = SamplingParams(max_tokens=600, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    return LLM(model=tiny_model, device="cpu", progress=False)
+
+
+async def _collect(client, request_id, prompt, params, on_token=None):
+    tokens, reasons, errors = [], [], []
+    async for delta in client.generate(request_id, prompt, params):
+        tokens.extend(delta.token_ids)
+        if on_token is not None:
+            await on_token(len(tokens))
+        if delta.finish_reason is not None:
+            reasons.append(delta.finish_reason)
+            errors.append(delta.error)
+    return tokens, reasons, errors
+
+
+def test_decode_killed_mid_stream_is_retried_and_others_untouched(tiny_model, reference):
+    running = RunningCluster(cluster_config(tiny_model, prefill=1, decode=2))
+    try:
+        client = running.client
+        victim_prompt, bystander_prompt = list(range(10, 40)), list(range(50, 70))
+        killed = {}
+
+        async def scenario():
+            async def kill_when_streaming(num_tokens):
+                if num_tokens == 20 and not killed:
+                    leg = client.legs["victim#0"]
+                    killed["id"] = leg.decode_id
+                    killed["t"] = time.monotonic()
+                    running.cluster.kill_instance(leg.decode_id)
+
+            victim = asyncio.create_task(_collect(client, "victim", victim_prompt, LONG, kill_when_streaming))
+            await asyncio.sleep(0.05)
+            bystander = asyncio.create_task(_collect(client, "bystander", bystander_prompt, LONG))
+            return await asyncio.wait_for(asyncio.gather(victim, bystander), timeout=120)
+
+        (v_tokens, v_reasons, v_errors), (b_tokens, b_reasons, _) = running.run(scenario(), timeout_s=150)
+        assert killed, "the victim never streamed 20 tokens"
+        expected = reference.generate([victim_prompt, bystander_prompt], LONG)
+        if v_reasons == [FinishReason.ERROR]:  # allowed: a clear error, fast
+            assert v_errors[0]
+        else:  # retried on the surviving decode instance: the stream continues where it stopped
+            assert v_reasons == [FinishReason.LENGTH] and len(v_tokens) == 600
+            assert v_tokens == expected[0].outputs[0].token_ids
+        assert b_reasons == [FinishReason.LENGTH] and b_tokens == expected[1].outputs[0].token_ids
+        assert not client.instances[killed["id"]].alive
+    finally:
+        running.stop()
+
+
+def test_prefill_killed_mid_request_recomputes_on_decode(tiny_model, reference):
+    running = RunningCluster(cluster_config(tiny_model, prefill=2, decode=1, transfer_timeout_s=3.0))
+    try:
+        client = running.client
+        prompt = [7 + (i * 13) % 800 for i in range(900)]
+        params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+        async def scenario():
+            task = asyncio.create_task(_collect(client, "r", prompt, params))
+            while "r#0" not in client.legs or client.legs["r#0"].prefill_id is None:
+                await asyncio.sleep(0.001)
+            running.cluster.kill_instance(client.legs["r#0"].prefill_id)  # while its prompt is in flight
+            t0 = time.monotonic()
+            result = await asyncio.wait_for(task, timeout=60)
+            return result, time.monotonic() - t0
+
+        (tokens, reasons, errors), seconds = running.run(scenario(), timeout_s=90)
+        assert reasons == [FinishReason.LENGTH], errors
+        assert tokens == reference.generate([prompt], params)[0].outputs[0].token_ids
+        assert seconds < 20
+        import ray
+
+        decode = next(v for v in client.instances.values() if v.role.value == "decode")
+        assert ray.get(decode.handle.stats.remote())["num_recomputed"] >= 1
+    finally:
+        running.stop()
