@@ -6,8 +6,9 @@ with `n` completions; choice index = prompt_index * n + completion index):
       errors (Overloaded -> 429, ValueError -> 400) surface before any byte of the response;
   (2) `deltas` yields (choice index, delta) from all of them as they arrive, timing each for
       metrics (TTFT, inter-token gaps, E2E);
-  (3) `close` (always, in `finally`) aborts whatever has not finished -- the client went away
-      or the stream was cancelled -- and records each engine request's metrics once;
+  (3) `close` (the server calls it however the call ends: in `finally` of a non-stream answer,
+      from the SSE response once its stream ends) aborts whatever has not finished -- the client
+      went away or the stream was cancelled -- and records each admitted request's metrics once;
   (4) `completion_sse` / `chat_sse` render the deltas as `data: {...}\\n\\n` chunks, an
       optional usage chunk (stream_options.include_usage) and `data: [DONE]`.
 """

@@ -94,6 +94,7 @@ class MultiProcExecutor(Executor):
         self.flags = StepFlags(parallel.overlap_tp_comm, parallel.overlap_ep_comm, parallel.async_pp_send)
         self.num_microbatches = parallel.num_microbatches
         self.failure: str | None = None
+        self.num_threads = torch.get_num_threads()  # CPU ranks share the cores while the instance lives
         self.store = serve_store(parallel.master_addr, parallel.master_port, parallel.world_size, parallel.collective_timeout_s)
         context = torch.multiprocessing.get_context("spawn")
         self.procs = [context.Process(target=worker_main, name=f"llm-cluster-rank{rank}", daemon=True,
@@ -114,7 +115,7 @@ class MultiProcExecutor(Executor):
 
         def build() -> None:
             try:
-                device = platform.bind(0)
+                device = platform.bind(0, self.config.parallel.world_size)
                 groups = build_groups(0, self.config.parallel, platform.dist_backend, self.store)
                 result["worker"] = Worker(self.config, groups, device, dtype, max_model_len, eos_token_ids, progress)
             except BaseException as exc:  # handed to the caller's thread below
@@ -233,6 +234,7 @@ class MultiProcExecutor(Executor):
         for proc in self.procs:
             proc.join(max(0.0, deadline - time.monotonic()))
         self._kill_all()
+        torch.set_num_threads(self.num_threads)
 
     def _kill_all(self) -> None:
         for proc in self.procs:

@@ -177,6 +177,9 @@ class LocalEngineClient(EngineClient):
             self._cond.notify()
         await asyncio.to_thread(self._thread.join)
         self._fail_all("the engine client was closed")  # the thread is gone: this thread may touch the engine
+        if self.metrics is not None:
+            self.metrics.remove_instance(self.config.pool, self.config.instance, model=self._info.name)
+            self.metrics.set_pool_size(self.config.pool, 0, model=self._info.name)
 
     def stats(self) -> dict[str, float]:
         """The latest engine stats snapshot (refreshed every step while busy and when going idle)."""

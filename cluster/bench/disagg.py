@@ -1,0 +1,215 @@
+"""Disaggregation on two GPUs: KV transfer bandwidth and TTFT, prefill on GPU 0, decode on GPU 1.
+
+    python -m cluster.bench.disagg --model DIR [--make-llama8b] --out disagg.json
+
+Two processes (no Ray needed for the measurement), each with an engine on its GPU and
+a KV link made on demand by our transport (NCCL, one group for the pair):
+  (1) raw NCCL send/recv on that same link: one layer's KV of a `--prompt-len` prompt
+      and all layers in one message (the hardware-path reference);
+  (2) our transfer of one request's KV (gather blocks -> send per layer -> recv ->
+      scatter into reserved blocks), back to back: bandwidth beside (1);
+  (3) TTFT of one `--prompt-len` prompt with layer-wise streaming to decode (1P1D) vs the
+      same engine without a transfer (colocated), and time to the second token on decode.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+from cluster.config import CacheConfig, DisaggConfig, EngineConfig, ModelConfig, SchedulerConfig
+from cluster.types import Role, SamplingParams
+
+
+def _engine(model: str, role: Role, gpu: int):
+    from cluster.engine.engine import Engine
+
+    torch.cuda.set_device(gpu)
+    cfg = EngineConfig(model=ModelConfig(path=model, dtype="bfloat16", max_model_len=8192),
+                       cache=CacheConfig(gpu_memory_fraction=0.8, enable_prefix_caching=False),
+                       scheduler=SchedulerConfig(max_num_batched_tokens=8192))
+    return Engine(cfg, role=role, progress=False)
+
+
+def _cuda_time(fn, iters: int) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
+def _raw_nccl(group, my_rank: int, sizes: list[int], iters: int = 10) -> dict:
+    out = {}
+    for size in sizes:
+        buf = torch.empty(size, dtype=torch.uint8, device="cuda")
+
+        def once():
+            (group.send([buf], 1, 0) if my_rank == 0 else group.recv([buf], 0, 0)).wait()
+
+        once()
+        seconds = _cuda_time(once, iters)
+        out[str(size)] = {"bytes": size, "ms": seconds * 1e3, "gb_s": size / seconds / 1e9}
+    return out
+
+
+def prefill_main(args, q_to_decode, q_from_decode, results):
+    from cluster.disagg.prefill import PrefillWorker
+    from cluster.disagg.transfer.torchdist import TorchDistTransport
+
+    engine = _engine(args.model, Role.PREFILL, 0)
+    transport = TorchDistTransport("P", backend="nccl", timeout_s=60)
+    worker = PrefillWorker(engine, transport, DisaggConfig(transfer_timeout_s=60))
+    transport.connect("D", q_from_decode.get(), is_master=False)
+    link = transport.links["D"]
+    layer_bytes = _layer_bytes(engine, args.prompt_len)
+    sizes = [layer_bytes, layer_bytes * engine.arch.num_layers]
+    results["raw_nccl"] = _raw_nccl(link.group, link.my_rank, sizes)
+    prompt = [100 + (i * 7) % 5000 for i in range(args.prompt_len)]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    # colocated TTFT: the same engine, no transfer
+    ttft_colo = []
+    for i in range(args.repeats + 1):
+        engine.add_request(f"c{i}", prompt, params)
+        t0 = time.perf_counter()
+        while not engine.step():
+            pass
+        ttft_colo.append(time.perf_counter() - t0)
+        engine.release(f"c{i}")
+    # 1P1D: layer-wise streaming to decode; decode reserved its blocks first
+    ttft_disagg = []
+    for i in range(args.repeats + 1):
+        q_to_decode.put(("reserve", i, prompt))
+        assert q_from_decode.get() == "reserved"
+        worker.submit(f"d{i}", prompt, params, "D", transfer_id=i + 1)
+        t0 = time.perf_counter()
+        while not worker.step():
+            pass
+        ttft_disagg.append(time.perf_counter() - t0)
+        assert q_from_decode.get() == "landed"
+        worker.confirm(f"d{i}")
+        while worker.plans:
+            worker.poll()
+    results["ttft_colocated_ms"] = [t * 1e3 for t in ttft_colo[1:]]
+    results["ttft_1p1d_ms"] = [t * 1e3 for t in ttft_disagg[1:]]
+    results["kv_bytes_per_request"] = layer_bytes * engine.arch.num_layers
+    # our transfer path alone, back to back: one request's KV, every layer
+    engine.add_request("t", prompt, params)
+    while not engine.step():
+        pass
+    seq = engine.requests["t"].seqs[0]
+    q_to_decode.put(("expect", 1000, prompt))
+    assert q_from_decode.get() == "reserved"
+    plan_blocks = seq.block_ids[: -(-len(prompt) // engine.kv.block_size)]
+    torch.cuda.synchronize()
+    for layer in range(engine.arch.num_layers):
+        k, v = engine.runner.read_kv(layer, plan_blocks)
+        transport.send_layer("D", 1000, layer, engine.arch.num_layers + 1, torch.stack((k, v)))
+    transport.send_layer("D", 1000, engine.arch.num_layers, engine.arch.num_layers + 1,
+                         torch.tensor([seq.token_ids[-1]], device="cuda"))
+    results["transfer_only"] = q_from_decode.get()
+    q_to_decode.put(("stop", 0, None))
+
+
+def decode_main(args, q_to_decode, q_from_decode, results):
+    from cluster.disagg.decode import DecodeWorker
+    from cluster.disagg.transfer.torchdist import TorchDistTransport
+
+    engine = _engine(args.model, Role.DECODE, 1)
+    transport = TorchDistTransport("D", backend="nccl", timeout_s=60)
+    worker = DecodeWorker(engine, transport, DisaggConfig(transfer_timeout_s=60))
+    q_from_decode.put(transport.listen())
+    transport.connect("P", transport.listen(), is_master=True)
+    link = transport.links["P"]
+    layer_bytes = _layer_bytes(engine, args.prompt_len)
+    _raw_nccl(link.group, link.my_rank, [layer_bytes, layer_bytes * engine.arch.num_layers])
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    second_token_ms = []
+    while True:
+        cmd, i, prompt = q_to_decode.get()
+        if cmd == "stop":
+            break
+        rid = f"d{i}" if cmd == "reserve" else f"t{i}"
+        assert worker.reserve(rid, prompt, params, "P", transfer_id=i + 1 if cmd == "reserve" else i)
+        t0 = time.perf_counter()
+        q_from_decode.put("reserved")
+        while rid in worker.pending:
+            worker.poll()
+        landed_s = time.perf_counter() - t0
+        if cmd == "expect":
+            nbytes = layer_bytes * engine.arch.num_layers
+            q_from_decode.put({"bytes": nbytes, "ms": landed_s * 1e3, "gb_s": nbytes / landed_s / 1e9})
+            continue
+        q_from_decode.put("landed")
+        while not worker.step():
+            pass
+        second_token_ms.append((time.perf_counter() - t0) * 1e3)
+        while engine.has_unfinished():
+            worker.step()
+    results["time_to_second_token_1p1d_ms"] = second_token_ms[1:]
+
+
+def _layer_bytes(engine, num_tokens: int) -> int:
+    k = next(c for c in engine.runner.kv_caches if c is not None)[0]
+    num_blocks = -(-num_tokens // engine.kv.block_size)
+    return 2 * num_blocks * k[0].numel() * k.element_size()
+
+
+def _run(fn, args, q1, q2, results):
+    try:
+        fn(args, q1, q2, results)
+    except Exception as exc:  # report, don't hang the other side
+        import traceback
+
+        results["error"] = traceback.format_exc()
+        q2.put(f"error: {exc}")
+        q1.put(("stop", 0, None))
+        raise
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--make-llama8b", action="store_true")
+    ap.add_argument("--prompt-len", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default="disagg_bench.json")
+    args = ap.parse_args(argv)
+    if args.make_llama8b and not os.path.isdir(args.model):
+        from cluster.models.make import make_model
+
+        make_model("llama", args.model, num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8,
+                   intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                   dtype="bfloat16", device="cuda", max_shard_size="5GB", progress=False)
+    ctx = mp.get_context("spawn")
+    manager = ctx.Manager()
+    results = manager.dict()
+    q1, q2 = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_run, args=(prefill_main, args, q1, q2, results)),
+             ctx.Process(target=_run, args=(decode_main, args, q1, q2, results))]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=900)
+    out = dict(results)
+    raw = out.get("raw_nccl", {})
+    if raw and "transfer_only" in out:
+        whole = raw[str(out["kv_bytes_per_request"])]["gb_s"]
+        out["transfer_vs_raw_nccl"] = out["transfer_only"]["gb_s"] / whole
+    for key in ("ttft_colocated_ms", "ttft_1p1d_ms"):
+        if out.get(key):
+            out[key + "_median"] = sorted(out[key])[len(out[key]) // 2]
+    if out.get("ttft_colocated_ms_median") and out.get("ttft_1p1d_ms_median"):
+        out["ttft_overhead"] = out["ttft_1p1d_ms_median"] / out["ttft_colocated_ms_median"] - 1
+    print(json.dumps(out, indent=1))
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
