@@ -5,6 +5,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 # The CPU build of torch; GPU users keep their own torch (the package asks only torch>=2.4).
 TORCH_PIN ?= torch==2.13.0
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install install-test up test test-gpu
 
@@ -15,9 +16,11 @@ install:
 install-test:
 	$(PIP) install -q "$(TORCH_PIN)"
 	$(PIP) install -q -e ".[test]"
+	@# a real redis-server for the state-store tests (Debian's package)
+	command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
 
 up: install
-	llm-cluster generate "The capital of France is"
+	llm-cluster up
 
 test: install-test
 	$(PYTHON) -m pytest -q -m "not gpu" tests
