@@ -3,6 +3,7 @@
   llm-cluster up [--config cluster.yaml]            start the cluster and its OpenAI API
   llm-cluster generate [--model DIR] "prompt" ...   complete prompts offline
   llm-cluster make-model --arch ARCH --out DIR ...  write a random HF checkpoint
+  llm-cluster bench --url URL/v1 ...                load-test any OpenAI-compatible server
 """
 from __future__ import annotations
 
@@ -55,6 +56,12 @@ def _make_model(args) -> int:
     return make.run(args) or 0
 
 
+def _bench(args) -> int:
+    from cluster.bench import load
+
+    return load.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-cluster", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     make.add_arguments(mk)
     mk.set_defaults(func=_make_model)
+
+    bench = sub.add_parser("bench", help="load-test an OpenAI-compatible URL: latency percentiles, goodput, plots")
+    from cluster.bench import load
+
+    load.add_arguments(bench)
+    bench.set_defaults(func=_bench)
     return parser
 
 

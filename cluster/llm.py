@@ -3,15 +3,19 @@
     llm = LLM(model="/path/to/hf_dir")
     outs = llm.generate(["Hello", [1, 2, 3]], SamplingParams(max_tokens=32, temperature=0))
     outs[0].outputs[0].token_ids, outs[0].outputs[0].text
+
+    with LLM(model=path, tensor_parallel_size=2, pipeline_parallel_size=2) as llm:   # 4 ranks, one host
+        ...
 """
 from __future__ import annotations
 
 import itertools
 import os
+from dataclasses import replace
 
 from tqdm.auto import tqdm
 
-from cluster.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig
+from cluster.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, RunnerConfig, SchedulerConfig
 from cluster.types import CompletionOutput, RequestOutput, SamplingParams, TokenDelta
 
 
@@ -21,7 +25,13 @@ class LLM:
                  kv_memory_bytes: int | None = None, enable_prefix_caching: bool = True,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, enable_chunked_prefill: bool = True,
                  attention_backend: str = "auto", enable_cuda_graphs: bool = True, seed: int = 0,
+                 tensor_parallel_size: int | None = None, pipeline_parallel_size: int | None = None,
+                 expert_parallel: bool | None = None, parallel_config: ParallelConfig | None = None,
                  progress: bool = True):
+        """tensor_parallel_size x pipeline_parallel_size ranks serve the model: this process is rank 0
+        and starts the others itself (one host). `expert_parallel` spreads MoE experts over the
+        tensor-parallel ranks instead of splitting each. `parallel_config` sets the remaining
+        knobs (overlap, addresses, timeouts); the three arguments above override its sizes."""
         from cluster.engine.engine import Engine
         from cluster.models.tokenizer import Tokenizer
 
@@ -38,6 +48,7 @@ class LLM:
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       enable_chunked_prefill=enable_chunked_prefill),
             runner=RunnerConfig(device=device, attention_backend=attention_backend, enable_cuda_graphs=enable_cuda_graphs),
+            parallel=_parallel(parallel_config, tensor_parallel_size, pipeline_parallel_size, expert_parallel),
         )
         tokenizer = Tokenizer.from_dir(model) if os.path.isfile(os.path.join(model, "tokenizer.json")) else None
         self.engine = Engine(config, tokenizer=tokenizer, progress=progress)
@@ -74,12 +85,30 @@ class LLM:
         bar.close()
         return [outputs[r] for r in order]
 
+    def shutdown(self) -> None:
+        """Stop the instance's other ranks; a single-process LLM needs no call."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
     def _encode(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this checkpoint has no tokenizer.json: pass token id lists")
             return prompt, self.tokenizer.encode(prompt)
         return None, list(prompt)
+
+
+def _parallel(base: ParallelConfig | None, tp: int | None, pp: int | None, expert_parallel: bool | None) -> ParallelConfig:
+    base = base or ParallelConfig()
+    tp = base.tensor_parallel_size if tp is None else tp
+    pp = base.pipeline_parallel_size if pp is None else pp
+    ep = base.expert_parallel_size if expert_parallel is None else (tp if expert_parallel else 1)
+    return replace(base, tensor_parallel_size=tp, pipeline_parallel_size=pp, expert_parallel_size=ep)
 
 
 def _accumulate(out: RequestOutput, delta: TokenDelta) -> bool:

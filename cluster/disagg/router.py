@@ -29,6 +29,8 @@ class InstanceView:
     dispatched_tokens: int = 0  # prompt tokens sent since that heartbeat
     dispatched_requests: int = 0
     alive: bool = True
+    link_address: str | None = None
+    kv_bytes_reported: int = 0  # prefill: bytes already counted in the metrics
 
     def refresh(self, load: dict) -> None:
         self.load = load

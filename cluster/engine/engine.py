@@ -236,6 +236,8 @@ class Engine:
             "kv_usage": self.kv.usage(),
             "num_free_blocks": self.kv.num_free_blocks,
             "prefix_hit_rate": self.kv.prefix_hit_rate(),
+            "num_prefix_queried_tokens": self.kv.pool.num_queries,
+            "num_prefix_hit_tokens": self.kv.pool.num_hits,
             "num_preemptions": self.scheduler.num_preemptions,
         }
 

@@ -46,6 +46,7 @@ from cluster.models.registry import build_model
 from cluster.parallel.groups import build_groups, serve_store
 
 JOIN_TIMEOUT_S = 5.0
+MAX_ERROR_CHARS = 300
 FAILURE_GRACE_S = 2.0  # after a collective error, how long to wait for the dead rank's exit code
 
 
@@ -187,18 +188,21 @@ class MultiProcExecutor(Executor):
             if dead or time.monotonic() >= deadline:
                 break
             time.sleep(0.05)
-        return "; ".join(f"rank {rank} (pid {proc.pid}) {self._why(rank, proc.exitcode)}" for rank, proc in dead)
+        # a rank that was killed or exited on its own comes first: the others' errors are mostly its echo
+        reasons = sorted((self._why(rank, proc.exitcode), rank, proc.pid) for rank, proc in dead)
+        return "; ".join(f"rank {rank} (pid {pid}) {why}" for (_, why), rank, pid in reasons)
 
-    def _why(self, rank: int, exitcode: int) -> str:
+    def _why(self, rank: int, exitcode: int) -> tuple[int, str]:
+        """(how likely the root cause: 0 most, text)."""
+        if exitcode < 0:
+            return 0, f"was killed by {signal.Signals(-exitcode).name}"
         key = f"error/{rank}"
         try:
             if self.store.check([key]):
-                return f"failed: {self.store.get(key).decode()}"
+                return 2, f"failed: {self.store.get(key).decode()[:MAX_ERROR_CHARS]}"
         except Exception:  # the store itself may be unusable by now
             pass
-        if exitcode < 0:
-            return f"was killed by {signal.Signals(-exitcode).name}"
-        return f"exited with code {exitcode}"
+        return 1, f"exited with code {exitcode}"
 
     def _watch(self) -> None:
         while not self._stop_watch.wait(self.config.parallel.liveness_poll_s):

@@ -108,6 +108,7 @@ class Worker:
                                   config.runner.attention_backend, eos_token_ids, graphs,
                                   config.runner.cuda_graph_max_batch, max_model_len)
         self.timer = BusyTimer(device)
+        self.num_split_steps = 0  # steps run as two overlapping micro-batches, or through the pipeline in several
 
     # -- (2) one step -------------------------------------------------------------
     @torch.inference_mode()
@@ -136,6 +137,7 @@ class Worker:
 
     def _overlapped(self, plan: StepPlan, flags: StepFlags) -> torch.Tensor | None:
         started = self.timer.start() if flags.measure else None
+        self.num_split_steps += 1
         parts = [self.runner.upload(part) for part in split(plan, 2)]
         batches = [(i.input_ids, i.positions, self._attn(i), None) for i in parts]
         hiddens = self.model.forward_microbatches(batches, OverlapFlags(flags.overlap_tp, flags.overlap_ep))
@@ -147,6 +149,7 @@ class Worker:
 
     def _pipelined(self, plan: StepPlan, flags: StepFlags, num_microbatches: int) -> torch.Tensor | None:
         plans = split(plan, num_microbatches)
+        self.num_split_steps += len(plans) > 1
         parts = [self.runner.upload(p) for p in plans]
         is_last = self.groups.pipe.is_last
 
@@ -213,7 +216,6 @@ def worker_main(world_rank: int, config: EngineConfig, store_port: int, parent_p
             except Exception:  # the driver may be gone already
                 pass
         os._exit(1)
-    os._exit(0)
 
 
 def serve(worker: Worker) -> None:

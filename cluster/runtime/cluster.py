@@ -215,13 +215,18 @@ class ClusterClient(EngineClient):
             if error:
                 await self._instance_died(view, error)
                 return
-            for delta in deltas:
-                await self._on_delta(view, delta)
-            for kind, leg_id in events:
-                leg = self.legs.get(leg_id)
-                if kind == "transfer_failed" and leg is not None:
-                    leg.expect_prefill_token = leg.first_token is not None
-                    await view.handle.recompute.remote(leg_id, leg.first_token)
+            try:
+                for delta in deltas:
+                    await self._on_delta(view, delta)
+                for kind, leg_id in events:
+                    leg = self.legs.get(leg_id)
+                    if kind == "transfer_failed" and leg is not None:
+                        leg.expect_prefill_token = leg.first_token is not None
+                        await view.handle.recompute.remote(leg_id, leg.first_token)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one bad delta must not stop this instance's stream for everyone
+                log.exception("handling deltas of %s", view.instance_id)
 
     async def _on_delta(self, view: InstanceView, delta: TokenDelta) -> None:
         leg = self.legs.get(delta.request_id)
@@ -303,7 +308,10 @@ class ClusterClient(EngineClient):
                 pass
 
     async def _abort_leg(self, leg: Leg) -> None:
+        if not leg.done:  # wake the request's consumer, if it is still waiting
+            leg.queue.put_nowait(TokenDelta(leg.leg_id, leg.index, [], "", finish_reason=FinishReason.ABORT))
         leg.done = True
+        self.legs.pop(leg.leg_id, None)
         for instance_id in {leg.prefill_id, leg.decode_id} - {None}:
             await self._abort_remote(instance_id, leg.leg_id)
         self._journal_finish(leg)
@@ -318,25 +326,48 @@ class ClusterClient(EngineClient):
 
     # -- heartbeat --------------------------------------------------------------------------------
     async def _heartbeat(self) -> None:
+        while True:
+            try:
+                await self._beat()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # e.g. the store is unreachable: keep serving, try again next beat
+                log.exception("heartbeat")
+            await asyncio.sleep(self.config.router.heartbeat_s)
+
+    async def _beat(self) -> None:
+        """Refresh every live instance's load, the store's registry and prefix index, the metrics."""
         from cluster.store.base import InstanceLoad
 
-        while True:
-            for view in [v for v in self.instances.values() if v.alive]:
-                try:
-                    stats = await asyncio.wait_for(view.handle.stats.remote(), self.config.router.instance_ttl_s)
-                    hashes = await view.handle.prefix_hashes.remote()
-                except Exception as exc:
-                    await self._instance_died(view, f"heartbeat failed: {type(exc).__name__}: {exc}")
-                    continue
-                view.refresh(stats)
-                load = InstanceLoad(stats["num_running"], stats["num_waiting"], stats["num_queued_prefill_tokens"],
-                                    stats["num_free_blocks"], min(1.0, stats["kv_usage"]), time.time())
-                self.store.heartbeat(view.instance_id, load, self.config.router.instance_ttl_s)
-                if hashes:
-                    self.store.add_prefix_blocks(view.instance_id, hashes[-4096:])
-                if self.metrics is not None:
-                    self.metrics.set_engine_stats(view.role.value, view.instance_id, stats)
-            await asyncio.sleep(self.config.router.heartbeat_s)
+        for view in [v for v in self.instances.values() if v.alive]:
+            try:
+                stats = await asyncio.wait_for(view.handle.stats.remote(), self.config.router.instance_ttl_s)
+                hashes = await view.handle.prefix_hashes.remote()
+            except Exception as exc:
+                await self._instance_died(view, f"heartbeat failed: {type(exc).__name__}: {exc}")
+                continue
+            view.refresh(stats)
+            load = InstanceLoad(stats["num_running"], stats["num_waiting"], stats["num_queued_prefill_tokens"],
+                                stats["num_free_blocks"], min(1.0, stats["kv_usage"]), time.time())
+            self.store.heartbeat(view.instance_id, load, self.config.router.instance_ttl_s)
+            if hashes:
+                self.store.add_prefix_blocks(view.instance_id, hashes[-4096:])
+            self._export(view, stats)
+        if self.metrics is not None:
+            for role in Role:
+                self.metrics.set_pool_size(role.value, len(self.pool(role)), model=self._info.name)
+
+    def _export(self, view: InstanceView, stats: dict) -> None:
+        if self.metrics is None:
+            return
+        model, pool = self._info.name, view.role.value
+        self.metrics.set_engine_stats(pool, view.instance_id, stats, model=model)
+        sent = stats.get("kv_bytes_sent", 0)
+        if sent > view.kv_bytes_reported:
+            self.metrics.kv_transfer_bytes.labels(model, pool, view.instance_id).inc(sent - view.kv_bytes_reported)
+            view.kv_bytes_reported = sent
+        for seconds in stats.get("transfer_latencies_s", []):
+            self.metrics.kv_transfer_latency.labels(model, pool, view.instance_id).observe(seconds)
 
     def _journal_start(self, leg: Leg) -> None:
         from cluster.store.base import JournalEntry, JournalState

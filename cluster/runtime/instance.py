@@ -123,7 +123,8 @@ class InstanceActor:
             stats["kv_bytes_sent"] = self.worker.bytes_sent
         if self.role == Role.DECODE:
             stats["num_recomputed"] = self.worker.num_recomputed
-            stats["transfer_latencies_s"] = list(self.worker.transfer_latencies_s[-256:])
+            # drained: each heartbeat reports the hand-overs that landed since the last one
+            stats["transfer_latencies_s"], self.worker.transfer_latencies_s = self.worker.transfer_latencies_s, []
         return stats
 
     def ping(self) -> str:

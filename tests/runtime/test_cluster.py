@@ -106,3 +106,38 @@ def test_added_decode_instance_takes_traffic(cluster):
         client.completions.create(model="llama", prompt=f"new instance {i}", max_tokens=6, temperature=0.0)
     stats = ray.get(cluster.client.instances[new_id].handle.stats.remote())
     assert stats["num_steps"] > steps_before, "the new decode instance got no request"
+
+
+def test_metrics_cover_pools_and_kv_transfer(cluster):
+    import httpx
+
+    client = _openai(cluster)
+    client.completions.create(model="llama", prompt="metrics please", max_tokens=4)
+    time.sleep(1.5)  # two heartbeats
+    text = httpx.get(cluster.url.replace("/v1", "/metrics"), timeout=10).text
+    samples = {line.split(" ")[0]: float(line.split(" ")[-1]) for line in text.splitlines() if line and not line.startswith("#")}
+    sent = sum(v for k, v in samples.items() if k.startswith("llm_cluster_kv_transfer_bytes_total{") and 'pool="prefill"' in k)
+    assert sent > 0
+    assert any(k.startswith("llm_cluster_kv_transfer_latency_seconds_count{") and v > 0 for k, v in samples.items())
+    assert any(k.startswith("llm_cluster_pool_size{") and 'pool="decode"' in k and v >= 2 for k, v in samples.items())
+    assert any(k.startswith("llm_cluster_time_to_first_token_seconds_count") and v > 0 for k, v in samples.items())
+
+
+def test_client_disconnect_frees_kv_on_both_pools(cluster):
+    import httpx
+    import ray
+
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{cluster.url}/completions",
+                         json={"model": "llama", "prompt": "a long one", "max_tokens": 1500, "stream": True,
+                               "ignore_eos": True}) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i > 10:
+                    break  # the client goes away mid-stream
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        stats = [ray.get(v.handle.stats.remote()) for v in cluster.client.instances.values() if v.alive]
+        if all(s["num_running"] == 0 and s["kv_usage"] == 0.0 for s in stats) and not cluster.client.legs:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"KV not freed after the client left: {stats}")

@@ -1,0 +1,164 @@
+"""Real multi-rank instances on CPU (torch.multiprocessing spawn + gloo on 127.0.0.1), against one process.
+
+Each instance runs the same workload twice: with its overlap switch off, then on (flipped
+at run time, as a benchmark does). The workload has chunked prefill (a 29-token budget,
+so long prompts are cut, and cut again into micro-batches) and two late prompts that hit
+the prefix cache. Greedy tokens must equal the single-process engine's and the top-5
+logprobs (the logits up to a shift) be allclose in float32. A killed rank must fail the
+instance with a clear error within seconds.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from cluster.config import EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from cluster.engine.engine import Engine
+from cluster.engine.executor import InstanceFailed
+from cluster.models.hf_config import load_arch_config
+from cluster.types import SamplingParams
+
+NEW_TOKENS = 16
+PROMPT_LENS = (1, 5, 17, 40, 70)
+BUDGET_TOKENS = 29
+PARAMS = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=5)
+
+
+def _prompts(model_dir: str) -> list[list[int]]:
+    rng = random.Random(7)
+    vocab = load_arch_config(model_dir).vocab_size
+    prompts = [[rng.randrange(vocab) for _ in range(n)] for n in PROMPT_LENS]
+    shared = prompts[-1][:64]  # four full blocks of the 70-token prompt: prefix-cache hits for the late two
+    return prompts + [shared + [rng.randrange(vocab) for _ in range(5)], shared + [rng.randrange(vocab) for _ in range(11)]]
+
+
+def _engine(model_dir: str, **parallel) -> Engine:
+    cfg = EngineConfig(model=ModelConfig(path=model_dir), scheduler=SchedulerConfig(max_num_batched_tokens=BUDGET_TOKENS),
+                       parallel=ParallelConfig(overlap_min_tokens=2, **parallel))
+    return Engine(cfg, progress=False)
+
+
+def _run(engine: Engine, prompts: list[list[int]], tag: str) -> list[list]:
+    """Greedy outputs [(token, logprob, sorted top-5 logprobs)] per prompt; the late two arrive at step 8."""
+    late = len(prompts) - 2
+    got: dict[str, list] = {f"{tag}{i}": [] for i in range(len(prompts))}
+    for i, p in enumerate(prompts[:late]):
+        engine.add_request(f"{tag}{i}", p, PARAMS)
+    steps = 0
+    while engine.has_unfinished() or steps <= 8:
+        if steps == 8:
+            for i in range(late, len(prompts)):
+                engine.add_request(f"{tag}{i}", prompts[i], PARAMS)
+        for delta in engine.step():
+            lp = delta.logprobs[0]
+            got[delta.request_id].append((delta.token_ids[0], lp.logprob, sorted(lp.top.values())))
+        steps += 1
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks, "KV blocks leaked"
+    return [got[f"{tag}{i}"] for i in range(len(prompts))]
+
+
+def _assert_same(got: list[list], expected: list[list]) -> None:
+    for out, ref in zip(got, expected):
+        assert [t for t, _, _ in out] == [t for t, _, _ in ref]
+        for (_, lp, top), (_, ref_lp, ref_top) in zip(out, ref):
+            assert lp == pytest.approx(ref_lp, abs=1e-4)
+            assert top == pytest.approx(ref_top, abs=1e-4)
+
+
+def _expert_load(engine: Engine) -> list[list[int]]:
+    layers = engine.model.model.layers.values()
+    return [layer.mlp.experts.tokens_per_expert.tolist() for layer in layers]
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint_dir):
+    """Single-process results (and MoE expert loads) per checkpoint, computed once."""
+    made: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in made:
+            model_dir = checkpoint_dir(name)
+            engine = _engine(model_dir)
+            outputs = _run(engine, _prompts(model_dir), "ref")
+            assert engine.kv.prefix_hit_rate() > 0
+            made[name] = (model_dir, outputs, _expert_load(engine) if engine.arch.is_moe else None)
+        return made[name]
+
+    return get
+
+
+CASES = {
+    # name: (checkpoint, instance sizes, the flag flipped for the second run)
+    "tp2": ("llama", dict(tensor_parallel_size=2), dict(overlap_tp=True)),
+    "tp2-kv-replicated-tied": ("llama_tied_mqa_rope3_sharded", dict(tensor_parallel_size=2), dict(overlap_tp=True)),
+    "pp2": ("qwen2", dict(pipeline_parallel_size=2), dict(async_pp=False, num_microbatches=3)),
+    "ep2": ("mixtral", dict(tensor_parallel_size=2, expert_parallel_size=2), dict(overlap_ep=True, overlap_tp=True)),
+    "tp2-moe-shared-expert": ("qwen2_moe", dict(tensor_parallel_size=2), dict(overlap_tp=True)),
+    "ep2-shared-expert": ("qwen2_moe", dict(tensor_parallel_size=2, expert_parallel_size=2), dict(overlap_ep=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_instance_matches_single_process(reference, case):
+    name, sizes, flipped = CASES[case]
+    model_dir, expected, expected_load = reference(name)
+    prompts = _prompts(model_dir)
+    engine = _engine(model_dir, **sizes)
+    try:
+        worker = engine.executor.worker
+        _assert_same(_run(engine, prompts, "off"), expected)
+        split_before = worker.num_split_steps
+        if expected_load is not None:  # every routed token counted once, on the rank that ran its expert
+            assert engine.executor.stats(reset=True)["tokens_per_expert"] == expected_load
+        engine.executor.set_flags(**flipped)
+        _assert_same(_run(engine, prompts, "on"), expected)
+        if "overlap_tp" in flipped or "overlap_ep" in flipped:
+            assert worker.num_split_steps > split_before, "no step ran as two overlapping micro-batches"
+        if "num_microbatches" in flipped:
+            assert worker.num_split_steps > 0
+        assert engine.kv.prefix_hit_rate() > 0
+    finally:
+        engine.shutdown()
+    assert all(not proc.is_alive() for proc in engine.executor.procs)
+
+
+def test_tp2_pp2_through_the_llm_api(checkpoint_dir):
+    """Four processes: 2 stages x 2 tensor-parallel ranks, started by LLM itself, timed stages."""
+    from cluster import LLM
+
+    model_dir = checkpoint_dir("qwen3")
+    prompts = _prompts(model_dir)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    kwargs = dict(model=model_dir, device="cpu", max_num_batched_tokens=BUDGET_TOKENS, progress=False)
+    expected = [o.outputs[0].token_ids for o in LLM(**kwargs).generate(prompts, params)]
+    with LLM(**kwargs, tensor_parallel_size=2, pipeline_parallel_size=2) as llm:
+        executor = llm.engine.executor
+        executor.set_flags(measure=True)
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
+        stats = executor.stats()
+    assert len(stats["busy_s"]) == 4 and all(busy > 0 for busy in stats["busy_s"])
+    assert stats["num_measured_steps"] > NEW_TOKENS
+
+
+def test_killed_rank_fails_the_instance_quickly(checkpoint_dir):
+    engine = _engine(checkpoint_dir("llama"), tensor_parallel_size=2)
+    try:
+        engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=10_000, ignore_eos=True))
+        for _ in range(3):
+            engine.step()
+        victim = engine.executor.procs[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(InstanceFailed, match=rf"rank 1 \(pid {victim.pid}\) was killed by SIGKILL"):
+            for _ in range(100_000):
+                engine.step()
+        assert time.monotonic() - started < 5
+        with pytest.raises(InstanceFailed, match="rank 1"):  # and every later step, at once
+            engine.step()
+    finally:
+        engine.shutdown()
+    assert not any(proc.is_alive() for proc in engine.executor.procs)
