@@ -227,6 +227,8 @@ class MultiProcExecutor(Executor):
 
     # -- (5) shutdown ----------------------------------------------------------------------
     def shutdown(self) -> None:
+        if self._stop_watch.is_set():
+            return
         self._stop_watch.set()
         if self.failure is None and not self._dead_ranks():
             try:
@@ -238,6 +240,7 @@ class MultiProcExecutor(Executor):
         for proc in self.procs:
             proc.join(max(0.0, deadline - time.monotonic()))
         self._kill_all()
+        self.worker.groups.abort()  # NCCL: drop the communicators now rather than in a destructor
         torch.set_num_threads(self.num_threads)
 
     def _kill_all(self) -> None:

@@ -54,6 +54,8 @@ def expert_mlp(rows: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: 
     """
     if grouped is None:
         grouped = grouped_mm_available(rows)
+    if rows.shape[0] == 0:  # an expert-parallel rank may receive nothing
+        return rows.new_empty((0, w2.shape[1]))
     if grouped:
         offsets = counts.cumsum(0).to(torch.int32)
         gate, up = torch._grouped_mm(rows, w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)

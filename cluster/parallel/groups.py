@@ -18,8 +18,9 @@ Lifecycle:
       making those it belongs to. A group is a c10d ProcessGroup built straight from a
       PrefixStore (no torch.distributed default group, so one process can hold the
       groups of several instances and the KV transport's links besides);
-  (3) layers receive their `TPGroup` (experts their EP group), the pipeline its
-      `PipeGroup`, the executor the `HostGroup`;
+  (3) `connect` opens the device communicators in a deadlock-free order; layers receive
+      their `TPGroup` (experts their EP group), the pipeline its `PipeGroup`, the
+      executor the `HostGroup`;
   (4) `InstanceGroups.abort()` makes pending device collectives fail (NCCL would wait on a
       dead peer until the timeout; gloo sees the closed socket by itself).
 
@@ -189,15 +190,36 @@ class InstanceGroups:
     pipe: PipeGroup
     host: HostGroup
     backend: str
+    aborted: bool = False
 
     @property
     def is_driver(self) -> bool:
         return self.world_rank == 0
 
+    def connect(self, device: torch.device) -> None:
+        """Open every device communicator now, in an order that cannot deadlock: NCCL makes them
+        lazily and blocks until both ends arrive, so the first step's up-front receives (pipeline.py)
+        would otherwise wait on a peer that is itself waiting to send."""
+        probe = torch.zeros(1, device=device)
+        self.tp.all_reduce(probe)
+        pipe = self.pipe
+        if pipe.num_stages > 1:
+            if not pipe.is_first:
+                pipe.recv_prev(probe, tag=0).wait()
+            if not pipe.is_last:
+                pipe.send_next(probe, tag=0).wait()
+            if pipe.is_last:
+                pipe.send_first(probe, tag=0).wait()
+            if pipe.is_first:
+                pipe.recv_last(probe, tag=0).wait()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     def abort(self) -> None:
         """Fail pending device collectives now (a peer died); gloo needs no help."""
-        if self.backend == "gloo":
+        if self.backend == "gloo" or self.aborted:
             return
+        self.aborted = True
         for pg in (self.tp.group, self.pipe.forward, self.pipe.back):
             if pg is not None and hasattr(pg, "abort"):
                 pg.abort()

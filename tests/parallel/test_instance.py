@@ -16,11 +16,13 @@ import time
 
 import pytest
 
-from cluster.config import EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from cluster.config import EngineConfig, ModelConfig, ParallelConfig, RunnerConfig, SchedulerConfig
 from cluster.engine.engine import Engine
 from cluster.engine.executor import InstanceFailed
 from cluster.models.hf_config import load_arch_config
 from cluster.types import SamplingParams
+
+pytestmark = pytest.mark.slow
 
 NEW_TOKENS = 16
 PROMPT_LENS = (1, 5, 17, 40, 70)
@@ -36,8 +38,9 @@ def _prompts(model_dir: str) -> list[list[int]]:
     return prompts + [shared + [rng.randrange(vocab) for _ in range(5)], shared + [rng.randrange(vocab) for _ in range(11)]]
 
 
-def _engine(model_dir: str, **parallel) -> Engine:
-    cfg = EngineConfig(model=ModelConfig(path=model_dir), scheduler=SchedulerConfig(max_num_batched_tokens=BUDGET_TOKENS),
+def _engine(model_dir: str, device: str = "cpu", **parallel) -> Engine:
+    cfg = EngineConfig(model=ModelConfig(path=model_dir, dtype="float32"), runner=RunnerConfig(device=device),
+                       scheduler=SchedulerConfig(max_num_batched_tokens=BUDGET_TOKENS),
                        parallel=ParallelConfig(overlap_min_tokens=2, **parallel))
     return Engine(cfg, progress=False)
 

@@ -1,0 +1,353 @@
+"""Parallel-instance benchmark on one multi-GPU host: TP, PP and EP, overlap on and off.
+
+    python -m cluster.bench.parallel --parts allreduce,dense --out par.jsonl     # ~6 min on 2xH200
+    python -m cluster.bench.parallel --parts moe --out par.jsonl                 # ~5 min
+    python -m cluster.bench.parallel --parts pp --out par.jsonl                  # ~3 min
+
+Every result is one JSON line, printed and appended to `--out`. Parts:
+  allreduce  NCCL all-reduce over 2 GPUs (the same group code the engine uses) for the
+             message sizes the dense steps send: [tokens, hidden] bf16, back to back and synced;
+  dense      Llama-3-8B-shaped random checkpoint (made once, `--llama-dir`): decode step time
+             at batch 1, 64, 256 with `--context` tokens of context, TP=1 vs TP=2, and for
+             TP=2 overlap off (CUDA graphs) / on (two micro-batches, eager); one prefill of
+             `--prefill-len` tokens each way. With `allreduce` in the same run each TP=2 row
+             also says how much of its all-reduce time (2 per layer) overlap hid;
+  moe        Qwen3-30B-A3B-shaped random checkpoint (`--moe-layers` deep, 128 experts, top-8):
+             decode throughput at batch 64 and 256, EP=2 (all-to-all; overlap off/on) vs
+             TP=2 (experts split by intermediate dim; grouped GEMM);
+  pp         PP=2 on the dense checkpoint at batch 256: throughput with 2 and 4 micro-batches,
+             async sends on/off, and the bubble (each stage's idle share of the step) measured.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import statistics
+import time
+
+import torch
+
+from cluster.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, RunnerConfig, SchedulerConfig
+from cluster.types import SamplingParams
+
+HIDDEN_8B = 4096
+
+
+def emit(args, record: dict) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    with open(args.out, "a") as f:
+        f.write(line + "\n")
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+def ensure_llama8b(path: str, args) -> str:
+    if not os.path.isdir(path):
+        from cluster.models.make import make_model
+
+        if args.smoke:
+            return make_model("llama", path, num_layers=4, max_position_embeddings=8192, progress=False)
+        make_model("llama", path, num_layers=32, hidden_size=HIDDEN_8B, num_heads=32, num_kv_heads=8,
+                   intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                   dtype="bfloat16", device="cuda", max_shard_size="5GB", progress=False)
+        release_memory()
+    return path
+
+
+def ensure_qwen3_moe(path: str, num_layers: int, args) -> str:
+    """Qwen3-30B-A3B per layer (hidden 2048, 128 experts of 768, top-8, 4 KV heads of 128) except
+    that q/o project to 16 heads, not 32 (make_model ties head_dim to hidden / heads)."""
+    if not os.path.isdir(path):
+        from cluster.models.make import make_model
+
+        if args.smoke:
+            return make_model("qwen3_moe", path, num_layers=2, num_experts=8, max_position_embeddings=8192, progress=False)
+        make_model("qwen3_moe", path, num_layers=num_layers, hidden_size=2048, num_heads=16, num_kv_heads=4,
+                   intermediate_size=6144, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                   vocab_size=151936, max_position_embeddings=8192, rope_theta=1e6, dtype="bfloat16", device="cuda",
+                   max_shard_size="5GB", progress=False)
+        release_memory()
+    return path
+
+
+def release_memory() -> None:
+    """Give cached GPU memory back (the next engine sizes its KV from what is free)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def make_engine(path: str, args, **parallel):
+    from cluster.engine.engine import Engine
+
+    cfg = EngineConfig(
+        model=ModelConfig(path=path, dtype="float32" if args.smoke else "bfloat16", max_model_len=args.max_model_len),
+        cache=CacheConfig(gpu_memory_fraction=0.85, enable_prefix_caching=False,
+                          memory_budget_bytes=(1 << 30) if args.smoke else None),
+        scheduler=SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=8192),
+        runner=RunnerConfig(device=args.device, cuda_graph_max_batch=256),
+        parallel=ParallelConfig(overlap_min_tokens=2, **parallel),
+    )
+    return Engine(cfg, progress=False)
+
+
+# -- measurements --------------------------------------------------------------------------
+def fill(engine, batch: int, context: int, steps: int, tag: str) -> None:
+    """`batch` sequences with `context` tokens computed, each with room for `steps` more decode steps
+    (early ones already decode while later prompts prefill, so they get that many on top)."""
+    rng = random.Random(batch)
+    vocab = engine.arch.vocab_size
+    prefill_steps = -(-batch * context // engine.config.scheduler.max_num_batched_tokens) + 2
+    params = SamplingParams(temperature=0.0, max_tokens=steps + prefill_steps, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"{tag}{i}", [rng.randrange(100, vocab - 100) for _ in range(context)], params)
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running + list(engine.scheduler.waiting)):
+        engine.step()
+
+
+def time_steps(engine, num_steps: int) -> float:
+    """Median wall ms of `num_steps` steps (each ends in sampling, so it includes all GPU work)."""
+    times = []
+    for _ in range(num_steps):
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def drain(engine) -> None:
+    while engine.has_unfinished():
+        engine.step()
+
+
+def decode_sweep(engine, args, tp: int, variants: dict[str, dict]) -> list[dict]:
+    """Decode step time per batch size; variants (name -> executor flags) alternate on the same batch."""
+    rows = []
+    for batch in args.batches:
+        windows = len(variants) * 2
+        fill(engine, batch, args.context, windows * (args.steps + 1) + 2, tag=f"b{batch}-")
+        engine.step()
+        measured: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(2):  # alternate so drift hits every variant alike
+            for name, flags in variants.items():
+                engine.executor.set_flags(**flags)
+                engine.step()  # first step after a switch is not timed
+                measured[name].append(time_steps(engine, args.steps))
+        drain(engine)
+        for name, values in measured.items():
+            step_ms = min(values)
+            rows.append({"batch": batch, "context": args.context, "tp": tp, "variant": name, "step_ms": step_ms,
+                         "tokens_per_s": batch / step_ms * 1e3})
+    return rows
+
+
+def prefill_time(engine, args, variants: dict[str, dict]) -> list[dict]:
+    rows = []
+    vocab = engine.arch.vocab_size
+    rng = random.Random(5)
+    for name, flags in variants.items():
+        engine.executor.set_flags(**flags)
+        times = []
+        for rep in range(4):
+            engine.add_request(f"pf-{name}-{rep}", [rng.randrange(100, vocab - 100) for _ in range(args.prefill_len)],
+                               SamplingParams(max_tokens=1))
+            t0 = time.perf_counter()
+            drain(engine)  # ends in sampling: a host sync
+            times.append((time.perf_counter() - t0) * 1e3)
+        rows.append({"prefill_len": args.prefill_len, "variant": name, "ms": min(times[1:])})
+    return rows
+
+
+# -- parts ---------------------------------------------------------------------------------
+def part_allreduce(args) -> dict[int, float]:
+    """{num_tokens: µs per all-reduce of [num_tokens, 4096] bf16}, measured in 2 spawned ranks."""
+    from cluster.parallel.groups import serve_store
+
+    ctx = torch.multiprocessing.get_context("spawn")
+    store = serve_store("127.0.0.1", 0, 2, 120)
+    queue = ctx.Queue()
+    sizes = sorted(set(args.batches) | {args.prefill_len // 2, args.prefill_len})
+    procs = [ctx.Process(target=_allreduce_rank, args=(rank, store.port, sizes, queue, args.hidden, args.device))
+             for rank in range(2)]
+    for p in procs:
+        p.start()
+    results = queue.get(timeout=300)
+    for p in procs:
+        p.join(60)
+    for num_tokens, (loop_us, sync_us) in sorted(results.items()):
+        emit(args, {"part": "allreduce", "tokens": num_tokens, "bytes": num_tokens * args.hidden * 2,
+                    "loop_us": loop_us, "synced_us": sync_us})
+    return {n: loop for n, (loop, _) in results.items()}
+
+
+def _allreduce_rank(rank: int, port: int, sizes: list[int], queue, hidden: int, device_type: str) -> None:
+    from cluster.parallel.groups import build_groups, dial_store
+    from cluster.platform import current_platform
+
+    platform = current_platform(device_type)
+    device = platform.bind(rank, 2)
+    sync = platform.synchronize
+    store = dial_store("127.0.0.1", port, 2, 120)
+    groups = build_groups(rank, ParallelConfig(tensor_parallel_size=2), platform.dist_backend, store)
+    groups.connect(device)
+    out = {}
+    for num_tokens in sizes:
+        x = torch.randn(num_tokens, hidden, device=device, dtype=platform.default_dtype)
+        for _ in range(10):
+            groups.tp.all_reduce(x)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(100):  # back to back: what a step's string of all-reduces sees
+            groups.tp.all_reduce(x)
+        sync()
+        loop_us = (time.perf_counter() - t0) * 1e4  # s / 100 * 1e6
+        synced = []
+        for _ in range(50):
+            sync()
+            t0 = time.perf_counter()
+            groups.tp.all_reduce(x)
+            sync()
+            synced.append((time.perf_counter() - t0) * 1e6)
+        out[num_tokens] = (loop_us, statistics.median(synced))
+    if rank == 0:
+        queue.put(out)
+
+
+def part_dense(args, allreduce_us: dict[int, float]) -> None:
+    path = ensure_llama8b(args.llama_dir, args)
+    for tp in (1, 2):
+        t0 = time.time()
+        engine = make_engine(path, args, tensor_parallel_size=tp)
+        emit(args, {"part": "dense", "tp": tp, "engine_start_s": time.time() - t0})
+        variants = {"single": {}} if tp == 1 else {"overlap_off": dict(overlap_tp=False), "overlap_on": dict(overlap_tp=True)}
+        try:
+            rows = decode_sweep(engine, args, tp, variants)
+            for row in rows:
+                if tp == 2 and row["batch"] in allreduce_us:
+                    row["allreduce_ms_per_step"] = 2 * engine.arch.num_layers * allreduce_us[row["batch"]] / 1e3
+                emit(args, {"part": "dense", "phase": "decode", **row})
+            _overlap_summary(args, rows, allreduce_us, engine.arch.num_layers)
+            for row in prefill_time(engine, args, variants):
+                emit(args, {"part": "dense", "phase": "prefill", "tp": tp, **row})
+        finally:
+            engine.shutdown()
+            del engine
+            release_memory()
+
+
+def _overlap_summary(args, rows: list[dict], allreduce_us: dict[int, float], num_layers: int) -> None:
+    by = {(r["batch"], r["variant"]): r["step_ms"] for r in rows}
+    for batch in args.batches:
+        off, on = by.get((batch, "overlap_off")), by.get((batch, "overlap_on"))
+        if off is None or on is None:
+            continue
+        comm_ms = 2 * num_layers * allreduce_us[batch] / 1e3 if batch in allreduce_us else None
+        emit(args, {"part": "dense", "phase": "overlap", "batch": batch, "off_ms": off, "on_ms": on,
+                    "saved_ms": off - on, "allreduce_ms_per_step": comm_ms,
+                    "share_of_allreduce_hidden": (off - on) / comm_ms if comm_ms else None})
+
+
+def part_moe(args) -> None:
+    from cluster.parallel.experts import expert_mlp, grouped_mm_available
+
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    probe = torch.randn(64, 256, device=args.device, dtype=dtype)
+    counts = torch.tensor([20, 0, 44], device=args.device)
+    w13 = torch.randn(3, 128, 256, device=args.device, dtype=dtype) / 16
+    w2 = torch.randn(3, 256, 64, device=args.device, dtype=dtype) / 8
+    grouped_ok = grouped_mm_available(probe)
+    err = (expert_mlp(probe, counts, w13, w2, grouped=grouped_ok) - expert_mlp(probe, counts, w13, w2, grouped=False)).abs().max().item()
+    emit(args, {"part": "moe", "grouped_mm": grouped_ok, "grouped_vs_loop_max_abs_diff": err})
+    path = ensure_qwen3_moe(args.moe_dir, args.moe_layers, args)
+    args_moe = argparse.Namespace(**{**vars(args), "batches": args.moe_batches})
+    for name, sizes, variants in (
+        ("ep2", dict(tensor_parallel_size=2, expert_parallel_size=2),
+         {"overlap_off": dict(overlap_ep=False, overlap_tp=False), "overlap_on": dict(overlap_ep=True, overlap_tp=True)}),
+        ("tp2", dict(tensor_parallel_size=2), {"overlap_off": dict(overlap_tp=False)}),
+    ):
+        t0 = time.time()
+        engine = make_engine(path, args, **sizes)
+        emit(args, {"part": "moe", "layout": name, "layers": args.moe_layers, "engine_start_s": time.time() - t0})
+        try:
+            for row in decode_sweep(engine, args_moe, 2, variants):
+                emit(args, {"part": "moe", "layout": name, **row})
+            engine.executor.set_flags(overlap_ep=False, overlap_tp=False)
+            load = engine.executor.stats(reset=True)["tokens_per_expert"]
+            per_expert = torch.tensor(load, dtype=torch.float64).sum(0)
+            emit(args, {"part": "moe", "layout": name, "expert_load_max_over_mean": (per_expert.max() / per_expert.mean()).item()})
+        finally:
+            engine.shutdown()
+            del engine
+            release_memory()
+
+
+def part_pp(args) -> None:
+    path = ensure_llama8b(args.llama_dir, args)
+    t0 = time.time()
+    engine = make_engine(path, args, pipeline_parallel_size=2)
+    emit(args, {"part": "pp", "engine_start_s": time.time() - t0})
+    try:
+        batch = 256
+        variants = {"m2_async": dict(num_microbatches=2, async_pp=True), "m4_async": dict(num_microbatches=4, async_pp=True),
+                    "m4_sync": dict(num_microbatches=4, async_pp=False)}
+        fill(engine, batch, args.context, len(variants) * (2 * args.steps + 1) + 2, tag="pp-")
+        for name, flags in variants.items():
+            engine.executor.set_flags(measure=False, **flags)
+            engine.step()
+            step_ms = time_steps(engine, args.steps)
+            engine.executor.set_flags(measure=True)
+            engine.executor.stats(reset=True)
+            t_wall = time.perf_counter()
+            for _ in range(args.steps):
+                engine.step()
+            wall_s = time.perf_counter() - t_wall
+            stats = engine.executor.stats(reset=True)
+            busy = stats["busy_s"]  # ranks 0 (stage 0: layers 0-15 + embed + LM head) and 1 (stage 1)
+            emit(args, {"part": "pp", "batch": batch, "context": args.context, "variant": name, "step_ms": step_ms,
+                        "tokens_per_s": batch / step_ms * 1e3, "measured_step_ms": wall_s / args.steps * 1e3,
+                        "busy_ms_per_step": [b / args.steps * 1e3 for b in busy],
+                        "bubble_fraction": [1 - b / wall_s for b in busy]})
+        drain(engine)
+    finally:
+        engine.shutdown()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="allreduce,dense,moe,pp", help="comma list of allreduce, dense, moe, pp")
+    ap.add_argument("--llama-dir", default="/tmp/llm-cluster-bench/llama3-8b")
+    ap.add_argument("--moe-dir", default="")
+    ap.add_argument("--moe-layers", type=int, default=24, help="Qwen3-30B-A3B has 48; fewer keep the run short")
+    ap.add_argument("--batches", default="1,64,256")
+    ap.add_argument("--moe-batches", default="64,256")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=16, help="timed decode steps per window")
+    ap.add_argument("--prefill-len", type=int, default=4096)
+    ap.add_argument("--max-model-len", type=int, default=4096 + 512)
+    ap.add_argument("--out", default="parallel_bench.jsonl")
+    ap.add_argument("--smoke", action="store_true", help="CPU + gloo + tiny models: checks the script, measures nothing")
+    args = ap.parse_args(argv)
+    args.device = "cpu" if args.smoke else "cuda"
+    args.hidden = 64 if args.smoke else HIDDEN_8B
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.moe_batches = [int(b) for b in args.moe_batches.split(",")]
+    args.moe_dir = args.moe_dir or os.path.join(os.path.dirname(args.llama_dir), f"qwen3-30b-a3b-{args.moe_layers}l")
+    parts = args.parts.split(",")
+    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    emit(args, {"part": "setup", "gpus": torch.cuda.device_count(), "device": device_name, "torch": torch.__version__,
+                "parts": parts, "args": {k: v for k, v in vars(args).items() if k != "out"}})
+    allreduce_us = part_allreduce(args) if "allreduce" in parts else {}
+    for name, run in (("dense", lambda: part_dense(args, allreduce_us)), ("moe", lambda: part_moe(args)), ("pp", lambda: part_pp(args))):
+        if name in parts:
+            t0 = time.time()
+            try:
+                run()
+            except Exception as exc:  # one part failing should not hide the others' results
+                emit(args, {"part": name, "error": f"{type(exc).__name__}: {exc}"})
+            emit(args, {"part": name, "seconds": time.time() - t0})
+
+
+if __name__ == "__main__":
+    main()

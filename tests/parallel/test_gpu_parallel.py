@@ -1,0 +1,54 @@
+"""The same instances on GPUs (NCCL, Triton attention, CUDA graphs for TP decode): run with `make test-gpu`.
+
+Float32 so that tokens can be compared exactly with the single-GPU engine; the bf16
+grouped GEMM is checked against the expert loop on its own.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.parallel.test_instance import CASES, _assert_same, _engine, _prompts, _run
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _need_gpus():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("GPU TESTS NOT RUN: need 2 CUDA devices; run `make test-gpu` on a 2-GPU machine")
+
+
+def test_grouped_gemm_bf16_matches_the_loop():
+    from cluster.parallel.experts import expert_counts, expert_mlp, grouped_mm_available
+
+    rows = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, 8, (300,), device="cuda")
+    counts = expert_counts(ids, 8)
+    rows = rows[torch.argsort(ids, stable=True)]
+    w13 = torch.randn(8, 2 * 128, 256, device="cuda", dtype=torch.bfloat16) / 16
+    w2 = torch.randn(8, 256, 128, device="cuda", dtype=torch.bfloat16) / 11
+    if not grouped_mm_available(rows):
+        pytest.skip("torch._grouped_mm needs compute capability 9.0+")
+    grouped = expert_mlp(rows, counts, w13, w2, grouped=True).float()
+    loop = expert_mlp(rows, counts, w13, w2, grouped=False).float()
+    assert torch.allclose(grouped, loop, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("case", ["tp2", "pp2", "ep2"])
+def test_gpu_instance_matches_one_gpu(checkpoint_dir, case):
+    name, sizes, flipped = CASES[case]
+    model_dir = checkpoint_dir(name)
+    prompts = _prompts(model_dir)
+    single = _engine(model_dir, device="cuda")
+    expected = _run(single, prompts, "ref")
+    del single
+    engine = _engine(model_dir, device="cuda", **sizes)
+    try:
+        if case == "tp2":
+            assert engine.runner.graphs is not None
+        _assert_same(_run(engine, prompts, "off"), expected)
+        engine.executor.set_flags(**flipped)
+        _assert_same(_run(engine, prompts, "on"), expected)
+    finally:
+        engine.shutdown()
