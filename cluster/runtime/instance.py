@@ -53,6 +53,8 @@ class InstanceActor:
         self.error: str | None = None
         self.stopped = False
         self.num_steps = 0
+        self.step_time_s = 0.0  # summed wall time of model steps since the last stats() call
+        self.num_timed_steps = 0
         self.loop = threading.Thread(target=self._loop, daemon=True, name=f"step-loop-{instance_id}")
         self.loop.start()
 
@@ -119,6 +121,9 @@ class InstanceActor:
         stats = dict(self.engine.stats())
         stats["num_queued_prefill_tokens"] = sum(s.num_uncomputed for s in self.engine.scheduler.waiting)
         stats["num_steps"] = self.num_steps
+        # drained: the mean wall time of this instance's model steps since the last heartbeat
+        stats["mean_step_ms"] = self.step_time_s / self.num_timed_steps * 1e3 if self.num_timed_steps else None
+        self.step_time_s, self.num_timed_steps = 0.0, 0
         if self.role == Role.PREFILL:
             stats["kv_bytes_sent"] = self.worker.bytes_sent
         if self.role == Role.DECODE:
@@ -176,7 +181,12 @@ class InstanceActor:
         if not (self._busy() or self._waiting_on_network()):
             return []
         self.num_steps += 1
-        return self.worker.step() if self.worker is not None else self.engine.step()
+        t0 = time.perf_counter()
+        deltas = self.worker.step() if self.worker is not None else self.engine.step()
+        if deltas:  # steps that ran the model (not the idle polls of a transfer)
+            self.step_time_s += time.perf_counter() - t0
+            self.num_timed_steps += 1
+        return deltas
 
     def _busy(self) -> bool:
         return self.engine.has_unfinished()

@@ -1,0 +1,139 @@
+"""Serving benchmark: 1P1D vs colocated replicas on the same GPUs, through the real HTTP stack.
+
+    python -m cluster.bench.serve --model DIR --rates 1,2,4 --out-dir serve_results
+
+For each deployment (`1p1d`: one prefill + one decode instance, one GPU each;
+`colocated`: two mixed instances, one GPU each):
+  (1) `llm-cluster up --config <generated yaml>` in a subprocess, waited on until ready;
+  (2) `llm-cluster bench` sweeps the request rates (Poisson arrivals, prefill-heavy:
+      `--input-len` in / `--output-len` out) and reports goodput under the TTFT/TPOT SLOs;
+  (3) while the lowest rate runs, /health is polled for each instance's mean engine step
+      time, to put the decode engine's step time beside the ITL the HTTP client saw;
+  (4) the cluster is stopped with SIGINT.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+DEPLOYMENTS = {
+    "1p1d": {"prefill": {"instances": 1, "num_gpus_per_rank": 1, "num_cpus_per_rank": 2},
+             "decode": {"instances": 1, "num_gpus_per_rank": 1, "num_cpus_per_rank": 2}},
+    "colocated": {"prefill": {"instances": 0}, "decode": {"instances": 0},
+                  "mixed": {"instances": 2, "num_gpus_per_rank": 1, "num_cpus_per_rank": 2}},
+}
+
+
+def _config(args, name: str, port: int) -> dict:
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
+    engine = {"model": {"path": args.model, "dtype": dtype, "max_model_len": args.max_model_len},
+              "cache": {"gpu_memory_fraction": 0.85},
+              "scheduler": {"max_num_seqs": 256, "max_num_batched_tokens": args.max_num_batched_tokens}}
+    pools = json.loads(json.dumps(DEPLOYMENTS[name]))
+    if args.device == "cpu":  # plumbing check on a machine without GPUs
+        engine["runner"] = {"device": "cpu"}
+        for pool in pools.values():
+            pool.update(num_gpus_per_rank=0, num_cpus_per_rank=0.5) if pool.get("instances") else None
+    return {"engine": engine, **pools, "api": {"port": port, "max_pending": 1024}}
+
+
+def _start(args, name: str, port: int, out_dir: str) -> subprocess.Popen:
+    path = os.path.join(out_dir, f"{name}.yaml")
+    with open(path, "w") as f:
+        json.dump(_config(args, name, port), f)
+    log = open(os.path.join(out_dir, f"{name}.server.log"), "w")
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "up", "--config", path], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + args.start_timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        log.write(line)
+        if "OpenAI API:" in line:
+            threading.Thread(target=lambda: [log.write(l) for l in proc.stdout], daemon=True).start()
+            return proc
+        if proc.poll() is not None:
+            break
+    log.flush()
+    raise RuntimeError(f"{name}: the cluster did not start (see {log.name})")
+
+
+def _poll_step_times(url: str, stop: threading.Event, samples: list) -> None:
+    while not stop.is_set():
+        try:
+            with urllib.request.urlopen(url.replace("/v1", "/health"), timeout=5) as r:
+                health = json.load(r)
+            samples.append({k: v["mean_step_ms"] for k, v in health.get("instances", {}).items() if v["mean_step_ms"]})
+        except OSError:
+            pass
+        stop.wait(1.0)
+
+
+def _bench(args, url: str, rates: list[str], out: str, plot_dir: str) -> dict:
+    cmd = [sys.executable, "-m", "cluster.cli", "bench", "--url", url, "--sweep-rates", ",".join(rates),
+           "--num-requests", str(args.num_requests), "--input-len", str(args.input_len),
+           "--output-len", str(args.output_len), "--slo-ttft-ms", str(args.slo_ttft_ms),
+           "--slo-tpot-ms", str(args.slo_tpot_ms), "--duration-s", str(args.duration_s), "--seed", "1",
+           "--out", out, "--plot-dir", plot_dir]
+    subprocess.run(cmd, check=True, timeout=args.duration_s * len(rates) + 120)
+    with open(out) as f:
+        return json.load(f)
+
+
+def run_deployment(args, name: str, port: int) -> dict:
+    proc = _start(args, name, port, args.out_dir)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        samples: list = []
+        stop = threading.Event()
+        poller = threading.Thread(target=_poll_step_times, args=(url, stop, samples), daemon=True)
+        poller.start()
+        low = _bench(args, url, [args.rates[0]], os.path.join(args.out_dir, f"{name}_low.json"),
+                     os.path.join(args.out_dir, f"{name}_low_plots"))
+        stop.set()
+        sweep = _bench(args, url, args.rates, os.path.join(args.out_dir, f"{name}_sweep.json"),
+                       os.path.join(args.out_dir, f"{name}_plots"))
+        return {"low_rate": low, "sweep": sweep, "step_ms_samples": samples}
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--deployments", default="1p1d,colocated")
+    ap.add_argument("--rates", default="1,2,4")
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=2048)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--slo-ttft-ms", type=float, default=400)
+    ap.add_argument("--slo-tpot-ms", type=float, default=40)
+    ap.add_argument("--duration-s", type=float, default=60)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--start-timeout-s", type=float, default=240)
+    ap.add_argument("--out-dir", default="serve_results")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    args = ap.parse_args(argv)
+    args.rates = args.rates.split(",")
+    os.makedirs(args.out_dir, exist_ok=True)
+    results = {}
+    for i, name in enumerate(args.deployments.split(",")):
+        results[name] = run_deployment(args, name, 8100 + i)
+        print(json.dumps({name: {"goodput_vs_rate": results[name]["sweep"].get("goodput_vs_rate")}}), flush=True)
+    with open(os.path.join(args.out_dir, "serve_summary.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
