@@ -52,6 +52,20 @@ def test_openai_client_against_up(up):
     assert sum(1 for c in stream if c.choices and c.choices[0].text is not None) >= 1
     two = client.completions.create(model=model, prompt="Hello", max_tokens=4, n=2, extra_body={"ignore_eos": True})
     assert len(two.choices) == 2
+    base = client.completions.create(model=model, prompt="Count:", max_tokens=20, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = base[10:12]
+    cut = client.completions.create(model=model, prompt="Count:", max_tokens=20, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True}).choices[0]
+    assert cut.text == base[: base.index(stop)] and cut.finish_reason == "stop"
+    import concurrent.futures
+
+    def one(i):
+        return client.completions.create(model=model, prompt=f"q{i}", max_tokens=5,
+                                         extra_body={"ignore_eos": True}).usage.completion_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        assert list(pool.map(one, range(64), timeout=240)) == [5] * 64
 
 
 def test_hostile_requests_get_4xx_and_cluster_still_serves(up):
@@ -66,7 +80,7 @@ def test_hostile_requests_get_4xx_and_cluster_still_serves(up):
               json.dumps({"model": "tiny", "prompt": "a", "temperature": "hot"}).encode()]
     with httpx.Client(timeout=30) as http:
         model = http.get(f"{url}/models").json()["data"][0]["id"]
-        for i in range(200):  # bounded
+        for i in range(1000):  # bounded
             body = bodies[i % len(bodies)].replace(b'"tiny"', json.dumps(model).encode())
             r = http.post(f"{url}/completions", content=body, headers={"content-type": "application/json"})
             assert 400 <= r.status_code < 500, (body, r.status_code, r.text)
