@@ -89,12 +89,6 @@ class TPGroup:
         out = x.new_empty((self.size * x.shape[0], *x.shape[1:]))
         return Pending(self.group._allgather_base(out, x, AllgatherOptions()), out)
 
-    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
-        if self.size == 1:
-            return x
-        rows = self.all_gather_rows_async(x.reshape(-1, x.shape[-1])).wait()
-        return torch.cat(rows.view(self.size, -1, x.shape[-1]).unbind(0), dim=-1).view(*x.shape[:-1], -1)
-
     def gather_last_dim_to_first(self, x: torch.Tensor) -> torch.Tensor | None:
         """Rank 0 gets every rank's x concatenated on the last dim; the others get None."""
         if self.size == 1:
