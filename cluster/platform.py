@@ -20,8 +20,12 @@ class Platform:
     dist_backend: str  # gloo | nccl
     default_dtype: torch.dtype
 
-    def device(self, index: int = 0) -> torch.device:
-        return torch.device("cpu") if self.device_type == "cpu" else torch.device(self.device_type, index)
+    def device(self, index: int | None = None) -> torch.device:
+        """This process's device: the current CUDA device unless an index is given (Ray shows each
+        actor its own GPU as cuda:0; a multi-GPU process picks one with torch.cuda.set_device)."""
+        if self.device_type == "cpu":
+            return torch.device("cpu")
+        return torch.device(self.device_type, torch.cuda.current_device() if index is None else index)
 
     def resolve_dtype(self, name: str) -> torch.dtype:
         return self.default_dtype if name == "auto" else _DTYPES[name]

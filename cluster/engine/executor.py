@@ -131,8 +131,8 @@ class MultiProcExecutor(Executor):
                 self._kill_all()
                 raise InstanceFailed(f"instance failed to start: {dead}")
         if "error" in result:
+            dead = self._dead_ranks(wait_s=FAILURE_GRACE_S)  # a rank's own error explains rank 0's best
             self._kill_all()
-            dead = self._dead_ranks(wait_s=FAILURE_GRACE_S)
             raise InstanceFailed(f"instance failed to start: {dead or result['error']}") from result["error"]
         self.worker = result["worker"]
         if platform.device_type == "cuda":
@@ -241,7 +241,6 @@ class MultiProcExecutor(Executor):
             proc.join(max(0.0, deadline - time.monotonic()))
         self._kill_all()
         self.worker.groups.abort()  # NCCL: drop the communicators now rather than in a destructor
-        torch.set_num_threads(self.num_threads)
 
     def _kill_all(self) -> None:
         for proc in self.procs:
@@ -249,6 +248,7 @@ class MultiProcExecutor(Executor):
                 proc.kill()
         for proc in self.procs:
             proc.join(JOIN_TIMEOUT_S)
+        torch.set_num_threads(self.num_threads)
 
 
 def make_executor(config: EngineConfig, platform, dtype: torch.dtype, arch, max_model_len: int,

@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -63,19 +64,21 @@ class BusyTimer:
         self.num_steps = 0
         self._pending: list = []
 
-    def start(self):
+    @contextlib.contextmanager
+    def busy(self, measure: bool):
+        """Count the enclosed compute (when `measure`)."""
+        if not measure:
+            yield
+            return
         if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def stop(self, started) -> None:
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
             end.record()
-            self._pending.append((started, end))
+            self._pending.append((start, end))
         else:
+            started = time.perf_counter()
+            yield
             self.busy_s += time.perf_counter() - started
 
     def settle(self) -> None:
@@ -119,12 +122,10 @@ class Worker:
         elif self._splits(plan, flags):
             logits = self._overlapped(plan, flags)
         else:
-            started = self.timer.start() if flags.measure else None
-            inputs = self.runner.upload(plan)
-            rows = self.runner.forward(inputs)[inputs.logits_indices]
-            logits = self.model.compute_logits(rows) if plan.logits_indices else None
-            if started is not None:
-                self.timer.stop(started)
+            with self.timer.busy(flags.measure):
+                inputs = self.runner.upload(plan)
+                rows = self.runner.forward(inputs)[inputs.logits_indices]
+                logits = self.model.compute_logits(rows) if plan.logits_indices else None
         if flags.measure:
             self.timer.settle()
         return logits
@@ -137,16 +138,13 @@ class Worker:
         return AttnInputs(self.runner.backend, inputs.meta, self.runner.kv_caches)
 
     def _overlapped(self, plan: StepPlan, flags: StepFlags) -> torch.Tensor | None:
-        started = self.timer.start() if flags.measure else None
         self.num_split_steps += 1
-        parts = [self.runner.upload(part) for part in split(plan, 2)]
-        batches = [(i.input_ids, i.positions, self._attn(i), None) for i in parts]
-        hiddens = self.model.forward_microbatches(batches, OverlapFlags(flags.overlap_tp, flags.overlap_ep))
-        rows = torch.cat([h[i.logits_indices] for h, i in zip(hiddens, parts)])
-        logits = self.model.compute_logits(rows) if plan.logits_indices else None
-        if started is not None:
-            self.timer.stop(started)
-        return logits
+        with self.timer.busy(flags.measure):
+            parts = [self.runner.upload(part) for part in split(plan, 2)]
+            batches = [(i.input_ids, i.positions, self._attn(i), None) for i in parts]
+            hiddens = self.model.forward_microbatches(batches, OverlapFlags(flags.overlap_tp, flags.overlap_ep))
+            rows = torch.cat([h[i.logits_indices] for h, i in zip(hiddens, parts)])
+            return self.model.compute_logits(rows) if plan.logits_indices else None
 
     def _pipelined(self, plan: StepPlan, flags: StepFlags, num_microbatches: int) -> torch.Tensor | None:
         plans = split(plan, num_microbatches)
@@ -155,27 +153,22 @@ class Worker:
         is_last = self.groups.pipe.is_last
 
         def forward_part(m: int, hidden: torch.Tensor | None) -> torch.Tensor | None:
-            started = self.timer.start() if flags.measure else None
             inputs = parts[m]
-            out = self.model(inputs.input_ids, inputs.positions, self._attn(inputs), hidden)
-            if is_last:
-                out = out[inputs.logits_indices] if plans[m].logits_indices else None
-            if started is not None:
-                self.timer.stop(started)
-            return out
+            with self.timer.busy(flags.measure):
+                out = self.model(inputs.input_ids, inputs.positions, self._attn(inputs), hidden)
+            if not is_last:
+                return out
+            return out[inputs.logits_indices] if plans[m].logits_indices else None  # normed rows that sample
 
         sizes = [(p.num_tokens, len(p.logits_indices)) for p in plans]
         returns = run_stage(self.groups.pipe, sizes, forward_part, self.arch.hidden_size, self.dtype, self.device, flags.async_pp)
         logits = []
-        for pending in returns:
+        for pending in returns:  # stage 0: each micro-batch's logits as its rows come back
             if pending is not None:
-                started = self.timer.start() if flags.measure else None
-                logits.append(self.model.compute_logits(pending.wait()))
-                if started is not None:
-                    self.timer.stop(started)
-        if not logits or logits[0] is None:
-            return None
-        return torch.cat(logits)
+                hidden = pending.wait()
+                with self.timer.busy(flags.measure):
+                    logits.append(self.model.compute_logits(hidden))
+        return torch.cat(logits) if logits and logits[0] is not None else None
 
     # -- statistics ----------------------------------------------------------------
     def stats_vector(self, reset: bool) -> torch.Tensor:

@@ -130,18 +130,25 @@ def test_instance_matches_single_process(reference, case):
 
 
 def test_tp2_pp2_through_the_llm_api(checkpoint_dir):
-    """Four processes: 2 stages x 2 tensor-parallel ranks, started by LLM itself, timed stages."""
+    """Four processes, 2 stages x 2 tensor-parallel ranks, started by LLM itself; stages timed."""
     from cluster import LLM
 
     model_dir = checkpoint_dir("qwen3")
     prompts = _prompts(model_dir)
-    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     kwargs = dict(model=model_dir, device="cpu", max_num_batched_tokens=BUDGET_TOKENS, progress=False)
-    expected = [o.outputs[0].token_ids for o in LLM(**kwargs).generate(prompts, params)]
+
+    def outputs(llm):
+        return [[(t, lp.logprob, sorted(lp.top.values())) for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
+                for o in llm.generate(prompts, PARAMS)]
+
+    expected = outputs(LLM(**kwargs))
     with LLM(**kwargs, tensor_parallel_size=2, pipeline_parallel_size=2) as llm:
         executor = llm.engine.executor
         executor.set_flags(measure=True)
-        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
+        _assert_same(outputs(llm), expected)
+        executor.set_flags(num_microbatches=3, async_pp=False)
+        _assert_same(outputs(llm), expected)  # the second time every shared prefix is cached
+        assert llm.engine.kv.prefix_hit_rate() > 0
         stats = executor.stats()
     assert len(stats["busy_s"]) == 4 and all(busy > 0 for busy in stats["busy_s"])
     assert stats["num_measured_steps"] > NEW_TOKENS
