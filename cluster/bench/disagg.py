@@ -25,29 +25,40 @@ from cluster.config import CacheConfig, DisaggConfig, EngineConfig, ModelConfig,
 from cluster.types import Role, SamplingParams
 
 
-def _engine(model: str, role: Role, gpu: int):
+def _engine(model: str, role: Role, gpu: int, device: str = "cuda"):
+    from cluster.config import RunnerConfig
     from cluster.engine.engine import Engine
 
-    torch.cuda.set_device(gpu)
-    cfg = EngineConfig(model=ModelConfig(path=model, dtype="bfloat16", max_model_len=8192),
+    if device == "cuda":
+        torch.cuda.set_device(gpu)
+    cfg = EngineConfig(model=ModelConfig(path=model, dtype="bfloat16" if device == "cuda" else "float32", max_model_len=None),
+                       runner=RunnerConfig(device=device),
                        cache=CacheConfig(gpu_memory_fraction=0.8, enable_prefix_caching=False),
                        scheduler=SchedulerConfig(max_num_batched_tokens=8192))
     return Engine(cfg, role=role, progress=False)
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _cuda_time(fn, iters: int) -> float:
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     for _ in range(iters):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     return (time.perf_counter() - t0) / iters
+
+
+DEVICE = ["cuda"]
 
 
 def _raw_nccl(group, my_rank: int, sizes: list[int], iters: int = 10) -> dict:
     out = {}
     for size in sizes:
-        buf = torch.empty(size, dtype=torch.uint8, device="cuda")
+        buf = torch.empty(size, dtype=torch.uint8, device=DEVICE[0])
 
         def once():
             (group.send([buf], 1, 0) if my_rank == 0 else group.recv([buf], 0, 0)).wait()
@@ -62,15 +73,16 @@ def prefill_main(args, q_to_decode, q_from_decode, results):
     from cluster.disagg.prefill import PrefillWorker
     from cluster.disagg.transfer.torchdist import TorchDistTransport
 
-    engine = _engine(args.model, Role.PREFILL, 0)
-    transport = TorchDistTransport("P", backend="nccl", timeout_s=60)
+    DEVICE[0] = args.device
+    engine = _engine(args.model, Role.PREFILL, 0, args.device)
+    transport = TorchDistTransport("P", backend=engine.platform.dist_backend, timeout_s=60)
     worker = PrefillWorker(engine, transport, DisaggConfig(transfer_timeout_s=60))
     transport.connect("D", q_from_decode.get(), is_master=False)
     link = transport.links["D"]
     layer_bytes = _layer_bytes(engine, args.prompt_len)
     sizes = [layer_bytes, layer_bytes * engine.arch.num_layers]
     results["raw_nccl"] = _raw_nccl(link.group, link.my_rank, sizes)
-    prompt = [100 + (i * 7) % 5000 for i in range(args.prompt_len)]
+    prompt = [100 + (i * 7) % min(5000, engine.arch.vocab_size - 200) for i in range(args.prompt_len)]
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     # colocated TTFT: the same engine, no transfer
     ttft_colo = []
@@ -106,12 +118,12 @@ def prefill_main(args, q_to_decode, q_from_decode, results):
     q_to_decode.put(("expect", 1000, prompt))
     assert q_from_decode.get() == "reserved"
     plan_blocks = seq.block_ids[: -(-len(prompt) // engine.kv.block_size)]
-    torch.cuda.synchronize()
+    _sync()
     for layer in range(engine.arch.num_layers):
         k, v = engine.runner.read_kv(layer, plan_blocks)
         transport.send_layer("D", 1000, layer, engine.arch.num_layers + 1, torch.stack((k, v)))
     transport.send_layer("D", 1000, engine.arch.num_layers, engine.arch.num_layers + 1,
-                         torch.tensor([seq.token_ids[-1]], device="cuda"))
+                         torch.tensor([seq.token_ids[-1]], device=engine.device))
     results["transfer_only"] = q_from_decode.get()
     q_to_decode.put(("stop", 0, None))
 
@@ -120,8 +132,9 @@ def decode_main(args, q_to_decode, q_from_decode, results):
     from cluster.disagg.decode import DecodeWorker
     from cluster.disagg.transfer.torchdist import TorchDistTransport
 
-    engine = _engine(args.model, Role.DECODE, 1)
-    transport = TorchDistTransport("D", backend="nccl", timeout_s=60)
+    DEVICE[0] = args.device
+    engine = _engine(args.model, Role.DECODE, 1, args.device)
+    transport = TorchDistTransport("D", backend=engine.platform.dist_backend, timeout_s=60)
     worker = DecodeWorker(engine, transport, DisaggConfig(transfer_timeout_s=60))
     q_from_decode.put(transport.listen())
     transport.connect("P", transport.listen(), is_master=True)
@@ -179,6 +192,7 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-len", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="disagg_bench.json")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: gloo plumbing check")
     args = ap.parse_args(argv)
     if args.make_llama8b and not os.path.isdir(args.model):
         from cluster.models.make import make_model
