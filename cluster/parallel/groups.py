@@ -30,6 +30,7 @@ library is one more entry in `_BACKENDS`.
 from __future__ import annotations
 
 import datetime
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -219,10 +220,29 @@ class InstanceGroups:
                 pg.abort()
 
 
-def serve_store(addr: str, port: int, world_size: int, timeout_s: float) -> dist.TCPStore:
-    """The driver's rendezvous store; port 0 picks a free one (read it back from `.port`)."""
-    return dist.TCPStore(addr, port, world_size, is_master=True, wait_for_workers=False,
-                         timeout=datetime.timedelta(seconds=timeout_s))
+def serve_store(addr: str, port: int, world_size: int | None, timeout_s: float) -> dist.TCPStore:
+    """A rendezvous store listening on `addr` only; port 0 picks a free one (read it back from `.port`).
+
+    TCPStore alone listens on every interface; binding the socket ourselves keeps a store on
+    127.0.0.1 local to the host. The store takes the socket's descriptor over (`detach`).
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+    sock.bind((addr, port))
+    sock.listen(128)
+    bound_port = sock.getsockname()[1]
+    return dist.TCPStore(addr, bound_port, world_size, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout_s), master_listen_fd=sock.detach(), use_libuv=False)
+
+
+def pair_group(store, name: str, rank: int, kind: str, timeout_s: float, host_addr: str):
+    """A 2-rank backend group made at run time between two processes (the disaggregation KV links).
+
+    Both sides call this at once with the same `name`; rank 0 is the side whose store it is.
+    Returns the raw backend (gloo or NCCL), whose send/recv take a peer rank and a tag.
+    """
+    timeout = datetime.timedelta(seconds=timeout_s)
+    backend, _, _ = _BACKENDS[kind](dist.PrefixStore(name, store), rank, 2, timeout, host_addr)
+    return backend
 
 
 def dial_store(addr: str, port: int, world_size: int, timeout_s: float) -> dist.TCPStore:

@@ -17,15 +17,14 @@ gets links without restarting anyone:
 from __future__ import annotations
 
 import datetime
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from cluster.disagg.transfer.base import KVTransport, TransferState, tag_of
+from cluster.parallel.groups import dial_store, pair_group, serve_store
 
 
 @dataclass
@@ -67,33 +66,20 @@ class TorchDistTransport(KVTransport):
     # -- links -----------------------------------------------------------------
     def listen(self) -> str:
         if self.store is None:
-            # bind the rendezvous socket ourselves: TCPStore alone would listen on every interface
-            self.listen_socket = socket.socket()
-            self.listen_socket.bind((self.host, 0))
-            self.listen_socket.listen(64)
-            port = self.listen_socket.getsockname()[1]
-            self.store = dist.TCPStore(self.host, port, is_master=True, wait_for_workers=False, timeout=self.timeout,
-                                       master_listen_fd=self.listen_socket.fileno(), use_libuv=False)
-            self.address = f"{self.host}:{port}"
+            self.store = serve_store(self.host, 0, None, self.timeout.total_seconds())
+            self.address = f"{self.host}:{self.store.port}"
         return self.address
 
     def connect(self, peer_id: str, address: str, is_master: bool) -> None:
         """Both sides call this (concurrently); `address` is the master side's listen()."""
         host, port = address.rsplit(":", 1)
-        store = self.store if is_master else dist.TCPStore(host, int(port), is_master=False, timeout=self.timeout)
+        store = self.store if is_master else dial_store(host, int(port), None, self.timeout.total_seconds())
         pair = "/".join(sorted([self.endpoint_id, peer_id]))
         epoch = self.epochs[peer_id] = self.epochs.get(peer_id, 0) + 1  # both sides count reconnects alike
-        prefixed = dist.PrefixStore(f"link/{pair}/{epoch}", store)
-        rank = 0 if is_master else 1
-        if self.backend == "nccl":
-            group = dist.ProcessGroupNCCL(prefixed, rank, 2, dist.ProcessGroupNCCL.Options())
-        else:
-            options = dist.ProcessGroupGloo._Options()
-            options._timeout = self.timeout
-            options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]  # pairs bind this address only
-            group = dist.ProcessGroupGloo(prefixed, rank, 2, options)
+        group = pair_group(store, f"link/{pair}/{epoch}", 0 if is_master else 1, self.backend,
+                           self.timeout.total_seconds(), self.host)
         with self.lock:
-            self.links[peer_id] = _Link(group, rank)
+            self.links[peer_id] = _Link(group, 0 if is_master else 1)
 
     def has_link(self, peer_id: str) -> bool:
         return peer_id in self.links
