@@ -184,24 +184,37 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
-def from_dict(cls, data: dict | None, owner: str | None = None):
-    """Build a (nested) config dataclass from plain dicts, naming unknown keys."""
+def from_dict(cls, data: dict | None, owner: str | None = None, base=None):
+    """Build a (nested) config dataclass from plain dicts, naming unknown keys.
+
+    A nested mapping overrides only the keys it names: `prefill: {tp: 2}` keeps the
+    prefill pool's other defaults (its one instance), it does not reset them.
+    """
     owner = owner or cls.__name__
     data = dict(data or {})
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"{owner}: unknown field(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    kwargs = {}
+    kwargs = {f.name: getattr(base, f.name) for f in fields(cls)} if base is not None else {}
     for name, value in data.items():
         sub = _nested_config_type(cls, known[name])
-        kwargs[name] = from_dict(sub, value, f"{owner}.{name}") if sub and isinstance(value, dict) else value
+        if sub and isinstance(value, dict):
+            current = kwargs.get(name, _field_default(known[name]))
+            value = from_dict(sub, value, f"{owner}.{name}", current)
+        kwargs[name] = value
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{owner}: {exc}") from None
     except ConfigError as exc:  # name the path in the file, not just the class (prefill.tp, not PoolConfig.tp)
         raise ConfigError(f"{owner}: {exc}" if owner != cls.__name__ else str(exc)) from None
+
+
+def _field_default(f):
+    from dataclasses import MISSING
+
+    return f.default_factory() if f.default_factory is not MISSING else None
 
 
 def _nested_config_type(cls, f):
@@ -295,6 +308,11 @@ class ClusterConfig:
             raise ConfigError("ClusterConfig: a disaggregated deployment needs prefill.instances >= 1 and decode.instances >= 1")
         if not disagg and self.mixed.instances == 0:
             raise ConfigError("ClusterConfig: no instances: set mixed.instances, or prefill and decode instances")
+        for name in ("prefill", "decode"):  # KV hand-over reads/writes rank 0's shard only, so far
+            pool = getattr(self, name)
+            if pool.instances and (pool.tp > 1 or pool.pp > 1):
+                raise ConfigError(f"ClusterConfig.{name}: tp/pp > 1 is not supported for disaggregated pools yet "
+                                  f"(got tp={pool.tp}, pp={pool.pp}); use a mixed pool for multi-device instances")
 
     @property
     def disaggregated(self) -> bool:

@@ -56,8 +56,17 @@ def start_instance(config: ClusterConfig, role: Role):
         num_gpus=pool.num_gpus_per_rank * num_ranks,
         max_concurrency=64,
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True),
-    ).remote(instance_id, role, config.engine, config.disagg)
+    ).remote(instance_id, role, _engine_config(config.engine, pool), config.disagg)
     return instance_id, actor, group
+
+
+def _engine_config(engine, pool):
+    """The pool's layout decides the instance's ranks (its actor spawns ranks 1..tp*pp-1 itself)."""
+    from dataclasses import replace
+
+    parallel = replace(engine.parallel, tensor_parallel_size=pool.tp, pipeline_parallel_size=pool.pp,
+                       expert_parallel_size=pool.tp if engine.parallel.expert_parallel_size > 1 else 1)
+    return replace(engine, parallel=parallel)
 
 
 def model_info(config: ClusterConfig):

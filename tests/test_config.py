@@ -1,0 +1,41 @@
+"""Config: YAML in, frozen dataclasses out; every error names the field."""
+import pytest
+
+from cluster.config import ClusterConfig, ConfigError, from_dict, load_cluster_config
+
+
+def test_examples_load():
+    for name in ("1p1d", "2p1d", "colocated", "1p1d-redis"):
+        config = load_cluster_config(f"examples/{name}.yaml")
+        assert config.disaggregated == (name != "colocated")
+
+
+def test_nested_keys_override_only_what_they_name():
+    config = from_dict(ClusterConfig, {"decode": {"num_cpus_per_rank": 0.25}, "engine": {"cache": {"block_size": 32}}})
+    assert config.decode.instances == 1 and config.decode.num_cpus_per_rank == 0.25
+    assert config.engine.cache.block_size == 32 and config.engine.cache.enable_prefix_caching
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"prefill": {"instancez": 2}}, "ClusterConfig.prefill: unknown field"),
+    ({"prefill": {"tp": 0}}, "ClusterConfig.prefill: PoolConfig.tp=0"),
+    ({"engine": {"cache": {"block_size": "x"}}}, "CacheConfig.block_size='x'"),
+    ({"prefill": {"tp": 2}}, "ClusterConfig.prefill: tp/pp > 1"),
+    ({"prefill": {"instances": 0}}, "prefill.instances >= 1"),
+    ({"api": {"port": 70000}}, "ApiConfig.port=70000"),
+    ({"store": {"redis_url": "http://x"}}, "StoreConfig.redis_url"),
+    ({"disagg": {"on_failure": "shrug"}}, "DisaggConfig.on_failure"),
+])
+def test_bad_values_name_the_field(data, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+        from_dict(ClusterConfig, data)
+
+
+def test_bad_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("engine: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_cluster_config(str(bad))
+    bad.write_text("- a list")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_cluster_config(str(bad))
