@@ -46,13 +46,14 @@ class StepFlags:
     overlap_ep: bool = False
     async_pp: bool = True
     measure: bool = False  # time this rank's compute (bubbles, overlap) into its stats
+    eager: bool = False  # skip captured CUDA graphs (benchmarks: overlap on vs off, both eager)
 
     def encode(self) -> int:
-        return self.overlap_tp | self.overlap_ep << 1 | self.async_pp << 2 | self.measure << 3
+        return self.overlap_tp | self.overlap_ep << 1 | self.async_pp << 2 | self.measure << 3 | self.eager << 4
 
     @staticmethod
     def decode(bits: int) -> "StepFlags":
-        return StepFlags(bool(bits & 1), bool(bits & 2), bool(bits & 4), bool(bits & 8))
+        return StepFlags(*(bool(bits >> i & 1) for i in range(5)))
 
 
 class BusyTimer:
@@ -124,7 +125,11 @@ class Worker:
         else:
             with self.timer.busy(flags.measure):
                 inputs = self.runner.upload(plan)
-                rows = self.runner.forward(inputs)[inputs.logits_indices]
+                if flags.eager:
+                    hidden = self.model(inputs.input_ids, inputs.positions, self._attn(inputs))
+                else:
+                    hidden = self.runner.forward(inputs)
+                rows = hidden[inputs.logits_indices]
                 logits = self.model.compute_logits(rows) if plan.logits_indices else None
         if flags.measure:
             self.timer.settle()

@@ -2,7 +2,8 @@
 
   (1) join a Ray cluster (`ray_address`) or start a local one bound to loopback;
   (2) start each pool's instances as Ray actors, one placement group per instance
-      (its tp x pp ranks' CPUs/GPUs reserved together);
+      (its tp x pp ranks' CPUs/GPUs reserved together, on one host: the actor is the
+      instance's rank 0 and spawns the other ranks itself);
   (3) build the ClusterClient (router + state store) and join every instance;
   (4) serve the OpenAI API (and `POST /admin/instances` to add an instance at run time)
       until SIGINT/SIGTERM, then stop the actors and Ray.
@@ -47,8 +48,11 @@ def start_instance(config: ClusterConfig, role: Role):
 
     pool = {Role.PREFILL: config.prefill, Role.DECODE: config.decode, Role.MIXED: config.mixed}[role]
     num_ranks = pool.tp * pool.pp
-    bundle = {"CPU": pool.num_cpus_per_rank} | ({"GPU": pool.num_gpus_per_rank} if pool.num_gpus_per_rank else {})
-    group = placement_group([bundle] * num_ranks, strategy="STRICT_PACK")
+    # the actor is rank 0 and spawns the instance's other ranks on its host: one bundle holds them all
+    bundle = {"CPU": pool.num_cpus_per_rank * num_ranks}
+    if pool.num_gpus_per_rank:
+        bundle["GPU"] = pool.num_gpus_per_rank * num_ranks
+    group = placement_group([bundle], strategy="STRICT_PACK")
     instance_id = f"{role.value}-{next(_ids)}"
     actor = ray.remote(InstanceActor).options(
         name=f"llm-cluster-{instance_id}-{os.getpid()}",

@@ -141,3 +141,21 @@ def test_client_disconnect_frees_kv_on_both_pools(cluster):
             return
         time.sleep(0.2)
     raise AssertionError(f"KV not freed after the client left: {stats}")
+
+
+def test_mixed_pool_of_tp2_instances(tiny_model, reference):
+    from dataclasses import replace
+
+    from cluster.config import PoolConfig
+
+    config = cluster_config(tiny_model, prefill=0, decode=0, mixed=1)
+    running = RunningCluster(replace(config, mixed=PoolConfig(instances=1, tp=2, num_cpus_per_rank=0.25)))
+    try:
+        client = _openai(running)
+        prompt = list(range(3, 60))
+        got = client.completions.create(model="llama", prompt=prompt, max_tokens=12, temperature=0.0,
+                                        extra_body={"ignore_eos": True})
+        want = reference.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
+        assert got.choices[0].text == want.outputs[0].text
+    finally:
+        running.stop()
