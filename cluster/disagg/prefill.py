@@ -4,7 +4,8 @@
       which decode peer, which transfer id;
   (2) in the step where a request's last prompt chunk runs, `begin_step` returns a
       hook the model calls after every layer: layer l's KV leaves (an async send)
-      while layer l+1 computes;
+      while layer l+1 computes (a multi-rank instance instead gathers all heads from its
+      ranks after the step and sends every layer then);
   (3) after the step the first token is sampled and sent as the transfer's last
       message; the request's deltas (that first token) go back to the router;
   (4) `poll` frees a request's blocks once its sends are done and the decode side
@@ -42,6 +43,7 @@ class PrefillWorker:
         self.sending: list[tuple] = []  # (seq, plan) whose prompt completes in this step
         engine.kv_stream = self
         self.num_layers = engine.arch.num_layers
+        self.multi_rank = engine.config.parallel.world_size > 1
         self.bytes_sent = 0
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, peer_id: str,
@@ -55,7 +57,9 @@ class PrefillWorker:
                         if item.samples and item.seq.request_id in self.plans]
         for _, plan in self.sending:
             plan.started_s = time.monotonic()
-        return self._send_layer if self.sending else None
+        # one rank: each layer leaves as soon as it is written; several ranks: all layers after the
+        # step, gathered from the ranks' head shards (the decode side may have another tp size)
+        return self._send_layer if self.sending and not self.multi_rank else None
 
     def _send_layer(self, layer_id: int) -> None:
         for seq, plan in self.sending:
@@ -66,8 +70,17 @@ class PrefillWorker:
             self.transport.send_layer(plan.peer_id, plan.transfer_id, layer_id, self.num_layers + 1, kv)
 
     # -- (3) after the step ----------------------------------------------------------------
+    def _send_gathered(self) -> None:
+        for seq, plan in self.sending:
+            num_blocks = -(-seq.num_prompt_tokens // self.engine.kv.block_size)
+            for layer_id, kv in enumerate(self.engine.executor.gather_kv(seq.block_ids[:num_blocks])):
+                self.bytes_sent += kv.numel() * kv.element_size()
+                self.transport.send_layer(plan.peer_id, plan.transfer_id, layer_id, self.num_layers + 1, kv)
+
     def step(self) -> list[TokenDelta]:
         deltas = self.engine.step()
+        if self.multi_rank:
+            self._send_gathered()
         for delta in deltas:
             plan = self.plans.get(delta.request_id)
             if plan is None or plan.first_sent:

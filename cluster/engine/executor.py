@@ -86,6 +86,10 @@ class UniExecutor(Executor):
     def execute(self, sched, on_layer_done=None) -> StepResult:
         return self.runner.execute(sched, on_layer_done)
 
+    def gather_kv(self, block_ids: list[int]) -> list[torch.Tensor]:
+        return [torch.stack(self.runner.read_kv(layer, block_ids)) for layer in range(len(self.runner.kv_caches))
+                if self.runner.kv_caches[layer] is not None]
+
 
 class MultiProcExecutor(Executor):
     def __init__(self, config: EngineConfig, platform, dtype: torch.dtype, max_model_len: int,
@@ -154,6 +158,19 @@ class MultiProcExecutor(Executor):
                 return StepResult({}, {})
             return self.runner.sample(logits.float(), plan.sampling_seqs)
         except RuntimeError as exc:  # gloo / NCCL report a dead or stuck peer as RuntimeError (DistError)
+            raise self._fail(exc) from exc
+
+    def gather_kv(self, block_ids: list[int]) -> list[torch.Tensor]:
+        """Every layer's KV of `block_ids`, all heads, on this (driver) rank: the KV hand-over's source."""
+        if self.config.parallel.pipeline_parallel_size > 1:
+            raise NotImplementedError("KV hand-over from a pipeline-parallel instance is not supported yet")
+        self._check_alive()
+        host = self.worker.groups.host
+        try:
+            host.broadcast(torch.tensor([int(Command.GATHER_KV), 0, len(block_ids), 0, 0, 0, 1, 0], dtype=torch.int64))
+            host.broadcast(torch.tensor(block_ids, dtype=torch.int64))
+            return self.worker.gather_kv(block_ids)
+        except RuntimeError as exc:
             raise self._fail(exc) from exc
 
     def set_flags(self, **changes) -> None:

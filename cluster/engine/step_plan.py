@@ -34,6 +34,7 @@ class Command(enum.IntEnum):
     STEP = 1  # run the plan in the payload
     STATS = 2  # send counters to the driver (no payload)
     SHUTDOWN = 3  # leave the loop
+    GATHER_KV = 4  # send rank 0 every layer's KV of the blocks in the payload (KV hand-over)
 
 
 @dataclass

@@ -115,6 +115,23 @@ class Worker:
         self.timer = BusyTimer(device)
         self.num_split_steps = 0  # steps run as two overlapping micro-batches, or through the pipeline in several
 
+    @torch.inference_mode()
+    def gather_kv(self, block_ids: list[int]) -> list[torch.Tensor] | None:
+        """Every layer's KV of `block_ids` with all KV heads, [2, blocks, block_size, heads, dim], on
+        rank 0 (None on the others): each rank's head shard, gathered over the tensor-parallel group."""
+        tp = self.groups.tp
+        layers = []
+        for layer_id in range(self.arch.num_layers):
+            k, v = self.runner.read_kv(layer_id, block_ids)
+            kv = torch.stack((k, v)).transpose(-1, -2)  # heads last, for a last-dim gather
+            gathered = tp.gather_last_dim_to_first(kv)
+            if gathered is None:
+                continue
+            full = gathered.transpose(-1, -2)
+            replicas = max(1, tp.size // self.arch.num_kv_heads)  # tp > kv heads: ranks hold copies
+            layers.append(full[..., ::replicas, :].contiguous() if replicas > 1 else full.contiguous())
+        return layers if tp.rank == 0 else None
+
     # -- (2) one step -------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: StepPlan, flags: StepFlags, num_microbatches: int = 1) -> torch.Tensor | None:
@@ -226,6 +243,9 @@ def serve(worker: Worker) -> None:
         command, bits, *_ = header.tolist()
         if command == Command.SHUTDOWN:
             return
+        if command == Command.GATHER_KV:
+            worker.gather_kv(host.broadcast(torch.empty(header[2].item(), dtype=torch.int64)).tolist())
+            continue
         if command == Command.STATS:
             host.gather_to_first(worker.stats_vector(reset=bool(bits)))
             continue

@@ -91,3 +91,35 @@ def test_failed_transfer_recomputes_after_the_first_token(checkpoint_dir):
     prefill.poll()
     assert prefill.engine.kv.num_free_blocks == prefill.engine.kv.num_blocks
     assert decode.engine.kv.num_free_blocks == decode.engine.kv.num_blocks
+
+
+def test_prefill_tp2_to_decode_tp1_reshards_kv_heads(checkpoint_dir):
+    """A 2-rank prefill instance (real processes, gloo) gathers its KV head shards for a 1-rank decode."""
+    from cluster.config import ParallelConfig
+
+    model_dir = checkpoint_dir("qwen2")
+    rng = random.Random(9)
+    prompts = [[rng.randrange(900) for _ in range(n)] for n in (5, 40, 90)]
+    expected = _expected(model_dir, prompts)
+    cfg = EngineConfig(model=ModelConfig(path=model_dir), cache=CacheConfig(num_blocks=200),
+                       parallel=ParallelConfig(tensor_parallel_size=2))
+    tp2 = Engine(cfg, role=Role.PREFILL, progress=False)
+    try:
+        hub = LoopbackHub()
+        p_t, d_t = LoopbackTransport(hub), LoopbackTransport(hub)
+        p_t.connect("D", d_t.listen(), False)
+        d_t.connect("P", p_t.listen(), True)
+        disagg = DisaggConfig(transport="loopback")
+        prefill, decode = PrefillWorker(tp2, p_t, disagg), DecodeWorker(_engine(model_dir, Role.DECODE), d_t, disagg)
+        got: dict = {}
+        for i, p in enumerate(prompts):
+            assert decode.reserve(str(i), p, PARAMS, "P", transfer_id=i)
+            prefill.submit(str(i), p, PARAMS, "D", transfer_id=i)
+        for _ in range(500):
+            for d in prefill.step() + decode.step():
+                got.setdefault(d.request_id, []).extend(d.token_ids)
+            if not (prefill.engine.has_unfinished() or decode.engine.has_unfinished() or decode.pending):
+                break
+        assert got == expected
+    finally:
+        tp2.executor.shutdown()

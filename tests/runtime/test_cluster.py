@@ -159,3 +159,21 @@ def test_mixed_pool_of_tp2_instances(tiny_model, reference):
         assert got.choices[0].text == want.outputs[0].text
     finally:
         running.stop()
+
+
+def test_prefill_tp2_decode_tp1_through_the_cluster(tiny_model, reference):
+    from dataclasses import replace
+
+    from cluster.config import PoolConfig
+
+    config = cluster_config(tiny_model, prefill=1, decode=1)
+    running = RunningCluster(replace(config, prefill=PoolConfig(instances=1, tp=2, num_cpus_per_rank=0.25)))
+    try:
+        client = _openai(running)
+        for prompt in (list(range(3, 60)), list(range(200, 233))):
+            got = client.completions.create(model="llama", prompt=prompt, max_tokens=12, temperature=0.0,
+                                            extra_body={"ignore_eos": True})
+            want = reference.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
+            assert got.choices[0].text == want.outputs[0].text
+    finally:
+        running.stop()
