@@ -55,6 +55,11 @@ def _cuda_time(fn, iters: int) -> float:
 DEVICE = ["cuda"]
 
 
+def _say(side: str, what: str) -> None:
+    """Progress lines, so a hang shows where it stopped (the first GPU run hung without a word)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {side}: {what}", flush=True)
+
+
 def _raw_nccl(group, my_rank: int, sizes: list[int], iters: int = 10) -> dict:
     out = {}
     for size in sizes:
@@ -77,11 +82,14 @@ def prefill_main(args, q_to_decode, q_from_decode, results):
     engine = _engine(args.model, Role.PREFILL, 0, args.device)
     transport = TorchDistTransport("P", backend=engine.platform.dist_backend, timeout_s=60)
     worker = PrefillWorker(engine, transport, DisaggConfig(transfer_timeout_s=60))
+    _say("prefill", "engine ready; connecting")
     transport.connect("D", q_from_decode.get(), is_master=False)
+    _say("prefill", "link made; raw send/recv")
     link = transport.links["D"]
     layer_bytes = _layer_bytes(engine, args.prompt_len)
     sizes = [layer_bytes, layer_bytes * engine.arch.num_layers]
     results["raw_nccl"] = _raw_nccl(link.group, link.my_rank, sizes)
+    _say("prefill", "raw send/recv done")
     prompt = [100 + (i * 7) % min(5000, engine.arch.vocab_size - 200) for i in range(args.prompt_len)]
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     # colocated TTFT: the same engine, no transfer
@@ -125,6 +133,7 @@ def prefill_main(args, q_to_decode, q_from_decode, results):
     transport.send_layer("D", 1000, engine.arch.num_layers, engine.arch.num_layers + 1,
                          torch.tensor([seq.token_ids[-1]], device=engine.device))
     results["transfer_only"] = q_from_decode.get()
+    _say("prefill", "transfer-only done")
     q_to_decode.put(("stop", 0, None))
 
 
@@ -137,7 +146,9 @@ def decode_main(args, q_to_decode, q_from_decode, results):
     transport = TorchDistTransport("D", backend=engine.platform.dist_backend, timeout_s=60)
     worker = DecodeWorker(engine, transport, DisaggConfig(transfer_timeout_s=60))
     q_from_decode.put(transport.listen())
+    _say("decode", "engine ready; connecting")
     transport.connect("P", transport.listen(), is_master=True)
+    _say("decode", "link made; raw send/recv")
     link = transport.links["P"]
     layer_bytes = _layer_bytes(engine, args.prompt_len)
     _raw_nccl(link.group, link.my_rank, [layer_bytes, layer_bytes * engine.arch.num_layers])
