@@ -35,7 +35,6 @@ def hbm_bandwidth_gb_s(num_bytes: int = 4 << 30) -> float:
     src = torch.empty(num_bytes // 2, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     ms = time_cuda_ms(lambda: dst.copy_(src), iters=10)
-    del src, dst
     return num_bytes / (ms / 1e3) / 1e9
 
 

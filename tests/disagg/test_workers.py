@@ -19,13 +19,31 @@ def _engine(model_dir, role, budget=8192):
     return Engine(cfg, role=role, progress=False)
 
 
-def _pair(model_dir, cfg=DisaggConfig(transport="loopback"), budget=8192):
+def _pair(model_dir, cfg=DisaggConfig(transport="loopback"), budget=8192, prefill_engine=None):
     hub = LoopbackHub()
     p_t, d_t = LoopbackTransport(hub), LoopbackTransport(hub)
     p_t.connect("D", d_t.listen(), False)
     d_t.connect("P", p_t.listen(), True)
-    return (PrefillWorker(_engine(model_dir, Role.PREFILL, budget), p_t, cfg),
+    return (PrefillWorker(prefill_engine or _engine(model_dir, Role.PREFILL, budget), p_t, cfg),
             DecodeWorker(_engine(model_dir, Role.DECODE), d_t, cfg))
+
+
+def _serve(prefill, decode, prompts) -> dict:
+    """Reserve on decode, prefill, stream, land, decode; confirm so prefill frees its copy."""
+    got: dict = {}
+    for i, p in enumerate(prompts):
+        assert decode.reserve(str(i), p, PARAMS, "P", transfer_id=i)
+        prefill.submit(str(i), p, PARAMS, "D", transfer_id=i)
+    for _ in range(500):
+        for d in prefill.step() + decode.step():
+            got.setdefault(d.request_id, []).extend(d.token_ids)
+        for rid in list(prefill.plans):
+            if rid not in decode.pending:
+                prefill.confirm(rid)
+        prefill.poll()
+        if not (prefill.engine.has_unfinished() or decode.engine.has_unfinished() or decode.pending or prefill.plans):
+            break
+    return got
 
 
 def _expected(model_dir, prompts):
@@ -46,19 +64,7 @@ def test_layerwise_streaming_gives_the_same_tokens(checkpoint_dir):
     expected = _expected(model_dir, prompts)
     # a small budget chunks the long prompts: KV of earlier chunks is streamed with the last one
     prefill, decode = _pair(model_dir, budget=48)
-    got: dict = {}
-    for i, p in enumerate(prompts):
-        assert decode.reserve(str(i), p, PARAMS, "P", transfer_id=i)
-        prefill.submit(str(i), p, PARAMS, "D", transfer_id=i)
-    for _ in range(500):
-        for d in prefill.step() + decode.step():
-            got.setdefault(d.request_id, []).extend(d.token_ids)
-        for rid in list(prefill.plans):
-            if rid not in decode.pending:
-                prefill.confirm(rid)
-        prefill.poll()
-        if not (prefill.engine.has_unfinished() or decode.engine.has_unfinished() or decode.pending or prefill.plans):
-            break
+    got = _serve(prefill, decode, prompts)
     assert got == expected
     assert prefill.bytes_sent > 0
     for engine in (prefill.engine, decode.engine):
@@ -105,21 +111,8 @@ def test_prefill_tp2_to_decode_tp1_reshards_kv_heads(checkpoint_dir):
                        parallel=ParallelConfig(tensor_parallel_size=2))
     tp2 = Engine(cfg, role=Role.PREFILL, progress=False)
     try:
-        hub = LoopbackHub()
-        p_t, d_t = LoopbackTransport(hub), LoopbackTransport(hub)
-        p_t.connect("D", d_t.listen(), False)
-        d_t.connect("P", p_t.listen(), True)
-        disagg = DisaggConfig(transport="loopback")
-        prefill, decode = PrefillWorker(tp2, p_t, disagg), DecodeWorker(_engine(model_dir, Role.DECODE), d_t, disagg)
-        got: dict = {}
-        for i, p in enumerate(prompts):
-            assert decode.reserve(str(i), p, PARAMS, "P", transfer_id=i)
-            prefill.submit(str(i), p, PARAMS, "D", transfer_id=i)
-        for _ in range(500):
-            for d in prefill.step() + decode.step():
-                got.setdefault(d.request_id, []).extend(d.token_ids)
-            if not (prefill.engine.has_unfinished() or decode.engine.has_unfinished() or decode.pending):
-                break
+        prefill, decode = _pair(model_dir, prefill_engine=tp2)
+        got = _serve(prefill, decode, prompts)
         assert got == expected
     finally:
         tp2.executor.shutdown()

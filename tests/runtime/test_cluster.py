@@ -1,7 +1,6 @@
 """The disaggregated cluster end to end: real Ray actors, gloo KV links, the openai client."""
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import random
 import subprocess
@@ -143,22 +142,27 @@ def test_client_disconnect_frees_kv_on_both_pools(cluster):
     raise AssertionError(f"KV not freed after the client left: {stats}")
 
 
+def _serves_like_one_engine(config, reference, prompts) -> None:
+    running = RunningCluster(config)
+    try:
+        client = _openai(running)
+        for prompt in prompts:
+            got = client.completions.create(model="llama", prompt=prompt, max_tokens=12, temperature=0.0,
+                                            extra_body={"ignore_eos": True})
+            want = reference.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
+            assert got.choices[0].text == want.outputs[0].text
+    finally:
+        running.stop()
+
+
 def test_mixed_pool_of_tp2_instances(tiny_model, reference):
     from dataclasses import replace
 
     from cluster.config import PoolConfig
 
     config = cluster_config(tiny_model, prefill=0, decode=0, mixed=1)
-    running = RunningCluster(replace(config, mixed=PoolConfig(instances=1, tp=2, num_cpus_per_rank=0.25)))
-    try:
-        client = _openai(running)
-        prompt = list(range(3, 60))
-        got = client.completions.create(model="llama", prompt=prompt, max_tokens=12, temperature=0.0,
-                                        extra_body={"ignore_eos": True})
-        want = reference.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
-        assert got.choices[0].text == want.outputs[0].text
-    finally:
-        running.stop()
+    _serves_like_one_engine(replace(config, mixed=PoolConfig(instances=1, tp=2, num_cpus_per_rank=0.25)), reference,
+                            [list(range(3, 60))])
 
 
 def test_prefill_tp2_decode_tp1_through_the_cluster(tiny_model, reference):
@@ -167,13 +171,5 @@ def test_prefill_tp2_decode_tp1_through_the_cluster(tiny_model, reference):
     from cluster.config import PoolConfig
 
     config = cluster_config(tiny_model, prefill=1, decode=1)
-    running = RunningCluster(replace(config, prefill=PoolConfig(instances=1, tp=2, num_cpus_per_rank=0.25)))
-    try:
-        client = _openai(running)
-        for prompt in (list(range(3, 60)), list(range(200, 233))):
-            got = client.completions.create(model="llama", prompt=prompt, max_tokens=12, temperature=0.0,
-                                            extra_body={"ignore_eos": True})
-            want = reference.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
-            assert got.choices[0].text == want.outputs[0].text
-    finally:
-        running.stop()
+    _serves_like_one_engine(replace(config, prefill=PoolConfig(instances=1, tp=2, num_cpus_per_rank=0.25)), reference,
+                            [list(range(3, 60)), list(range(200, 233))])
