@@ -72,6 +72,11 @@ class _SamplingFields(_Request):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM's extension: every content chunk carries the usage so far (load tools count tokens per chunk)."""
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
+
     def _sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """ValueError (naming the SamplingParams field) if the combination is invalid."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

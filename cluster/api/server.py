@@ -84,7 +84,7 @@ class OpenAIServer:
         run = self._run(response_id, prompts, params, start_s, "prompt")
         await self._start(request, run)
         if body.stream:
-            return _SSEResponse(completion_sse(run, response_id, body.include_usage, self.strings), run)
+            return _SSEResponse(completion_sse(run, response_id, body.include_usage, self.strings, body.continuous_usage), run)
         choices = await self._collect(request, run, len(prompts) * params.n)
         out = []
         for index, c in enumerate(choices):
@@ -107,7 +107,7 @@ class OpenAIServer:
         run = self._run(response_id, [prompt], params, start_s, "messages")
         await self._start(request, run)
         if body.stream:
-            return _SSEResponse(chat_sse(run, response_id, body.include_usage, self.strings), run)
+            return _SSEResponse(chat_sse(run, response_id, body.include_usage, self.strings, body.continuous_usage), run)
         choices = await self._collect(request, run, params.n)
         out = [ChatCompletionChoice(
             index=index, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason,

@@ -224,7 +224,8 @@ def _finish(delta: TokenDelta) -> tuple[str | None, str | int | None]:
     return (delta.finish_reason.value if delta.finish_reason else None), delta.stop_reason
 
 
-async def completion_sse(run: Run, response_id: str, include_usage: bool, strings: TokenStrings) -> AsyncIterator[str]:
+async def completion_sse(run: Run, response_id: str, include_usage: bool, strings: TokenStrings,
+                         continuous_usage: bool = False) -> AsyncIterator[str]:
     """The completions stream; whoever serves it must `run.close()` afterwards (the SSE response does)."""
     offsets: dict[int, int] = {}
     async for index, delta in run.deltas():
@@ -239,7 +240,8 @@ async def completion_sse(run: Run, response_id: str, include_usage: bool, string
             offsets[index] = strings.completion(delta.logprobs, logprobs, offsets.get(index, 0))
         reason, stop_reason = _finish(delta)
         chunk = CompletionResponse(id=response_id, model=run.model, choices=[CompletionChoice(
-            index=index, text=delta.text, logprobs=logprobs, finish_reason=reason, stop_reason=stop_reason)])
+            index=index, text=delta.text, logprobs=logprobs, finish_reason=reason, stop_reason=stop_reason)],
+            usage=run.usage() if continuous_usage else None)
         yield sse(chunk.model_dump_json(exclude=None if include_usage else {"usage"}))
     else:
         if include_usage:
@@ -247,7 +249,8 @@ async def completion_sse(run: Run, response_id: str, include_usage: bool, string
     yield DONE
 
 
-async def chat_sse(run: Run, response_id: str, include_usage: bool, strings: TokenStrings) -> AsyncIterator[str]:
+async def chat_sse(run: Run, response_id: str, include_usage: bool, strings: TokenStrings,
+                   continuous_usage: bool = False) -> AsyncIterator[str]:
     """The chat stream: a role chunk per choice, content chunks, usage, [DONE]; `run.close()` is the caller's."""
     exclude = None if include_usage else {"usage"}
 
@@ -266,7 +269,8 @@ async def chat_sse(run: Run, response_id: str, include_usage: bool, strings: Tok
         logprobs = ChatChoiceLogprobs(content=strings.chat(delta.logprobs)) if delta.logprobs is not None else None
         reason, stop_reason = _finish(delta)
         yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(content=delta.text or None), logprobs=logprobs,
-                                      finish_reason=reason, stop_reason=stop_reason)])
+                                      finish_reason=reason, stop_reason=stop_reason)],
+                    run.usage() if continuous_usage else None)
     else:
         if include_usage:
             yield chunk([], run.usage())

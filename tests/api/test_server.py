@@ -163,6 +163,11 @@ def test_completion_stream_equals_non_stream(served):
     assert chunks[-1].usage.completion_tokens == 20 and chunks[-1].usage.total_tokens > 20
     plain = list(api.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=5, stream=True, **GREEDY))
     assert all(c.usage is None for c in plain)
+    # vLLM's continuous_usage_stats: every content chunk says how many tokens so far
+    counted = list(api.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=20, stream=True, **GREEDY,
+                                          stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    so_far = [c.usage.completion_tokens for c in counted if c.choices]
+    assert so_far == sorted(so_far) and so_far[-1] == 20 and all(c.usage is not None for c in counted)
 
 
 def test_stop_strings(served):
