@@ -281,7 +281,9 @@ class ClusterClient(EngineClient):
 
     async def _retry(self, leg: Leg, why: str) -> None:
         """Restart a leg elsewhere from its prompt and the tokens the client already has."""
-        if leg.retries >= MAX_RETRIES or not self.pool(Role.DECODE if self.config.disaggregated else Role.MIXED):
+        # a mixed-pool leg carries all n completions; their tokens cannot be resumed as one prompt
+        several = not self.config.disaggregated and leg.spec.params.n > 1
+        if several or leg.retries >= MAX_RETRIES or not self.pool(Role.DECODE if self.config.disaggregated else Role.MIXED):
             leg.queue.put_nowait(error_delta(leg.leg_id, leg.index, f"instance failed and no retry was possible: {why[-200:]}"))
             leg.done = True
             return
