@@ -51,6 +51,15 @@ class Leg:
     done: bool = False
     expect_prefill_token: bool = True  # False once decode recomputes without it (prefill lost)
     confirmed: bool = False
+    finished_indices: set = field(default_factory=set)  # completions of this leg that have ended
+
+    def fail(self, message: str) -> None:
+        """End every completion of this leg that has not ended, with an error the client sees."""
+        indices = [self.index] if self.spec.params.n == 1 else range(self.spec.params.n)
+        for i in indices:
+            if i not in self.finished_indices:
+                self.queue.put_nowait(error_delta(self.leg_id, i, message))
+        self.done = True
 
 
 class ClusterClient(EngineClient):
@@ -258,8 +267,10 @@ class ClusterClient(EngineClient):
             return
         leg.output_ids.extend(delta.token_ids)
         if delta.finish_reason is not None:
-            leg.done = True
-            self._journal_finish(leg)
+            leg.finished_indices.add(delta.index)
+            if len(leg.finished_indices) >= (1 if self.config.disaggregated else leg.spec.params.n):
+                leg.done = True
+                self._journal_finish(leg)
         leg.queue.put_nowait(replace(delta, index=leg.index) if self.config.disaggregated else delta)
 
     # -- (5) failures ---------------------------------------------------------------------------
@@ -284,8 +295,7 @@ class ClusterClient(EngineClient):
         # a mixed-pool leg carries all n completions; their tokens cannot be resumed as one prompt
         several = not self.config.disaggregated and leg.spec.params.n > 1
         if several or leg.retries >= MAX_RETRIES or not self.pool(Role.DECODE if self.config.disaggregated else Role.MIXED):
-            leg.queue.put_nowait(error_delta(leg.leg_id, leg.index, f"instance failed and no retry was possible: {why[-200:]}"))
-            leg.done = True
+            leg.fail(f"instance failed and no retry was possible: {why[-200:]}")
             return
         p = leg.spec.params
         emitted = len(leg.output_ids)
@@ -300,8 +310,7 @@ class ClusterClient(EngineClient):
         try:
             await self._dispatch(leg)
         except Exception as exc:
-            leg.queue.put_nowait(error_delta(leg.leg_id, leg.index, f"retry failed: {exc}"))
-            leg.done = True
+            leg.fail(f"retry failed: {exc}")
 
     async def _confirm(self, leg: Leg) -> None:
         view = self.instances.get(leg.prefill_id)

@@ -91,3 +91,25 @@ def test_prefill_killed_mid_request_recomputes_on_decode(tiny_model, reference):
         assert ray.get(decode.handle.stats.remote())["num_recomputed"] >= 1
     finally:
         running.stop()
+
+
+def test_dead_mixed_instance_ends_every_completion_with_an_error(tiny_model):
+    running = RunningCluster(cluster_config(tiny_model, prefill=0, decode=0, mixed=1))
+    try:
+        client = running.client
+        params = SamplingParams(max_tokens=1500, temperature=1.0, n=2, seed=3, ignore_eos=True)
+
+        async def scenario():
+            async def kill_at(num_tokens):
+                if num_tokens == 10:
+                    running.cluster.kill_instance(client.legs["m"].decode_id)
+
+            t0 = time.monotonic()
+            result = await asyncio.wait_for(_collect(client, "m", list(range(5, 25)), params, kill_at), timeout=30)
+            return result, time.monotonic() - t0
+
+        (_, reasons, errors), seconds = running.run(scenario(), timeout_s=60)
+        assert sorted(r.value for r in reasons) == ["error", "error"] and all(errors)
+        assert seconds < 15
+    finally:
+        running.stop()
