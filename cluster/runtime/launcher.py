@@ -22,20 +22,22 @@ from cluster.types import Role
 _ids = itertools.count()
 
 
-def start_ray(config: ClusterConfig, num_cpus: int | None = None) -> None:
+def start_ray(config: ClusterConfig, num_cpus: int | None = None) -> bool:
+    """Join or start Ray; True if this call started a local Ray (its caller shuts it down)."""
     if not config.ray_address:
         # a local Ray stays on the loopback interface; Ray reads this when it is first imported
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if config.ray_address:
         ray.init(address=config.ray_address, log_to_driver=False)
-        return
+        return False
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus or max(4, os.cpu_count() or 1),
              _temp_dir=tempfile.mkdtemp(prefix="llm-cluster-ray-"), log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    return True
 
 
 def start_instance(config: ClusterConfig, role: Role):
@@ -94,13 +96,14 @@ class Cluster:
         self.groups: list = []
         self.client = None
         self.metrics = None
+        self.owns_ray = False
 
     async def start(self) -> None:
         from cluster.metrics import Metrics
         from cluster.runtime.cluster import ClusterClient
         from cluster.store import make_store
 
-        start_ray(self.config)
+        self.owns_ray = start_ray(self.config)
         self.metrics = Metrics()
         store = make_store(self.config.store.redis_url, namespace=self.config.store.namespace)
         self.client = ClusterClient(self.config, model_info(self.config), store, self.metrics)
@@ -140,12 +143,19 @@ class Cluster:
 
         if self.client is not None:
             await self.client.close()
+        from ray.util.placement_group import remove_placement_group
+
         for actor in self.actors.values():
             try:
                 ray.kill(actor, no_restart=True)
+            except Exception:  # already dead
+                pass
+        for group in self.groups:  # give the reserved CPUs/GPUs back to a Ray that outlives us
+            try:
+                remove_placement_group(group)
             except Exception:
                 pass
-        if not self.config.ray_address:
+        if self.owns_ray:  # a Ray this cluster joined (ray_address, or a test's) outlives it
             ray.shutdown()
 
 
