@@ -248,9 +248,12 @@ class ClusterClient(EngineClient):
                 return  # decode already went on without it
             leg.first_token = delta.token_ids[0] if delta.token_ids else None
             self._emit(leg, delta)
-            for held in leg.held:
-                self._emit(leg, held)
-            leg.held = []
+            held, leg.held = leg.held, []
+            for later in held:
+                self._emit(leg, later)
+            if held and not leg.confirmed:  # decode ran ahead of this poll: its KV had landed
+                leg.confirmed = True
+                await self._confirm(leg)
             if delta.finish_reason is not None:  # the first token already ended it
                 await self._abort_remote(leg.decode_id, leg.leg_id)
             return
