@@ -155,6 +155,11 @@ class Engine:
         if stop is not None and not seq.is_finished:
             self.scheduler.finish(seq, FinishReason.STOP, stop)
             new_text += text.flush()[0]
+        elif stop is not None and seq.finish_reason == FinishReason.PREFILLED:
+            # prefill role: the first token's text already holds a stop string, so the request ends
+            # here and nothing needs decoding (sends in flight copied their KV; the blocks can go)
+            seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop
+            self.scheduler.release(seq)
         if seq.is_finished and seq.finish_reason != FinishReason.PREFILLED:
             self.runner.forget(seq)
         delta = TokenDelta(seq.request_id, seq.index, [seq.token_ids[-1]], new_text,
