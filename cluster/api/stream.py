@@ -224,16 +224,28 @@ def _finish(delta: TokenDelta) -> tuple[str | None, str | int | None]:
     return (delta.finish_reason.value if delta.finish_reason else None), delta.stop_reason
 
 
-async def completion_sse(run: Run, response_id: str, include_usage: bool, strings: TokenStrings,
-                         continuous_usage: bool = False) -> AsyncIterator[str]:
-    """The completions stream; whoever serves it must `run.close()` afterwards (the SSE response does)."""
-    offsets: dict[int, int] = {}
+async def _events(run: Run, content_chunk, usage_chunk) -> AsyncIterator[str]:
+    """The body both streams share: one chunk per delta with something to say, the usage chunk
+    (when `usage_chunk` makes one), `[DONE]`; an engine error ends the stream with an error event."""
     async for index, delta in run.deltas():
         if delta.error is not None:
             yield _error_event(delta.error)
             break
-        if not (delta.text or delta.finish_reason or delta.logprobs):
-            continue
+        if delta.text or delta.finish_reason or delta.logprobs:
+            yield content_chunk(index, delta)
+    else:
+        tail = usage_chunk()
+        if tail is not None:
+            yield tail
+    yield DONE
+
+
+async def completion_sse(run: Run, response_id: str, include_usage: bool, strings: TokenStrings,
+                         continuous_usage: bool = False) -> AsyncIterator[str]:
+    """The completions stream; whoever serves it must `run.close()` afterwards (the SSE response does)."""
+    offsets: dict[int, int] = {}
+
+    def content(index: int, delta: TokenDelta) -> str:
         logprobs = None
         if delta.logprobs is not None:
             logprobs = CompletionLogprobs()
@@ -242,11 +254,15 @@ async def completion_sse(run: Run, response_id: str, include_usage: bool, string
         chunk = CompletionResponse(id=response_id, model=run.model, choices=[CompletionChoice(
             index=index, text=delta.text, logprobs=logprobs, finish_reason=reason, stop_reason=stop_reason)],
             usage=run.usage() if continuous_usage else None)
-        yield sse(chunk.model_dump_json(exclude=None if include_usage else {"usage"}))
-    else:
-        if include_usage:
-            yield sse(CompletionResponse(id=response_id, model=run.model, choices=[], usage=run.usage()).model_dump_json())
-    yield DONE
+        return sse(chunk.model_dump_json(exclude=None if include_usage else {"usage"}))
+
+    def usage() -> str | None:
+        if not include_usage:
+            return None
+        return sse(CompletionResponse(id=response_id, model=run.model, choices=[], usage=run.usage()).model_dump_json())
+
+    async for event in _events(run, content, usage):
+        yield event
 
 
 async def chat_sse(run: Run, response_id: str, include_usage: bool, strings: TokenStrings,
@@ -258,23 +274,17 @@ async def chat_sse(run: Run, response_id: str, include_usage: bool, strings: Tok
         return sse(ChatCompletionChunk(id=response_id, model=run.model, choices=choices, usage=usage)
                    .model_dump_json(exclude=exclude if usage is None else None))
 
-    n = run.calls[0].params.n
-    yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(n)])
-    async for index, delta in run.deltas():
-        if delta.error is not None:
-            yield _error_event(delta.error)
-            break
-        if not (delta.text or delta.finish_reason or delta.logprobs):
-            continue
+    def content(index: int, delta: TokenDelta) -> str:
         logprobs = ChatChoiceLogprobs(content=strings.chat(delta.logprobs)) if delta.logprobs is not None else None
         reason, stop_reason = _finish(delta)
-        yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(content=delta.text or None), logprobs=logprobs,
-                                      finish_reason=reason, stop_reason=stop_reason)],
-                    run.usage() if continuous_usage else None)
-    else:
-        if include_usage:
-            yield chunk([], run.usage())
-    yield DONE
+        return chunk([ChatStreamChoice(index=index, delta=DeltaMessage(content=delta.text or None), logprobs=logprobs,
+                                       finish_reason=reason, stop_reason=stop_reason)],
+                     run.usage() if continuous_usage else None)
+
+    n = run.calls[0].params.n
+    yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(n)])
+    async for event in _events(run, content, lambda: chunk([], run.usage()) if include_usage else None):
+        yield event
 
 
 def _error_event(error: str) -> str:

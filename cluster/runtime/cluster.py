@@ -21,45 +21,18 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from cluster.config import ClusterConfig
 from cluster.disagg.router import InstanceView, Router
 from cluster.engine.kv_cache import prefix_hashes
 from cluster.runtime.client import EngineClient, ModelInfo, Overloaded
-from cluster.runtime.instance import RequestSpec, error_delta
+from cluster.runtime.instance import RequestSpec
+from cluster.runtime.leg import Leg
 from cluster.types import FinishReason, Role, SamplingParams, TokenDelta
 
 log = logging.getLogger(__name__)
 MAX_RETRIES = 2
-
-
-@dataclass
-class Leg:
-    """One completion of a request as it moves through the pools."""
-
-    leg_id: str
-    index: int
-    spec: RequestSpec
-    queue: asyncio.Queue
-    prefill_id: str | None = None
-    decode_id: str | None = None
-    first_token: int | None = None
-    output_ids: list[int] = field(default_factory=list)
-    held: list[TokenDelta] = field(default_factory=list)  # decode deltas that arrived before the first token
-    retries: int = 0
-    done: bool = False
-    expect_prefill_token: bool = True  # False once decode recomputes without it (prefill lost)
-    confirmed: bool = False
-    finished_indices: set = field(default_factory=set)  # completions of this leg that have ended
-
-    def fail(self, message: str) -> None:
-        """End every completion of this leg that has not ended, with an error the client sees."""
-        indices = [self.index] if self.spec.params.n == 1 else range(self.spec.params.n)
-        for i in indices:
-            if i not in self.finished_indices:
-                self.queue.put_nowait(error_delta(self.leg_id, i, message))
-        self.done = True
 
 
 class ClusterClient(EngineClient):
