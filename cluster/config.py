@@ -104,6 +104,7 @@ class ParallelConfig:
     overlap_tp_comm: bool = False  # split big steps in two micro-batches; one's all-reduce runs while the other computes
     overlap_ep_comm: bool = False  # the same two micro-batches hide MoE dispatch/combine behind expert compute
     overlap_min_tokens: int = 512  # steps with fewer tokens are not split (decode would read the weights twice)
+    one_shot_all_reduce_max_bytes: int = 8 << 20  # CUDA: TP all-reduces up to this size go through peer memory, not NCCL; 0: off
     async_pp_send: bool = True  # a stage sends activations without waiting for the send before computing on
     num_pp_microbatches: int = 0  # micro-batches per step in flight through the stages; 0: pipeline_parallel_size
     master_addr: str = "127.0.0.1"  # where the driver's rendezvous store listens and gloo binds (ranks share a host)
@@ -120,6 +121,8 @@ class ParallelConfig:
                  self.expert_parallel_size, f"must be 1 or tensor_parallel_size ({self.tensor_parallel_size}): "
                  "experts are spread over the tensor-parallel ranks")
         _positive_int(owner, "overlap_min_tokens", self.overlap_min_tokens)
+        _require(isinstance(self.one_shot_all_reduce_max_bytes, int) and self.one_shot_all_reduce_max_bytes >= 0, owner,
+                 "one_shot_all_reduce_max_bytes", self.one_shot_all_reduce_max_bytes, "must be an integer >= 0 (0: off)")
         _require(isinstance(self.num_pp_microbatches, int) and self.num_pp_microbatches >= 0, owner,
                  "num_pp_microbatches", self.num_pp_microbatches, "must be an integer >= 0 (0: one per stage)")
         _require(isinstance(self.master_port, int) and 0 <= self.master_port < 65536, owner, "master_port",

@@ -165,7 +165,8 @@ def prefill_time(engine, args, variants: dict[str, dict]) -> list[dict]:
 
 # -- parts ---------------------------------------------------------------------------------
 def part_allreduce(args) -> dict[int, float]:
-    """{num_tokens: µs per all-reduce of [num_tokens, 4096] bf16}, measured in 2 spawned ranks."""
+    """{num_tokens: µs per all-reduce of [num_tokens, 4096] bf16 as the engine does it}, measured in 2
+    spawned ranks: NCCL and the one-shot peer-memory kernel side by side, each back to back and synced."""
     from cluster.parallel.groups import serve_store
 
     ctx = torch.multiprocessing.get_context("spawn")
@@ -176,16 +177,19 @@ def part_allreduce(args) -> dict[int, float]:
              for rank in range(2)]
     for p in procs:
         p.start()
-    results = queue.get(timeout=300)
+    results, info = queue.get(timeout=300)
     for p in procs:
         p.join(60)
-    for num_tokens, (loop_us, sync_us) in sorted(results.items()):
-        emit(args, {"part": "allreduce", "tokens": num_tokens, "bytes": num_tokens * args.hidden * 2,
-                    "loop_us": loop_us, "synced_us": sync_us})
-    return {n: loop for n, (loop, _) in results.items()}
+    engine_us = {}
+    for num_tokens, row in sorted(results.items()):
+        emit(args, {"part": "allreduce", "tokens": num_tokens, "bytes": num_tokens * args.hidden * 2, **row, **info})
+        engine_us[num_tokens] = row.get("one_shot_loop_us") or row["nccl_loop_us"]
+    return engine_us
 
 
 def _allreduce_rank(rank: int, port: int, sizes: list[int], queue, hidden: int, device_type: str) -> None:
+    from dataclasses import replace
+
     from cluster.parallel.groups import build_groups, dial_store
     from cluster.platform import current_platform
 
@@ -194,49 +198,71 @@ def _allreduce_rank(rank: int, port: int, sizes: list[int], queue, hidden: int, 
     sync = platform.synchronize
     store = dial_store("127.0.0.1", port, 2, 120)
     groups = build_groups(rank, ParallelConfig(tensor_parallel_size=2), platform.dist_backend, store)
-    groups.connect(device)
+    groups.connect(device, platform.default_dtype, ParallelConfig().one_shot_all_reduce_max_bytes)
+    ways = {"nccl": replace(groups.tp, one_shot=None)}
+    if groups.tp.one_shot is not None:
+        ways["one_shot"] = groups.tp
     out = {}
     for num_tokens in sizes:
         x = torch.randn(num_tokens, hidden, device=device, dtype=platform.default_dtype)
-        for _ in range(10):
-            groups.tp.all_reduce(x)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(100):  # back to back: what a step's string of all-reduces sees
-            groups.tp.all_reduce(x)
-        sync()
-        loop_us = (time.perf_counter() - t0) * 1e4  # s / 100 * 1e6
-        synced = []
-        for _ in range(50):
+        row = {}
+        for name, tp in ways.items():
+            if name == "one_shot" and not tp.one_shot.fits(x):
+                continue
+            for _ in range(10):
+                tp.all_reduce(x)
             sync()
             t0 = time.perf_counter()
-            groups.tp.all_reduce(x)
+            for _ in range(100):  # back to back: what a step's string of all-reduces sees
+                tp.all_reduce(x)
             sync()
-            synced.append((time.perf_counter() - t0) * 1e6)
-        out[num_tokens] = (loop_us, statistics.median(synced))
+            row[f"{name}_loop_us"] = (time.perf_counter() - t0) * 1e4  # s / 100 * 1e6
+            synced = []
+            for _ in range(50):
+                sync()
+                t0 = time.perf_counter()
+                tp.all_reduce(x)
+                sync()
+                synced.append((time.perf_counter() - t0) * 1e6)
+            row[f"{name}_synced_us"] = statistics.median(synced)
+        out[num_tokens] = row
     if rank == 0:
-        queue.put(out)
+        queue.put((out, {"one_shot": groups.tp.one_shot is not None, "one_shot_error": groups.one_shot_error}))
 
 
 def part_dense(args, allreduce_us: dict[int, float]) -> None:
     path = ensure_llama8b(args.llama_dir, args)
-    for tp in (1, 2):
+    # (tp, all-reduce path): TP=1; TP=2 as the engine runs it (one-shot peer memory for small
+    # messages); TP=2 on NCCL alone, the reference for what the one-shot kernel buys
+    for tp, way in ((1, "none"), (2, "engine"), (2, "nccl")):
         t0 = time.time()
-        engine = make_engine(path, args, tensor_parallel_size=tp)
-        emit(args, {"part": "dense", "tp": tp, "engine_start_s": time.time() - t0})
-        variants = {"single": {}} if tp == 1 else {
+        extra = {"one_shot_all_reduce_max_bytes": 0} if way == "nccl" else {}
+        engine = make_engine(path, args, tensor_parallel_size=tp, **extra)
+        info = {k: v for k, v in engine.executor.stats().items() if k.startswith("one_shot")} if tp > 1 else {}
+        emit(args, {"part": "dense", "tp": tp, "allreduce": way, "engine_start_s": time.time() - t0, **info})
+        variants = {"single": {}} if tp == 1 else {"overlap_off": dict(overlap_tp=False, eager=False)} if way == "nccl" else {
             "overlap_off": dict(overlap_tp=False, eager=False),  # CUDA graphs for decode
             "overlap_off_eager": dict(overlap_tp=False, eager=True),  # what "on" is fairly compared with
             "overlap_on": dict(overlap_tp=True, eager=True)}  # two micro-batches: eager
         try:
             rows = decode_sweep(engine, args, tp, variants)
             for row in rows:
-                if tp == 2 and row["batch"] in allreduce_us:
+                row["allreduce"] = way
+                if tp == 2 and row["batch"] in allreduce_us and way == "engine":
                     row["allreduce_ms_per_step"] = 2 * engine.arch.num_layers * allreduce_us[row["batch"]] / 1e3
                 emit(args, {"part": "dense", "phase": "decode", **row})
-            _overlap_summary(args, rows, allreduce_us, engine.arch.num_layers)
-            for row in prefill_time(engine, args, variants):
-                emit(args, {"part": "dense", "phase": "prefill", "tp": tp, **row})
+            if way != "nccl":
+                _overlap_summary(args, rows, allreduce_us, engine.arch.num_layers)
+            prefill_rows = prefill_time(engine, args, variants)
+            for row in prefill_rows:
+                emit(args, {"part": "dense", "phase": "prefill", "tp": tp, "allreduce": way, **row})
+            by = {row["variant"]: row["ms"] for row in prefill_rows}
+            if "overlap_on" in by and args.prefill_len // 2 in allreduce_us:
+                # overlap on sends 2 x 2 all-reduces per layer of half the tokens each
+                comm_ms = 2 * 2 * engine.arch.num_layers * allreduce_us[args.prefill_len // 2] / 1e3
+                emit(args, {"part": "dense", "phase": "prefill_overlap", "prefill_len": args.prefill_len,
+                            "off_ms": by["overlap_off"], "on_ms": by["overlap_on"], "allreduce_ms_per_step": comm_ms,
+                            "share_of_allreduce_hidden": (by["overlap_off"] - by["overlap_on"]) / comm_ms})
         finally:
             engine.shutdown()
             del engine

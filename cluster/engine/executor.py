@@ -193,8 +193,10 @@ class MultiProcExecutor(Executor):
         table = torch.stack(rows)
         arch = self.worker.arch
         experts = table[:, 3:].sum(0).view(arch.num_layers, -1)
+        groups = self.worker.groups
         return {"busy_s": table[:, 0].tolist(), "num_measured_steps": int(table[0, 1]),
-                "tokens_per_expert": experts.long().tolist() if arch.num_experts else []}
+                "tokens_per_expert": experts.long().tolist() if arch.num_experts else [],
+                "one_shot_all_reduce": groups.tp.one_shot is not None, "one_shot_error": groups.one_shot_error}
 
     # -- (4) liveness -------------------------------------------------------------------
     def _dead_ranks(self, wait_s: float = 0.0) -> str:

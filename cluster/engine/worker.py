@@ -102,7 +102,7 @@ class Worker:
         self.arch = arch_config(config.model.path)
         self.num_stages = parallel.pipeline_parallel_size
         layer_range = stage_layers(self.arch.num_layers, self.num_stages, groups.pipe.stage)
-        groups.connect(device)
+        groups.connect(device, dtype, parallel.one_shot_all_reduce_max_bytes)
         torch.manual_seed(config.model.seed)
         self.model = build_model(config.model.path, dtype, device, max_model_len, tp=groups.tp, ep=groups.ep,
                                  layer_range=layer_range, progress=progress)

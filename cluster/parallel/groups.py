@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import datetime
 import socket
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -60,6 +61,37 @@ class Pending:
         return self.result
 
 
+class OneShotAllReduce:
+    """All-reduce of small messages through peer memory over NVLink, one kernel, no NCCL.
+
+    Each rank's input is copied into its slot of a symmetric buffer (torch symm_mem: the same
+    allocation mapped on every rank of the group), then every rank reads all slots and sums
+    them ("one shot"). The kernel's own barriers (signal pads) order it against the peers, so
+    it runs on the current stream and is captured in CUDA graphs like any kernel. For the
+    decode-sized messages of TP (hundreds of KB) it costs a few microseconds where NCCL's ring
+    costs tens; bigger messages stay on NCCL (`max_bytes`).
+    """
+
+    def __init__(self, name: str, rank: int, size: int, store, device: torch.device, dtype: torch.dtype, max_bytes: int):
+        import torch.distributed._symmetric_memory as symm_mem
+        from torch._C._distributed_c10d import _SymmetricMemory
+
+        self.name = name
+        self.max_numel = max_bytes // torch.empty((), dtype=dtype).element_size()
+        self.dtype = dtype
+        _SymmetricMemory.set_group_info(name, rank, size, dist.PrefixStore(f"symm/{name}", store))
+        self.buffer = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
+        self.handle = symm_mem.rendezvous(self.buffer, name)
+
+    def fits(self, x: torch.Tensor) -> bool:
+        return x.dtype == self.dtype and x.numel() <= self.max_numel and x.is_contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over the group of `x` (a new tensor; `x` is untouched)."""
+        slot = self.buffer.narrow(0, 0, x.numel()).view(x.shape)
+        return torch.ops.symm_mem.one_shot_all_reduce_copy(slot, x, "sum", self.name)
+
+
 @dataclass(frozen=True)
 class TPGroup:
     """A tensor- (or expert-) parallel group as the layers see it; size 1 never communicates."""
@@ -67,19 +99,26 @@ class TPGroup:
     rank: int = 0
     size: int = 1
     group: object | None = None  # c10d ProcessGroup; None when size == 1
+    one_shot: OneShotAllReduce | None = None  # small all-reduces through peer memory (CUDA), else NCCL
 
     @staticmethod
     def single() -> "TPGroup":
         return TPGroup()
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.size > 1:
-            self.group.allreduce([x], AllreduceOptions()).wait()
+        """The sum over the group; may be a new tensor (use the return value)."""
+        if self.size == 1:
+            return x
+        if self.one_shot is not None and self.one_shot.fits(x):
+            return self.one_shot(x)
+        self.group.allreduce([x], AllreduceOptions()).wait()
         return x
 
     def all_reduce_async(self, x: torch.Tensor) -> Pending:
         if self.size == 1:
             return Pending(None, x)
+        if self.one_shot is not None and self.one_shot.fits(x):
+            return _side_stream_all_reduce(self.one_shot, x)
         return Pending(self.group.allreduce([x], AllreduceOptions()), x)
 
     def all_gather_rows_async(self, x: torch.Tensor) -> Pending:
@@ -106,6 +145,36 @@ class TPGroup:
         x = x.contiguous()
         out = x.new_empty((sum(recv_splits), *x.shape[1:]))
         return Pending(self.group.alltoall_base(out, x, recv_splits, send_splits, AllToAllOptions()), out)
+
+
+class _StreamJoin:
+    """A work handle for a kernel queued on a side stream: `wait()` orders the current stream after it."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, event):
+        self.event = event
+
+    def wait(self):
+        torch.cuda.current_stream().wait_event(self.event)
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream_all_reduce(one_shot: OneShotAllReduce, x: torch.Tensor) -> Pending:
+    """Run the one-shot all-reduce on a side stream so the caller's next compute overlaps it
+    (NCCL does this on its own stream; the one-shot kernel would otherwise run in line)."""
+    main = torch.cuda.current_stream()
+    side = _SIDE_STREAMS.setdefault(x.device, torch.cuda.Stream(x.device))
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        out = one_shot(x)
+        done = torch.cuda.Event()
+        done.record(side)
+    x.record_stream(side)
+    out.record_stream(main)
+    return Pending(_StreamJoin(done), out)
 
 
 @dataclass(frozen=True)
@@ -185,18 +254,24 @@ class InstanceGroups:
     pipe: PipeGroup
     host: HostGroup
     backend: str
+    store: object | None = None  # the instance's rendezvous store
+    name: str = ""  # the tp group's name (unique per instance)
     aborted: bool = False
+    one_shot_error: str | None = None  # why one-shot all-reduce is off although asked for
 
     @property
     def is_driver(self) -> bool:
         return self.world_rank == 0
 
-    def connect(self, device: torch.device) -> None:
+    def connect(self, device: torch.device, dtype: torch.dtype | None = None, one_shot_max_bytes: int = 0) -> None:
         """Open every device communicator now, in an order that cannot deadlock: NCCL makes them
         lazily and blocks until both ends arrive, so the first step's up-front receives (pipeline.py)
-        would otherwise wait on a peer that is itself waiting to send."""
+        would otherwise wait on a peer that is itself waiting to send. On CUDA with
+        `one_shot_max_bytes`, the tp group also gets its one-shot all-reduce (`_attach_one_shot`)."""
         probe = torch.zeros(1, device=device)
         self.tp.all_reduce(probe)
+        if device.type == "cuda" and one_shot_max_bytes > 0 and self.tp.size > 1:
+            self._attach_one_shot(device, dtype or torch.bfloat16, one_shot_max_bytes)
         pipe = self.pipe
         if pipe.num_stages > 1:
             if not pipe.is_first:
@@ -209,6 +284,34 @@ class InstanceGroups:
                 pipe.recv_last(probe, tag=0).wait()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
+    def _attach_one_shot(self, device: torch.device, dtype: torch.dtype, max_bytes: int) -> None:
+        """Every rank of the tp group sets up the symmetric buffer, checks one all-reduce against
+        NCCL, and the group turns it on only if every rank succeeded (else NCCL stays, and
+        `one_shot_error` says why)."""
+        key = f"{self.name}/one-shot-id"
+        if self.tp.rank == 0:
+            self.store.set(key, uuid.uuid4().hex[:12])  # a fresh symm-mem group name per instance
+        name = f"{self.name}/{self.store.get(key).decode()}"
+        one_shot, error = None, None
+        try:
+            one_shot = OneShotAllReduce(name, self.tp.rank, self.tp.size, self.store, device, dtype, max_bytes)
+            for rows in (1, 7, max(1, one_shot.max_numel // 4096)):
+                x = (torch.arange(rows * 8, device=device) % 16 + self.tp.rank).to(dtype).view(rows, 8)  # exact in any dtype
+                expect = x.clone()
+                self.tp.all_reduce(expect)
+                got = one_shot(x)
+                if not torch.equal(got, expect):
+                    raise RuntimeError(f"one-shot all-reduce of {rows}x8 differs from NCCL's")
+        except Exception as exc:  # unsupported build, no peer access, ...: keep NCCL
+            error = f"{type(exc).__name__}: {exc}"
+        agreed = self.host.min_int(0 if error else 1)
+        if agreed:
+            self.tp = replace(self.tp, one_shot=one_shot)
+            if self.ep.size > 1:
+                self.ep = replace(self.ep, one_shot=one_shot)
+        else:
+            self.one_shot_error = error or "a peer rank could not set it up"
 
     def abort(self) -> None:
         """Fail pending device collectives now (a peer died); gloo needs no help."""
@@ -272,7 +375,7 @@ def build_groups(world_rank: int, parallel, backend: str, store, instance_id: st
     tp_handle = TPGroup(tp_rank, tp, tp_group)
     ep_handle = tp_handle if parallel.expert_parallel_size > 1 else TPGroup.single()
     return InstanceGroups(world_rank, tp_handle, ep_handle, PipeGroup(stage, pp, forward, back),
-                          HostGroup(world_rank, tp * pp, host), backend)
+                          HostGroup(world_rank, tp * pp, host), backend, store, prefix + f"tp{stage}")
 
 
 def _gloo(prefix_store, rank: int, size: int, timeout, host_addr: str):
