@@ -4,7 +4,7 @@
 
 Two processes (no Ray needed for the measurement), each with an engine on its GPU and
 a KV link made on demand by our transport (NCCL, one group for the pair):
-  (1) raw NCCL send/recv on that same link: one layer's KV of a `--prompt-len` prompt
+  (1) raw NCCL on that same link (a broadcast from prefill to decode, as the transport sends): one layer's KV of a `--prompt-len` prompt
       and all layers in one message (the hardware-path reference);
   (2) our transfer of one request's KV (gather blocks -> send per layer -> recv ->
       scatter into reserved blocks), back to back: bandwidth beside (1);
@@ -20,6 +20,7 @@ import time
 
 import torch
 import torch.multiprocessing as mp
+from torch._C._distributed_c10d import BroadcastOptions
 
 from cluster.config import CacheConfig, DisaggConfig, EngineConfig, ModelConfig, SchedulerConfig
 from cluster.types import Role, SamplingParams
@@ -65,8 +66,10 @@ def _raw_nccl(group, my_rank: int, sizes: list[int], iters: int = 10) -> dict:
     for size in sizes:
         buf = torch.empty(size, dtype=torch.uint8, device=DEVICE[0])
 
-        def once():
-            (group.send([buf], 1, 0) if my_rank == 0 else group.recv([buf], 0, 0)).wait()
+        def once():  # what the transport's payload is on NCCL: a broadcast rooted at the sender
+            opts = BroadcastOptions()
+            opts.rootRank = 1  # the prefill side
+            group.broadcast([buf], opts).wait()
 
         once()
         seconds = _cuda_time(once, iters)

@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import (AllgatherOptions, AllreduceOptions, AllToAllOptions, BroadcastOptions,
-                                        GatherOptions, ReduceOp)
+                                        GatherOptions, ReduceOp, _register_process_group)
 
 # The host group waits for the next step however long the engine idles; a dead peer is
 # seen through its closed socket and the driver's liveness watch, not through a timeout.
@@ -72,13 +72,17 @@ class OneShotAllReduce:
     costs tens; bigger messages stay on NCCL (`max_bytes`).
     """
 
-    def __init__(self, name: str, rank: int, size: int, store, device: torch.device, dtype: torch.dtype, max_bytes: int):
+    def __init__(self, name: str, group, rank: int, size: int, store, device: torch.device, dtype: torch.dtype,
+                 max_bytes: int):
         import torch.distributed._symmetric_memory as symm_mem
         from torch._C._distributed_c10d import _SymmetricMemory
 
         self.name = name
         self.max_numel = max_bytes // torch.empty((), dtype=dtype).element_size()
         self.dtype = dtype
+        # symm_mem finds the group (and its store) by name in c10d's registry; ours are built
+        # outside torch.distributed's default world, so register it under a unique name
+        _register_process_group(name, group)
         _SymmetricMemory.set_group_info(name, rank, size, dist.PrefixStore(f"symm/{name}", store))
         self.buffer = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
         self.handle = symm_mem.rendezvous(self.buffer, name)
@@ -295,7 +299,7 @@ class InstanceGroups:
         name = f"{self.name}/{self.store.get(key).decode()}"
         one_shot, error = None, None
         try:
-            one_shot = OneShotAllReduce(name, self.tp.rank, self.tp.size, self.store, device, dtype, max_bytes)
+            one_shot = OneShotAllReduce(name, self.tp.group, self.tp.rank, self.tp.size, self.store, device, dtype, max_bytes)
             for rows in (1, 7, max(1, one_shot.max_numel // 4096)):
                 x = (torch.arange(rows * 8, device=device) % 16 + self.tp.rank).to(dtype).view(rows, 8)  # exact in any dtype
                 expect = x.clone()

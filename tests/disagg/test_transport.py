@@ -78,3 +78,44 @@ def test_loopback_transport_round_trip():
     a.send_layer("b", 5, 1, 2, _layer(5, 1))
     assert b.recv_state(5) == TransferState.DONE and a.send_state(5) == TransferState.DONE
     assert torch.equal(b.take(5)[1], _layer(5, 1))
+
+
+def _interleaving_sender(address_q, result_q):
+    t = TorchDistTransport("prefill-1", timeout_s=5.0)
+    t.connect("decode-1", address_q.get(), is_master=False)
+    # one prefill step streams three requests layer-major: 7/0 8/0 9/0 7/1 8/1 9/1 ...
+    for layer in range(LAYERS):
+        for transfer_id in (7, 8, 9):
+            t.send_layer("decode-1", transfer_id, layer, LAYERS, _layer(transfer_id, layer))
+    result_q.put([_poll(t.send_state, i).value for i in (7, 8, 9)])
+    # then a transfer whose shape the decode side did not reserve for
+    t.send_layer("decode-1", 10, 0, 1, torch.zeros(2, 2))
+    result_q.put(_poll(t.send_state, 10).value)
+    time.sleep(1.0)
+
+
+def test_the_senders_order_wins_and_abandoned_or_mismatched_transfers_do_not_desync_the_link():
+    """NCCL matches messages by position, not tag: the receiver must follow the sender's
+    interleaving, drop what it gave up on, and reject a message of the wrong shape."""
+    ctx = mp.get_context("spawn")
+    address_q, result_q = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_interleaving_sender, args=(address_q, result_q), daemon=True)
+    proc.start()
+    decode = TorchDistTransport("decode-1", timeout_s=5.0)
+    address_q.put(decode.listen())
+    decode.connect("prefill-1", decode.listen(), is_master=True)
+    cpu = torch.device("cpu")
+    decode.expect("prefill-1", 9, [(SHAPE, torch.float32)] * LAYERS, cpu)  # reserved in another order
+    decode.expect("prefill-1", 8, [(SHAPE, torch.float32)] * LAYERS, cpu)
+    decode.expect("prefill-1", 7, [(SHAPE, torch.float32)] * LAYERS, cpu)
+    decode.forget(8)  # the decode side gave up on 8 (its messages still arrive)
+    decode.expect("prefill-1", 10, [((3, 3), torch.float32)], cpu)
+    for transfer_id in (9, 7):
+        assert _poll(decode.recv_state, transfer_id) == TransferState.DONE
+        layers = decode.take(transfer_id)
+        assert all(torch.equal(layers[i], _layer(transfer_id, i)) for i in range(LAYERS))
+    assert result_q.get(timeout=10) == ["done", "done", "done"]
+    assert _poll(decode.recv_state, 10) == TransferState.FAILED
+    assert "expected" in decode.error(10)
+    assert result_q.get(timeout=10) == "done"
+    proc.join(timeout=10)

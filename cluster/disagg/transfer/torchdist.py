@@ -6,31 +6,60 @@ gets links without restarting anyone:
   (1) every endpoint runs a small TCPStore server (`listen` -> "host:port");
   (2) to link A and B, the runtime calls connect on both at once: the master side uses
       its own store, the other side dials it; both build a 2-rank process group
-      (ProcessGroupNCCL / ProcessGroupGloo) under a prefix unique to the pair;
-  (3) one message per layer: the layer's K and V for the request's blocks, packed
-      [2, num_blocks, block_size, kv_heads, head_dim], tagged by (transfer, layer);
-  (4) a waiter thread per transfer turns the collective's work handles into a polled
+      (ProcessGroupNCCL / ProcessGroupGloo) under a prefix unique to the pair and open
+      its communicator there and then (one tiny collective), never lazily mid-transfer;
+  (3) every message is a fixed-size header [transfer, index, count, dtype, shape...]
+      followed by its payload (layer l's K and V for the request's blocks, packed
+      [2, num_blocks, block_size, kv_heads, head_dim]; the last message: the first token).
+      The *sender's* order is the only order: NCCL matches messages by position, not by
+      tag, and a prefill step streams several requests' layers interleaved (A0 B0 A1 B1...)
+      in an order the decode side cannot know in advance. So each link has one receiver
+      thread that reads a header, then receives the payload it announces into the
+      transfer it names (a transfer the decode side gave up on lands in scratch and is
+      dropped), then the next header. On NCCL a message is a broadcast rooted at the
+      sender (the 2-rank group's own communicator; unbatched send/recv would make a second,
+      lazily created one); on gloo a send/recv with one tag (FIFO per peer);
+  (4) sender side, a waiter thread per transfer turns the work handles into a polled
       state (gloo's handles only complete inside wait(); NCCL's are polled);
-  (5) a dead peer shows up as an error or the group's timeout: the transfer FAILS
-      and the caller recomputes; `disconnect` drops the group.
+  (5) a dead peer shows up as an error on the link (gloo: its closed socket) or as a
+      transfer timing out; the transfer FAILS and the caller recomputes; `disconnect`
+      aborts the group and fails what was in flight on it.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
+from torch._C._distributed_c10d import AllreduceOptions, BroadcastOptions
 
-from cluster.disagg.transfer.base import KVTransport, TransferState, tag_of
+from cluster.disagg.transfer.base import KVTransport, TransferState
 from cluster.parallel.groups import dial_store, pair_group, serve_store
+
+HEADER_LEN = 12  # transfer id, index, count, dtype code, ndim, up to 7 dims
+MAX_DIMS = HEADER_LEN - 5
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8, torch.float64]
+_DTYPE_CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
+# An idle link keeps a header receive posted for as long as it lives; the group's own
+# timeout must not fire on it. Dead peers are found by the link's socket (gloo), by the
+# transfer deadlines below, and by the runtime's heartbeats (which call `disconnect`).
+LINK_GROUP_TIMEOUT_S = 365 * 24 * 3600.0
+POLL_S = 0.0002
 
 
 @dataclass
 class _Link:
+    peer_id: str
     group: object
     my_rank: int
+    backend: str
+    device: torch.device
+    closed: bool = False
+    error: str | None = None
+    current: object = None  # the receive the link's thread is waiting on (aborted on disconnect)
 
     @property
     def peer_rank(self) -> int:
@@ -39,10 +68,12 @@ class _Link:
 
 @dataclass
 class _Tracker:
-    """Work handles of one transfer, waited on by one thread."""
+    """One transfer on one side. Sender: its work handles, waited on by one thread.
+    Receiver: the messages it expects, filled in by the link's receiver thread."""
 
     peer_id: str
     num_expected: int
+    specs: list | None = None  # receiver: (shape, dtype) per message
     state: TransferState = TransferState.WAITING
     buffers: list = field(default_factory=list)
     works: list = field(default_factory=list)
@@ -62,6 +93,7 @@ class TorchDistTransport(KVTransport):
         self.epochs: dict[str, int] = {}
         self.trackers: dict[int, _Tracker] = {}
         self.lock = threading.Lock()
+        self.bytes_received = 0
 
     # -- links -----------------------------------------------------------------
     def listen(self) -> str:
@@ -76,37 +108,90 @@ class TorchDistTransport(KVTransport):
         store = self.store if is_master else dial_store(host, int(port), None, self.timeout.total_seconds())
         pair = "/".join(sorted([self.endpoint_id, peer_id]))
         epoch = self.epochs[peer_id] = self.epochs.get(peer_id, 0) + 1  # both sides count reconnects alike
-        group = pair_group(store, f"link/{pair}/{epoch}", 0 if is_master else 1, self.backend,
-                           self.timeout.total_seconds(), self.host)
+        my_rank = 0 if is_master else 1
+        group = pair_group(store, f"link/{pair}/{epoch}", my_rank, self.backend, LINK_GROUP_TIMEOUT_S, self.host)
+        device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        probe = torch.zeros(1, device=device)
+        group.allreduce([probe], AllreduceOptions()).wait()  # opens the communicator now, both sides present
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        link = _Link(peer_id, group, my_rank, self.backend, device)
         with self.lock:
-            self.links[peer_id] = _Link(group, 0 if is_master else 1)
+            old = self.links.get(peer_id)
+            self.links[peer_id] = link
+        if old is not None:
+            self._close(old, "replaced by a new link")
+        threading.Thread(target=self._receive_loop, args=(link,), daemon=True, name=f"kv-recv-{peer_id}").start()
 
     def has_link(self, peer_id: str) -> bool:
-        return peer_id in self.links
+        link = self.links.get(peer_id)
+        return link is not None and not link.closed
 
     def disconnect(self, peer_id: str) -> None:
         with self.lock:
             link = self.links.pop(peer_id, None)
+        if link is not None:
+            self._close(link, f"link to {peer_id} was torn down")
+        else:
+            self._fail_peer(peer_id, f"link to {peer_id} was torn down")
+
+    def _close(self, link: _Link, why: str) -> None:
+        link.closed = True
+        link.error = link.error or why
+        self._fail_peer(link.peer_id, why)
+        pending = link.current
+        if pending is not None and hasattr(pending, "abort"):
+            try:
+                pending.abort()
+            except RuntimeError:
+                pass
+        if link.backend == "nccl" and hasattr(link.group, "abort"):
+            link.group.abort()
+
+    def _fail_peer(self, peer_id: str, why: str) -> None:
+        with self.lock:
             trackers = [t for t in self.trackers.values() if t.peer_id == peer_id]
         for t in trackers:
-            self._fail(t, f"link to {peer_id} was torn down")
-        if link is not None and self.backend == "nccl" and hasattr(link.group, "abort"):
-            link.group.abort()
+            self._fail(t, why)
+
+    def close(self) -> None:
+        for peer_id in list(self.links):
+            self.disconnect(peer_id)
+
+    # -- one message on a link ----------------------------------------------------------
+    def _post_send(self, link: _Link, tensor: torch.Tensor):
+        if link.backend == "nccl":
+            opts = BroadcastOptions()
+            opts.rootRank = link.my_rank
+            return link.group.broadcast([tensor], opts)
+        return link.group.send([tensor], link.peer_rank, 0)
+
+    def _post_recv(self, link: _Link, tensor: torch.Tensor):
+        if link.backend == "nccl":
+            opts = BroadcastOptions()
+            opts.rootRank = link.peer_rank
+            return link.group.broadcast([tensor], opts)
+        return link.group.recv([tensor], link.peer_rank, 0)
 
     # -- sender ------------------------------------------------------------------
     def send_layer(self, peer_id, transfer_id, layer_id, num_layers, kv) -> None:
-        tracker = self._tracker(transfer_id, peer_id, num_layers)
+        tracker = self._sender(transfer_id, peer_id, num_layers)
         link = self.links.get(peer_id)
-        if link is None:
-            self._fail(tracker, f"no link to {peer_id}")
+        if link is None or link.closed:
+            self._fail(tracker, f"no link to {peer_id}" if link is None else link.error)
             return
         kv = kv.contiguous()
+        if kv.dim() > MAX_DIMS or kv.dtype not in _DTYPE_CODE:
+            self._fail(tracker, f"cannot send a {kv.dtype} tensor of {kv.dim()} dims")
+            return
+        fields = [transfer_id, layer_id, num_layers, _DTYPE_CODE[kv.dtype], kv.dim(), *kv.shape]
+        header = torch.tensor(fields + [0] * (HEADER_LEN - len(fields)), dtype=torch.int64).to(link.device)
         try:
-            work = link.group.send([kv], link.peer_rank, tag_of(transfer_id, layer_id, num_layers))
+            works = [self._post_send(link, header), self._post_send(link, kv)]
         except RuntimeError as exc:
             self._fail(tracker, str(exc))
             return
-        self._add_work(tracker, work, kv)
+        self._add_work(tracker, works, (header, kv))
 
     def send_state(self, transfer_id) -> TransferState:
         t = self.trackers.get(transfer_id)
@@ -114,19 +199,12 @@ class TorchDistTransport(KVTransport):
 
     # -- receiver ------------------------------------------------------------------
     def expect(self, peer_id, transfer_id, specs, device) -> None:
-        tracker = self._tracker(transfer_id, peer_id, len(specs))
-        link = self.links.get(peer_id)
-        if link is None:
-            self._fail(tracker, f"no link to {peer_id}")
-            return
-        for index, (shape, dtype) in enumerate(specs):
-            buf = torch.empty(shape, dtype=dtype, device=device)
-            try:
-                work = link.group.recv([buf], link.peer_rank, tag_of(transfer_id, index, len(specs)))
-            except RuntimeError as exc:
-                self._fail(tracker, str(exc))
-                return
-            self._add_work(tracker, work, buf)
+        tracker = _Tracker(peer_id, len(specs), specs=list(specs), buffers=[None] * len(specs))
+        with self.lock:
+            self.trackers[transfer_id] = tracker
+            link = self.links.get(peer_id)
+        if link is None or link.closed:
+            self._fail(tracker, f"no link to {peer_id}" if link is None else link.error)
 
     def recv_state(self, transfer_id) -> TransferState:
         return self.send_state(transfer_id)
@@ -138,14 +216,66 @@ class TorchDistTransport(KVTransport):
         return tracker.buffers
 
     def forget(self, transfer_id) -> None:
-        self.trackers.pop(transfer_id, None)
+        with self.lock:
+            self.trackers.pop(transfer_id, None)
 
     def error(self, transfer_id) -> str | None:
         t = self.trackers.get(transfer_id)
         return t.error if t else None
 
-    # -- waiting ---------------------------------------------------------------------
-    def _tracker(self, transfer_id: int, peer_id: str, num_layers: int) -> _Tracker:
+    def _receive_loop(self, link: _Link) -> None:
+        """The link's receiver: header, then the payload it announces, for as long as the link lives."""
+        stream = None
+        if link.device.type == "cuda":
+            torch.cuda.set_device(link.device)
+            stream = torch.cuda.Stream(link.device)  # never waits behind the engine's compute
+        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=link.device)
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                while not link.closed:
+                    self._receive_into(link, header)
+                    transfer_id, index, count, code, ndim, *dims = header.tolist()
+                    shape, dtype = tuple(dims[:ndim]), _DTYPES[code]
+                    tracker = self.trackers.get(transfer_id)
+                    expected = tracker.specs[index] if tracker is not None and tracker.specs and index < len(tracker.specs) else None
+                    if expected is not None and (tuple(expected[0]), expected[1]) != (shape, dtype):
+                        self._fail(tracker, f"message {index} of transfer {transfer_id} is {dtype}{list(shape)}, "
+                                            f"expected {expected[1]}{list(expected[0])}")
+                    payload = torch.empty(shape, dtype=dtype, device=link.device)
+                    self._receive_into(link, payload)
+                    self.bytes_received += payload.numel() * payload.element_size()
+                    if tracker is not None and self.trackers.get(transfer_id) is tracker:
+                        self._landed(tracker, index, payload)
+        except Exception as exc:  # the peer died or the link was aborted: everything in flight on it fails
+            if not link.closed:
+                link.error = f"link to {link.peer_id} failed: {type(exc).__name__}: {exc}"
+                link.closed = True
+            self._fail_peer(link.peer_id, link.error)
+
+    def _receive_into(self, link: _Link, tensor: torch.Tensor) -> None:
+        work = link.current = self._post_recv(link, tensor)
+        if link.backend == "gloo":
+            work.wait()
+        else:
+            while not work.is_completed():
+                if link.closed:
+                    raise RuntimeError(link.error or "link closed")
+                time.sleep(POLL_S)
+            work.wait()  # orders this thread's stream after the broadcast (tolist reads it next)
+        link.current = None
+
+    def _landed(self, tracker: _Tracker, index: int, payload: torch.Tensor) -> None:
+        with tracker.cond:
+            if tracker.state == TransferState.FAILED:
+                return
+            if payload.is_cuda:
+                torch.cuda.current_stream().synchronize()  # the engine's stream may read it at once
+            tracker.buffers[index] = payload
+            tracker.num_done += 1
+            tracker.state = TransferState.DONE if tracker.num_done >= tracker.num_expected else TransferState.TRANSFERRING
+
+    # -- sender's waiting ------------------------------------------------------------------
+    def _sender(self, transfer_id: int, peer_id: str, num_layers: int) -> _Tracker:
         with self.lock:
             tracker = self.trackers.get(transfer_id)
             if tracker is None:
@@ -153,10 +283,10 @@ class TorchDistTransport(KVTransport):
                 threading.Thread(target=self._wait_all, args=(tracker,), daemon=True, name=f"kv-wait-{transfer_id}").start()
         return tracker
 
-    def _add_work(self, tracker: _Tracker, work, buf: torch.Tensor) -> None:
+    def _add_work(self, tracker: _Tracker, works: list, tensors: tuple) -> None:
         with tracker.cond:
-            tracker.works.append(work)
-            tracker.buffers.append(buf)
+            tracker.works.append(works)
+            tracker.buffers.append(tensors)  # held until the send completes
             if tracker.state == TransferState.WAITING:
                 tracker.state = TransferState.TRANSFERRING
             tracker.cond.notify()
@@ -171,14 +301,16 @@ class TorchDistTransport(KVTransport):
                         return
                 if tracker.state == TransferState.FAILED:
                     return
-                work = tracker.works[tracker.num_done]
+                works = tracker.works[tracker.num_done]
             try:
-                self._wait_one(work, deadline)
+                for work in works:
+                    self._wait_one(work, deadline)
             except Exception as exc:  # gloo/NCCL report a dead peer or a timeout as RuntimeError/DistError
                 self._fail(tracker, f"{type(exc).__name__}: {exc}")
                 return
             tracker.num_done += 1
         if tracker.state != TransferState.FAILED:
+            tracker.buffers.clear()
             tracker.state = TransferState.DONE
 
     def _wait_one(self, work, deadline: float) -> None:
@@ -188,7 +320,7 @@ class TorchDistTransport(KVTransport):
         while not work.is_completed():
             if time.monotonic() > deadline:
                 raise TimeoutError("NCCL transfer timed out")
-            time.sleep(0.0002)
+            time.sleep(POLL_S)
 
     def _fail(self, tracker: _Tracker, message: str) -> None:
         with tracker.cond:
@@ -196,3 +328,4 @@ class TorchDistTransport(KVTransport):
                 tracker.state = TransferState.FAILED
                 tracker.error = message
             tracker.cond.notify_all()
+
