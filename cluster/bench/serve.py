@@ -75,13 +75,13 @@ def _poll_step_times(url: str, stop: threading.Event, samples: list) -> None:
         stop.wait(1.0)
 
 
-def _bench(args, url: str, rates: list[str], out: str, plot_dir: str) -> dict:
+def _bench(args, url: str, rates: list[str], out: str, plot_dir: str, duration_s: float) -> dict:
     cmd = [sys.executable, "-m", "cluster.cli", "bench", "--url", url, "--sweep-rates", ",".join(rates),
            "--num-requests", str(args.num_requests), "--input-len", str(args.input_len),
            "--output-len", str(args.output_len), "--slo-ttft-ms", str(args.slo_ttft_ms),
-           "--slo-tpot-ms", str(args.slo_tpot_ms), "--duration-s", str(args.duration_s), "--seed", "1",
+           "--slo-tpot-ms", str(args.slo_tpot_ms), "--duration-s", str(duration_s), "--seed", "1",
            "--out", out, "--plot-dir", plot_dir]
-    subprocess.run(cmd, check=True, timeout=args.duration_s * len(rates) + 120)
+    subprocess.run(cmd, check=True, timeout=duration_s * len(rates) + 120)
     with open(out) as f:
         return json.load(f)
 
@@ -95,10 +95,10 @@ def run_deployment(args, name: str, port: int) -> dict:
         poller = threading.Thread(target=_poll_step_times, args=(url, stop, samples), daemon=True)
         poller.start()
         low = _bench(args, url, [args.rates[0]], os.path.join(args.out_dir, f"{name}_low.json"),
-                     os.path.join(args.out_dir, f"{name}_low_plots"))
+                     os.path.join(args.out_dir, f"{name}_low_plots"), args.low_duration_s or args.duration_s)
         stop.set()
         sweep = _bench(args, url, args.rates, os.path.join(args.out_dir, f"{name}_sweep.json"),
-                       os.path.join(args.out_dir, f"{name}_plots"))
+                       os.path.join(args.out_dir, f"{name}_plots"), args.duration_s)
         return {"low_rate": low, "sweep": sweep, "step_ms_samples": samples}
     finally:
         os.killpg(proc.pid, signal.SIGINT)
@@ -119,6 +119,7 @@ def main(argv=None) -> None:
     ap.add_argument("--slo-ttft-ms", type=float, default=400)
     ap.add_argument("--slo-tpot-ms", type=float, default=40)
     ap.add_argument("--duration-s", type=float, default=60)
+    ap.add_argument("--low-duration-s", type=float, default=0, help="the low-rate run (ITL vs step time); 0: --duration-s")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--start-timeout-s", type=float, default=240)

@@ -16,7 +16,8 @@ gets links without restarting anyone:
       in an order the decode side cannot know in advance. So each link has one receiver
       thread that reads a header, then receives the payload it announces into the
       transfer it names (a transfer the decode side gave up on lands in scratch and is
-      dropped), then the next header. On NCCL a message is a broadcast rooted at the
+      dropped), then the next header. KV crosses a link one way: the receiving side's
+      thread starts at its first `expect`, and the sending side never posts a receive. On NCCL a message is a broadcast rooted at the
       sender (the 2-rank group's own communicator; unbatched send/recv would make a second,
       lazily created one); on gloo a send/recv with one tag (FIFO per peer);
   (4) sender side, a waiter thread per transfer turns the work handles into a polled
@@ -60,6 +61,7 @@ class _Link:
     closed: bool = False
     error: str | None = None
     current: object = None  # the receive the link's thread is waiting on (aborted on disconnect)
+    direction: str | None = None  # "send" or "recv": fixed by the first use (KV flows one way per link)
 
     @property
     def peer_rank(self) -> int:
@@ -121,7 +123,22 @@ class TorchDistTransport(KVTransport):
             self.links[peer_id] = link
         if old is not None:
             self._close(old, "replaced by a new link")
-        threading.Thread(target=self._receive_loop, args=(link,), daemon=True, name=f"kv-recv-{peer_id}").start()
+
+    def _use(self, link: _Link, direction: str) -> None:
+        """KV crosses a link one way, from the side that sends to the side that expects. The
+        receiving side's thread starts at its first `expect`; the sending side never posts a
+        receive (on NCCL a receive is a broadcast rooted at the peer, which would pair up with
+        this side's own sends and hang both)."""
+        if link.direction == direction:
+            return
+        with self.lock:
+            if link.direction is None:
+                link.direction = direction
+                if direction == "recv":
+                    threading.Thread(target=self._receive_loop, args=(link,), daemon=True,
+                                     name=f"kv-recv-{link.peer_id}").start()
+        if link.direction != direction:
+            raise RuntimeError(f"the link to {link.peer_id} carries KV the other way ({link.direction})")
 
     def has_link(self, peer_id: str) -> bool:
         link = self.links.get(peer_id)
@@ -187,6 +204,7 @@ class TorchDistTransport(KVTransport):
         fields = [transfer_id, layer_id, num_layers, _DTYPE_CODE[kv.dtype], kv.dim(), *kv.shape]
         header = torch.tensor(fields + [0] * (HEADER_LEN - len(fields)), dtype=torch.int64).to(link.device)
         try:
+            self._use(link, "send")
             works = [self._post_send(link, header), self._post_send(link, kv)]
         except RuntimeError as exc:
             self._fail(tracker, str(exc))
@@ -205,6 +223,11 @@ class TorchDistTransport(KVTransport):
             link = self.links.get(peer_id)
         if link is None or link.closed:
             self._fail(tracker, f"no link to {peer_id}" if link is None else link.error)
+            return
+        try:
+            self._use(link, "recv")
+        except RuntimeError as exc:
+            self._fail(tracker, str(exc))
 
     def recv_state(self, transfer_id) -> TransferState:
         return self.send_state(transfer_id)
