@@ -188,6 +188,11 @@ def _layer_bytes(engine, num_tokens: int) -> int:
 
 
 def _run(fn, args, q1, q2, results):
+    if args.dump_stacks_after_s:  # a hang shows every thread's Python stack instead of nothing
+        import faulthandler
+        import sys
+
+        faulthandler.dump_traceback_later(args.dump_stacks_after_s, repeat=True, file=sys.stderr)
     try:
         fn(args, q1, q2, results)
     except Exception as exc:  # report, don't hang the other side
@@ -206,6 +211,7 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-len", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="disagg_bench.json")
+    ap.add_argument("--dump-stacks-after-s", type=float, default=0, help="print all threads' stacks every N s")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: gloo plumbing check")
     args = ap.parse_args(argv)
     if args.make_llama8b and not os.path.isdir(args.model):

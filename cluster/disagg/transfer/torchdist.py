@@ -17,9 +17,15 @@ gets links without restarting anyone:
       thread that reads a header, then receives the payload it announces into the
       transfer it names (a transfer the decode side gave up on lands in scratch and is
       dropped), then the next header. KV crosses a link one way: the receiving side's
-      thread starts at its first `expect`, and the sending side never posts a receive. On NCCL a message is a broadcast rooted at the
-      sender (the 2-rank group's own communicator; unbatched send/recv would make a second,
-      lazily created one); on gloo a send/recv with one tag (FIFO per peer);
+      thread starts at its first `expect`, and the sending side never posts a receive.
+      Headers travel on a gloo group of the pair (host memory), payloads on the device
+      group: a receive is posted on the GPU only once its header says the payload is on
+      its way. An NCCL receive left posted while nothing comes would spin on the GPU
+      forever, and any device-wide wait in that process (a cudaFree, a synchronize)
+      would hang behind it (the first 2xH200 runs did exactly that). On NCCL a payload is
+      a broadcast rooted at the sender (the pair's own communicator, opened at connect;
+      unbatched send/recv would make a second one lazily); on gloo a send/recv with one
+      tag (FIFO per peer);
   (4) sender side, a waiter thread per transfer turns the work handles into a polled
       state (gloo's handles only complete inside wait(); NCCL's are polled);
   (5) a dead peer shows up as an error on the link (gloo: its closed socket) or as a
@@ -54,7 +60,8 @@ POLL_S = 0.0002
 @dataclass
 class _Link:
     peer_id: str
-    group: object
+    group: object  # payloads: NCCL on CUDA, gloo on CPU
+    control: object  # headers: always gloo (the same group as `group` on CPU)
     my_rank: int
     backend: str
     device: torch.device
@@ -112,12 +119,14 @@ class TorchDistTransport(KVTransport):
         epoch = self.epochs[peer_id] = self.epochs.get(peer_id, 0) + 1  # both sides count reconnects alike
         my_rank = 0 if is_master else 1
         group = pair_group(store, f"link/{pair}/{epoch}", my_rank, self.backend, LINK_GROUP_TIMEOUT_S, self.host)
+        control = group if self.backend == "gloo" else pair_group(store, f"link/{pair}/{epoch}/control", my_rank,
+                                                                  "gloo", LINK_GROUP_TIMEOUT_S, self.host)
         device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
         probe = torch.zeros(1, device=device)
         group.allreduce([probe], AllreduceOptions()).wait()  # opens the communicator now, both sides present
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        link = _Link(peer_id, group, my_rank, self.backend, device)
+        link = _Link(peer_id, group, control, my_rank, self.backend, device)
         with self.lock:
             old = self.links.get(peer_id)
             self.links[peer_id] = link
@@ -202,10 +211,10 @@ class TorchDistTransport(KVTransport):
             self._fail(tracker, f"cannot send a {kv.dtype} tensor of {kv.dim()} dims")
             return
         fields = [transfer_id, layer_id, num_layers, _DTYPE_CODE[kv.dtype], kv.dim(), *kv.shape]
-        header = torch.tensor(fields + [0] * (HEADER_LEN - len(fields)), dtype=torch.int64).to(link.device)
+        header = torch.tensor(fields + [0] * (HEADER_LEN - len(fields)), dtype=torch.int64)
         try:
             self._use(link, "send")
-            works = [self._post_send(link, header), self._post_send(link, kv)]
+            works = [(link.control.send([header], link.peer_rank, 0), "gloo"), (self._post_send(link, kv), link.backend)]
         except RuntimeError as exc:
             self._fail(tracker, str(exc))
             return
@@ -252,11 +261,12 @@ class TorchDistTransport(KVTransport):
         if link.device.type == "cuda":
             torch.cuda.set_device(link.device)
             stream = torch.cuda.Stream(link.device)  # never waits behind the engine's compute
-        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=link.device)
+        header = torch.empty(HEADER_LEN, dtype=torch.int64)
         try:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 while not link.closed:
-                    self._receive_into(link, header)
+                    link.current = link.control.recv([header], link.peer_rank, 0)
+                    link.current.wait()  # host memory only: nothing is posted on the device while idle
                     transfer_id, index, count, code, ndim, *dims = header.tolist()
                     shape, dtype = tuple(dims[:ndim]), _DTYPES[code]
                     tracker = self.trackers.get(transfer_id)
@@ -284,7 +294,7 @@ class TorchDistTransport(KVTransport):
                 if link.closed:
                     raise RuntimeError(link.error or "link closed")
                 time.sleep(POLL_S)
-            work.wait()  # orders this thread's stream after the broadcast (tolist reads it next)
+            work.wait()  # orders this thread's stream after the broadcast
         link.current = None
 
     def _landed(self, tracker: _Tracker, index: int, payload: torch.Tensor) -> None:
@@ -326,8 +336,8 @@ class TorchDistTransport(KVTransport):
                     return
                 works = tracker.works[tracker.num_done]
             try:
-                for work in works:
-                    self._wait_one(work, deadline)
+                for work, kind in works:
+                    self._wait_one(work, kind, deadline)
             except Exception as exc:  # gloo/NCCL report a dead peer or a timeout as RuntimeError/DistError
                 self._fail(tracker, f"{type(exc).__name__}: {exc}")
                 return
@@ -336,8 +346,8 @@ class TorchDistTransport(KVTransport):
             tracker.buffers.clear()
             tracker.state = TransferState.DONE
 
-    def _wait_one(self, work, deadline: float) -> None:
-        if self.backend == "gloo":
+    def _wait_one(self, work, kind: str, deadline: float) -> None:
+        if kind == "gloo":
             work.wait()
             return
         while not work.is_completed():
