@@ -167,6 +167,7 @@ def decode_main(args, q_to_decode, q_from_decode, results):
         q_from_decode.put("reserved")
         while rid in worker.pending:
             worker.poll()
+            time.sleep(0.0002)  # a busy loop would hold the GIL the link's receiver thread needs
         landed_s = time.perf_counter() - t0
         if cmd == "expect":
             nbytes = layer_bytes * engine.arch.num_layers

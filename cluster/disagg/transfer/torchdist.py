@@ -290,20 +290,18 @@ class TorchDistTransport(KVTransport):
         if link.backend == "gloo":
             work.wait()
         else:
-            while not work.is_completed():
-                if link.closed:
-                    raise RuntimeError(link.error or "link closed")
-                time.sleep(POLL_S)
-            work.wait()  # orders this thread's stream after the broadcast
+            # the payload is already on its way (its header came first): block in CUDA with the
+            # GIL released rather than poll; each poll would need the GIL back from the engine's
+            # loop, up to a switch interval (5 ms) a time
+            work.wait()  # this thread's stream waits for the broadcast
+            torch.cuda.current_stream().synchronize()
         link.current = None
 
     def _landed(self, tracker: _Tracker, index: int, payload: torch.Tensor) -> None:
         with tracker.cond:
             if tracker.state == TransferState.FAILED:
                 return
-            if payload.is_cuda:
-                torch.cuda.current_stream().synchronize()  # the engine's stream may read it at once
-            tracker.buffers[index] = payload
+            tracker.buffers[index] = payload  # complete: _receive_into synchronized this thread's stream
             tracker.num_done += 1
             tracker.state = TransferState.DONE if tracker.num_done >= tracker.num_expected else TransferState.TRANSFERRING
 
