@@ -130,6 +130,10 @@ def prefill_main(args, q_to_decode, q_from_decode, results):
     assert q_from_decode.get() == "reserved"
     plan_blocks = seq.block_ids[: -(-len(prompt) // engine.kv.block_size)]
     _sync()
+    count = engine.arch.num_layers + 1
+    shape = tuple(torch.stack(engine.runner.read_kv(0, plan_blocks)).shape)
+    transport.announce("D", [(1000, layer, count, shape, worker.kv_dtype) for layer in range(count - 1)]
+                       + [(1000, count - 1, count, (1,), torch.int64)])
     for layer in range(engine.arch.num_layers):
         k, v = engine.runner.read_kv(layer, plan_blocks)
         transport.send_layer("D", 1000, layer, engine.arch.num_layers + 1, torch.stack((k, v)))

@@ -70,6 +70,9 @@ class DecodeWorker:
 
     def _land(self, p: PendingTransfer) -> None:
         messages = self.transport.take(p.transfer_id)
+        if int(messages[-1].item()) < 0:  # the prefill side had no first token to send
+            self._fall_back(p, "ended without a first token")
+            return
         for layer_id, kv in enumerate(messages[:-1]):
             self.engine.runner.write_kv(layer_id, p.block_ids, kv[0], kv[1])
         first_token = int(messages[-1].item())

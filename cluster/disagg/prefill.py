@@ -44,6 +44,7 @@ class PrefillWorker:
         engine.kv_stream = self
         self.num_layers = engine.arch.num_layers
         self.multi_rank = engine.config.parallel.world_size > 1
+        self.kv_dtype = next(c for c in engine.runner.kv_caches if c is not None)[0].dtype
         self.bytes_sent = 0
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, peer_id: str,
@@ -53,13 +54,43 @@ class PrefillWorker:
 
     # -- (2) called by the engine's step ------------------------------------------------
     def begin_step(self, sched):
-        self.sending = [(item.seq, self.plans[item.seq.request_id]) for item in sched.scheduled
-                        if item.samples and item.seq.request_id in self.plans]
+        sending: dict[str, tuple] = {}  # one transfer per request (its first sequence carries the prompt's KV)
+        for item in sched.scheduled:
+            if item.samples and item.seq.request_id in self.plans:
+                sending.setdefault(item.seq.request_id, (item.seq, self.plans[item.seq.request_id]))
+        self.sending = list(sending.values())
         for _, plan in self.sending:
             plan.started_s = time.monotonic()
+        self._announce()
         # one rank: each layer leaves as soon as it is written; several ranks: all layers after the
         # step, gathered from the ranks' head shards (the decode side may have another tp size)
         return self._send_layer if self.sending and not self.multi_rank else None
+
+    def _announce(self) -> None:
+        """Tell each decode peer, before the step runs, every message it will get from this step and
+        in which order: layer-major across requests (one rank: each layer leaves as it is written),
+        request-major (several ranks: gathered after the step), then each request's first token."""
+        if not self.sending:
+            return
+        layers = range(self.num_layers)
+        if self.multi_rank:
+            order = [(seq, plan, layer) for seq, plan in self.sending for layer in layers]
+        else:
+            order = [(seq, plan, layer) for layer in layers for seq, plan in self.sending]
+        per_peer: dict[str, list] = {}
+        count = self.num_layers + 1
+        for seq, plan, layer in order:
+            per_peer.setdefault(plan.peer_id, []).append((plan.transfer_id, layer, count, self._kv_shape(seq), self.kv_dtype))
+        for _, plan in self.sending:
+            per_peer.setdefault(plan.peer_id, []).append((plan.transfer_id, self.num_layers, count, (1,), torch.int64))
+        for peer_id, messages in per_peer.items():
+            self.transport.announce(peer_id, messages)
+
+    def _kv_shape(self, seq) -> tuple[int, ...]:
+        """[2, blocks, block_size, kv_heads, head_dim] of one layer of `seq`'s prompt, all KV heads."""
+        num_blocks = -(-seq.num_prompt_tokens // self.engine.kv.block_size)
+        arch = self.engine.arch
+        return (2, num_blocks, self.engine.kv.block_size, arch.num_kv_heads, arch.head_dim)
 
     def _send_layer(self, layer_id: int) -> None:
         for seq, plan in self.sending:
@@ -81,14 +112,15 @@ class PrefillWorker:
         deltas = self.engine.step()
         if self.multi_rank:
             self._send_gathered()
-        for delta in deltas:
-            plan = self.plans.get(delta.request_id)
-            if plan is None or plan.first_sent:
-                continue
-            first = torch.tensor([delta.token_ids[0]], dtype=torch.int64, device=self.engine.device)
+        by_request = {delta.request_id: delta for delta in deltas}
+        for seq, plan in self.sending:  # the announced order
+            delta = by_request.get(plan.request_id)
+            # -1: no first token came out of this step (the request went away); the decode side recomputes
+            token = delta.token_ids[0] if delta is not None and delta.token_ids else -1
+            first = torch.tensor([token], dtype=torch.int64, device=self.engine.device)
             self.transport.send_layer(plan.peer_id, plan.transfer_id, self.num_layers, self.num_layers + 1, first)
             plan.first_sent = True
-            if delta.finish_reason == FinishReason.PREFILLED:
+            if delta is not None and delta.finish_reason == FinishReason.PREFILLED:
                 delta.finish_reason = None  # the decode side continues the stream
         self.sending = []
         return deltas

@@ -16,6 +16,7 @@ links = the runtime when instances join or leave):
   listen() -> address              links: where peers can rendezvous with this endpoint
   connect(peer_id, address, is_master)  links: make a pairwise link (blocks until both sides join)
   disconnect(peer_id)              links: tear a dead peer's link down; its transfers FAIL
+  announce(peer_id, messages)      sender: what this step will send, in order (optional)
   send_layer(peer_id, transfer_id, index, num_messages, tensor)  sender: post message `index`
                                    (layer l's KV [2, blocks, ...]; the last one: the first token)
   send_state(transfer_id)          sender: poll
@@ -56,6 +57,11 @@ class KVTransport(ABC):
 
     @abstractmethod
     def send_layer(self, peer_id: str, transfer_id: int, layer_id: int, num_layers: int, kv: torch.Tensor) -> None: ...
+
+    def announce(self, peer_id: str, messages: list[tuple[int, int, int, tuple[int, ...], torch.dtype]]) -> None:
+        """Optional: the (transfer, index, count, shape, dtype) of the messages about to be sent to
+        `peer_id`, in send order (one call per prefill step), so the receiver can post them together."""
+        return None
 
     @abstractmethod
     def send_state(self, transfer_id: int) -> TransferState: ...

@@ -34,8 +34,10 @@ gets links without restarting anyone:
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -61,7 +63,7 @@ POLL_S = 0.0002
 class _Link:
     peer_id: str
     group: object  # payloads: NCCL on CUDA, gloo on CPU
-    control: object  # headers: always gloo (the same group as `group` on CPU)
+    control: object  # manifests (headers): a gloo group of its own, host memory
     my_rank: int
     backend: str
     device: torch.device
@@ -69,6 +71,8 @@ class _Link:
     error: str | None = None
     current: object = None  # the receive the link's thread is waiting on (aborted on disconnect)
     direction: str | None = None  # "send" or "recv": fixed by the first use (KV flows one way per link)
+    announced: collections.deque = field(default_factory=collections.deque)  # sender: headers not yet sent
+    control_out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # sender: manifest sends to wait on
 
     @property
     def peer_rank(self) -> int:
@@ -119,8 +123,7 @@ class TorchDistTransport(KVTransport):
         epoch = self.epochs[peer_id] = self.epochs.get(peer_id, 0) + 1  # both sides count reconnects alike
         my_rank = 0 if is_master else 1
         group = pair_group(store, f"link/{pair}/{epoch}", my_rank, self.backend, LINK_GROUP_TIMEOUT_S, self.host)
-        control = group if self.backend == "gloo" else pair_group(store, f"link/{pair}/{epoch}/control", my_rank,
-                                                                  "gloo", LINK_GROUP_TIMEOUT_S, self.host)
+        control = pair_group(store, f"link/{pair}/{epoch}/control", my_rank, "gloo", LINK_GROUP_TIMEOUT_S, self.host)
         device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
         probe = torch.zeros(1, device=device)
         group.allreduce([probe], AllreduceOptions()).wait()  # opens the communicator now, both sides present
@@ -143,9 +146,8 @@ class TorchDistTransport(KVTransport):
         with self.lock:
             if link.direction is None:
                 link.direction = direction
-                if direction == "recv":
-                    threading.Thread(target=self._receive_loop, args=(link,), daemon=True,
-                                     name=f"kv-recv-{link.peer_id}").start()
+                loop = self._receive_loop if direction == "recv" else self._control_waiter
+                threading.Thread(target=loop, args=(link,), daemon=True, name=f"kv-{direction}-{link.peer_id}").start()
         if link.direction != direction:
             raise RuntimeError(f"the link to {link.peer_id} carries KV the other way ({link.direction})")
 
@@ -163,6 +165,7 @@ class TorchDistTransport(KVTransport):
 
     def _close(self, link: _Link, why: str) -> None:
         link.closed = True
+        link.control_out.put(None)
         link.error = link.error or why
         self._fail_peer(link.peer_id, why)
         pending = link.current
@@ -200,25 +203,51 @@ class TorchDistTransport(KVTransport):
         return link.group.recv([tensor], link.peer_rank, 0)
 
     # -- sender ------------------------------------------------------------------
+    def announce(self, peer_id, messages) -> None:
+        """Tell the peer which messages come next, in the order they will be sent: one host
+        message per prefill step, however many layers and requests it streams. The receiver
+        posts every receive of the manifest at once and waits once per transfer, so its thread
+        needs the GIL a few times a step, not several times a layer."""
+        link = self.links.get(peer_id)
+        if link is None or link.closed or not messages:
+            return  # send_layer fails the transfers
+        headers = []
+        for transfer_id, index, count, shape, dtype in messages:
+            if len(shape) > MAX_DIMS or dtype not in _DTYPE_CODE:
+                raise ValueError(f"cannot send a {dtype} tensor of {len(shape)} dims")
+            fields = [transfer_id, index, count, _DTYPE_CODE[dtype], len(shape), *shape]
+            headers.append(fields + [0] * (HEADER_LEN - len(fields)))
+        manifest = torch.tensor(headers, dtype=torch.int64)
+        size = torch.tensor([len(headers)], dtype=torch.int64)
+        self._use(link, "send")
+        with self.lock:
+            link.announced.extend(tuple(h) for h in headers)
+            link.control_out.put((link.control.send([size], link.peer_rank, 0), size))
+            link.control_out.put((link.control.send([manifest], link.peer_rank, 0), manifest))
+
     def send_layer(self, peer_id, transfer_id, layer_id, num_layers, kv) -> None:
+        """Post one message; it must be the next one announced (or it is announced alone now)."""
         tracker = self._sender(transfer_id, peer_id, num_layers)
         link = self.links.get(peer_id)
         if link is None or link.closed:
             self._fail(tracker, f"no link to {peer_id}" if link is None else link.error)
             return
         kv = kv.contiguous()
-        if kv.dim() > MAX_DIMS or kv.dtype not in _DTYPE_CODE:
-            self._fail(tracker, f"cannot send a {kv.dtype} tensor of {kv.dim()} dims")
-            return
-        fields = [transfer_id, layer_id, num_layers, _DTYPE_CODE[kv.dtype], kv.dim(), *kv.shape]
-        header = torch.tensor(fields + [0] * (HEADER_LEN - len(fields)), dtype=torch.int64)
         try:
-            self._use(link, "send")
-            works = [(link.control.send([header], link.peer_rank, 0), "gloo"), (self._post_send(link, kv), link.backend)]
-        except RuntimeError as exc:
+            if not link.announced:
+                self.announce(peer_id, [(transfer_id, layer_id, num_layers, tuple(kv.shape), kv.dtype)])
+            header = link.announced.popleft()
+            fields = [transfer_id, layer_id, num_layers, _DTYPE_CODE.get(kv.dtype, -1), kv.dim(), *kv.shape]
+            if tuple(fields) != header[: len(fields)]:
+                raise RuntimeError(f"message {layer_id} of transfer {transfer_id} ({kv.dtype}{list(kv.shape)}) is not "
+                                   f"the one announced next ({header[:5 + header[4]]}); the link is out of step")
+            work = self._post_send(link, kv)
+        except (RuntimeError, ValueError) as exc:
             self._fail(tracker, str(exc))
+            if "out of step" in str(exc):
+                self._close(link, str(exc))
             return
-        self._add_work(tracker, works, (header, kv))
+        self._add_work(tracker, [(work, link.backend)], kv)
 
     def send_state(self, transfer_id) -> TransferState:
         t = self.trackers.get(transfer_id)
@@ -255,53 +284,83 @@ class TorchDistTransport(KVTransport):
         t = self.trackers.get(transfer_id)
         return t.error if t else None
 
+    def _control_waiter(self, link: _Link) -> None:
+        """Sender side: wait on the manifest sends (gloo completes a send only inside wait(), and
+        the engine's loop must not block on the peer reading it)."""
+        while True:
+            item = link.control_out.get()
+            if item is None:
+                return
+            try:
+                item[0].wait()
+            except Exception as exc:  # the peer is gone: what is in flight on the link fails
+                if not link.closed:
+                    link.error = f"link to {link.peer_id} failed: {type(exc).__name__}: {exc}"
+                    link.closed = True
+                self._fail_peer(link.peer_id, link.error)
+                return
+
     def _receive_loop(self, link: _Link) -> None:
-        """The link's receiver: header, then the payload it announces, for as long as the link lives."""
+        """The link's receiver: a manifest, then every payload it announces, for as long as the link lives."""
         stream = None
         if link.device.type == "cuda":
             torch.cuda.set_device(link.device)
             stream = torch.cuda.Stream(link.device)  # never waits behind the engine's compute
-        header = torch.empty(HEADER_LEN, dtype=torch.int64)
+        size = torch.empty(1, dtype=torch.int64)
         try:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 while not link.closed:
-                    link.current = link.control.recv([header], link.peer_rank, 0)
-                    link.current.wait()  # host memory only: nothing is posted on the device while idle
-                    transfer_id, index, count, code, ndim, *dims = header.tolist()
-                    shape, dtype = tuple(dims[:ndim]), _DTYPES[code]
-                    tracker = self.trackers.get(transfer_id)
-                    expected = tracker.specs[index] if tracker is not None and tracker.specs and index < len(tracker.specs) else None
-                    if expected is not None and (tuple(expected[0]), expected[1]) != (shape, dtype):
-                        self._fail(tracker, f"message {index} of transfer {transfer_id} is {dtype}{list(shape)}, "
-                                            f"expected {expected[1]}{list(expected[0])}")
-                    payload = torch.empty(shape, dtype=dtype, device=link.device)
-                    self._receive_into(link, payload)
-                    self.bytes_received += payload.numel() * payload.element_size()
-                    if tracker is not None and self.trackers.get(transfer_id) is tracker:
-                        self._landed(tracker, index, payload)
+                    self._control_recv(link, size)  # host memory only: nothing is posted on the device while idle
+                    manifest = torch.empty(int(size.item()), HEADER_LEN, dtype=torch.int64)
+                    self._control_recv(link, manifest)
+                    self._receive_manifest(link, manifest.tolist())
         except Exception as exc:  # the peer died or the link was aborted: everything in flight on it fails
             if not link.closed:
                 link.error = f"link to {link.peer_id} failed: {type(exc).__name__}: {exc}"
                 link.closed = True
             self._fail_peer(link.peer_id, link.error)
 
-    def _receive_into(self, link: _Link, tensor: torch.Tensor) -> None:
-        work = link.current = self._post_recv(link, tensor)
-        if link.backend == "gloo":
-            work.wait()
-        else:
-            # the payload is already on its way (its header came first): block in CUDA with the
-            # GIL released rather than poll; each poll would need the GIL back from the engine's
-            # loop, up to a switch interval (5 ms) a time
-            work.wait()  # this thread's stream waits for the broadcast
-            torch.cuda.current_stream().synchronize()
+    def _control_recv(self, link: _Link, tensor: torch.Tensor) -> None:
+        link.current = link.control.recv([tensor], link.peer_rank, 0)
+        link.current.wait()
+        link.current = None
+
+    def _receive_manifest(self, link: _Link, headers: list[list[int]]) -> None:
+        """Post a receive for every announced payload (the sender posts its sends as the layers are
+        computed), then wait for them in order, landing each transfer as its last message arrives."""
+        posted = []
+        for transfer_id, index, _count, code, ndim, *dims in headers:
+            shape, dtype = tuple(dims[:ndim]), _DTYPES[code]
+            tracker = self.trackers.get(transfer_id)
+            expected = tracker.specs[index] if tracker is not None and tracker.specs and index < len(tracker.specs) else None
+            if expected is not None and (tuple(expected[0]), expected[1]) != (shape, dtype):
+                self._fail(tracker, f"message {index} of transfer {transfer_id} is {dtype}{list(shape)}, "
+                                    f"expected {expected[1]}{list(expected[0])}")
+            payload = torch.empty(shape, dtype=dtype, device=link.device)  # scratch if nobody expects it
+            link.current = self._post_recv(link, payload)
+            posted.append((transfer_id, index, payload, link.current))
+        last_of = {transfer_id: i for i, (transfer_id, *_rest) in enumerate(posted)}
+        for i, (transfer_id, index, payload, work) in enumerate(posted):
+            if link.closed:
+                raise RuntimeError(link.error or "link closed")
+            work.wait()  # gloo: blocks (GIL released); NCCL: this thread's stream waits for it
+            self.bytes_received += payload.numel() * payload.element_size()
+            if last_of[transfer_id] != i:
+                continue
+            if payload.is_cuda:
+                torch.cuda.current_stream().synchronize()  # this transfer's payloads are all complete
+            tracker = self.trackers.get(transfer_id)
+            if tracker is not None:
+                for tid, idx, buf, _ in posted[: i + 1]:
+                    if tid == transfer_id:
+                        self._landed(tracker, idx, buf)
         link.current = None
 
     def _landed(self, tracker: _Tracker, index: int, payload: torch.Tensor) -> None:
         with tracker.cond:
-            if tracker.state == TransferState.FAILED:
+            if tracker.state == TransferState.FAILED or tracker.buffers[index] is not None:
                 return
-            tracker.buffers[index] = payload  # complete: _receive_into synchronized this thread's stream
+            tracker.buffers[index] = payload
             tracker.num_done += 1
             tracker.state = TransferState.DONE if tracker.num_done >= tracker.num_expected else TransferState.TRANSFERRING
 
