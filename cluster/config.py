@@ -311,13 +311,13 @@ class ClusterConfig:
             raise ConfigError("ClusterConfig: a disaggregated deployment needs prefill.instances >= 1 and decode.instances >= 1")
         if not disagg and self.mixed.instances == 0:
             raise ConfigError("ClusterConfig: no instances: set mixed.instances, or prefill and decode instances")
-        # the KV hand-over gathers a prefill instance's head shards to its rank 0 and lands on a
-        # decode instance's rank 0: prefill may be tensor-parallel, not pipelined; decode is one rank
-        if self.prefill.instances and self.prefill.pp > 1:
-            raise ConfigError(f"ClusterConfig.prefill.pp={self.prefill.pp}: pipeline-parallel prefill instances are not supported yet")
-        if self.decode.instances and (self.decode.tp > 1 or self.decode.pp > 1):
-            raise ConfigError(f"ClusterConfig.decode: tp/pp > 1 is not supported for decode instances yet "
-                              f"(got tp={self.decode.tp}, pp={self.decode.pp}); use a mixed pool for multi-device decode")
+        # the KV hand-over gathers a prefill instance's head shards to its rank 0 and scatters them
+        # from a decode instance's rank 0 to its ranks: both pools may be tensor-parallel (any tp
+        # each), neither pipelined yet
+        for name, pool in (("prefill", self.prefill), ("decode", self.decode)):
+            if pool.instances and pool.pp > 1:
+                raise ConfigError(f"ClusterConfig.{name}.pp={pool.pp}: pipeline-parallel {name} instances are not "
+                                  f"supported yet; use tp, or a mixed pool for pipelined instances")
 
     @property
     def disaggregated(self) -> bool:

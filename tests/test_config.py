@@ -20,7 +20,7 @@ def test_nested_keys_override_only_what_they_name():
     ({"prefill": {"instancez": 2}}, "ClusterConfig.prefill: unknown field"),
     ({"prefill": {"tp": 0}}, "ClusterConfig.prefill: PoolConfig.tp=0"),
     ({"engine": {"cache": {"block_size": "x"}}}, "CacheConfig.block_size='x'"),
-    ({"decode": {"tp": 2}}, "ClusterConfig.decode: tp/pp > 1"),
+    ({"decode": {"pp": 2}}, "ClusterConfig.decode.pp=2"),
     ({"prefill": {"pp": 2}}, "ClusterConfig.prefill.pp=2"),
     ({"prefill": {"instances": 0}}, "prefill.instances >= 1"),
     ({"api": {"port": 70000}}, "ApiConfig.port=70000"),

@@ -48,9 +48,11 @@ class DecodeWorker:
         block_ids = self.engine.reserve(request_id, prompt_token_ids, params, prompt)
         if block_ids is None:
             return False
-        runner = self.engine.runner
-        k_cache = next(c for c in runner.kv_caches if c is not None)[0]
-        layer_shape = (2, len(block_ids), *k_cache.shape[1:])
+        # every KV head, whatever this instance's tp: the prefill side sends all of them and
+        # `scatter_kv` hands each rank its own (KV heads resharded between pools of any tp)
+        arch = self.engine.arch
+        k_cache = next(c for c in self.engine.runner.kv_caches if c is not None)[0]
+        layer_shape = (2, len(block_ids), self.engine.config.cache.block_size, arch.num_kv_heads, arch.head_dim)
         specs = [(layer_shape, k_cache.dtype)] * self.engine.arch.num_layers + [((1,), torch.int64)]
         self.transport.expect(peer_id, transfer_id, specs, self.engine.device)
         self.pending[request_id] = PendingTransfer(request_id, peer_id, transfer_id, block_ids, time.monotonic())
@@ -73,8 +75,7 @@ class DecodeWorker:
         if int(messages[-1].item()) < 0:  # the prefill side had no first token to send
             self._fall_back(p, "ended without a first token")
             return
-        for layer_id, kv in enumerate(messages[:-1]):
-            self.engine.runner.write_kv(layer_id, p.block_ids, kv[0], kv[1])
+        self.engine.executor.scatter_kv(p.block_ids, messages[:-1])
         first_token = int(messages[-1].item())
         del self.pending[p.request_id]
         self.transfer_latencies_s.append(time.monotonic() - p.started_s)

@@ -2,8 +2,9 @@
 
 The Engine calls, from its step loop:
   execute(sched, on_layer_done) -> StepResult   once per step: run the model, sample
-  runner                                        the driver rank's ModelRunner (sampling state;
-                                                read_kv/write_kv of the KV hand-over)
+  runner                                        the driver rank's ModelRunner (sampling state)
+  gather_kv(block_ids) / scatter_kv(block_ids, layers)   the KV hand-over: every layer with all KV
+                                                heads, from or into the ranks' head shards
   model, num_blocks                             the driver rank's model; KV blocks every rank holds
   shutdown()                                    once, when the engine closes
 Benchmarks and tests also call:
@@ -90,6 +91,10 @@ class UniExecutor(Executor):
         return [torch.stack(self.runner.read_kv(layer, block_ids)) for layer in range(len(self.runner.kv_caches))
                 if self.runner.kv_caches[layer] is not None]
 
+    def scatter_kv(self, block_ids: list[int], layers: list[torch.Tensor]) -> None:
+        for layer_id, kv in enumerate(layers):
+            self.runner.write_kv(layer_id, block_ids, kv[0], kv[1])
+
 
 class MultiProcExecutor(Executor):
     def __init__(self, config: EngineConfig, platform, dtype: torch.dtype, max_model_len: int,
@@ -170,6 +175,20 @@ class MultiProcExecutor(Executor):
             host.broadcast(torch.tensor([int(Command.GATHER_KV), 0, len(block_ids), 0, 0, 0, 1, 0], dtype=torch.int64))
             host.broadcast(torch.tensor(block_ids, dtype=torch.int64))
             return self.worker.gather_kv(block_ids)
+        except RuntimeError as exc:
+            raise self._fail(exc) from exc
+
+    def scatter_kv(self, block_ids: list[int], layers: list[torch.Tensor]) -> None:
+        """Land every layer's KV of `block_ids` ([2, blocks, block_size, all KV heads, head_dim] each,
+        from another instance whatever its tp) into the ranks' head shards: the KV hand-over's sink."""
+        if self.config.parallel.pipeline_parallel_size > 1:
+            raise NotImplementedError("KV hand-over into a pipeline-parallel instance is not supported yet")
+        self._check_alive()
+        host = self.worker.groups.host
+        try:
+            host.broadcast(torch.tensor([int(Command.SCATTER_KV), 0, len(block_ids), 0, 0, 0, 1, 0], dtype=torch.int64))
+            host.broadcast(torch.tensor(block_ids, dtype=torch.int64))
+            self.worker.scatter_kv(block_ids, layers)
         except RuntimeError as exc:
             raise self._fail(exc) from exc
 

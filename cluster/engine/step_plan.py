@@ -35,6 +35,7 @@ class Command(enum.IntEnum):
     STATS = 2  # send counters to the driver (no payload)
     SHUTDOWN = 3  # leave the loop
     GATHER_KV = 4  # send rank 0 every layer's KV of the blocks in the payload (KV hand-over)
+    SCATTER_KV = 5  # take this rank's heads of every layer's KV of the blocks in the payload from rank 0
 
 
 @dataclass

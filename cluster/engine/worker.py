@@ -132,6 +132,26 @@ class Worker:
             layers.append(full[..., ::replicas, :].contiguous() if replicas > 1 else full.contiguous())
         return layers if tp.rank == 0 else None
 
+    @torch.inference_mode()
+    def scatter_kv(self, block_ids: list[int], layers: list[torch.Tensor] | None) -> None:
+        """Every layer's KV of `block_ids` with all KV heads ([2, blocks, block_size, heads, dim]; on
+        rank 0, None on the others) goes to every tp rank, which keeps its own heads (the same heads
+        its QKV projection makes, replicas included when tp > KV heads)."""
+        tp, arch = self.groups.tp, self.arch
+        index = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        for layer_id in range(arch.num_layers):
+            k_cache, v_cache = self.runner.kv_caches[layer_id]
+            if layers is not None:
+                full = layers[layer_id].to(self.device, k_cache.dtype).contiguous()
+            else:
+                full = torch.empty((2, len(block_ids), *k_cache.shape[1:-2], arch.num_kv_heads, arch.head_dim),
+                                   dtype=k_cache.dtype, device=self.device)
+            tp.broadcast_from_first(full)
+            qkv = self.model.model.layers[str(layer_id)].self_attn.qkv_proj
+            mine = full.narrow(-2, qkv.kv_head_start, qkv.num_kv_heads)
+            k_cache.index_copy_(0, index, mine[0])
+            v_cache.index_copy_(0, index, mine[1])
+
     # -- (2) one step -------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: StepPlan, flags: StepFlags, num_microbatches: int = 1) -> torch.Tensor | None:
@@ -245,6 +265,9 @@ def serve(worker: Worker) -> None:
             return
         if command == Command.GATHER_KV:
             worker.gather_kv(host.broadcast(torch.empty(header[2].item(), dtype=torch.int64)).tolist())
+            continue
+        if command == Command.SCATTER_KV:
+            worker.scatter_kv(host.broadcast(torch.empty(header[2].item(), dtype=torch.int64)).tolist(), None)
             continue
         if command == Command.STATS:
             host.gather_to_first(worker.stats_vector(reset=bool(bits)))

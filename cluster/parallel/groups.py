@@ -133,6 +133,14 @@ class TPGroup:
         out = x.new_empty((self.size * x.shape[0], *x.shape[1:]))
         return Pending(self.group._allgather_base(out, x, AllgatherOptions()), out)
 
+    def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `x` lands in every rank's `x` (same shape and dtype everywhere)."""
+        if self.size > 1:
+            opts = BroadcastOptions()
+            opts.rootRank = 0
+            self.group.broadcast([x], opts).wait()
+        return x
+
     def gather_last_dim_to_first(self, x: torch.Tensor) -> torch.Tensor | None:
         """Rank 0 gets every rank's x concatenated on the last dim; the others get None."""
         if self.size == 1:

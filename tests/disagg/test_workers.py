@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from cluster.config import CacheConfig, DisaggConfig, EngineConfig, ModelConfig, SchedulerConfig
 from cluster.disagg.decode import DecodeWorker
 from cluster.disagg.prefill import PrefillWorker
@@ -116,3 +118,43 @@ def test_prefill_tp2_to_decode_tp1_reshards_kv_heads(checkpoint_dir):
         assert got == expected
     finally:
         tp2.executor.shutdown()
+
+
+def _tp_engine(model_dir, role, tp):
+    from cluster.config import ParallelConfig
+
+    cfg = EngineConfig(model=ModelConfig(path=model_dir), cache=CacheConfig(num_blocks=200),
+                       parallel=ParallelConfig(tensor_parallel_size=tp))
+    return Engine(cfg, role=role, progress=False)
+
+
+@pytest.mark.parametrize("model, prefill_tp, decode_tp", [
+    ("qwen2", 1, 2),  # KV heads split over the decode ranks
+    ("qwen2", 2, 2),  # the same tp on both sides (still all heads on the wire)
+    ("llama_tied_mqa_rope3_sharded", 1, 2),  # one KV head, replicated on both decode ranks
+])
+def test_kv_lands_in_the_head_shards_of_a_tensor_parallel_decode_instance(checkpoint_dir, model, prefill_tp, decode_tp):
+    """Real rank processes (gloo): the decode instance's rank 0 scatters every layer's KV heads to its ranks."""
+    model_dir = checkpoint_dir(model)
+    rng = random.Random(11)
+    prompts = [[rng.randrange(900) for _ in range(n)] for n in (5, 40, 90)]
+    expected = _expected(model_dir, prompts)
+    engines = []
+    try:
+        prefill_engine = _tp_engine(model_dir, Role.PREFILL, prefill_tp) if prefill_tp > 1 else None
+        engines.append(prefill_engine)
+        decode_engine = _tp_engine(model_dir, Role.DECODE, decode_tp)
+        engines.append(decode_engine)
+        hub = LoopbackHub()
+        p_t, d_t = LoopbackTransport(hub), LoopbackTransport(hub)
+        p_t.connect("D", d_t.listen(), False)
+        d_t.connect("P", p_t.listen(), True)
+        cfg = DisaggConfig(transport="loopback")
+        prefill = PrefillWorker(prefill_engine or _engine(model_dir, Role.PREFILL, 8192), p_t, cfg)
+        decode = DecodeWorker(decode_engine, d_t, cfg)
+        assert _serve(prefill, decode, prompts) == expected
+        assert decode.engine.kv.num_free_blocks == decode.engine.kv.num_blocks
+    finally:
+        for engine in engines:
+            if engine is not None:
+                engine.executor.shutdown()

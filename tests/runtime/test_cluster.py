@@ -165,6 +165,17 @@ def test_mixed_pool_of_tp2_instances(tiny_model, reference):
                             [list(range(3, 60))])
 
 
+def test_prefill_tp1_decode_tp2_through_the_cluster(tiny_model, reference):
+    """Pools of different tp: the decode instance's ranks each keep their own KV heads."""
+    from dataclasses import replace
+
+    from cluster.config import PoolConfig
+
+    config = cluster_config(tiny_model, prefill=1, decode=1)
+    _serves_like_one_engine(replace(config, decode=PoolConfig(instances=1, tp=2, num_cpus_per_rank=0.25)), reference,
+                            [list(range(3, 60)), list(range(200, 233))])
+
+
 def test_prefill_tp2_decode_tp1_through_the_cluster(tiny_model, reference):
     from dataclasses import replace
 
