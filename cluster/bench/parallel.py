@@ -138,12 +138,35 @@ def decode_sweep(engine, args, tp: int, variants: dict[str, dict]) -> list[dict]
                 engine.executor.set_flags(**flags)
                 engine.step()  # first step after a switch is not timed
                 measured[name].append(time_steps(engine, args.steps))
+        if args.profile:
+            _profile_steps(engine, args, {"batch": batch, "tp": tp})
         drain(engine)
         for name, values in measured.items():
             step_ms = min(values)
             rows.append({"batch": batch, "context": args.context, "tp": tp, "variant": name, "step_ms": step_ms,
                          "tokens_per_s": batch / step_ms * 1e3})
     return rows
+
+
+def _profile_steps(engine, args, where: dict, num_steps: int = 5) -> None:
+    """The driver rank's device time per step by kernel (torch.profiler), the top ones, plus the
+    step's wall time: where a step's time goes beyond the weights' read."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(num_steps):
+            engine.step()
+    wall_ms = (time.perf_counter() - t0) / num_steps * 1e3
+    rows = []
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+        rows.append((device_us if args.device == "cuda" else event.self_cpu_time_total, event.key, event.count))
+    rows.sort(reverse=True)
+    top = [{"name": name[:80], "us_per_step": us / num_steps, "calls_per_step": count / num_steps}
+           for us, name, count in rows[:15]]
+    emit(args, {"part": "profile", **where, "wall_ms_per_step": wall_ms, "top": top})
 
 
 def prefill_time(engine, args, variants: dict[str, dict]) -> list[dict]:
@@ -365,6 +388,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-model-len", type=int, default=4096 + 512)
     ap.add_argument("--out", default="parallel_bench.jsonl")
     ap.add_argument("--eager-overlap", action="store_true", help="also time decode overlap on/off eagerly")
+    ap.add_argument("--profile", action="store_true", help="also print the driver's top kernels per decode step")
     ap.add_argument("--smoke", action="store_true", help="CPU + gloo + tiny models: checks the script, measures nothing")
     args = ap.parse_args(argv)
     args.device = "cpu" if args.smoke else "cuda"
