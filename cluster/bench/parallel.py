@@ -183,6 +183,11 @@ def prefill_time(engine, args, variants: dict[str, dict]) -> list[dict]:
             drain(engine)  # ends in sampling: a host sync
             times.append((time.perf_counter() - t0) * 1e3)
         rows.append({"prefill_len": args.prefill_len, "variant": name, "ms": min(times[1:])})
+        if args.profile:  # where overlap's prefill time goes (it lost 27 ms in run 2)
+            engine.add_request(f"pf-{name}-prof", [rng.randrange(100, vocab - 100) for _ in range(args.prefill_len)],
+                               SamplingParams(max_tokens=1))
+            _profile_steps(engine, args, {"phase": "prefill", "variant": name}, num_steps=1)
+            drain(engine)
     return rows
 
 
