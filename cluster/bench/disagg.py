@@ -212,7 +212,8 @@ def _run(fn, args, q1, q2, results):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--make-llama8b", action="store_true")
+    ap.add_argument("--make-llama8b", action="store_true", help="make the checkpoint at --model first if missing")
+    ap.add_argument("--layers", type=int, default=32, help="with --make-llama8b: layers (32 is the real depth)")
     ap.add_argument("--prompt-len", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="disagg_bench.json")
@@ -220,11 +221,9 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: gloo plumbing check")
     args = ap.parse_args(argv)
     if args.make_llama8b and not os.path.isdir(args.model):
-        from cluster.models.make import make_model
+        from cluster.models.make import make_llama3_8b_shape
 
-        make_model("llama", args.model, num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8,
-                   intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-                   dtype="bfloat16", device="cuda", max_shard_size="5GB", progress=False)
+        make_llama3_8b_shape(args.model, args.layers)
     ctx = mp.get_context("spawn")
     manager = ctx.Manager()
     results = manager.dict()

@@ -169,12 +169,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="engine_bench.json")
     args = ap.parse_args(argv)
     if args.make_llama8b:
-        from cluster.models.make import make_model
+        from cluster.models.make import make_llama3_8b_shape
 
         t0 = time.time()
-        make_model("llama", args.model, num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8,
-                   intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-                   dtype="bfloat16", device="cuda", max_shard_size="5GB", progress=False)
+        make_llama3_8b_shape(args.model)
         print(f"made checkpoint in {time.time() - t0:.0f}s", flush=True)
     results = {"hardware": hardware.measure()}
     hw = results["hardware"]

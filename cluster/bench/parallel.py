@@ -49,13 +49,11 @@ def emit(args, record: dict) -> None:
 # -- checkpoints ---------------------------------------------------------------------------
 def ensure_llama8b(path: str, args) -> str:
     if not os.path.isdir(path):
-        from cluster.models.make import make_model
+        from cluster.models.make import make_llama3_8b_shape, make_model
 
         if args.smoke:
             return make_model("llama", path, num_layers=4, max_position_embeddings=8192, progress=False)
-        make_model("llama", path, num_layers=32, hidden_size=HIDDEN_8B, num_heads=32, num_kv_heads=8,
-                   intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-                   dtype="bfloat16", device="cuda", max_shard_size="5GB", progress=False)
+        make_llama3_8b_shape(path)
         release_memory()
     return path
 

@@ -111,6 +111,7 @@ def run_deployment(args, name: str, port: int) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
+    ap.add_argument("--make-llama8b", action="store_true", help="make a Llama-3-8B-shaped random checkpoint at --model first")
     ap.add_argument("--deployments", default="1p1d,colocated")
     ap.add_argument("--rates", default="1,2,4")
     ap.add_argument("--num-requests", type=int, default=64)
@@ -129,11 +130,19 @@ def main(argv=None) -> None:
     args.rates = args.rates.split(",")
     os.makedirs(args.out_dir, exist_ok=True)
     results = {}
+    if args.make_llama8b and not os.path.isdir(args.model):
+        from cluster.models.make import make_llama3_8b_shape
+
+        make_llama3_8b_shape(args.model)
     for i, name in enumerate(args.deployments.split(",")):
-        results[name] = run_deployment(args, name, 8100 + i)
-        print(json.dumps({name: {"goodput_vs_rate": results[name]["sweep"].get("goodput_vs_rate")}}), flush=True)
-    with open(os.path.join(args.out_dir, "serve_summary.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        try:
+            results[name] = run_deployment(args, name, 8100 + i)
+            print(json.dumps({name: {"goodput_vs_rate": results[name]["sweep"].get("goodput_vs_rate")}}), flush=True)
+        except Exception as exc:  # one deployment failing must not lose the other's results
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(json.dumps({name: results[name]}), flush=True)
+        with open(os.path.join(args.out_dir, "serve_summary.json"), "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -299,6 +299,13 @@ def make_model(arch: str, out_dir: str, *, num_layers: int = 2, hidden_size: int
     return out_dir
 
 
+def make_llama3_8b_shape(out_dir: str, num_layers: int = 32, device: str = "cuda") -> str:
+    """A random checkpoint of Llama-3-8B's shape (bf16) for the GPU benchmarks; fewer layers for short runs."""
+    return make_model("llama", out_dir, num_layers=num_layers, hidden_size=4096, num_heads=32, num_kv_heads=8,
+                      intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                      dtype="bfloat16", device=device, max_shard_size="5GB", progress=False)
+
+
 def default_model_dir() -> str:
     """Where the shared tiny llama lives: <cache>/models/tiny-llama-v1."""
     from cluster.config import env_cache_dir
