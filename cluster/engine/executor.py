@@ -167,28 +167,23 @@ class MultiProcExecutor(Executor):
 
     def gather_kv(self, block_ids: list[int]) -> list[torch.Tensor]:
         """Every layer's KV of `block_ids`, all heads, on this (driver) rank: the KV hand-over's source."""
-        if self.config.parallel.pipeline_parallel_size > 1:
-            raise NotImplementedError("KV hand-over from a pipeline-parallel instance is not supported yet")
-        self._check_alive()
-        host = self.worker.groups.host
-        try:
-            host.broadcast(torch.tensor([int(Command.GATHER_KV), 0, len(block_ids), 0, 0, 0, 1, 0], dtype=torch.int64))
-            host.broadcast(torch.tensor(block_ids, dtype=torch.int64))
-            return self.worker.gather_kv(block_ids)
-        except RuntimeError as exc:
-            raise self._fail(exc) from exc
+        return self._kv_command(Command.GATHER_KV, block_ids, lambda: self.worker.gather_kv(block_ids))
 
     def scatter_kv(self, block_ids: list[int], layers: list[torch.Tensor]) -> None:
         """Land every layer's KV of `block_ids` ([2, blocks, block_size, all KV heads, head_dim] each,
         from another instance whatever its tp) into the ranks' head shards: the KV hand-over's sink."""
+        self._kv_command(Command.SCATTER_KV, block_ids, lambda: self.worker.scatter_kv(block_ids, layers))
+
+    def _kv_command(self, command: Command, block_ids: list[int], run):
+        """Tell every rank to take part in a KV hand-over of `block_ids`, then take part (rank 0)."""
         if self.config.parallel.pipeline_parallel_size > 1:
-            raise NotImplementedError("KV hand-over into a pipeline-parallel instance is not supported yet")
+            raise NotImplementedError("KV hand-over with a pipeline-parallel instance is not supported yet")
         self._check_alive()
         host = self.worker.groups.host
         try:
-            host.broadcast(torch.tensor([int(Command.SCATTER_KV), 0, len(block_ids), 0, 0, 0, 1, 0], dtype=torch.int64))
+            host.broadcast(torch.tensor([int(command), 0, len(block_ids), 0, 0, 0, 1, 0], dtype=torch.int64))
             host.broadcast(torch.tensor(block_ids, dtype=torch.int64))
-            self.worker.scatter_kv(block_ids, layers)
+            return run()
         except RuntimeError as exc:
             raise self._fail(exc) from exc
 

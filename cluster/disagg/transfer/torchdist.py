@@ -189,17 +189,20 @@ class TorchDistTransport(KVTransport):
 
     # -- one message on a link ----------------------------------------------------------
     def _post_send(self, link: _Link, tensor: torch.Tensor):
-        if link.backend == "nccl":
-            opts = BroadcastOptions()
-            opts.rootRank = link.my_rank
-            return link.group.broadcast([tensor], opts)
-        return link.group.send([tensor], link.peer_rank, 0)
+        return self._post(link, tensor, sending=True)
 
     def _post_recv(self, link: _Link, tensor: torch.Tensor):
+        return self._post(link, tensor, sending=False)
+
+    @staticmethod
+    def _post(link: _Link, tensor: torch.Tensor, sending: bool):
+        """One payload: on NCCL a broadcast rooted at the sending side, on gloo a send or a receive."""
         if link.backend == "nccl":
             opts = BroadcastOptions()
-            opts.rootRank = link.peer_rank
+            opts.rootRank = link.my_rank if sending else link.peer_rank
             return link.group.broadcast([tensor], opts)
+        if sending:
+            return link.group.send([tensor], link.peer_rank, 0)
         return link.group.recv([tensor], link.peer_rank, 0)
 
     # -- sender ------------------------------------------------------------------
