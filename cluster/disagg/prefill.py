@@ -41,6 +41,7 @@ class PrefillWorker:
         self.config = config
         self.plans: dict[str, SendPlan] = {}
         self.sending: list[tuple] = []  # (seq, plan) whose prompt completes in this step
+        self.block_index: dict[int, torch.Tensor] = {}  # seq id -> its prompt blocks as a device index
         engine.kv_stream = self
         self.num_layers = engine.arch.num_layers
         self.multi_rank = engine.config.parallel.world_size > 1
@@ -59,6 +60,9 @@ class PrefillWorker:
             if item.samples and item.seq.request_id in self.plans:
                 sending.setdefault(item.seq.request_id, (item.seq, self.plans[item.seq.request_id]))
         self.sending = list(sending.values())
+        runner = self.engine.runner
+        self.block_index = {seq.seq_id: runner.block_index(seq.block_ids[: self._num_blocks(seq)])
+                            for seq, _ in self.sending} if not self.multi_rank else {}
         for _, plan in self.sending:
             plan.started_s = time.monotonic()
         self._announce()
@@ -88,14 +92,16 @@ class PrefillWorker:
 
     def _kv_shape(self, seq) -> tuple[int, ...]:
         """[2, blocks, block_size, kv_heads, head_dim] of one layer of `seq`'s prompt, all KV heads."""
-        num_blocks = -(-seq.num_prompt_tokens // self.engine.kv.block_size)
+        num_blocks = self._num_blocks(seq)
         arch = self.engine.arch
         return (2, num_blocks, self.engine.kv.block_size, arch.num_kv_heads, arch.head_dim)
 
+    def _num_blocks(self, seq) -> int:
+        return -(-seq.num_prompt_tokens // self.engine.kv.block_size)
+
     def _send_layer(self, layer_id: int) -> None:
         for seq, plan in self.sending:
-            num_blocks = -(-seq.num_prompt_tokens // self.engine.kv.block_size)
-            k, v = self.engine.runner.read_kv(layer_id, seq.block_ids[:num_blocks])
+            k, v = self.engine.runner.read_kv(layer_id, self.block_index[seq.seq_id])
             kv = torch.stack((k, v))
             self.bytes_sent += kv.numel() * kv.element_size()
             self.transport.send_layer(plan.peer_id, plan.transfer_id, layer_id, self.num_layers + 1, kv)
@@ -103,8 +109,7 @@ class PrefillWorker:
     # -- (3) after the step ----------------------------------------------------------------
     def _send_gathered(self) -> None:
         for seq, plan in self.sending:
-            num_blocks = -(-seq.num_prompt_tokens // self.engine.kv.block_size)
-            for layer_id, kv in enumerate(self.engine.executor.gather_kv(seq.block_ids[:num_blocks])):
+            for layer_id, kv in enumerate(self.engine.executor.gather_kv(seq.block_ids[: self._num_blocks(seq)])):
                 self.bytes_sent += kv.numel() * kv.element_size()
                 self.transport.send_layer(plan.peer_id, plan.transfer_id, layer_id, self.num_layers + 1, kv)
 

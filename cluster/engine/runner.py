@@ -137,14 +137,26 @@ class ModelRunner:
             self.generators[seq.seq_id] = gen
         return gen
 
-    def read_kv(self, layer_id: int, block_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copy of one layer's KV blocks, [len(block_ids), block_size, kv_heads, head_dim] each."""
-        index = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+    def block_index(self, block_ids) -> torch.Tensor:
+        """`block_ids` as a device index for read_kv/write_kv, made without a host sync (a pageable
+        host-to-device copy would wait for every kernel queued so far: once per layer, that stalls
+        a prefill that streams its KV layer by layer). Build it once and pass it to every layer."""
+        if isinstance(block_ids, torch.Tensor):
+            return block_ids
+        index = torch.tensor(block_ids, dtype=torch.int64)
+        if self.device.type == "cuda":
+            return index.pin_memory().to(self.device, non_blocking=True)
+        return index.to(self.device)
+
+    def read_kv(self, layer_id: int, block_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy of one layer's KV blocks, [len(block_ids), block_size, kv_heads, head_dim] each
+        (`block_ids`: a list, or a `block_index`)."""
+        index = self.block_index(block_ids)
         k_cache, v_cache = self.kv_caches[layer_id]
         return k_cache.index_select(0, index), v_cache.index_select(0, index)
 
-    def write_kv(self, layer_id: int, block_ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        index = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+    def write_kv(self, layer_id: int, block_ids, k: torch.Tensor, v: torch.Tensor) -> None:
+        index = self.block_index(block_ids)
         k_cache, v_cache = self.kv_caches[layer_id]
         k_cache.index_copy_(0, index, k.to(k_cache.device, k_cache.dtype))
         v_cache.index_copy_(0, index, v.to(v_cache.device, v_cache.dtype))

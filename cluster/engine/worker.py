@@ -121,8 +121,9 @@ class Worker:
         rank 0 (None on the others): each rank's head shard, gathered over the tensor-parallel group."""
         tp = self.groups.tp
         layers = []
+        index = self.runner.block_index(block_ids)
         for layer_id in range(self.arch.num_layers):
-            k, v = self.runner.read_kv(layer_id, block_ids)
+            k, v = self.runner.read_kv(layer_id, index)
             kv = torch.stack((k, v)).transpose(-1, -2)  # heads last, for a last-dim gather
             gathered = tp.gather_last_dim_to_first(kv)
             if gathered is None:
@@ -138,7 +139,7 @@ class Worker:
         rank 0, None on the others) goes to every tp rank, which keeps its own heads (the same heads
         its QKV projection makes, replicas included when tp > KV heads)."""
         tp, arch = self.groups.tp, self.arch
-        index = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        index = self.runner.block_index(block_ids)
         for layer_id in range(arch.num_layers):
             k_cache, v_cache = self.runner.kv_caches[layer_id]
             if layers is not None:
