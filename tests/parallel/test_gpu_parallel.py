@@ -47,6 +47,9 @@ def test_gpu_instance_matches_one_gpu(checkpoint_dir, case):
     try:
         if case == "tp2":
             assert engine.runner.graphs is not None
+            stats = engine.executor.stats()
+            # the TP all-reduces go through the one-shot peer-memory kernel (checked against NCCL at start)
+            assert stats["one_shot_all_reduce"], stats["one_shot_error"]
         _assert_same(_run(engine, prompts, "off"), expected)
         engine.executor.set_flags(**flipped)
         _assert_same(_run(engine, prompts, "on"), expected)
