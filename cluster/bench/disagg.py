@@ -7,7 +7,8 @@ a KV link made on demand by our transport (NCCL, one group for the pair):
   (1) raw NCCL on that same link (a broadcast from prefill to decode, as the transport sends): one layer's KV of a `--prompt-len` prompt
       and all layers in one message (the hardware-path reference);
   (2) our transfer of one request's KV (gather blocks -> send per layer -> recv ->
-      scatter into reserved blocks), back to back: bandwidth beside (1);
+      scatter into reserved blocks), back to back: bandwidth beside (1), both against one
+      message of all the KV and against the same per-layer messages sent raw;
   (3) TTFT of one `--prompt-len` prompt with layer-wise streaming to decode (1P1D) vs the
       same engine without a transfer (colocated), and time to the second token on decode.
 """
@@ -77,6 +78,24 @@ def _raw_nccl(group, my_rank: int, sizes: list[int], iters: int = 10) -> dict:
     return out
 
 
+def _raw_nccl_layers(group, layer_bytes: int, num_layers: int, iters: int = 5) -> dict:
+    """The request's KV the way the transport moves it, one message per layer back to back, raw:
+    the hardware path's figure for the same traffic (per-message costs included)."""
+    bufs = [torch.empty(layer_bytes, dtype=torch.uint8, device=DEVICE[0]) for _ in range(num_layers)]
+    opts = BroadcastOptions()
+    opts.rootRank = 1  # the prefill side
+
+    def once():
+        works = [group.broadcast([buf], opts) for buf in bufs]
+        for work in works:
+            work.wait()
+
+    once()
+    seconds = _cuda_time(once, iters)
+    total = layer_bytes * num_layers
+    return {"bytes": total, "messages": num_layers, "ms": seconds * 1e3, "gb_s": total / seconds / 1e9}
+
+
 def prefill_main(args, q_to_decode, q_from_decode, results):
     from cluster.disagg.prefill import PrefillWorker
     from cluster.disagg.transfer.torchdist import TorchDistTransport
@@ -92,6 +111,7 @@ def prefill_main(args, q_to_decode, q_from_decode, results):
     layer_bytes = _layer_bytes(engine, args.prompt_len)
     sizes = [layer_bytes, layer_bytes * engine.arch.num_layers]
     results["raw_nccl"] = _raw_nccl(link.group, link.my_rank, sizes)
+    results["raw_nccl_per_layer"] = _raw_nccl_layers(link.group, layer_bytes, engine.arch.num_layers)
     _say("prefill", "raw send/recv done")
     prompt = [100 + (i * 7) % min(5000, engine.arch.vocab_size - 200) for i in range(args.prompt_len)]
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
@@ -159,6 +179,7 @@ def decode_main(args, q_to_decode, q_from_decode, results):
     link = transport.links["P"]
     layer_bytes = _layer_bytes(engine, args.prompt_len)
     _raw_nccl(link.group, link.my_rank, [layer_bytes, layer_bytes * engine.arch.num_layers])
+    _raw_nccl_layers(link.group, layer_bytes, engine.arch.num_layers)
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     second_token_ms = []
     while True:
@@ -238,7 +259,9 @@ def main(argv=None) -> None:
     raw = out.get("raw_nccl", {})
     if raw and "transfer_only" in out:
         whole = raw[str(out["kv_bytes_per_request"])]["gb_s"]
-        out["transfer_vs_raw_nccl"] = out["transfer_only"]["gb_s"] / whole
+        out["transfer_vs_raw_nccl"] = out["transfer_only"]["gb_s"] / whole  # vs one message of all the KV
+        if "raw_nccl_per_layer" in out:  # vs the same messages, raw
+            out["transfer_vs_raw_nccl_per_layer"] = out["transfer_only"]["gb_s"] / out["raw_nccl_per_layer"]["gb_s"]
     for key in ("ttft_colocated_ms", "ttft_1p1d_ms"):
         if out.get(key):
             out[key + "_median"] = sorted(out[key])[len(out[key]) // 2]
