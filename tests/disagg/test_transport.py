@@ -119,3 +119,30 @@ def test_the_senders_order_wins_and_abandoned_or_mismatched_transfers_do_not_des
     assert "expected" in decode.error(10)
     assert result_q.get(timeout=10) == "done"
     proc.join(timeout=10)
+
+
+def _out_of_step_sender(address_q, result_q):
+    t = TorchDistTransport("prefill-2", timeout_s=5.0)
+    t.connect("decode-2", address_q.get(), is_master=False)
+    t.announce("decode-2", [(21, 0, 2, SHAPE, torch.float32), (21, 1, 2, SHAPE, torch.float32)])
+    t.send_layer("decode-2", 21, 0, 2, _layer(21, 0))
+    t.send_layer("decode-2", 21, 1, 2, torch.zeros(3))  # not what was announced
+    result_q.put((t.send_state(21).value, t.error(21), t.has_link("decode-2")))
+    time.sleep(1.0)
+
+
+def test_a_message_other_than_the_announced_one_fails_its_transfer_and_closes_the_link():
+    """The receiver posts what the manifest says; a sender that strays would desynchronise the
+    link (on NCCL: hang it), so the transfer fails at once and the link is dropped instead."""
+    ctx = mp.get_context("spawn")
+    address_q, result_q = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_out_of_step_sender, args=(address_q, result_q), daemon=True)
+    proc.start()
+    decode = TorchDistTransport("decode-2", timeout_s=5.0)
+    address_q.put(decode.listen())
+    decode.connect("prefill-2", decode.listen(), is_master=True)
+    decode.expect("prefill-2", 21, [(SHAPE, torch.float32)] * 2, torch.device("cpu"))
+    state, error, has_link = result_q.get(timeout=10)
+    assert state == "failed" and "announced" in error and not has_link
+    assert _poll(decode.recv_state, 21) == TransferState.FAILED  # its peer dropped the link
+    proc.join(timeout=10)
