@@ -26,8 +26,9 @@ gets links without restarting anyone:
       a broadcast rooted at the sender (the pair's own communicator, opened at connect;
       unbatched send/recv would make a second one lazily); on gloo a send/recv with one
       tag (FIFO per peer);
-  (4) sender side, a waiter thread per transfer turns the work handles into a polled
-      state (gloo's handles only complete inside wait(); NCCL's are polled);
+  (4) sender side, one waiter thread per link waits on its sends in the order they were
+      posted and turns them into a polled per-transfer state (gloo's handles only complete
+      inside wait(); NCCL's are polled with a backoff, so few wake-ups take the GIL);
   (5) a dead peer shows up as an error on the link (gloo: its closed socket) or as a
       transfer timing out; the transfer FAILS and the caller recomputes; `disconnect`
       aborts the group and fails what was in flight on it.
@@ -56,7 +57,6 @@ _DTYPE_CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
 # timeout must not fire on it. Dead peers are found by the link's socket (gloo), by the
 # transfer deadlines below, and by the runtime's heartbeats (which call `disconnect`).
 LINK_GROUP_TIMEOUT_S = 365 * 24 * 3600.0
-POLL_S = 0.0002
 
 
 @dataclass
@@ -72,7 +72,7 @@ class _Link:
     current: object = None  # the receive the link's thread is waiting on (aborted on disconnect)
     direction: str | None = None  # "send" or "recv": fixed by the first use (KV flows one way per link)
     announced: collections.deque = field(default_factory=collections.deque)  # sender: headers not yet sent
-    control_out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # sender: manifest sends to wait on
+    sent: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # sender: posted sends, in order, to wait on
 
     @property
     def peer_rank(self) -> int:
@@ -146,7 +146,7 @@ class TorchDistTransport(KVTransport):
         with self.lock:
             if link.direction is None:
                 link.direction = direction
-                loop = self._receive_loop if direction == "recv" else self._control_waiter
+                loop = self._receive_loop if direction == "recv" else self._send_waiter
                 threading.Thread(target=loop, args=(link,), daemon=True, name=f"kv-{direction}-{link.peer_id}").start()
         if link.direction != direction:
             raise RuntimeError(f"the link to {link.peer_id} carries KV the other way ({link.direction})")
@@ -165,7 +165,7 @@ class TorchDistTransport(KVTransport):
 
     def _close(self, link: _Link, why: str) -> None:
         link.closed = True
-        link.control_out.put(None)
+        link.sent.put(None)
         link.error = link.error or why
         self._fail_peer(link.peer_id, why)
         pending = link.current
@@ -225,8 +225,9 @@ class TorchDistTransport(KVTransport):
         self._use(link, "send")
         with self.lock:
             link.announced.extend(tuple(h) for h in headers)
-            link.control_out.put((link.control.send([size], link.peer_rank, 0), size))
-            link.control_out.put((link.control.send([manifest], link.peer_rank, 0), manifest))
+            deadline = time.monotonic() + self._send_timeout_s()
+            link.sent.put((None, link.control.send([size], link.peer_rank, 0), "gloo", size, deadline))
+            link.sent.put((None, link.control.send([manifest], link.peer_rank, 0), "gloo", manifest, deadline))
 
     def send_layer(self, peer_id, transfer_id, layer_id, num_layers, kv) -> None:
         """Post one message; it must be the next one announced (or it is announced alone now)."""
@@ -250,7 +251,10 @@ class TorchDistTransport(KVTransport):
             if "out of step" in str(exc):
                 self._close(link, str(exc))
             return
-        self._add_work(tracker, [(work, link.backend)], kv)
+        with tracker.cond:
+            if tracker.state == TransferState.WAITING:
+                tracker.state = TransferState.TRANSFERRING
+        link.sent.put((tracker, work, link.backend, kv, time.monotonic() + self._send_timeout_s()))
 
     def send_state(self, transfer_id) -> TransferState:
         t = self.trackers.get(transfer_id)
@@ -287,21 +291,31 @@ class TorchDistTransport(KVTransport):
         t = self.trackers.get(transfer_id)
         return t.error if t else None
 
-    def _control_waiter(self, link: _Link) -> None:
-        """Sender side: wait on the manifest sends (gloo completes a send only inside wait(), and
-        the engine's loop must not block on the peer reading it)."""
+    def _send_waiter(self, link: _Link) -> None:
+        """Sender side, one thread per link: wait on the link's sends in the order they were posted
+        (they complete in that order) and count each transfer's messages done. One thread a link,
+        not one a transfer: a busy prefill instance has many transfers in flight, and every thread
+        that wakes up takes the GIL from the engine's loop."""
         while True:
-            item = link.control_out.get()
+            item = link.sent.get()
             if item is None:
                 return
+            tracker, work, kind, _tensor, deadline = item  # the tensor is held until its send is done
             try:
-                item[0].wait()
-            except Exception as exc:  # the peer is gone: what is in flight on the link fails
+                self._wait_one(work, kind, deadline)
+            except Exception as exc:  # a dead peer (gloo) or a send that never completed (NCCL)
                 if not link.closed:
                     link.error = f"link to {link.peer_id} failed: {type(exc).__name__}: {exc}"
-                    link.closed = True
-                self._fail_peer(link.peer_id, link.error)
+                    self._close(link, link.error)
                 return
+            if tracker is not None:
+                with tracker.cond:
+                    tracker.num_done += 1
+                    if tracker.num_done >= tracker.num_expected and tracker.state != TransferState.FAILED:
+                        tracker.state = TransferState.DONE
+
+    def _send_timeout_s(self) -> float:
+        return self.timeout.total_seconds() * 3
 
     def _receive_loop(self, link: _Link) -> None:
         """The link's receiver: a manifest, then every payload it announces, for as long as the link lives."""
@@ -373,47 +387,19 @@ class TorchDistTransport(KVTransport):
             tracker = self.trackers.get(transfer_id)
             if tracker is None:
                 tracker = self.trackers[transfer_id] = _Tracker(peer_id, num_layers)
-                threading.Thread(target=self._wait_all, args=(tracker,), daemon=True, name=f"kv-wait-{transfer_id}").start()
         return tracker
 
-    def _add_work(self, tracker: _Tracker, works: list, tensors: tuple) -> None:
-        with tracker.cond:
-            tracker.works.append(works)
-            tracker.buffers.append(tensors)  # held until the send completes
-            if tracker.state == TransferState.WAITING:
-                tracker.state = TransferState.TRANSFERRING
-            tracker.cond.notify()
-
-    def _wait_all(self, tracker: _Tracker) -> None:
-        deadline = time.monotonic() + self.timeout.total_seconds() * 3
-        while tracker.num_done < tracker.num_expected and tracker.state != TransferState.FAILED:
-            with tracker.cond:
-                while len(tracker.works) <= tracker.num_done and tracker.state != TransferState.FAILED:
-                    if not tracker.cond.wait(timeout=max(0.0, deadline - time.monotonic())):
-                        self._fail(tracker, "timed out waiting for the next layer to be posted")
-                        return
-                if tracker.state == TransferState.FAILED:
-                    return
-                works = tracker.works[tracker.num_done]
-            try:
-                for work, kind in works:
-                    self._wait_one(work, kind, deadline)
-            except Exception as exc:  # gloo/NCCL report a dead peer or a timeout as RuntimeError/DistError
-                self._fail(tracker, f"{type(exc).__name__}: {exc}")
-                return
-            tracker.num_done += 1
-        if tracker.state != TransferState.FAILED:
-            tracker.buffers.clear()
-            tracker.state = TransferState.DONE
-
-    def _wait_one(self, work, kind: str, deadline: float) -> None:
+    @staticmethod
+    def _wait_one(work, kind: str, deadline: float) -> None:
         if kind == "gloo":
-            work.wait()
+            work.wait()  # blocks with the GIL released; a dead peer raises
             return
-        while not work.is_completed():
+        pause = 5e-5
+        while not work.is_completed():  # NCCL: poll, backing off, so waiting costs few GIL handoffs
             if time.monotonic() > deadline:
-                raise TimeoutError("NCCL transfer timed out")
-            time.sleep(POLL_S)
+                raise TimeoutError("NCCL send not completed by its deadline")
+            time.sleep(pause)
+            pause = min(pause * 2, 2e-3)
 
     def _fail(self, tracker: _Tracker, message: str) -> None:
         with tracker.cond:
