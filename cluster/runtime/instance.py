@@ -67,6 +67,7 @@ class InstanceActor:
         self.transport = make_transport("torchdist", endpoint_id=self.instance_id, host=disagg.link_host,
                                         backend=backend, timeout_s=disagg.transfer_timeout_s)
         self.transport.listen()
+        self.transport.on_ready = self._wake  # a landed (or failed) transfer wakes the loop at once
         worker_cls = PrefillWorker if self.role == Role.PREFILL else DecodeWorker
         self.worker = worker_cls(self.engine, self.transport, disagg)
 
@@ -76,8 +77,7 @@ class InstanceActor:
             raise RuntimeError(f"instance {self.instance_id} failed: {self.error}")
         fut: Future = Future()
         self.inbox.put((fn, args, fut))
-        with self.cond:
-            self.cond.notify_all()
+        self._wake()
         return fut.result(timeout=timeout_s)
 
     def info(self) -> dict:
@@ -151,6 +151,9 @@ class InstanceActor:
 
     def shutdown(self) -> None:
         self.stopped = True
+        self._wake()
+
+    def _wake(self) -> None:
         with self.cond:
             self.cond.notify_all()
 

@@ -46,6 +46,10 @@ def tag_of(transfer_id: int, layer_id: int, num_layers: int) -> int:
 
 
 class KVTransport(ABC):
+    # Called (from a transport thread, no arguments) when a transfer this side expects ends,
+    # DONE or FAILED, so an idle step loop can wake at once instead of at its next poll.
+    on_ready = None
+
     @abstractmethod
     def listen(self) -> str: ...
 

@@ -380,6 +380,8 @@ class TorchDistTransport(KVTransport):
             tracker.buffers[index] = payload
             tracker.num_done += 1
             tracker.state = TransferState.DONE if tracker.num_done >= tracker.num_expected else TransferState.TRANSFERRING
+        if tracker.state == TransferState.DONE and self.on_ready is not None:
+            self.on_ready()
 
     # -- sender's waiting ------------------------------------------------------------------
     def _sender(self, transfer_id: int, peer_id: str, num_layers: int) -> _Tracker:
@@ -403,8 +405,11 @@ class TorchDistTransport(KVTransport):
 
     def _fail(self, tracker: _Tracker, message: str) -> None:
         with tracker.cond:
+            failed_now = tracker.state not in (TransferState.DONE, TransferState.FAILED)
             if tracker.state != TransferState.DONE:
                 tracker.state = TransferState.FAILED
                 tracker.error = message
             tracker.cond.notify_all()
+        if failed_now and tracker.specs is not None and self.on_ready is not None:
+            self.on_ready()
 
