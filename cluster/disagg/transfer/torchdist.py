@@ -281,6 +281,9 @@ class TorchDistTransport(KVTransport):
         tracker = self.trackers.pop(transfer_id)
         if tracker.state != TransferState.DONE:
             raise RuntimeError(f"transfer {transfer_id} is {tracker.state.value}, not done")
+        for buf in tracker.buffers:
+            if buf.is_cuda:  # allocated on the receiver thread's stream, read on the caller's: the
+                buf.record_stream(torch.cuda.current_stream(buf.device))  # memory is not reused under it
         return tracker.buffers
 
     def forget(self, transfer_id) -> None:
