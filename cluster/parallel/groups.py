@@ -33,11 +33,15 @@ import datetime
 import socket
 import uuid
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import (AllgatherOptions, AllreduceOptions, AllToAllOptions, BroadcastOptions,
-                                        GatherOptions, ReduceOp, _register_process_group)
+                                        GatherOptions, ReduceOp)
+
+if TYPE_CHECKING:
+    from cluster.parallel.one_shot import OneShotAllReduce
 
 # The host group waits for the next step however long the engine idles; a dead peer is
 # seen through its closed socket and the driver's liveness watch, not through a timeout.
@@ -59,41 +63,6 @@ class Pending:
             self.work.wait()
             self.work = None
         return self.result
-
-
-class OneShotAllReduce:
-    """All-reduce of small messages through peer memory over NVLink, one kernel, no NCCL.
-
-    Each rank's input is copied into its slot of a symmetric buffer (torch symm_mem: the same
-    allocation mapped on every rank of the group), then every rank reads all slots and sums
-    them ("one shot"). The kernel's own barriers (signal pads) order it against the peers, so
-    it runs on the current stream and is captured in CUDA graphs like any kernel. For the
-    decode-sized messages of TP (hundreds of KB) it costs a few microseconds where NCCL's ring
-    costs tens; bigger messages stay on NCCL (`max_bytes`).
-    """
-
-    def __init__(self, name: str, group, rank: int, size: int, store, device: torch.device, dtype: torch.dtype,
-                 max_bytes: int):
-        import torch.distributed._symmetric_memory as symm_mem
-        from torch._C._distributed_c10d import _SymmetricMemory
-
-        self.name = name
-        self.max_numel = max_bytes // torch.empty((), dtype=dtype).element_size()
-        self.dtype = dtype
-        # symm_mem finds the group (and its store) by name in c10d's registry; ours are built
-        # outside torch.distributed's default world, so register it under a unique name
-        _register_process_group(name, group)
-        _SymmetricMemory.set_group_info(name, rank, size, dist.PrefixStore(f"symm/{name}", store))
-        self.buffer = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
-        self.handle = symm_mem.rendezvous(self.buffer, name)
-
-    def fits(self, x: torch.Tensor) -> bool:
-        return x.dtype == self.dtype and x.numel() <= self.max_numel and x.is_contiguous()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The sum over the group of `x` (a new tensor; `x` is untouched)."""
-        slot = self.buffer.narrow(0, 0, x.numel()).view(x.shape)
-        return torch.ops.symm_mem.one_shot_all_reduce_copy(slot, x, "sum", self.name)
 
 
 @dataclass(frozen=True)
@@ -122,7 +91,7 @@ class TPGroup:
         if self.size == 1:
             return Pending(None, x)
         if self.one_shot is not None and self.one_shot.fits(x):
-            return _side_stream_all_reduce(self.one_shot, x)
+            return Pending(*self.one_shot.on_side_stream(x))
         return Pending(self.group.allreduce([x], AllreduceOptions()), x)
 
     def all_gather_rows_async(self, x: torch.Tensor) -> Pending:
@@ -157,36 +126,6 @@ class TPGroup:
         x = x.contiguous()
         out = x.new_empty((sum(recv_splits), *x.shape[1:]))
         return Pending(self.group.alltoall_base(out, x, recv_splits, send_splits, AllToAllOptions()), out)
-
-
-class _StreamJoin:
-    """A work handle for a kernel queued on a side stream: `wait()` orders the current stream after it."""
-
-    __slots__ = ("event",)
-
-    def __init__(self, event):
-        self.event = event
-
-    def wait(self):
-        torch.cuda.current_stream().wait_event(self.event)
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream_all_reduce(one_shot: OneShotAllReduce, x: torch.Tensor) -> Pending:
-    """Run the one-shot all-reduce on a side stream so the caller's next compute overlaps it
-    (NCCL does this on its own stream; the one-shot kernel would otherwise run in line)."""
-    main = torch.cuda.current_stream()
-    side = _SIDE_STREAMS.setdefault(x.device, torch.cuda.Stream(x.device))
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        out = one_shot(x)
-        done = torch.cuda.Event()
-        done.record(side)
-    x.record_stream(side)
-    out.record_stream(main)
-    return Pending(_StreamJoin(done), out)
 
 
 @dataclass(frozen=True)
@@ -306,6 +245,8 @@ class InstanceGroups:
             self.store.set(key, uuid.uuid4().hex[:12])  # a fresh symm-mem group name per instance
         name = f"{self.name}/{self.store.get(key).decode()}"
         one_shot, error = None, None
+        from cluster.parallel.one_shot import OneShotAllReduce
+
         try:
             one_shot = OneShotAllReduce(name, self.tp.group, self.tp.rank, self.tp.size, self.store, device, dtype, max_bytes)
             for rows in (1, 7, max(1, one_shot.max_numel // 4096)):
