@@ -35,65 +35,18 @@ gets links without restarting anyone:
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import datetime
-import queue
 import threading
 import time
-from dataclasses import dataclass, field
 
 import torch
-from torch._C._distributed_c10d import AllreduceOptions, BroadcastOptions
+from torch._C._distributed_c10d import AllreduceOptions
 
 from cluster.disagg.transfer.base import KVTransport, TransferState
+from cluster.disagg.transfer.link import (HEADER_LEN, LINK_GROUP_TIMEOUT_S, Link, Tracker, decode_header, encode_header,
+                                          wait_send)
 from cluster.parallel.groups import dial_store, pair_group, serve_store
-
-HEADER_LEN = 12  # transfer id, index, count, dtype code, ndim, up to 7 dims
-MAX_DIMS = HEADER_LEN - 5
-_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8, torch.float64]
-_DTYPE_CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
-# An idle link keeps a header receive posted for as long as it lives; the group's own
-# timeout must not fire on it. Dead peers are found by the link's socket (gloo), by the
-# transfer deadlines below, and by the runtime's heartbeats (which call `disconnect`).
-LINK_GROUP_TIMEOUT_S = 365 * 24 * 3600.0
-
-
-@dataclass
-class _Link:
-    peer_id: str
-    group: object  # payloads: NCCL on CUDA, gloo on CPU
-    control: object  # manifests (headers): a gloo group of its own, host memory
-    my_rank: int
-    backend: str
-    device: torch.device
-    closed: bool = False
-    error: str | None = None
-    current: object = None  # the receive the link's thread is waiting on (aborted on disconnect)
-    direction: str | None = None  # "send" or "recv": fixed by the first use (KV flows one way per link)
-    announced: collections.deque = field(default_factory=collections.deque)  # sender: headers not yet sent
-    sent: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # sender: posted sends, in order, to wait on
-
-    @property
-    def peer_rank(self) -> int:
-        return 1 - self.my_rank
-
-
-@dataclass
-class _Tracker:
-    """One transfer on one side. Sender: its work handles, waited on by one thread.
-    Receiver: the messages it expects, filled in by the link's receiver thread."""
-
-    peer_id: str
-    num_expected: int
-    specs: list | None = None  # receiver: (shape, dtype) per message
-    state: TransferState = TransferState.WAITING
-    buffers: list = field(default_factory=list)
-    works: list = field(default_factory=list)
-    num_done: int = 0
-    error: str | None = None
-    cond: threading.Condition = field(default_factory=threading.Condition)
-
 
 class TorchDistTransport(KVTransport):
     def __init__(self, endpoint_id: str, host: str = "127.0.0.1", backend: str = "gloo", timeout_s: float = 10.0):
@@ -102,9 +55,9 @@ class TorchDistTransport(KVTransport):
         self.backend = backend
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.store = None
-        self.links: dict[str, _Link] = {}
+        self.links: dict[str, Link] = {}
         self.epochs: dict[str, int] = {}
-        self.trackers: dict[int, _Tracker] = {}
+        self.trackers: dict[int, Tracker] = {}
         self.lock = threading.Lock()
         self.bytes_received = 0
 
@@ -129,14 +82,14 @@ class TorchDistTransport(KVTransport):
         group.allreduce([probe], AllreduceOptions()).wait()  # opens the communicator now, both sides present
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        link = _Link(peer_id, group, control, my_rank, self.backend, device)
+        link = Link(peer_id, group, control, my_rank, self.backend, device)
         with self.lock:
             old = self.links.get(peer_id)
             self.links[peer_id] = link
         if old is not None:
             self._close(old, "replaced by a new link")
 
-    def _use(self, link: _Link, direction: str) -> None:
+    def _use(self, link: Link, direction: str) -> None:
         """KV crosses a link one way, from the side that sends to the side that expects. The
         receiving side's thread starts at its first `expect`; the sending side never posts a
         receive (on NCCL a receive is a broadcast rooted at the peer, which would pair up with
@@ -163,7 +116,7 @@ class TorchDistTransport(KVTransport):
         else:
             self._fail_peer(peer_id, f"link to {peer_id} was torn down")
 
-    def _close(self, link: _Link, why: str) -> None:
+    def _close(self, link: Link, why: str) -> None:
         link.closed = True
         link.sent.put(None)
         link.error = link.error or why
@@ -187,24 +140,6 @@ class TorchDistTransport(KVTransport):
         for peer_id in list(self.links):
             self.disconnect(peer_id)
 
-    # -- one message on a link ----------------------------------------------------------
-    def _post_send(self, link: _Link, tensor: torch.Tensor):
-        return self._post(link, tensor, sending=True)
-
-    def _post_recv(self, link: _Link, tensor: torch.Tensor):
-        return self._post(link, tensor, sending=False)
-
-    @staticmethod
-    def _post(link: _Link, tensor: torch.Tensor, sending: bool):
-        """One payload: on NCCL a broadcast rooted at the sending side, on gloo a send or a receive."""
-        if link.backend == "nccl":
-            opts = BroadcastOptions()
-            opts.rootRank = link.my_rank if sending else link.peer_rank
-            return link.group.broadcast([tensor], opts)
-        if sending:
-            return link.group.send([tensor], link.peer_rank, 0)
-        return link.group.recv([tensor], link.peer_rank, 0)
-
     # -- sender ------------------------------------------------------------------
     def announce(self, peer_id, messages) -> None:
         """Tell the peer which messages come next, in the order they will be sent: one host
@@ -214,12 +149,7 @@ class TorchDistTransport(KVTransport):
         link = self.links.get(peer_id)
         if link is None or link.closed or not messages:
             return  # send_layer fails the transfers
-        headers = []
-        for transfer_id, index, count, shape, dtype in messages:
-            if len(shape) > MAX_DIMS or dtype not in _DTYPE_CODE:
-                raise ValueError(f"cannot send a {dtype} tensor of {len(shape)} dims")
-            fields = [transfer_id, index, count, _DTYPE_CODE[dtype], len(shape), *shape]
-            headers.append(fields + [0] * (HEADER_LEN - len(fields)))
+        headers = [encode_header(*message) for message in messages]
         manifest = torch.tensor(headers, dtype=torch.int64)
         size = torch.tensor([len(headers)], dtype=torch.int64)
         self._use(link, "send")
@@ -240,12 +170,11 @@ class TorchDistTransport(KVTransport):
         try:
             if not link.announced:
                 self.announce(peer_id, [(transfer_id, layer_id, num_layers, tuple(kv.shape), kv.dtype)])
-            header = link.announced.popleft()
-            fields = [transfer_id, layer_id, num_layers, _DTYPE_CODE.get(kv.dtype, -1), kv.dim(), *kv.shape]
-            if tuple(fields) != header[: len(fields)]:
+            announced = decode_header(link.announced.popleft())
+            if announced != (transfer_id, layer_id, num_layers, tuple(kv.shape), kv.dtype):
                 raise RuntimeError(f"message {layer_id} of transfer {transfer_id} ({kv.dtype}{list(kv.shape)}) is not "
-                                   f"the one announced next ({header[:5 + header[4]]}); the link is out of step")
-            work = self._post_send(link, kv)
+                                   f"the one announced next {announced}; the link is out of step")
+            work = link.post(kv, sending=True)
         except (RuntimeError, ValueError) as exc:
             self._fail(tracker, str(exc))
             if "out of step" in str(exc):
@@ -262,7 +191,7 @@ class TorchDistTransport(KVTransport):
 
     # -- receiver ------------------------------------------------------------------
     def expect(self, peer_id, transfer_id, specs, device) -> None:
-        tracker = _Tracker(peer_id, len(specs), specs=list(specs), buffers=[None] * len(specs))
+        tracker = Tracker(peer_id, len(specs), specs=list(specs), buffers=[None] * len(specs))
         with self.lock:
             self.trackers[transfer_id] = tracker
             link = self.links.get(peer_id)
@@ -294,7 +223,7 @@ class TorchDistTransport(KVTransport):
         t = self.trackers.get(transfer_id)
         return t.error if t else None
 
-    def _send_waiter(self, link: _Link) -> None:
+    def _send_waiter(self, link: Link) -> None:
         """Sender side, one thread per link: wait on the link's sends in the order they were posted
         (they complete in that order) and count each transfer's messages done. One thread a link,
         not one a transfer: a busy prefill instance has many transfers in flight, and every thread
@@ -305,7 +234,7 @@ class TorchDistTransport(KVTransport):
                 return
             tracker, work, kind, _tensor, deadline = item  # the tensor is held until its send is done
             try:
-                self._wait_one(work, kind, deadline)
+                wait_send(work, kind, deadline)
             except Exception as exc:  # a dead peer (gloo) or a send that never completed (NCCL)
                 if not link.closed:
                     link.error = f"link to {link.peer_id} failed: {type(exc).__name__}: {exc}"
@@ -320,7 +249,7 @@ class TorchDistTransport(KVTransport):
     def _send_timeout_s(self) -> float:
         return self.timeout.total_seconds() * 3
 
-    def _receive_loop(self, link: _Link) -> None:
+    def _receive_loop(self, link: Link) -> None:
         """The link's receiver: a manifest, then every payload it announces, for as long as the link lives."""
         stream = None
         if link.device.type == "cuda":
@@ -330,9 +259,9 @@ class TorchDistTransport(KVTransport):
         try:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 while not link.closed:
-                    self._control_recv(link, size)  # host memory only: nothing is posted on the device while idle
+                    link.control_recv(size)  # host memory only: nothing is posted on the device while idle
                     manifest = torch.empty(int(size.item()), HEADER_LEN, dtype=torch.int64)
-                    self._control_recv(link, manifest)
+                    link.control_recv(manifest)
                     self._receive_manifest(link, manifest.tolist())
         except Exception as exc:  # the peer died or the link was aborted: everything in flight on it fails
             if not link.closed:
@@ -340,24 +269,19 @@ class TorchDistTransport(KVTransport):
                 link.closed = True
             self._fail_peer(link.peer_id, link.error)
 
-    def _control_recv(self, link: _Link, tensor: torch.Tensor) -> None:
-        link.current = link.control.recv([tensor], link.peer_rank, 0)
-        link.current.wait()
-        link.current = None
-
-    def _receive_manifest(self, link: _Link, headers: list[list[int]]) -> None:
+    def _receive_manifest(self, link: Link, headers: list[list[int]]) -> None:
         """Post a receive for every announced payload (the sender posts its sends as the layers are
         computed), then wait for them in order, landing each transfer as its last message arrives."""
         posted = []
-        for transfer_id, index, _count, code, ndim, *dims in headers:
-            shape, dtype = tuple(dims[:ndim]), _DTYPES[code]
+        for header in headers:
+            transfer_id, index, _count, shape, dtype = decode_header(header)
             tracker = self.trackers.get(transfer_id)
             expected = tracker.specs[index] if tracker is not None and tracker.specs and index < len(tracker.specs) else None
             if expected is not None and (tuple(expected[0]), expected[1]) != (shape, dtype):
                 self._fail(tracker, f"message {index} of transfer {transfer_id} is {dtype}{list(shape)}, "
                                     f"expected {expected[1]}{list(expected[0])}")
             payload = torch.empty(shape, dtype=dtype, device=link.device)  # scratch if nobody expects it
-            link.current = self._post_recv(link, payload)
+            link.current = link.post(payload, sending=False)
             posted.append((transfer_id, index, payload, link.current))
         last_of = {transfer_id: i for i, (transfer_id, *_rest) in enumerate(posted)}
         for i, (transfer_id, index, payload, work) in enumerate(posted):
@@ -376,7 +300,7 @@ class TorchDistTransport(KVTransport):
                         self._landed(tracker, idx, buf)
         link.current = None
 
-    def _landed(self, tracker: _Tracker, index: int, payload: torch.Tensor) -> None:
+    def _landed(self, tracker: Tracker, index: int, payload: torch.Tensor) -> None:
         with tracker.cond:
             if tracker.state == TransferState.FAILED or tracker.buffers[index] is not None:
                 return
@@ -387,26 +311,14 @@ class TorchDistTransport(KVTransport):
             self.on_ready()
 
     # -- sender's waiting ------------------------------------------------------------------
-    def _sender(self, transfer_id: int, peer_id: str, num_layers: int) -> _Tracker:
+    def _sender(self, transfer_id: int, peer_id: str, num_layers: int) -> Tracker:
         with self.lock:
             tracker = self.trackers.get(transfer_id)
             if tracker is None:
-                tracker = self.trackers[transfer_id] = _Tracker(peer_id, num_layers)
+                tracker = self.trackers[transfer_id] = Tracker(peer_id, num_layers)
         return tracker
 
-    @staticmethod
-    def _wait_one(work, kind: str, deadline: float) -> None:
-        if kind == "gloo":
-            work.wait()  # blocks with the GIL released; a dead peer raises
-            return
-        pause = 5e-5
-        while not work.is_completed():  # NCCL: poll, backing off, so waiting costs few GIL handoffs
-            if time.monotonic() > deadline:
-                raise TimeoutError("NCCL send not completed by its deadline")
-            time.sleep(pause)
-            pause = min(pause * 2, 2e-3)
-
-    def _fail(self, tracker: _Tracker, message: str) -> None:
+    def _fail(self, tracker: Tracker, message: str) -> None:
         with tracker.cond:
             failed_now = tracker.state not in (TransferState.DONE, TransferState.FAILED)
             if tracker.state != TransferState.DONE:
