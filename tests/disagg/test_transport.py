@@ -80,6 +80,18 @@ def test_loopback_transport_round_trip():
     assert torch.equal(b.take(5)[1], _layer(5, 1))
 
 
+def _decode_side_of(sender, decode_id: str, prefill_id: str):
+    """A receiving transport here, linked to `sender(address_q, result_q)` run in a spawned process."""
+    ctx = mp.get_context("spawn")
+    address_q, result_q = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=sender, args=(address_q, result_q), daemon=True)
+    proc.start()
+    decode = TorchDistTransport(decode_id, timeout_s=5.0)
+    address_q.put(decode.listen())
+    decode.connect(prefill_id, decode.listen(), is_master=True)
+    return decode, result_q, proc
+
+
 def _interleaving_sender(address_q, result_q):
     t = TorchDistTransport("prefill-1", timeout_s=5.0)
     t.connect("decode-1", address_q.get(), is_master=False)
@@ -97,13 +109,7 @@ def _interleaving_sender(address_q, result_q):
 def test_the_senders_order_wins_and_abandoned_or_mismatched_transfers_do_not_desync_the_link():
     """NCCL matches messages by position, not tag: the receiver must follow the sender's
     interleaving, drop what it gave up on, and reject a message of the wrong shape."""
-    ctx = mp.get_context("spawn")
-    address_q, result_q = ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=_interleaving_sender, args=(address_q, result_q), daemon=True)
-    proc.start()
-    decode = TorchDistTransport("decode-1", timeout_s=5.0)
-    address_q.put(decode.listen())
-    decode.connect("prefill-1", decode.listen(), is_master=True)
+    decode, result_q, proc = _decode_side_of(_interleaving_sender, "decode-1", "prefill-1")
     cpu = torch.device("cpu")
     decode.expect("prefill-1", 9, [(SHAPE, torch.float32)] * LAYERS, cpu)  # reserved in another order
     decode.expect("prefill-1", 8, [(SHAPE, torch.float32)] * LAYERS, cpu)
@@ -134,13 +140,7 @@ def _out_of_step_sender(address_q, result_q):
 def test_a_message_other_than_the_announced_one_fails_its_transfer_and_closes_the_link():
     """The receiver posts what the manifest says; a sender that strays would desynchronise the
     link (on NCCL: hang it), so the transfer fails at once and the link is dropped instead."""
-    ctx = mp.get_context("spawn")
-    address_q, result_q = ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=_out_of_step_sender, args=(address_q, result_q), daemon=True)
-    proc.start()
-    decode = TorchDistTransport("decode-2", timeout_s=5.0)
-    address_q.put(decode.listen())
-    decode.connect("prefill-2", decode.listen(), is_master=True)
+    decode, result_q, proc = _decode_side_of(_out_of_step_sender, "decode-2", "prefill-2")
     decode.expect("prefill-2", 21, [(SHAPE, torch.float32)] * 2, torch.device("cpu"))
     state, error, has_link = result_q.get(timeout=10)
     assert state == "failed" and "announced" in error and not has_link
