@@ -65,6 +65,23 @@ class ClusterClient(EngineClient):
         self.store.register_instance(InstanceInfo(instance_id, role, info["link_address"] or instance_id,
                                                   num_blocks=info["num_blocks"], block_size=info["block_size"],
                                                   started_at=time.time()), self.config.router.instance_ttl_s)
+        self._prewarm_links(view)
+
+    def _prewarm_links(self, view: InstanceView) -> None:
+        """Link a joining prefill (decode) instance to every live decode (prefill) one now, in the
+        background, so that no request waits for a link's set-up (an NCCL communicator takes a
+        good part of a second). A pre-warm that fails is made again by the first dispatch that
+        needs the link (`_ensure_link`)."""
+        if view.role == Role.PREFILL:
+            pairs = [(view, decode) for decode in self.pool(Role.DECODE)]
+        elif view.role == Role.DECODE:
+            pairs = [(prefill, view) for prefill in self.pool(Role.PREFILL)]
+        else:
+            return
+        for prefill, decode in pairs:
+            task = asyncio.create_task(self._ensure_link(prefill, decode))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: never "never retrieved"
+            self.tasks.append(task)
 
     async def start(self) -> None:
         self.tasks.append(asyncio.create_task(self._heartbeat()))

@@ -42,6 +42,25 @@ def test_everything_listens_on_loopback_only(cluster):
     assert not bad, f"listening beyond loopback: {bad}"
 
 
+def _links_ready(cluster, timeout_s: float = 30.0) -> set:
+    """The prefill -> decode links the router holds, once every live pair has one (or the timeout)."""
+    from cluster.types import Role
+
+    client = cluster.client
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pairs = {(p.instance_id, d.instance_id) for p in client.pool(Role.PREFILL) for d in client.pool(Role.DECODE)}
+        if pairs <= client.links:
+            return pairs
+        time.sleep(0.1)
+    raise AssertionError(f"links {client.links} do not cover {pairs}")
+
+
+def test_links_are_made_before_any_request(cluster):
+    """A request never waits for a KV link's set-up: every prefill/decode pair is linked at start."""
+    assert len(_links_ready(cluster)) == 2  # 1 prefill x 2 decode
+
+
 def test_disaggregated_greedy_equals_single_engine(cluster, reference):
     client = _openai(cluster)
     rng = random.Random(7)
@@ -97,6 +116,7 @@ def test_added_decode_instance_takes_traffic(cluster):
     before = {v.instance_id for v in cluster.client.instances.values()}
     new_id = httpx.post(cluster.url.replace("/v1", "/admin/instances"), json={"role": "decode"}, timeout=120).json()["instance_id"]
     assert new_id not in before
+    assert any(new_id in pair for pair in _links_ready(cluster))  # linked as it joins, before its first request
     client = _openai(cluster)
     import ray
 
