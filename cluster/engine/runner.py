@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from cluster.engine.attention.base import AttentionMetadata, make_backend
@@ -75,23 +76,35 @@ class ModelRunner:
         return self.upload(plan_step(sched, self.block_size))
 
     def upload(self, plan: StepPlan) -> StepInputs:
-        """A step plan (host lists, see step_plan.py) as device tensors."""
-        dev = self.device
+        """A step plan (host lists, see step_plan.py) as device tensors: one pinned host buffer and
+        one asynchronous copy, not a synchronous pageable copy per field (each of those waits for
+        the device and costs a round trip on the step's critical path)."""
+        fields = (plan.input_ids, plan.positions, plan.slot_mapping, plan.logits_indices, plan.query_start_loc,
+                  plan.seq_lens)
+        tables = plan.block_tables
+        host = torch.from_numpy(np.concatenate([np.asarray(f, dtype=np.int64) for f in fields]
+                                               + [tables.astype(np.int64).ravel()]))
+        if self.device.type == "cuda":
+            data = host.pin_memory().to(self.device, non_blocking=True)
+        else:
+            data = host.to(self.device)
+        input_ids, positions, slot_mapping, logits_indices, query_start, seq_lens, flat_tables = torch.split(
+            data, [len(f) for f in fields] + [tables.size])
         meta = AttentionMetadata(
-            query_start_loc=torch.tensor(plan.query_start_loc, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(plan.seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(plan.block_tables).to(dev),
-            slot_mapping=torch.tensor(plan.slot_mapping, dtype=torch.int64, device=dev),
+            query_start_loc=query_start.to(torch.int32),
+            seq_lens=seq_lens.to(torch.int32),
+            block_tables=flat_tables.view(tables.shape).to(torch.int32),
+            slot_mapping=slot_mapping,
             max_query_len=plan.max_query_len,
             max_seq_len=max(plan.seq_lens),
             query_start_loc_cpu=plan.query_start_loc,
             seq_lens_cpu=plan.seq_lens,
         )
         return StepInputs(
-            input_ids=torch.tensor(plan.input_ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(plan.positions, dtype=torch.int64, device=dev),
+            input_ids=input_ids,
+            positions=positions,
             meta=meta,
-            logits_indices=torch.tensor(plan.logits_indices, dtype=torch.int64, device=dev),
+            logits_indices=logits_indices,
             sampling_seqs=plan.sampling_seqs,
             is_pure_decode=meta.max_query_len == 1,
         )
