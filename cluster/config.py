@@ -82,9 +82,12 @@ class RunnerConfig:
     attention_backend: str = "auto"  # auto | torch_ref | triton
     enable_cuda_graphs: bool = True  # capture decode batches on CUDA
     cuda_graph_max_batch: int = 256  # largest decode batch captured
+    device_ids: tuple[int, ...] = ()  # CUDA device of each local rank (rank r: device_ids[r]); empty: rank r on device r
 
     def __post_init__(self) -> None:
         _require(self.device in ("auto", "cpu", "cuda"), "RunnerConfig", "device", self.device, "must be auto, cpu or cuda")
+        _require(all(isinstance(i, int) and i >= 0 for i in self.device_ids), "RunnerConfig", "device_ids",
+                 self.device_ids, "must be device indices >= 0")
         _require(self.attention_backend in ("auto", "torch_ref", "triton"), "RunnerConfig", "attention_backend", self.attention_backend, "must be auto, torch_ref or triton")
         _positive_int("RunnerConfig", "cuda_graph_max_batch", self.cuda_graph_max_batch)
 

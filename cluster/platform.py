@@ -34,18 +34,20 @@ class Platform:
         if self.device_type == "cuda":
             torch.cuda.synchronize()
 
-    def bind(self, local_rank: int, num_local_ranks: int = 1) -> torch.device:
-        """The device rank `local_rank` of a one-host instance runs on, made current (collectives use it).
+    def bind(self, local_rank: int, num_local_ranks: int = 1, device_ids: tuple[int, ...] = ()) -> torch.device:
+        """The device rank `local_rank` of a one-host instance runs on (`device_ids[local_rank]`, or
+        device `local_rank`), made current (collectives use it).
 
         On CPU the ranks share the cores: each gets its share of intra-op threads, since
         idle OpenMP threads spin and starve the rank a collective is waiting for.
         """
-        device = self.device(local_rank)
+        index = device_ids[local_rank] if device_ids else local_rank
+        device = self.device(index)
         if self.device_type == "cpu" and num_local_ranks > 1:
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // num_local_ranks))
         if self.device_type == "cuda":
-            if local_rank >= torch.cuda.device_count():
-                raise ValueError(f"rank {local_rank} needs GPU {local_rank} but only {torch.cuda.device_count()} are visible")
+            if index >= torch.cuda.device_count():
+                raise ValueError(f"rank {local_rank} needs GPU {index} but only {torch.cuda.device_count()} are visible")
             torch.cuda.set_device(device)
         return device
 

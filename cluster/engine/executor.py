@@ -127,7 +127,7 @@ class MultiProcExecutor(Executor):
 
         def build() -> None:
             try:
-                device = platform.bind(0, self.config.parallel.world_size)
+                device = platform.bind(0, self.config.parallel.world_size, self.config.runner.device_ids)
                 groups = build_groups(0, self.config.parallel, platform.dist_backend, self.store)
                 result["worker"] = Worker(self.config, groups, device, dtype, max_model_len, eos_token_ids, progress)
             except BaseException as exc:  # handed to the caller's thread below

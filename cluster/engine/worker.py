@@ -238,7 +238,7 @@ def worker_main(world_rank: int, config: EngineConfig, store_port: int, parent_p
     try:
         parallel = config.parallel
         platform = current_platform(config.runner.device)
-        device = platform.bind(world_rank, parallel.world_size)
+        device = platform.bind(world_rank, parallel.world_size, config.runner.device_ids)
         dtype = platform.resolve_dtype(config.model.dtype)
         store = dial_store(parallel.master_addr, store_port, parallel.world_size, parallel.collective_timeout_s)
         groups = build_groups(world_rank, parallel, platform.dist_backend, store)

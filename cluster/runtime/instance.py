@@ -17,7 +17,7 @@ import threading
 import time
 import traceback
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cluster.config import DisaggConfig, EngineConfig
 from cluster.types import FinishReason, Role, SamplingParams, TokenDelta
@@ -33,6 +33,33 @@ class RequestSpec:
     prompt: str | None = None
 
 
+def local_device_ids(assigned: list, num_visible: int) -> tuple[int, ...]:
+    """This process's CUDA indices of the GPUs Ray assigned it. Ray either masks
+    CUDA_VISIBLE_DEVICES to them (they are then 0..n-1 here) or, as the launcher asks
+    (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES), leaves every GPU of the host visible, and the
+    assigned ids are the indices. NCCL between processes that see different GPU sets is slow to
+    open P2P links and has hung on large messages (NVIDIA/nccl#1749), and CUDA IPC needs the peer's
+    GPU visible, so the KV links and one-shot all-reduce want the second way."""
+    ids = [int(i) for i in assigned]
+    return tuple(range(len(ids))) if num_visible == len(ids) else tuple(ids)
+
+
+def _on_assigned_gpus(engine_config: EngineConfig) -> EngineConfig:
+    """On GPUs: the engine's ranks bind the devices Ray assigned this actor, rank 0 this process."""
+    import torch
+
+    if engine_config.runner.device == "cpu" or not torch.cuda.is_available():
+        return engine_config
+    import ray
+
+    assigned = ray.get_gpu_ids()
+    if not assigned:
+        return engine_config
+    device_ids = local_device_ids(assigned, torch.cuda.device_count())
+    torch.cuda.set_device(device_ids[0])
+    return replace(engine_config, runner=replace(engine_config.runner, device_ids=device_ids))
+
+
 class InstanceActor:
     def __init__(self, instance_id: str, role: Role, engine_config: EngineConfig, disagg: DisaggConfig):
         from cluster.engine.engine import Engine
@@ -40,6 +67,7 @@ class InstanceActor:
 
         self.instance_id = instance_id
         self.role = role
+        engine_config = _on_assigned_gpus(engine_config)
         tokenizer = Tokenizer.from_dir(engine_config.model.path)
         self.engine = Engine(engine_config, role=role, tokenizer=tokenizer, progress=False)
         self.worker = None

@@ -56,11 +56,15 @@ def start_instance(config: ClusterConfig, role: Role):
         bundle["GPU"] = pool.num_gpus_per_rank * num_ranks
     group = placement_group([bundle], strategy="STRICT_PACK")
     instance_id = f"{role.value}-{next(_ids)}"
+    # GPUs: every GPU of the host stays visible to the actor and its ranks bind the ones Ray assigned
+    # (instance.local_device_ids): NCCL and CUDA IPC between processes want to see each other's GPU
+    gpu_env = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1", "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}}
     actor = ray.remote(InstanceActor).options(
         name=f"llm-cluster-{instance_id}-{os.getpid()}",
         num_cpus=pool.num_cpus_per_rank * num_ranks,
         num_gpus=pool.num_gpus_per_rank * num_ranks,
         max_concurrency=64,
+        **(gpu_env if pool.num_gpus_per_rank else {}),
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True),
     ).remote(instance_id, role, _engine_config(config.engine, pool), config.disagg)
     return instance_id, actor, group
