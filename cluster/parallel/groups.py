@@ -18,9 +18,10 @@ Lifecycle:
       making those it belongs to. A group is a c10d ProcessGroup built straight from a
       PrefixStore (no torch.distributed default group, so one process can hold the
       groups of several instances and the KV transport's links besides);
-  (3) `connect` opens the device communicators in a deadlock-free order; layers receive
-      their `TPGroup` (experts their EP group), the pipeline its `PipeGroup`, the
-      executor the `HostGroup`;
+  (3) `connect` opens the device communicators in a deadlock-free order and, on CUDA, gives
+      the tp group its one-shot all-reduce for small messages (parallel/one_shot.py; NCCL if
+      any rank cannot); layers receive their `TPGroup` (experts their EP group), the
+      pipeline its `PipeGroup`, the executor the `HostGroup`;
   (4) `InstanceGroups.abort()` makes pending device collectives fail (NCCL would wait on a
       dead peer until the timeout; gloo sees the closed socket by itself).
 
