@@ -314,13 +314,9 @@ class ClusterConfig:
             raise ConfigError("ClusterConfig: a disaggregated deployment needs prefill.instances >= 1 and decode.instances >= 1")
         if not disagg and self.mixed.instances == 0:
             raise ConfigError("ClusterConfig: no instances: set mixed.instances, or prefill and decode instances")
-        # the KV hand-over gathers a prefill instance's head shards to its rank 0 and scatters them
-        # from a decode instance's rank 0 to its ranks: both pools may be tensor-parallel (any tp
-        # each), neither pipelined yet
-        for name, pool in (("prefill", self.prefill), ("decode", self.decode)):
-            if pool.instances and pool.pp > 1:
-                raise ConfigError(f"ClusterConfig.{name}.pp={pool.pp}: pipeline-parallel {name} instances are not "
-                                  f"supported yet; use tp, or a mixed pool for pipelined instances")
+        # the KV hand-over gathers a prefill instance's shards (heads over tp, layers over pp) to its
+        # rank 0 and scatters them from a decode instance's rank 0 (engine/kv_handover.py): the pools
+        # may have any tp x pp each
 
     @property
     def disaggregated(self) -> bool:

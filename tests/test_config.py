@@ -20,8 +20,7 @@ def test_nested_keys_override_only_what_they_name():
     ({"prefill": {"instancez": 2}}, "ClusterConfig.prefill: unknown field"),
     ({"prefill": {"tp": 0}}, "ClusterConfig.prefill: PoolConfig.tp=0"),
     ({"engine": {"cache": {"block_size": "x"}}}, "CacheConfig.block_size='x'"),
-    ({"decode": {"pp": 2}}, "ClusterConfig.decode.pp=2"),
-    ({"prefill": {"pp": 2}}, "ClusterConfig.prefill.pp=2"),
+    ({"decode": {"pp": 0}}, "ClusterConfig.decode: PoolConfig.pp=0"),
     ({"prefill": {"instances": 0}}, "prefill.instances >= 1"),
     ({"api": {"port": 70000}}, "ApiConfig.port=70000"),
     ({"store": {"redis_url": "http://x"}}, "StoreConfig.redis_url"),
@@ -30,6 +29,11 @@ def test_nested_keys_override_only_what_they_name():
 def test_bad_values_name_the_field(data, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
         from_dict(ClusterConfig, data)
+
+
+def test_pools_may_have_any_layout():
+    config = from_dict(ClusterConfig, {"prefill": {"tp": 2, "pp": 2}, "decode": {"tp": 4, "pp": 1}})
+    assert (config.prefill.tp, config.prefill.pp, config.decode.tp) == (2, 2, 4)
 
 
 def test_bad_yaml(tmp_path):

@@ -178,8 +178,6 @@ class MultiProcExecutor(Executor):
 
     def _kv_command(self, command: Command, block_ids: list[int], run):
         """Tell every rank to take part in a KV hand-over of `block_ids`, then take part (rank 0)."""
-        if self.config.parallel.pipeline_parallel_size > 1:
-            raise NotImplementedError("KV hand-over with a pipeline-parallel instance is not supported yet")
         self._check_alive()
         host = self.worker.groups.host
         try:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from cluster.config import EngineConfig
+from cluster.engine import kv_handover
 from cluster.engine.kv_budget import num_kv_blocks
 from cluster.engine.runner import AttnInputs, ModelRunner
 from cluster.engine.step_plan import HEADER_SIZE, Command, StepPlan, payload_size, split, unpack
@@ -101,7 +102,7 @@ class Worker:
         self.dtype = dtype
         self.arch = arch_config(config.model.path)
         self.num_stages = parallel.pipeline_parallel_size
-        layer_range = stage_layers(self.arch.num_layers, self.num_stages, groups.pipe.stage)
+        self.layer_range = layer_range = stage_layers(self.arch.num_layers, self.num_stages, groups.pipe.stage)
         groups.connect(device, dtype, parallel.one_shot_all_reduce_max_bytes)
         torch.manual_seed(config.model.seed)
         self.model = build_model(config.model.path, dtype, device, max_model_len, tp=groups.tp, ep=groups.ep,
@@ -117,41 +118,13 @@ class Worker:
 
     @torch.inference_mode()
     def gather_kv(self, block_ids: list[int]) -> list[torch.Tensor] | None:
-        """Every layer's KV of `block_ids` with all KV heads, [2, blocks, block_size, heads, dim], on
-        rank 0 (None on the others): each rank's head shard, gathered over the tensor-parallel group."""
-        tp = self.groups.tp
-        layers = []
-        index = self.runner.block_index(block_ids)
-        for layer_id in range(self.arch.num_layers):
-            k, v = self.runner.read_kv(layer_id, index)
-            kv = torch.stack((k, v)).transpose(-1, -2)  # heads last, for a last-dim gather
-            gathered = tp.gather_last_dim_to_first(kv)
-            if gathered is None:
-                continue
-            full = gathered.transpose(-1, -2)
-            replicas = max(1, tp.size // self.arch.num_kv_heads)  # tp > kv heads: ranks hold copies
-            layers.append(full[..., ::replicas, :].contiguous() if replicas > 1 else full.contiguous())
-        return layers if tp.rank == 0 else None
+        """Every layer's KV of `block_ids` with all heads on world rank 0 (kv_handover.py)."""
+        return kv_handover.gather_kv(self, block_ids)
 
     @torch.inference_mode()
     def scatter_kv(self, block_ids: list[int], layers: list[torch.Tensor] | None) -> None:
-        """Every layer's KV of `block_ids` with all KV heads ([2, blocks, block_size, heads, dim]; on
-        rank 0, None on the others) goes to every tp rank, which keeps its own heads (the same heads
-        its QKV projection makes, replicas included when tp > KV heads)."""
-        tp, arch = self.groups.tp, self.arch
-        index = self.runner.block_index(block_ids)
-        for layer_id in range(arch.num_layers):
-            k_cache, v_cache = self.runner.kv_caches[layer_id]
-            if layers is not None:
-                full = layers[layer_id].to(self.device, k_cache.dtype).contiguous()
-            else:
-                full = torch.empty((2, len(block_ids), *k_cache.shape[1:-2], arch.num_kv_heads, arch.head_dim),
-                                   dtype=k_cache.dtype, device=self.device)
-            tp.broadcast_from_first(full)
-            qkv = self.model.model.layers[str(layer_id)].self_attn.qkv_proj
-            mine = full.narrow(-2, qkv.kv_head_start, qkv.num_kv_heads)
-            k_cache.index_copy_(0, index, mine[0])
-            v_cache.index_copy_(0, index, mine[1])
+        """`layers` (all heads, on world rank 0) into every rank's heads and layers (kv_handover.py)."""
+        kv_handover.scatter_kv(self, block_ids, layers)
 
     # -- (2) one step -------------------------------------------------------------
     @torch.inference_mode()

@@ -153,6 +153,14 @@ class PipeGroup:
     def recv_prev(self, out: torch.Tensor, tag: int) -> Pending:
         return Pending(self.forward.recv([out], self.stage - 1, tag), out)
 
+    def send_to(self, stage: int, x: torch.Tensor, tag: int) -> Pending:
+        """Any stage of the column to any other (the KV hand-over; not the step's activations)."""
+        x = x.contiguous()
+        return Pending(self.forward.send([x], stage, tag), x)
+
+    def recv_from(self, stage: int, out: torch.Tensor, tag: int) -> Pending:
+        return Pending(self.forward.recv([out], stage, tag), out)
+
     def send_first(self, x: torch.Tensor, tag: int) -> Pending:
         x = x.contiguous()
         return Pending(self.back.send([x], 0, tag), x)

@@ -120,41 +120,45 @@ def test_prefill_tp2_to_decode_tp1_reshards_kv_heads(checkpoint_dir):
         tp2.executor.shutdown()
 
 
-def _tp_engine(model_dir, role, tp):
+def _parallel_engine(model_dir, role, tp, pp=1):
     from cluster.config import ParallelConfig
 
     cfg = EngineConfig(model=ModelConfig(path=model_dir), cache=CacheConfig(num_blocks=200),
-                       parallel=ParallelConfig(tensor_parallel_size=tp))
+                       parallel=ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp))
     return Engine(cfg, role=role, progress=False)
 
 
-@pytest.mark.parametrize("model, prefill_tp, decode_tp", [
-    ("qwen2", 1, 2),  # KV heads split over the decode ranks
-    ("qwen2", 2, 2),  # the same tp on both sides (still all heads on the wire)
-    ("llama_tied_mqa_rope3_sharded", 1, 2),  # one KV head, replicated on both decode ranks
+@pytest.mark.parametrize("model, prefill_layout, decode_layout", [
+    ("qwen2", (1, 1), (2, 1)),  # KV heads split over the decode ranks
+    ("qwen2", (2, 1), (2, 1)),  # the same tp on both sides (still all heads on the wire)
+    ("llama_tied_mqa_rope3_sharded", (1, 1), (2, 1)),  # one KV head, replicated on both decode ranks
+    ("qwen2", (1, 2), (1, 1)),  # a pipelined prefill: stage 1's layers reach rank 0 first
+    ("qwen2", (1, 1), (1, 2)),  # a pipelined decode: rank 0 hands stage 1 its layers
+    ("qwen2", (2, 2), (2, 2)),  # both hops on both sides: 4 ranks each
 ])
-def test_kv_lands_in_the_head_shards_of_a_tensor_parallel_decode_instance(checkpoint_dir, model, prefill_tp, decode_tp):
-    """Real rank processes (gloo): the decode instance's rank 0 scatters every layer's KV heads to its ranks."""
+def test_kv_moves_between_instances_of_any_tp_x_pp(checkpoint_dir, model, prefill_layout, decode_layout):
+    """Real rank processes (gloo): the prefill instance gathers every layer's heads to its rank 0,
+    the decode instance scatters them to the ranks that hold those heads and layers."""
     model_dir = checkpoint_dir(model)
     rng = random.Random(11)
     prompts = [[rng.randrange(900) for _ in range(n)] for n in (5, 40, 90)]
     expected = _expected(model_dir, prompts)
     engines = []
     try:
-        prefill_engine = _tp_engine(model_dir, Role.PREFILL, prefill_tp) if prefill_tp > 1 else None
-        engines.append(prefill_engine)
-        decode_engine = _tp_engine(model_dir, Role.DECODE, decode_tp)
+        if prefill_layout != (1, 1):
+            engines.append(_parallel_engine(model_dir, Role.PREFILL, *prefill_layout))
+        prefill_engine = engines[0] if engines else _engine(model_dir, Role.PREFILL, 8192)
+        decode_engine = _parallel_engine(model_dir, Role.DECODE, *decode_layout)
         engines.append(decode_engine)
         hub = LoopbackHub()
         p_t, d_t = LoopbackTransport(hub), LoopbackTransport(hub)
         p_t.connect("D", d_t.listen(), False)
         d_t.connect("P", p_t.listen(), True)
         cfg = DisaggConfig(transport="loopback")
-        prefill = PrefillWorker(prefill_engine or _engine(model_dir, Role.PREFILL, 8192), p_t, cfg)
+        prefill = PrefillWorker(prefill_engine, p_t, cfg)
         decode = DecodeWorker(decode_engine, d_t, cfg)
         assert _serve(prefill, decode, prompts) == expected
         assert decode.engine.kv.num_free_blocks == decode.engine.kv.num_blocks
     finally:
         for engine in engines:
-            if engine is not None:
-                engine.executor.shutdown()
+            engine.executor.shutdown()

@@ -196,6 +196,17 @@ def test_prefill_tp1_decode_tp2_through_the_cluster(tiny_model, reference):
                             [list(range(3, 60)), list(range(200, 233))])
 
 
+def test_pipelined_decode_pool_through_the_cluster(tiny_model, reference):
+    """A decode instance of two pipeline stages: rank 0 hands stage 1 its layers' KV."""
+    from dataclasses import replace
+
+    from cluster.config import PoolConfig
+
+    config = cluster_config(tiny_model, prefill=1, decode=1)
+    _serves_like_one_engine(replace(config, decode=PoolConfig(instances=1, pp=2, num_cpus_per_rank=0.25)), reference,
+                            [list(range(3, 60)), list(range(200, 233))])
+
+
 def test_prefill_tp2_decode_tp1_through_the_cluster(tiny_model, reference):
     from dataclasses import replace
 
