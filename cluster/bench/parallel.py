@@ -5,7 +5,7 @@
     python -m cluster.bench.parallel --parts pp --out par.jsonl                  # ~3 min
 
 Every result is one JSON line, printed and appended to `--out`. Parts:
-  allreduce  NCCL all-reduce over 2 GPUs (the same group code the engine uses) for the
+  allreduce  NCCL vs one-shot all-reduce over 2 GPUs (bench/allreduce.py; the same group code the engine uses) for the
              message sizes the dense steps send: [tokens, hidden] bf16, back to back and synced;
   dense      Llama-3-8B-shaped random checkpoint (made once, `--llama-dir`): decode step time
              at batch 1, 64, 256 with `--context` tokens of context, TP=1 vs TP=2, and for
@@ -191,99 +191,18 @@ def prefill_time(engine, args, variants: dict[str, dict]) -> list[dict]:
 
 # -- parts ---------------------------------------------------------------------------------
 def part_allreduce(args) -> dict[int, float]:
-    """{num_tokens: µs per all-reduce of [num_tokens, 4096] bf16 as the engine does it}, measured in 2
-    spawned ranks: NCCL and the one-shot peer-memory kernel side by side, each back to back and synced."""
-    from cluster.parallel.groups import serve_store
+    """{num_tokens: µs per all-reduce of [num_tokens, hidden] as the engine does it} (bench/allreduce.py:
+    NCCL and the one-shot kernel side by side, back to back, synced and inside a CUDA graph)."""
+    from cluster.bench.allreduce import measure_all_reduce
 
-    ctx = torch.multiprocessing.get_context("spawn")
-    store = serve_store("127.0.0.1", 0, 2, 120)
-    queue = ctx.Queue()
     sizes = sorted(set(args.batches) | {args.prefill_len // 2, args.prefill_len})
-    procs = [ctx.Process(target=_allreduce_rank, args=(rank, store.port, sizes, queue, args.hidden, args.device))
-             for rank in range(2)]
-    for p in procs:
-        p.start()
-    results, info = queue.get(timeout=300)
-    for p in procs:
-        p.join(60)
+    results, info = measure_all_reduce(sizes, args.hidden, args.device)
     engine_us = {}
     for num_tokens, row in sorted(results.items()):
         emit(args, {"part": "allreduce", "tokens": num_tokens, "bytes": num_tokens * args.hidden * 2, **row, **info})
         engine_us[num_tokens] = (row.get("one_shot_graph_us") or row.get("one_shot_loop_us") or row.get("nccl_graph_us")
                                  or row["nccl_loop_us"])
     return engine_us
-
-
-def _allreduce_rank(rank: int, port: int, sizes: list[int], queue, hidden: int, device_type: str) -> None:
-    from dataclasses import replace
-
-    from cluster.parallel.groups import build_groups, dial_store
-    from cluster.platform import current_platform
-
-    platform = current_platform(device_type)
-    device = platform.bind(rank, 2)
-    sync = platform.synchronize
-    store = dial_store("127.0.0.1", port, 2, 120)
-    groups = build_groups(rank, ParallelConfig(tensor_parallel_size=2), platform.dist_backend, store)
-    groups.connect(device, platform.default_dtype, ParallelConfig().one_shot_all_reduce_max_bytes)
-    ways = {"nccl": replace(groups.tp, one_shot=None)}
-    if groups.tp.one_shot is not None:
-        ways["one_shot"] = groups.tp
-    out = {}
-    for num_tokens in sizes:
-        x = torch.randn(num_tokens, hidden, device=device, dtype=platform.default_dtype)
-        row = {}
-        for name, tp in ways.items():
-            if name == "one_shot" and not tp.one_shot.fits(x):
-                continue
-            for _ in range(10):
-                tp.all_reduce(x)
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(100):  # back to back: what a step's string of all-reduces sees
-                tp.all_reduce(x)
-            sync()
-            row[f"{name}_loop_us"] = (time.perf_counter() - t0) * 1e4  # s / 100 * 1e6
-            synced = []
-            for _ in range(50):
-                sync()
-                t0 = time.perf_counter()
-                tp.all_reduce(x)
-                sync()
-                synced.append((time.perf_counter() - t0) * 1e6)
-            row[f"{name}_synced_us"] = statistics.median(synced)
-            if device_type == "cuda":
-                row[f"{name}_graph_us"] = _graph_all_reduce_us(tp, x, sync)
-        out[num_tokens] = row
-    if rank == 0:
-        queue.put((out, {"one_shot": groups.tp.one_shot is not None, "one_shot_error": groups.one_shot_error}))
-
-
-def _graph_all_reduce_us(tp, x: torch.Tensor, sync, per_graph: int = 64) -> float | None:
-    """Device time of one all-reduce as a decode step's CUDA graph runs it: `per_graph` of them
-    captured back to back (a step's 2 per layer x 32 layers), replayed, no host launch cost."""
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                tp.all_reduce(x)
-        torch.cuda.current_stream().wait_stream(stream)
-        sync()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(per_graph):
-                tp.all_reduce(x)
-        for _ in range(3):
-            graph.replay()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(10):
-            graph.replay()
-        sync()
-        return (time.perf_counter() - t0) / (10 * per_graph) * 1e6
-    except RuntimeError:  # a path that cannot be captured says so by its absence
-        return None
 
 
 def part_dense(args, allreduce_us: dict[int, float]) -> None:

@@ -19,6 +19,7 @@ import torch
 from cluster.config import DisaggConfig
 from cluster.disagg.transfer.base import KVTransport, TransferState
 from cluster.engine.engine import Engine
+from cluster.engine.kv_handover import cache_dtype, full_kv_shape
 from cluster.types import FinishReason, SamplingParams, TokenDelta
 
 
@@ -50,10 +51,8 @@ class DecodeWorker:
             return False
         # every KV head, whatever this instance's tp: the prefill side sends all of them and
         # `scatter_kv` hands each rank its own (KV heads resharded between pools of any tp)
-        arch = self.engine.arch
-        k_cache = next(c for c in self.engine.runner.kv_caches if c is not None)[0]
-        layer_shape = (2, len(block_ids), self.engine.config.cache.block_size, arch.num_kv_heads, arch.head_dim)
-        specs = [(layer_shape, k_cache.dtype)] * self.engine.arch.num_layers + [((1,), torch.int64)]
+        layer = (full_kv_shape(self.engine.arch, len(block_ids), self.engine.kv.block_size), cache_dtype(self.engine.runner))
+        specs = [layer] * self.engine.arch.num_layers + [((1,), torch.int64)]
         self.transport.expect(peer_id, transfer_id, specs, self.engine.device)
         self.pending[request_id] = PendingTransfer(request_id, peer_id, transfer_id, block_ids, time.monotonic())
         return True
@@ -72,11 +71,11 @@ class DecodeWorker:
 
     def _land(self, p: PendingTransfer) -> None:
         messages = self.transport.take(p.transfer_id)
-        if int(messages[-1].item()) < 0:  # the prefill side had no first token to send
+        first_token = int(messages[-1].item())
+        if first_token < 0:  # the prefill side had no first token to send
             self._fall_back(p, "ended without a first token")
             return
         self.engine.executor.scatter_kv(p.block_ids, messages[:-1])
-        first_token = int(messages[-1].item())
         del self.pending[p.request_id]
         self.transfer_latencies_s.append(time.monotonic() - p.started_s)
         self.engine.commit(p.request_id, first_token)

@@ -21,6 +21,7 @@ import torch
 from cluster.config import DisaggConfig
 from cluster.disagg.transfer.base import KVTransport, TransferState
 from cluster.engine.engine import Engine
+from cluster.engine.kv_handover import cache_dtype, full_kv_shape
 from cluster.types import FinishReason, SamplingParams, TokenDelta
 
 
@@ -45,7 +46,7 @@ class PrefillWorker:
         engine.kv_stream = self
         self.num_layers = engine.arch.num_layers
         self.multi_rank = engine.config.parallel.world_size > 1
-        self.kv_dtype = next(c for c in engine.runner.kv_caches if c is not None)[0].dtype
+        self.kv_dtype = cache_dtype(engine.runner)
         self.bytes_sent = 0
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, peer_id: str,
@@ -91,10 +92,8 @@ class PrefillWorker:
             self.transport.announce(peer_id, messages)
 
     def _kv_shape(self, seq) -> tuple[int, ...]:
-        """[2, blocks, block_size, kv_heads, head_dim] of one layer of `seq`'s prompt, all KV heads."""
-        num_blocks = self._num_blocks(seq)
-        arch = self.engine.arch
-        return (2, num_blocks, self.engine.kv.block_size, arch.num_kv_heads, arch.head_dim)
+        """One layer of `seq`'s prompt KV, all heads."""
+        return full_kv_shape(self.engine.arch, self._num_blocks(seq), self.engine.kv.block_size)
 
     def _num_blocks(self, seq) -> int:
         return -(-seq.num_prompt_tokens // self.engine.kv.block_size)

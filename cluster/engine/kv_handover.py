@@ -68,17 +68,21 @@ def scatter_kv(worker, block_ids: list[int], layers: list[torch.Tensor] | None) 
         worker.runner.write_kv(layer_id, index, heads[0], heads[1])
 
 
-def _cache_dtype(worker) -> torch.dtype:
-    return next(c for c in worker.runner.kv_caches if c is not None)[0].dtype
+def cache_dtype(runner) -> torch.dtype:
+    """The dtype of `runner`'s KV cache (what travels between instances)."""
+    return next(c for c in runner.kv_caches if c is not None)[0].dtype
+
+
+def full_kv_shape(arch, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    """One layer's KV of `num_blocks` blocks with every KV head: [2, blocks, block_size, heads, dim],
+    the unit that moves between instances whatever their layouts."""
+    return (2, num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
 
 
 def _full_kv_buffer(worker, num_blocks: int) -> torch.Tensor:
-    """A buffer for one layer's KV of `num_blocks` blocks with every KV head."""
-    k_cache = next(c for c in worker.runner.kv_caches if c is not None)[0]
-    arch = worker.arch
-    return torch.empty((2, num_blocks, k_cache.shape[1], arch.num_kv_heads, arch.head_dim), dtype=k_cache.dtype,
-                       device=worker.device)
+    return torch.empty(full_kv_shape(worker.arch, num_blocks, worker.runner.block_size),
+                       dtype=cache_dtype(worker.runner), device=worker.device)
 
 
 def _as_cache(worker, kv: torch.Tensor) -> torch.Tensor:
-    return kv.to(worker.device, _cache_dtype(worker)).contiguous()
+    return kv.to(worker.device, cache_dtype(worker.runner)).contiguous()

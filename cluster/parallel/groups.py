@@ -105,11 +105,7 @@ class TPGroup:
 
     def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's `x` lands in every rank's `x` (same shape and dtype everywhere)."""
-        if self.size > 1:
-            opts = BroadcastOptions()
-            opts.rootRank = 0
-            self.group.broadcast([x], opts).wait()
-        return x
+        return _broadcast_from_first(self.group, self.size, x)
 
     def gather_last_dim_to_first(self, x: torch.Tensor) -> torch.Tensor | None:
         """Rank 0 gets every rank's x concatenated on the last dim; the others get None."""
@@ -179,11 +175,7 @@ class HostGroup:
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's `x` lands in every rank's `x` (same shape and dtype everywhere)."""
-        if self.size > 1:
-            opts = BroadcastOptions()
-            opts.rootRank = 0
-            self.group.broadcast([x], opts).wait()
-        return x
+        return _broadcast_from_first(self.group, self.size, x)
 
     def min_int(self, value: int) -> int:
         x = torch.tensor([value], dtype=torch.int64)
@@ -283,6 +275,14 @@ class InstanceGroups:
         for pg in (self.tp.group, self.pipe.forward, self.pipe.back):
             if pg is not None and hasattr(pg, "abort"):
                 pg.abort()
+
+
+def _broadcast_from_first(group, size: int, x: torch.Tensor) -> torch.Tensor:
+    if size > 1:
+        opts = BroadcastOptions()
+        opts.rootRank = 0
+        group.broadcast([x], opts).wait()
+    return x
 
 
 def serve_store(addr: str, port: int, world_size: int | None, timeout_s: float) -> dist.TCPStore:
