@@ -52,6 +52,14 @@ class Platform:
         return device
 
 
+def bind_thread(device: torch.device) -> None:
+    """Make `device` current on the calling thread. The current CUDA device is per thread and a new
+    thread starts on GPU 0; Triton kernels and NCCL communicators use it, so an engine on GPU 1
+    driven from a fresh thread would launch its kernels on GPU 0 (peer reads, or a crash)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def current_platform(device: str = "auto") -> Platform:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

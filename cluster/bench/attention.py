@@ -144,7 +144,12 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--split-sweep", action="store_true",
+                        help="decode at 1k context, batch 64/256, 8 and 4 KV heads (TP=1 and TP=2 of Llama-3-8B): "
+                             "GPU time per forced KV split count beside the automatic choice")
     args = parser.parse_args()
+    if args.split_sweep:
+        return _split_sweep(args)
     from cluster.engine.attention.base import make_backend
 
     backend = make_backend(args.backend, torch.device("cuda"))
@@ -164,6 +169,30 @@ def main() -> None:
             "eager_us": round(eager_ms * 1e3, 2), "hbm_gb_per_s": round(kv_bytes / ms / 1e6, 1),
             "tflop_per_s": round(flops / ms / 1e9, 2), "kv_bytes": kv_bytes, "gpu": torch.cuda.get_device_name(),
         }), flush=True)
+
+
+def _split_sweep(args) -> None:
+    from cluster.engine.attention.triton import TritonAttention, choose_num_kv_splits
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for num_kv_heads in (8, 4):
+        num_heads = num_kv_heads * 4
+        for b in (1, 64, 256):
+            seqs = [(1023, 1)] * b
+            batch = build_paged_batch(seqs, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=args.head_dim,
+                                      block_size=args.block_size, dtype=torch.bfloat16, device="cuda", fill_unused=0.0)
+            kv_bytes, _ = _work(seqs, num_heads, num_kv_heads, args.head_dim, 2)
+            row = {"case": f"decode_b{b}_ctx1k_kvh{num_kv_heads}", "auto_splits": choose_num_kv_splits(b, num_kv_heads, 4608, sms)}
+            for splits in (None, 1, 2, 4, 8):
+                backend = TritonAttention(num_kv_splits=splits)
+                meta = batch.meta
+                meta = type(meta)(meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.slot_mapping, 1, 4608, [], [])
+                fn = lambda: backend.forward(  # noqa: E731
+                    batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, meta, args.head_dim ** -0.5)
+                ms = _graph_time_ms(fn, repeats=args.repeats)
+                row[f"us_splits_{splits or 'auto'}"] = round(ms * 1e3, 2)
+                row[f"gb_s_splits_{splits or 'auto'}"] = round(kv_bytes / ms / 1e6, 1)
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

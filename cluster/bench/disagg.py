@@ -141,25 +141,42 @@ def prefill_main(args, q_to_decode, q_from_decode, results):
     results["ttft_colocated_ms"] = [t * 1e3 for t in ttft_colo[1:]]
     results["ttft_1p1d_ms"] = [t * 1e3 for t in ttft_disagg[1:]]
     results["kv_bytes_per_request"] = layer_bytes * engine.arch.num_layers
-    # our transfer path alone, back to back: one request's KV, every layer
+    # our transfer path alone, back to back: one request's KV, every layer, `--repeats` times. Both
+    # sides stamp time.monotonic() (one clock for every process of the host): from the announce to
+    # the decode side's receiver seeing the last message (`landed`), and to the KV scattered into
+    # the reserved blocks (`joined`); the queue hand-shakes of this script stay outside
     engine.add_request("t", prompt, params)
     while not engine.step():
         pass
     seq = engine.requests["t"].seqs[0]
-    q_to_decode.put(("expect", 1000, prompt))
-    assert q_from_decode.get() == "reserved"
     plan_blocks = seq.block_ids[: -(-len(prompt) // engine.kv.block_size)]
-    _sync()
+    index = engine.runner.block_index(plan_blocks)
     count = engine.arch.num_layers + 1
-    shape = tuple(torch.stack(engine.runner.read_kv(0, plan_blocks)).shape)
-    transport.announce("D", [(1000, layer, count, shape, worker.kv_dtype) for layer in range(count - 1)]
-                       + [(1000, count - 1, count, (1,), torch.int64)])
-    for layer in range(engine.arch.num_layers):
-        k, v = engine.runner.read_kv(layer, plan_blocks)
-        transport.send_layer("D", 1000, layer, engine.arch.num_layers + 1, torch.stack((k, v)))
-    transport.send_layer("D", 1000, engine.arch.num_layers, engine.arch.num_layers + 1,
-                         torch.tensor([seq.token_ids[-1]], device=engine.device))
-    results["transfer_only"] = q_from_decode.get()
+    shape = tuple(torch.stack(engine.runner.read_kv(0, index)).shape)
+    first = torch.tensor([seq.token_ids[-1]], device=engine.device)
+    runs = []
+    for r in range(args.repeats + 1):
+        tid = 1000 + r
+        q_to_decode.put(("expect", tid, prompt))
+        assert q_from_decode.get() == "reserved"
+        _sync()
+        t0 = time.monotonic()
+        transport.announce("D", [(tid, layer, count, shape, worker.kv_dtype) for layer in range(count - 1)]
+                           + [(tid, count - 1, count, (1,), torch.int64)])
+        for layer in range(engine.arch.num_layers):
+            transport.send_layer("D", tid, layer, count, torch.stack(engine.runner.read_kv(layer, index)))
+        transport.send_layer("D", tid, count - 1, count, first)
+        posted = time.monotonic()
+        stamps = q_from_decode.get()
+        sent = transport.trackers[tid].done_s if tid in transport.trackers else None
+        runs.append({"posted_ms": (posted - t0) * 1e3, "sent_ms": (sent - t0) * 1e3 if sent else None,
+                     "landed_ms": (stamps["landed_s"] - t0) * 1e3, "joined_ms": (stamps["joined_s"] - t0) * 1e3})
+    runs = runs[1:]  # the first pays for allocations
+    nbytes = layer_bytes * engine.arch.num_layers
+    landed = sorted(r["landed_ms"] for r in runs)[len(runs) // 2]
+    joined = sorted(r["joined_ms"] for r in runs)[len(runs) // 2]
+    results["transfer_only"] = {"bytes": nbytes, "runs": runs, "landed_ms_median": landed, "joined_ms_median": joined,
+                                "gb_s": nbytes / (landed / 1e3) / 1e9, "gb_s_to_joined": nbytes / (joined / 1e3) / 1e9}
     _say("prefill", "transfer-only done")
     q_to_decode.put(("stop", 0, None))
 
@@ -187,16 +204,18 @@ def decode_main(args, q_to_decode, q_from_decode, results):
         if cmd == "stop":
             break
         rid = f"d{i}" if cmd == "reserve" else f"t{i}"
-        assert worker.reserve(rid, prompt, params, "P", transfer_id=i + 1 if cmd == "reserve" else i)
+        tid = i + 1 if cmd == "reserve" else i
+        assert worker.reserve(rid, prompt, params, "P", transfer_id=tid)
         t0 = time.perf_counter()
         q_from_decode.put("reserved")
+        tracker = transport.trackers.get(tid)  # `poll` takes it from the transport once it lands
         while rid in worker.pending:
             worker.poll()
             time.sleep(0.0002)  # a busy loop would hold the GIL the link's receiver thread needs
-        landed_s = time.perf_counter() - t0
         if cmd == "expect":
-            nbytes = layer_bytes * engine.arch.num_layers
-            q_from_decode.put({"bytes": nbytes, "ms": landed_s * 1e3, "gb_s": nbytes / landed_s / 1e9})
+            _sync()  # the scatter into the reserved blocks is done
+            q_from_decode.put({"landed_s": tracker.done_s, "joined_s": time.monotonic()})
+            engine.abort(rid)
             continue
         q_from_decode.put("landed")
         while not worker.step():

@@ -128,7 +128,7 @@ def decode_sweep(engine, args, tp: int, variants: dict[str, dict]) -> list[dict]
     rows = []
     for batch in args.batches:
         windows = len(variants) * 2
-        fill(engine, batch, args.context, windows * (args.steps + 1) + 2, tag=f"b{batch}-")
+        fill(engine, batch, args.context, windows * (args.steps + 1) + 2 + (12 if args.profile else 0), tag=f"b{batch}-")
         engine.step()
         measured: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(2):  # alternate so drift hits every variant alike
@@ -152,19 +152,64 @@ def _profile_steps(engine, args, where: dict, num_steps: int = 5) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    host = _host_split(engine, num_steps)
     t0 = time.perf_counter()
     with profile(activities=activities) as prof:
         for _ in range(num_steps):
             engine.step()
     wall_ms = (time.perf_counter() - t0) / num_steps * 1e3
-    rows = []
+    rows, busy_us = [], 0.0
     for event in prof.key_averages():
         device_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+        busy_us += getattr(event, "self_device_time_total", 0) or 0  # kernels only: CPU ops have no self device time
         rows.append((device_us if args.device == "cuda" else event.self_cpu_time_total, event.key, event.count))
     rows.sort(reverse=True)
     top = [{"name": name[:80], "us_per_step": us / num_steps, "calls_per_step": count / num_steps}
            for us, name, count in rows[:15]]
-    emit(args, {"part": "profile", **where, "wall_ms_per_step": wall_ms, "top": top})
+    emit(args, {"part": "profile", **where, "wall_ms_per_step": wall_ms, "device_busy_ms_per_step": busy_us / num_steps / 1e3,
+                "host_ms_per_step": host, "top": top})
+
+
+def _host_split(engine, num_steps: int) -> dict:
+    """Wall ms per step in each phase of the driver's step, unprofiled: schedule, plan + broadcast + launch
+    (execute up to sampling), sampling (waits for the GPU), and the rest (update, detokenize); inside
+    launch, the parts named `in_launch` (host broadcast to the other ranks, upload, forward launch, LM head)."""
+    spent = {"schedule": 0.0, "launch": 0.0, "sample": 0.0}
+    inner = {"broadcast": 0.0, "upload": 0.0, "forward": 0.0, "logits": 0.0}
+    wrapped = []
+
+    def timed(obj, name, key):
+        original = getattr(obj, name)
+
+        def run(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return original(*a, **kw)
+            finally:
+                (spent if key in spent else inner)[key] += time.perf_counter() - t
+        object.__setattr__(obj, name, run)  # frozen dataclasses too (HostGroup)
+        wrapped.append((obj, name))
+
+    timed(engine.scheduler, "schedule", "schedule")
+    timed(engine.executor, "execute", "launch")
+    timed(engine.runner, "sample", "sample")
+    timed(engine.runner, "upload", "upload")
+    timed(engine.runner, "forward", "forward")
+    timed(engine.model, "compute_logits", "logits")
+    worker = getattr(engine.executor, "worker", None)
+    if worker is not None:
+        timed(worker.groups.host, "broadcast", "broadcast")
+    t0 = time.perf_counter()
+    try:
+        for _ in range(num_steps):
+            engine.step()
+    finally:
+        for obj, name in wrapped:
+            object.__delattr__(obj, name)
+    total = time.perf_counter() - t0
+    spent["launch"] -= spent["sample"]
+    spent["rest"] = total - sum(spent.values())
+    return {k: v / num_steps * 1e3 for k, v in spent.items()} | {"in_launch": {k: v / num_steps * 1e3 for k, v in inner.items()}}
 
 
 def prefill_time(engine, args, variants: dict[str, dict]) -> list[dict]:
@@ -209,7 +254,7 @@ def part_dense(args, allreduce_us: dict[int, float]) -> None:
     path = ensure_llama8b(args.llama_dir, args)
     # (tp, all-reduce path): TP=1; TP=2 as the engine runs it (one-shot peer memory for small
     # messages); TP=2 on NCCL alone, the reference for what the one-shot kernel buys
-    for tp, way in ((1, "none"), (2, "engine"), (2, "nccl")):
+    for tp, way in [(1, "none"), (2, "engine")] + ([(2, "nccl")] if args.tp2_nccl else []):
         t0 = time.time()
         extra = {"one_shot_all_reduce_max_bytes": 0} if way == "nccl" else {}
         engine = make_engine(path, args, tensor_parallel_size=tp, **extra)
@@ -340,6 +385,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-model-len", type=int, default=4096 + 512)
     ap.add_argument("--out", default="parallel_bench.jsonl")
     ap.add_argument("--eager-overlap", action="store_true", help="also time decode overlap on/off eagerly")
+    ap.add_argument("--tp2-nccl", action="store_true", help="dense: also TP=2 with NCCL alone (no one-shot all-reduce)")
     ap.add_argument("--profile", action="store_true", help="also print the driver's top kernels per decode step")
     ap.add_argument("--smoke", action="store_true", help="CPU + gloo + tiny models: checks the script, measures nothing")
     args = ap.parse_args(argv)

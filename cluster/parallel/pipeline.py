@@ -2,12 +2,20 @@
 
 One step on stage s of P (GPipe inside the step; every rank runs the same plan):
   (1) the step's tokens are cut into M micro-batches (engine/step_plan.split);
-  (2) receives are posted up front: stage s > 0 for each micro-batch's activations,
-      stage 0 for each micro-batch's hidden rows coming back from the last stage;
-  (3) for m in 0..M-1: wait for m's input, run this stage's layers, send the result on
-      (without waiting for the send when `async_send`, else waiting at once); the last
-      stage sends only the normed rows that sample, back to stage 0;
-  (4) stage 0 turns each returned micro-batch into logits as it arrives (the caller).
+  (2) for m in 0..M-1: receive m's input (stage s > 0), run this stage's layers, send the
+      result on (without waiting for the send when `async_send`, else waiting at once); the
+      last stage sends only the normed rows that sample, back to stage 0;
+  (3) stage 0 posts the receive of m's returned rows right after sending m on, and the
+      caller turns each into logits as it arrives.
+
+A receive is posted only once what it waits for cannot depend on anything this rank has
+yet to send. On NCCL a posted receive is a kernel that spins until its data comes, and
+any device-wide wait of that process (the allocator freeing cached memory, a synchronize)
+waits behind it: with every return posted before the first forward, stage 0 hung in that
+forward while stage 1 waited for its activations (2xH200, first run). Posted later than
+(3), a synchronous send of the last stage would wait for stage 0, which waits to send it
+the next micro-batch (gloo). The host runs ahead of the device, so each receive is still
+posted long before the device gets to it.
 
     stage 0:  F0 F1 F2 F3 ·········· L0 L1 L2 L3      F: layers   L: logits
     stage 1:     F0 F1 F2 F3                          · : idle (the bubble)
@@ -39,18 +47,19 @@ def run_stage(pipe: PipeGroup, part_sizes: list[tuple[int, int]], forward_part: 
     activations, or on the last stage the normed sampling rows (None when it has none).
     On stage 0 returns, per micro-batch, the pending receive of its returned rows.
     """
-    incoming = [] if pipe.is_first else [
-        pipe.recv_prev(torch.empty(num_tokens, hidden_size, dtype=dtype, device=device), tag=m)
-        for m, (num_tokens, _) in enumerate(part_sizes)]
-    returns = [] if not pipe.is_first else [
-        pipe.recv_last(torch.empty(num_rows, hidden_size, dtype=dtype, device=device), tag=m) if num_rows else None
-        for m, (_, num_rows) in enumerate(part_sizes)]
     sends: list[Pending] = []
-    for m in range(len(part_sizes)):
-        out = forward_part(m, incoming[m].wait() if incoming else None)
+    returns: list[Pending | None] = []
+    for m, (num_tokens, num_rows) in enumerate(part_sizes):
+        incoming = None
+        if not pipe.is_first:
+            incoming = pipe.recv_prev(torch.empty(num_tokens, hidden_size, dtype=dtype, device=device), tag=m).wait()
+        out = forward_part(m, incoming)
         if out is None:
             continue
         sends.append(pipe.send_first(out, tag=m) if pipe.is_last else pipe.send_next(out, tag=m))
+        if pipe.is_first:
+            returns.append(pipe.recv_last(torch.empty(num_rows, hidden_size, dtype=dtype, device=device), tag=m)
+                           if num_rows else None)
         if not async_send:
             sends[-1].wait()
     for send in sends:

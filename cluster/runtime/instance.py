@@ -93,7 +93,7 @@ class InstanceActor:
 
         backend = self.engine.platform.dist_backend
         self.transport = make_transport("torchdist", endpoint_id=self.instance_id, host=disagg.link_host,
-                                        backend=backend, timeout_s=disagg.transfer_timeout_s)
+                                        backend=backend, timeout_s=disagg.transfer_timeout_s, device=self.engine.device)
         self.transport.listen()
         self.transport.on_ready = self._wake  # a landed (or failed) transfer wakes the loop at once
         worker_cls = PrefillWorker if self.role == Role.PREFILL else DecodeWorker
@@ -187,6 +187,9 @@ class InstanceActor:
 
     # -- (2) the loop ------------------------------------------------------------------
     def _loop(self) -> None:
+        from cluster.platform import bind_thread
+
+        bind_thread(self.engine.device)
         try:
             while not self.stopped:
                 self._drain_inbox()

@@ -28,6 +28,7 @@ from cluster.config import EngineConfig
 from cluster.engine.engine import Engine, EngineOverloaded
 from cluster.engine.sequence import SeqStatus
 from cluster.metrics import Metrics
+from cluster.platform import bind_thread
 from cluster.runtime.client import EngineClient, ModelInfo, Overloaded
 from cluster.types import FinishReason, SamplingParams, TokenDelta
 
@@ -209,6 +210,7 @@ class LocalEngineClient(EngineClient):
 
     # -- the step loop (loop thread only) ------------------------------------------------
     def _run(self) -> None:
+        bind_thread(self.engine.device)
         try:
             while self._iterate():
                 pass

@@ -80,6 +80,7 @@ class Tracker:
     buffers: list = field(default_factory=list)
     num_done: int = 0
     error: str | None = None
+    done_s: float | None = None  # time.monotonic() when its last message completed
     cond: threading.Condition = field(default_factory=threading.Condition)
 
 

@@ -47,10 +47,16 @@ from cluster.disagg.transfer.base import KVTransport, TransferState
 from cluster.disagg.transfer.link import (HEADER_LEN, LINK_GROUP_TIMEOUT_S, Link, Tracker, decode_header, encode_header,
                                           wait_send)
 from cluster.parallel.groups import dial_store, pair_group, serve_store
+from cluster.platform import bind_thread
 
 class TorchDistTransport(KVTransport):
-    def __init__(self, endpoint_id: str, host: str = "127.0.0.1", backend: str = "gloo", timeout_s: float = 10.0):
+    def __init__(self, endpoint_id: str, host: str = "127.0.0.1", backend: str = "gloo", timeout_s: float = 10.0,
+                 device: torch.device | None = None):
+        """`device`: the engine's GPU for NCCL links (default: the creating thread's current device;
+        `connect` may run on another thread, whose current device is GPU 0)."""
         self.endpoint_id = endpoint_id
+        self.device = device if device is not None else (
+            torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu"))
         self.host = host
         self.backend = backend
         self.timeout = datetime.timedelta(seconds=timeout_s)
@@ -77,7 +83,8 @@ class TorchDistTransport(KVTransport):
         my_rank = 0 if is_master else 1
         group = pair_group(store, f"link/{pair}/{epoch}", my_rank, self.backend, LINK_GROUP_TIMEOUT_S, self.host)
         control = pair_group(store, f"link/{pair}/{epoch}/control", my_rank, "gloo", LINK_GROUP_TIMEOUT_S, self.host)
-        device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        device = self.device if self.backend == "nccl" else torch.device("cpu")
+        bind_thread(device)  # NCCL opens the communicator on the calling thread's current device
         probe = torch.zeros(1, device=device)
         group.allreduce([probe], AllreduceOptions()).wait()  # opens the communicator now, both sides present
         if device.type == "cuda":
@@ -244,7 +251,7 @@ class TorchDistTransport(KVTransport):
                 with tracker.cond:
                     tracker.num_done += 1
                     if tracker.num_done >= tracker.num_expected and tracker.state != TransferState.FAILED:
-                        tracker.state = TransferState.DONE
+                        tracker.state, tracker.done_s = TransferState.DONE, time.monotonic()
 
     def _send_timeout_s(self) -> float:
         return self.timeout.total_seconds() * 3
@@ -253,7 +260,7 @@ class TorchDistTransport(KVTransport):
         """The link's receiver: a manifest, then every payload it announces, for as long as the link lives."""
         stream = None
         if link.device.type == "cuda":
-            torch.cuda.set_device(link.device)
+            bind_thread(link.device)
             stream = torch.cuda.Stream(link.device)  # never waits behind the engine's compute
         size = torch.empty(1, dtype=torch.int64)
         try:
@@ -306,7 +313,10 @@ class TorchDistTransport(KVTransport):
                 return
             tracker.buffers[index] = payload
             tracker.num_done += 1
-            tracker.state = TransferState.DONE if tracker.num_done >= tracker.num_expected else TransferState.TRANSFERRING
+            if tracker.num_done >= tracker.num_expected:
+                tracker.state, tracker.done_s = TransferState.DONE, time.monotonic()
+            else:
+                tracker.state = TransferState.TRANSFERRING
         if tracker.state == TransferState.DONE and self.on_ready is not None:
             self.on_ready()
 
