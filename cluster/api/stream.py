@@ -224,14 +224,17 @@ def _finish(delta: TokenDelta) -> tuple[str | None, str | int | None]:
     return (delta.finish_reason.value if delta.finish_reason else None), delta.stop_reason
 
 
-async def _events(run: Run, content_chunk, usage_chunk) -> AsyncIterator[str]:
+async def _events(run: Run, content_chunk, usage_chunk, every_token: bool = False) -> AsyncIterator[str]:
     """The body both streams share: one chunk per delta with something to say, the usage chunk
-    (when `usage_chunk` makes one), `[DONE]`; an engine error ends the stream with an error event."""
+    (when `usage_chunk` makes one), `[DONE]`; an engine error ends the stream with an error event.
+    `every_token` (continuous usage stats): a token whose text is still empty (part of a UTF-8
+    character, a special token) gets its chunk too, since its usage counts it: a client timing
+    tokens sees each one when it is made, not with the next one that has text."""
     async for index, delta in run.deltas():
         if delta.error is not None:
             yield _error_event(delta.error)
             break
-        if delta.text or delta.finish_reason or delta.logprobs:
+        if delta.text or delta.finish_reason or delta.logprobs or (every_token and delta.token_ids):
             yield content_chunk(index, delta)
     else:
         tail = usage_chunk()
@@ -261,7 +264,7 @@ async def completion_sse(run: Run, response_id: str, include_usage: bool, string
             return None
         return sse(CompletionResponse(id=response_id, model=run.model, choices=[], usage=run.usage()).model_dump_json())
 
-    async for event in _events(run, content, usage):
+    async for event in _events(run, content, usage, every_token=continuous_usage):
         yield event
 
 
@@ -283,7 +286,8 @@ async def chat_sse(run: Run, response_id: str, include_usage: bool, strings: Tok
 
     n = run.calls[0].params.n
     yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(n)])
-    async for event in _events(run, content, lambda: chunk([], run.usage()) if include_usage else None):
+    async for event in _events(run, content, lambda: chunk([], run.usage()) if include_usage else None,
+                               every_token=continuous_usage):
         yield event
 
 

@@ -197,7 +197,7 @@ class _StreamTimer:
             num_new = sum(len((c.get("logprobs") or {}).get("tokens") or []) for c in choices) or int(bool(text))
         self.num_counted += num_new
         self.num_pending += num_new
-        if not text:
+        if not text and num_new <= 0:  # with usage per chunk, a token counts when it comes, text or not
             return
         if self.last_s is None:
             self.result.ttft_s = now_s - self.sent_s

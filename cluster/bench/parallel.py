@@ -19,7 +19,8 @@ Every result is one JSON line, printed and appended to `--out`. Parts:
              decode throughput at batch 64 and 256, EP=2 (all-to-all; overlap off/on) vs
              TP=2 (experts split by intermediate dim; grouped GEMM);
   pp         PP=2 on the dense checkpoint at batch 256: throughput with 2 and 4 micro-batches,
-             async sends on/off, and the bubble (each stage's idle share of the step) measured.
+             async sends on/off, decode graphs on/off (each stage replays its layers per
+             micro-batch), and the bubble (each stage's idle share of the step) measured.
 """
 from __future__ import annotations
 
@@ -196,9 +197,8 @@ def _host_split(engine, num_steps: int) -> dict:
     timed(engine.runner, "upload", "upload")
     timed(engine.runner, "forward", "forward")
     timed(engine.model, "compute_logits", "logits")
-    worker = getattr(engine.executor, "worker", None)
-    if worker is not None:
-        timed(worker.groups.host, "broadcast", "broadcast")
+    if hasattr(engine.executor, "_tell"):  # the step's message to the other ranks
+        timed(engine.executor, "_tell", "broadcast")
     t0 = time.perf_counter()
     try:
         for _ in range(num_steps):
@@ -347,8 +347,10 @@ def part_pp(args) -> None:
     emit(args, {"part": "pp", "engine_start_s": time.time() - t0})
     try:
         batch = 256
-        variants = {"m2_async": dict(num_microbatches=2, async_pp=True), "m4_async": dict(num_microbatches=4, async_pp=True),
-                    "m4_sync": dict(num_microbatches=4, async_pp=False)}
+        variants = {"m2_async": dict(num_microbatches=2, async_pp=True, eager=False),
+                    "m4_async": dict(num_microbatches=4, async_pp=True, eager=False),
+                    "m4_sync": dict(num_microbatches=4, async_pp=False, eager=False),
+                    "m2_async_eager": dict(num_microbatches=2, async_pp=True, eager=True)}  # no decode graphs
         fill(engine, batch, args.context, len(variants) * (2 * args.steps + 1) + 2, tag="pp-")
         for name, flags in variants.items():
             engine.executor.set_flags(measure=False, **flags)

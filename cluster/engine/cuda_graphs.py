@@ -11,6 +11,11 @@ forward once per batch-size bucket into static buffers and replay it:
 The attention backend must be capturable (no host sync, no `*_cpu` fields), which
 the Triton backend is; the graph's metadata uses the model's maximum context as
 an upper bound for the kernel grid.
+
+A pipeline stage other than the first captures its share of the layers from a static
+buffer of incoming activations (`replay(inputs, hidden)` copies them in). The output
+is a static buffer too: the next replay of the same size overwrites it, so a caller
+that keeps it past that (a stage sending it on) copies it first.
 """
 from __future__ import annotations
 
@@ -37,6 +42,9 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(n, runner.max_blocks_per_seq, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.hidden = None  # a later pipeline stage's input: the previous stage's activations
+        if not getattr(runner.model, "is_first_stage", True):
+            self.hidden = torch.zeros(n, runner.model.cfg.hidden_size, dtype=runner.dtype, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self._capture_all()
@@ -53,7 +61,8 @@ class DecodeGraphs:
         pool = None
         for bs in reversed(self.sizes):
             attn = AttnInputs(self.runner.backend, self._meta(bs), self.runner.kv_caches)
-            run = lambda: self.runner.model(self.input_ids[:bs], self.positions[:bs], attn)  # noqa: E731
+            hidden = self.hidden[:bs] if self.hidden is not None else None
+            run = lambda: self.runner.model(self.input_ids[:bs], self.positions[:bs], attn, hidden)  # noqa: E731
             run()  # warm up (Triton compiles, cuBLAS picks kernels) outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -66,10 +75,12 @@ class DecodeGraphs:
     def fits(self, inputs) -> bool:
         return inputs.meta.num_seqs <= self.max_batch
 
-    def replay(self, inputs) -> torch.Tensor:
+    def replay(self, inputs, hidden: torch.Tensor | None = None) -> torch.Tensor:
         num = inputs.meta.num_seqs
         bs = next(b for b in self.sizes if b >= num)
         meta = inputs.meta
+        if self.hidden is not None:
+            self.hidden[:num].copy_(hidden)
         self.input_ids[:num].copy_(inputs.input_ids)
         self.positions[:num].copy_(inputs.positions)
         self.slot_mapping[:num].copy_(meta.slot_mapping)

@@ -19,9 +19,10 @@ Benchmarks and tests also call:
   (2) every rank builds its groups and its Worker (engine/worker.py); start-up runs on
       a helper thread while this one watches the ranks, so a rank that dies while
       loading fails the start at once, with its error;
-  (3) each step: plan (host lists) -> header + payload broadcast on the host group ->
-      every rank executes it -> rank 0 samples. No Ray, no pickling, no spawning in
-      the loop;
+  (3) each step: plan (host lists) -> header + payload to every rank through the step
+      channel (shared memory, parallel/step_channel.py; the gloo host group where there is
+      none) -> every rank executes it -> rank 0 samples. No Ray, no pickling, no spawning
+      in the loop;
   (4) a liveness thread polls the ranks; one that dies aborts the device groups (NCCL
       would wait on it until the timeout; gloo sees the closed socket) and the next or
       current step raises `InstanceFailed` naming the rank and its exit code or error;
@@ -36,6 +37,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from cluster.config import EngineConfig
@@ -44,7 +46,9 @@ from cluster.engine.runner import ModelRunner, StepResult
 from cluster.engine.step_plan import Command, pack, plan_step
 from cluster.engine.worker import StepFlags, Worker, worker_main
 from cluster.models.registry import build_model
+from cluster.parallel import step_channel
 from cluster.parallel.groups import build_groups, serve_store
+from cluster.parallel.step_channel import StepChannel
 
 JOIN_TIMEOUT_S = 5.0
 MAX_ERROR_CHARS = 300
@@ -108,13 +112,19 @@ class MultiProcExecutor(Executor):
         self.failure: str | None = None
         self.num_threads = torch.get_num_threads()  # CPU ranks share the cores while the instance lives
         self.store = serve_store(parallel.master_addr, parallel.master_port, parallel.world_size, parallel.collective_timeout_s)
+        self.channel = StepChannel.create(parallel.world_size - 1) if step_channel.supported() else None
         context = torch.multiprocessing.get_context("spawn")
         self.procs = [context.Process(target=worker_main, name=f"llm-cluster-rank{rank}", daemon=True,
-                                      args=(rank, config, self.store.port, os.getpid(), max_model_len))
+                                      args=(rank, config, self.store.port, os.getpid(), max_model_len,
+                                            self.channel.spec() if self.channel else None))
                       for rank in range(1, parallel.world_size)]
         for proc in self.procs:
             proc.start()
-        self._start(platform, dtype, max_model_len, eos_token_ids, progress)
+        try:
+            self._start(platform, dtype, max_model_len, eos_token_ids, progress)
+        finally:
+            if self.channel is not None:
+                self.channel.unlink()  # every rank mapped it before the start's collectives (or is gone)
         self.runner = self.worker.runner
         self.model = self.worker.model
         self.num_blocks = self.worker.num_blocks
@@ -156,16 +166,26 @@ class MultiProcExecutor(Executor):
         self._check_alive()
         plan = plan_step(sched, self.config.cache.block_size)
         header, payload = pack(plan, Command.STEP, self.flags.encode(), self.num_microbatches)
-        host = self.worker.groups.host
         try:
-            host.broadcast(header)
-            host.broadcast(payload)
+            self._tell(header, payload)
             logits = self.worker.execute(plan, self.flags, self.num_microbatches)
             if logits is None:
                 return StepResult({}, {})
             return self.runner.sample(logits.float(), plan.sampling_seqs)
         except RuntimeError as exc:  # gloo / NCCL report a dead or stuck peer as RuntimeError (DistError)
             raise self._fail(exc) from exc
+
+    def _tell(self, header: torch.Tensor, payload: torch.Tensor | None = None) -> None:
+        """The other ranks get (header, payload): through the step channel, or the host group when
+        there is none or the message does not fit a slot (the ranks are told to look there)."""
+        if self.channel is not None:
+            message = header.numpy() if payload is None else np.concatenate([header.numpy(), payload.numpy()])
+            if self.channel.send(message, self._check_alive, self.config.parallel.collective_timeout_s):
+                return
+        host = self.worker.groups.host
+        host.broadcast(header)
+        if payload is not None:
+            host.broadcast(payload)
 
     def gather_kv(self, block_ids: list[int]) -> list[torch.Tensor]:
         """Every layer's KV of `block_ids`, all heads, on this (driver) rank: the KV hand-over's source."""
@@ -179,10 +199,9 @@ class MultiProcExecutor(Executor):
     def _kv_command(self, command: Command, block_ids: list[int], run):
         """Tell every rank to take part in a KV hand-over of `block_ids`, then take part (rank 0)."""
         self._check_alive()
-        host = self.worker.groups.host
         try:
-            host.broadcast(torch.tensor([int(command), 0, len(block_ids), 0, 0, 0, 1, 0], dtype=torch.int64))
-            host.broadcast(torch.tensor(block_ids, dtype=torch.int64))
+            self._tell(torch.tensor([int(command), 0, len(block_ids), 0, 0, 0, 1, 0], dtype=torch.int64),
+                       torch.tensor(block_ids, dtype=torch.int64))
             return run()
         except RuntimeError as exc:
             raise self._fail(exc) from exc
@@ -200,7 +219,7 @@ class MultiProcExecutor(Executor):
         header, _ = pack(None, Command.STATS, int(reset))
         host = self.worker.groups.host
         try:
-            host.broadcast(header)
+            self._tell(header)
             rows = host.gather_to_first(self.worker.stats_vector(reset))
         except RuntimeError as exc:
             raise self._fail(exc) from exc
@@ -266,7 +285,7 @@ class MultiProcExecutor(Executor):
         if self.failure is None and not self._dead_ranks():
             try:
                 header, _ = pack(None, Command.SHUTDOWN)
-                self.worker.groups.host.broadcast(header)
+                self._tell(header)
             except RuntimeError:
                 pass
         deadline = time.monotonic() + JOIN_TIMEOUT_S

@@ -59,6 +59,7 @@ class ModelRunner:
                  enable_cuda_graphs: bool = False, cuda_graph_max_batch: int = 256, max_model_len: int = 4096):
         self.model = model
         self.device = device
+        self.dtype = dtype
         self.block_size = block_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.backend = make_backend(attention_backend, device)
@@ -111,11 +112,16 @@ class ModelRunner:
 
     # -- (2) forward -----------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, inputs: StepInputs, on_layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
+    def forward(self, inputs: StepInputs, on_layer_done: Callable[[int], None] | None = None,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """The model (or this pipeline stage's layers, from `hidden`) over the step's tokens. A
+        captured graph's output is a static buffer, overwritten by the next replay of its size."""
         if self.graphs is not None and inputs.is_pure_decode and on_layer_done is None and self.graphs.fits(inputs):
-            return self.graphs.replay(inputs)
+            return self.graphs.replay(inputs, hidden)
         attn = AttnInputs(self.backend, inputs.meta, self.kv_caches, on_layer_done)
-        return self.model(inputs.input_ids, inputs.positions, attn)
+        if hidden is None:
+            return self.model(inputs.input_ids, inputs.positions, attn)
+        return self.model(inputs.input_ids, inputs.positions, attn, hidden)
 
     # -- (3) sample --------------------------------------------------------------
     @torch.inference_mode()

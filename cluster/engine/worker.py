@@ -34,6 +34,7 @@ from cluster.models.registry import arch_config, build_model
 from cluster.parallel.groups import InstanceGroups, build_groups, dial_store
 from cluster.parallel.overlap import OverlapFlags
 from cluster.parallel.pipeline import run_stage, stage_layers
+from cluster.parallel.step_channel import StepChannel
 from cluster.platform import current_platform
 
 PARENT_POLL_S = 0.5
@@ -108,8 +109,9 @@ class Worker:
         self.model = build_model(config.model.path, dtype, device, max_model_len, tp=groups.tp, ep=groups.ep,
                                  layer_range=layer_range, progress=progress)
         self.num_blocks = groups.host.min_int(num_kv_blocks(config, self.arch, self.model, device, dtype, max_model_len))
-        # graphs capture one whole-model forward; pipeline stages and all-to-all (host-synced splits) run eagerly
-        graphs = config.runner.enable_cuda_graphs and self.num_stages == 1 and groups.ep.size == 1
+        # decode runs as captured graphs (a pipeline stage: its own layers, from a static input buffer);
+        # all-to-all (host-synced splits) runs eagerly
+        graphs = config.runner.enable_cuda_graphs and groups.ep.size == 1
         self.runner = ModelRunner(self.model, self.num_blocks, config.cache.block_size, device, dtype,
                                   config.runner.attention_backend, eos_token_ids, graphs,
                                   config.runner.cuda_graph_max_batch, max_model_len)
@@ -171,7 +173,11 @@ class Worker:
         def forward_part(m: int, hidden: torch.Tensor | None) -> torch.Tensor | None:
             inputs = parts[m]
             with self.timer.busy(flags.measure):
-                out = self.model(inputs.input_ids, inputs.positions, self._attn(inputs), hidden)
+                if flags.eager:
+                    out = self.model(inputs.input_ids, inputs.positions, self._attn(inputs), hidden)
+                else:  # a graph's output is overwritten by the next micro-batch's replay: copy what is sent
+                    out = self.runner.forward(inputs, hidden=hidden)
+                    out = out.clone() if not is_last else out
             if not is_last:
                 return out
             return out[inputs.logits_indices] if plans[m].logits_indices else None  # normed rows that sample
@@ -205,10 +211,13 @@ class Worker:
 
 
 # -- (3) a spawned rank ----------------------------------------------------------------
-def worker_main(world_rank: int, config: EngineConfig, store_port: int, parent_pid: int, max_model_len: int) -> None:
+def worker_main(world_rank: int, config: EngineConfig, store_port: int, parent_pid: int, max_model_len: int,
+                channel_spec: tuple | None = None) -> None:
     _exit_with_parent(parent_pid)
     store = None
     try:
+        # mapped before the start-up collectives: the driver unlinks the file once they are done
+        channel = StepChannel.attach(channel_spec, world_rank - 1) if channel_spec is not None else None
         parallel = config.parallel
         platform = current_platform(config.runner.device)
         device = platform.bind(world_rank, parallel.world_size, config.runner.device_ids)
@@ -216,7 +225,7 @@ def worker_main(world_rank: int, config: EngineConfig, store_port: int, parent_p
         store = dial_store(parallel.master_addr, store_port, parallel.world_size, parallel.collective_timeout_s)
         groups = build_groups(world_rank, parallel, platform.dist_backend, store)
         worker = Worker(config, groups, device, dtype, max_model_len)
-        serve(worker)
+        serve(worker, channel)
     except BaseException as exc:  # report any failure by name, then leave: the driver fails the instance
         message = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
@@ -228,26 +237,34 @@ def worker_main(world_rank: int, config: EngineConfig, store_port: int, parent_p
         os._exit(1)
 
 
-def serve(worker: Worker) -> None:
-    """The step loop of a non-driver rank: the driver's broadcasts say what to do."""
+def serve(worker: Worker, channel: StepChannel | None = None) -> None:
+    """The step loop of a non-driver rank: the driver's messages say what to do."""
     host = worker.groups.host
-    header = torch.empty(HEADER_SIZE, dtype=torch.int64)
     while True:
-        host.broadcast(header)
+        header, payload = _next_message(host, channel)
         command, bits, *_ = header.tolist()
         if command == Command.SHUTDOWN:
             return
         if command == Command.GATHER_KV:
-            worker.gather_kv(host.broadcast(torch.empty(header[2].item(), dtype=torch.int64)).tolist())
+            worker.gather_kv(payload(int(header[2])).tolist())
             continue
         if command == Command.SCATTER_KV:
-            worker.scatter_kv(host.broadcast(torch.empty(header[2].item(), dtype=torch.int64)).tolist(), None)
+            worker.scatter_kv(payload(int(header[2])).tolist(), None)
             continue
         if command == Command.STATS:
             host.gather_to_first(worker.stats_vector(reset=bool(bits)))
             continue
-        payload = host.broadcast(torch.empty(payload_size(header), dtype=torch.int64))
-        worker.execute(unpack(header, payload), StepFlags.decode(bits), int(header[6]))
+        worker.execute(unpack(header, payload(payload_size(header))), StepFlags.decode(bits), int(header[6]))
+
+
+def _next_message(host, channel: StepChannel | None):
+    """(header, payload(n) -> the message's n int64s after the header), from the channel or the host group."""
+    message = channel.recv() if channel is not None else None
+    if message is not None:
+        rest = torch.from_numpy(message[HEADER_SIZE:])
+        return torch.from_numpy(message[:HEADER_SIZE]), lambda n: rest[:n]
+    header = host.broadcast(torch.empty(HEADER_SIZE, dtype=torch.int64))
+    return header, lambda n: host.broadcast(torch.empty(n, dtype=torch.int64))
 
 
 def _exit_with_parent(parent_pid: int) -> None:

@@ -9,7 +9,15 @@
       against the peers, so it runs on the current stream and is captured in CUDA graphs like
       any kernel;
   (3) `on_side_stream` runs it on a stream of its own, for the two-micro-batch overlap (NCCL
-      has its own stream; this kernel would otherwise run in line with the compute).
+      has its own stream; this kernel would otherwise run in line with the compute);
+  (4) each stream has a symmetric allocation of its own (its own barrier signals), cut in two
+      halves used in turn. The kernel's only barrier comes after each rank copied its input
+      in, so a rank that starts the next all-reduce may overwrite its slot while a slower peer
+      still reads it; with the halves alternating, reusing a half means every peer has passed
+      the barrier of the all-reduce in between, so it is done reading. Sharing one buffer
+      between the streams gave wrong tokens with overlap on (2xH200): a micro-batch's
+      embedding all-reduce on the main stream wrote into the buffer while the other one's
+      attention all-reduce on the side stream was reading it.
 
 For the hundreds of KB of a TP decode step it costs a few tens of microseconds where NCCL's
 ring costs more (docs/benchmarks.md has the figures); bigger messages stay on NCCL.
@@ -36,16 +44,16 @@ class OneShotAllReduce:
         # outside torch.distributed's default world, so register it under a unique name
         _register_process_group(name, group)
         _SymmetricMemory.set_group_info(name, rank, size, dist.PrefixStore(f"symm/{name}", store))
-        self.buffer = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
-        self.handle = symm_mem.rendezvous(self.buffer, name)
+        self.main = _Halves(symm_mem, name, self.max_numel, dtype, device)  # the compute stream's
+        self.side = _Halves(symm_mem, name, self.max_numel, dtype, device)  # the overlap's
         self.side_stream = torch.cuda.Stream(device)  # where an overlapped all-reduce runs
 
     def fits(self, x: torch.Tensor) -> bool:
         return x.dtype == self.dtype and x.numel() <= self.max_numel and x.is_contiguous()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, halves: "_Halves | None" = None) -> torch.Tensor:
         """The sum over the group of `x` (a new tensor; `x` is untouched)."""
-        slot = self.buffer.narrow(0, 0, x.numel()).view(x.shape)
+        slot = (halves or self.main).next().narrow(0, 0, x.numel()).view(x.shape)
         return torch.ops.symm_mem.one_shot_all_reduce_copy(slot, x, "sum", self.name)
 
     def on_side_stream(self, x: torch.Tensor) -> tuple["_StreamJoin", torch.Tensor]:
@@ -53,12 +61,27 @@ class OneShotAllReduce:
         main = torch.cuda.current_stream()
         self.side_stream.wait_stream(main)
         with torch.cuda.stream(self.side_stream):
-            out = self(x)
+            out = self(x, self.side)
             done = torch.cuda.Event()
             done.record(self.side_stream)
         x.record_stream(self.side_stream)
         out.record_stream(main)
         return _StreamJoin(done), out
+
+
+class _Halves:
+    """One symmetric allocation (rendezvoused: every rank maps every rank's) used as two halves in turn."""
+
+    def __init__(self, symm_mem, name: str, numel: int, dtype: torch.dtype, device: torch.device):
+        self.buffer = symm_mem.empty(2 * numel, dtype=dtype, device=device)
+        self.handle = symm_mem.rendezvous(self.buffer, name)
+        self.halves = self.buffer.view(2, numel).unbind(0)
+        self.turn = 0
+
+    def next(self) -> torch.Tensor:
+        half = self.halves[self.turn]
+        self.turn ^= 1
+        return half
 
 
 class _StreamJoin:

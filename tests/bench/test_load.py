@@ -87,10 +87,14 @@ def test_stream_timer_counts_tokens_per_chunk():
     assert plain.ok and plain.ttft_s == pytest.approx(0.5) and plain.e2e_s == pytest.approx(1.0)
     assert plain.itl_s == pytest.approx([0.3]) and plain.num_output_tokens == 3 and plain.num_prompt_tokens == 7
     assert plain.tpot_s == pytest.approx((1.0 - 0.5) / 2)
-    # per-chunk usage (continuous_usage_stats): the held-back token joins the next content chunk
+    # per-chunk usage (continuous_usage_stats): a chunk whose usage counts a new token is its arrival,
+    # text or not (a token whose text is still empty: part of a character, a special token)
     counted = feed([(1.0, chunk("a", {"completion_tokens": 1})), (1.1, chunk("", {"completion_tokens": 2})),
                     (1.3, chunk("bc", {"completion_tokens": 3})), (1.4, "[DONE]")])
-    assert counted.itl_s == pytest.approx([0.15, 0.15]) and counted.num_output_tokens == 3
+    assert counted.itl_s == pytest.approx([0.1, 0.2]) and counted.num_output_tokens == 3
+    textless_first = feed([(0.7, chunk("", {"completion_tokens": 1})), (1.0, chunk("a", {"completion_tokens": 2})),
+                           (1.4, "[DONE]")])
+    assert textless_first.ok and textless_first.ttft_s == pytest.approx(0.2) and textless_first.itl_s == pytest.approx([0.3])
     with pytest.raises(ValueError, match="error event"):
         feed([(1.0, chunk("a")), (1.1, {"error": {"message": "engine step failed"}})])
     with pytest.raises(ValueError, match="DONE"):

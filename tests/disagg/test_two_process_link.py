@@ -61,17 +61,40 @@ def _prefill_side(model_dir, prompts, device, address_q, go_q, done_q):
     go_q.get(timeout=120)  # stay until the decode side is done
 
 
-@pytest.mark.parametrize("device", BACKENDS)
-def test_kv_streams_between_two_engine_processes(checkpoint_dir, device):
+def _decode_side(model_dir, prompts, device, address_q, go_q, done_q, result_q):
+    """The decode engine, in a process of its own too: on GPUs every engine process binds one GPU,
+    as the cluster's instances do (the test's own process keeps GPU 0 for the reference)."""
     from cluster.disagg.decode import DecodeWorker
     from cluster.disagg.transfer.torchdist import TorchDistTransport
 
+    engine = _engine(model_dir, Role.DECODE, device, 1)
+    transport = TorchDistTransport("D", backend="nccl" if device == "cuda" else "gloo", timeout_s=30)
+    decode = DecodeWorker(engine, transport, DisaggConfig(transfer_timeout_s=120))
+    address_q.put(transport.listen())
+    transport.connect("P", transport.listen(), is_master=True)
+    for i, prompt in enumerate(prompts):
+        assert decode.reserve(str(i), prompt, PARAMS, "P", transfer_id=i + 1)
+    _sync(device)  # a device-wide wait with nothing in flight yet: must not hang
+    go_q.put("reserved")
+    got: dict[str, list] = {}
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        for delta in decode.step():
+            got.setdefault(delta.request_id, []).extend(delta.token_ids)
+        _sync(device)  # while receives may be posted: must not hang either
+        if not decode.pending and not engine.has_unfinished():
+            break
+    result_q.put((got, decode.take_failed(), decode.num_recomputed))
+
+
+@pytest.mark.parametrize("device", BACKENDS)
+def test_kv_streams_between_two_engine_processes(checkpoint_dir, device):
     if device == "cuda" and torch.cuda.device_count() < 2:
         pytest.skip("GPU TESTS NOT RUN: need 2 CUDA devices; run `make test-gpu` on a 2-GPU machine")
     model_dir = checkpoint_dir("qwen2")
     rng = random.Random(3)
     prompts = [[rng.randrange(900) for _ in range(n)] for n in (9, 33, 70, 121)]
-    reference = _engine(model_dir, Role.MIXED, device, 1)
+    reference = _engine(model_dir, Role.MIXED, device, 0)
     expected = {}
     for i, prompt in enumerate(prompts):
         reference.add_request(str(i), prompt, PARAMS)
@@ -81,31 +104,20 @@ def test_kv_streams_between_two_engine_processes(checkpoint_dir, device):
     del reference
 
     ctx = mp.get_context("spawn")
-    address_q, go_q, done_q = ctx.Queue(), ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=_prefill_side, args=(model_dir, prompts, device, address_q, go_q, done_q), daemon=True)
-    proc.start()
+    address_q, go_q, done_q, result_q = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=side, args=(model_dir, prompts, device, address_q, go_q, done_q, *extra), daemon=True)
+             for side, extra in ((_prefill_side, ()), (_decode_side, (result_q,)))]
+    for proc in procs:
+        proc.start()
     try:
-        engine = _engine(model_dir, Role.DECODE, device, 1)
-        transport = TorchDistTransport("D", backend="nccl" if device == "cuda" else "gloo", timeout_s=30)
-        decode = DecodeWorker(engine, transport, DisaggConfig(transfer_timeout_s=120))
-        address_q.put(transport.listen())
-        transport.connect("P", transport.listen(), is_master=True)
-        for i, prompt in enumerate(prompts):
-            assert decode.reserve(str(i), prompt, PARAMS, "P", transfer_id=i + 1)
-        _sync(device)  # a device-wide wait with nothing in flight yet: must not hang
-        go_q.put("reserved")
-        got: dict[str, list] = {}
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            for delta in decode.step():
-                got.setdefault(delta.request_id, []).extend(delta.token_ids)
-            _sync(device)  # while receives may be posted: must not hang either
-            if not decode.pending and not engine.has_unfinished():
-                break
+        got, failed, num_recomputed = result_q.get(timeout=300)
         first = done_q.get(timeout=60)
-        assert not decode.take_failed() and decode.num_recomputed == 0
+        assert not failed and num_recomputed == 0
         for request_id, tokens in expected.items():
             assert [first[request_id]] + got[request_id] == tokens, request_id
     finally:
         go_q.put("bye")
-        proc.join(timeout=30)
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.exitcode is None:
+                proc.kill()

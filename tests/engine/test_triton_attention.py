@@ -110,7 +110,9 @@ def test_heuristic_split_path_batch1():
 def test_choose_num_kv_splits():
     assert choose_num_kv_splits(1, 8, 32768, 132) == 32
     assert choose_num_kv_splits(1, 8, 1024, 132) == 16
-    assert choose_num_kv_splits(32, 8, 1024, 132) == 1
+    assert choose_num_kv_splits(32, 8, 1024, 132) == 2  # 256 programs: under two waves of 132 SMs
+    assert choose_num_kv_splits(64, 4, 1024, 132) == 2  # TP=2 of Llama-3-8B at batch 64 (measured faster)
+    assert choose_num_kv_splits(64, 8, 1024, 132) == 1
     assert choose_num_kv_splits(4, 8, 100, 132) == 1
 
 
