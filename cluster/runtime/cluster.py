@@ -4,7 +4,10 @@ A disaggregated request's life (one "leg" per completion; n > 1 makes n legs):
   (1) the router picks a decode instance that can reserve blocks for the prompt and a
       prefill instance (queued tokens, prefix hits from the store's prefix index);
   (2) the two get a KV link if they have none yet (made on demand: elastic membership);
-  (3) decode reserves blocks and posts receives, then prefill queues the prompt;
+  (3) decode reserves blocks and posts receives while prefill already queues the prompt
+      (its first layers' KV may reach decode before the reservation, and waits in the
+      link's buffers for it); if that decode refuses, prefill is aborted and the next
+      decode instance is tried, reserving first;
   (4) prefill's first token streams to the client at once (TTFT); its KV streams to
       decode layer by layer; decode lands it and continues; prefill frees its copy
       when decode's first token shows the KV arrived (or after a timeout);
@@ -45,6 +48,7 @@ class ClusterClient(EngineClient):
         self.instances: dict[str, InstanceView] = {}
         self.legs: dict[str, Leg] = {}
         self.transfer_ids = itertools.count(1)
+        self.renames = itertools.count(1)
         self.links: set[tuple[str, str]] = set()
         self.link_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.tasks: list[asyncio.Task] = []
@@ -138,7 +142,11 @@ class ClusterClient(EngineClient):
         return legs
 
     async def abort(self, request_id: str) -> None:
-        for leg in [l for l in self.legs.values() if l.leg_id == request_id or l.leg_id.startswith(request_id + "#")]:
+        def of_request(leg_id: str) -> bool:  # `<request>`, `<request>#<i>`, each maybe `~<restart>`
+            base = leg_id.split("~")[0]
+            return base == request_id or base.startswith(request_id + "#")
+
+        for leg in [l for l in self.legs.values() if of_request(l.leg_id)]:
             await self._abort_leg(leg)
 
     async def close(self) -> None:
@@ -156,8 +164,16 @@ class ClusterClient(EngineClient):
             await target.handle.submit.remote(spec)
             return
         prefill = self.router.pick_prefill(self.pool(Role.PREFILL), hits, len(spec.prompt_token_ids))
+        ranked = list(self.router.rank_decode(self.pool(Role.DECODE), len(spec.prompt_token_ids)))
+        if ranked and await self._prefill_while_reserving(leg, prefill, ranked[0]):
+            return
+        if leg.first_token is not None:  # the aborted prefill's first token reached the client: go on from it
+            await self._retry(leg, "the decode instance refused the request after its prefill had started")
+            return
+        self._rename(leg)  # the aborted prefill's deltas may still come: they must not reach this leg
+        spec = leg.spec
         transfer_id = next(self.transfer_ids)
-        for decode in self.router.rank_decode(self.pool(Role.DECODE), len(spec.prompt_token_ids)):
+        for decode in ranked[1:]:
             try:
                 await self._ensure_link(prefill, decode)
                 if await decode.handle.reserve.remote(spec, prefill.instance_id, transfer_id):
@@ -179,6 +195,47 @@ class ClusterClient(EngineClient):
             raise
         except Exception as exc:  # prefill died: the decode side's transfer fails and it recomputes
             await self._instance_died(prefill, f"submit failed: {type(exc).__name__}: {exc}")
+
+    async def _prefill_while_reserving(self, leg: Leg, prefill: InstanceView, decode: InstanceView) -> bool:
+        """(3) on the best-ranked decode instance: reserve and start the prefill at once, so the
+        reservation's round trip (a Ray call served between two decode steps) is not in TTFT.
+        False if that decode instance refused or failed (the prefill is aborted)."""
+        spec = leg.spec
+        transfer_id = next(self.transfer_ids)
+        try:
+            await self._ensure_link(prefill, decode)
+        except Exception as exc:
+            await self._instance_died(decode, f"link failed: {type(exc).__name__}: {exc}")
+            return False
+        leg.prefill_id, leg.decode_id = prefill.instance_id, decode.instance_id
+        reserved, submitted = await asyncio.gather(
+            decode.handle.reserve.remote(spec, prefill.instance_id, transfer_id),
+            prefill.handle.submit_prefill.remote(spec, decode.instance_id, transfer_id), return_exceptions=True)
+        invalid = next((r for r in (reserved, submitted) if isinstance(r, ValueError)), None)
+        if invalid is not None:  # the request itself is invalid: the client gets a 400
+            await self._abort_remote(decode.instance_id, leg.leg_id)
+            await self._abort_remote(prefill.instance_id, leg.leg_id)
+            leg.prefill_id = leg.decode_id = None
+            raise invalid
+        if reserved is True:
+            self._count(prefill, spec)
+            self._count(decode, spec)
+            self._journal_start(leg)
+            if isinstance(submitted, BaseException):  # prefill died: decode's transfer fails and it recomputes
+                await self._instance_died(prefill, f"submit failed: {type(submitted).__name__}: {submitted}")
+            return True
+        await self._abort_remote(prefill.instance_id, leg.leg_id)
+        leg.prefill_id = leg.decode_id = None
+        if isinstance(reserved, BaseException):  # that decode instance is gone
+            await self._instance_died(decode, f"reserve failed: {type(reserved).__name__}: {reserved}")
+        return False
+
+    def _rename(self, leg: Leg) -> None:
+        """A new id for the leg (`<base>~r<k>`): whatever the instances still send under the old one is dropped."""
+        self.legs.pop(leg.leg_id, None)
+        leg.leg_id = f"{leg.leg_id.split('~')[0]}~r{next(self.renames)}"
+        leg.spec = replace(leg.spec, request_id=leg.leg_id)
+        self.legs[leg.leg_id] = leg
 
     def _count(self, view: InstanceView, spec: RequestSpec) -> None:
         view.dispatched_tokens += len(spec.prompt_token_ids)

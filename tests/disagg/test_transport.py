@@ -146,3 +146,31 @@ def test_a_message_other_than_the_announced_one_fails_its_transfer_and_closes_th
     assert state == "failed" and "announced" in error and not has_link
     assert _poll(decode.recv_state, 21) == TransferState.FAILED  # its peer dropped the link
     proc.join(timeout=10)
+
+
+def _early_sender(address_q, result_q):
+    t = TorchDistTransport("prefill-3", timeout_s=5.0)
+    t.connect("decode-3", address_q.get(), is_master=False)
+    for transfer_id in (19, 20, 21):  # 20 and 21 go before the decode side expects them
+        for layer in range(LAYERS):
+            t.send_layer("decode-3", transfer_id, layer, LAYERS, _layer(transfer_id, layer))
+    result_q.put([_poll(t.send_state, i).value for i in (19, 20, 21)])
+    time.sleep(1.0)
+
+
+def test_messages_before_their_expect_wait_for_it_and_are_checked_against_it():
+    """The router starts a prefill while the decode side reserves: KV may come before `expect`."""
+    decode, result_q, proc = _decode_side_of(_early_sender, "decode-3", "prefill-3")
+    cpu = torch.device("cpu")
+    decode.expect("prefill-3", 19, [(SHAPE, torch.float32)] * LAYERS, cpu)
+    assert _poll(decode.recv_state, 19) == TransferState.DONE
+    assert result_q.get(timeout=10) == ["done", "done", "done"]  # all of 20 and 21 landed, unexpected
+    assert set(decode.early) == {20, 21}
+    decode.expect("prefill-3", 20, [(SHAPE, torch.float32)] * LAYERS, cpu)
+    assert _poll(decode.recv_state, 20) == TransferState.DONE
+    layers = decode.take(20)
+    assert all(torch.equal(layers[i], _layer(20, i)) for i in range(LAYERS))
+    decode.expect("prefill-3", 21, [((3, 3), torch.float32)] * LAYERS, cpu)  # not what came
+    assert _poll(decode.recv_state, 21) == TransferState.FAILED and "expected" in decode.error(21)
+    assert not decode.early
+    proc.join(timeout=10)

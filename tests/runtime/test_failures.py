@@ -113,3 +113,42 @@ def test_dead_mixed_instance_ends_every_completion_with_an_error(tiny_model):
         assert seconds < 15
     finally:
         running.stop()
+
+
+def test_a_request_decode_cannot_hold_is_refused_and_its_started_prefill_leaves_nothing(tiny_model, reference):
+    """The router starts the prefill while decode reserves. When decode refuses (its blocks are taken),
+    the prefill is aborted, the client is told to retry (Overloaded: HTTP 429), no KV stays behind on
+    either pool, and the same prompt is served exactly once there is room."""
+    import ray
+
+    from cluster.runtime.client import Overloaded
+
+    running = RunningCluster(cluster_config(tiny_model, prefill=1, decode=1, num_blocks=24))  # 384 tokens each
+    try:
+        client = running.client
+        hog_prompt, big_prompt = list(range(10, 110)), list(range(200, 500))  # 7 blocks (and growing), 19 blocks
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+        async def scenario():
+            hog = asyncio.create_task(_collect(client, "hog", hog_prompt, SamplingParams(max_tokens=150, temperature=0.0,
+                                                                                        ignore_eos=True)))
+            while not client.legs.get("hog#0") or not client.legs["hog#0"].output_ids:
+                await asyncio.sleep(0.01)  # the hog holds decode blocks now
+            with pytest.raises(Overloaded):
+                await _collect(client, "big", big_prompt, params)
+            await asyncio.wait_for(hog, timeout=60)
+            return await asyncio.wait_for(_collect(client, "big-again", big_prompt, params), timeout=60)
+
+        tokens, reasons, _ = running.run(scenario(), timeout_s=150)
+        assert reasons == [FinishReason.LENGTH]
+        assert tokens == reference.generate([big_prompt], params)[0].outputs[0].token_ids
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            stats = [ray.get(v.handle.stats.remote()) for v in client.instances.values()]
+            if all(s["num_running"] == 0 and s["num_waiting"] == 0 and s["kv_usage"] == 0.0 for s in stats):
+                break
+            time.sleep(0.2)
+        assert all(s["kv_usage"] == 0.0 and s["num_running"] == 0 for s in stats), stats
+        assert not client.legs
+    finally:
+        running.stop()

@@ -6,8 +6,11 @@ A transfer is a polled state machine; neither step loop ever blocks on the netwo
         └──────────── peer gone / error / timeout ────────────────▶ FAILED
 
 Who owns the blocks at each moment:
-  - the decode side reserves its blocks *before* any KV moves (`expect`), and owns them
-    throughout; on FAILED it recomputes the prompt there (or fails the request);
+  - the decode side reserves its blocks before any KV is written into them (`expect`), and
+    owns them throughout; on FAILED it recomputes the prompt there (or fails the request).
+    The router starts a prefill while the decode side reserves, so messages may come before
+    their `expect`: they wait in the link's receive buffers (never in KV blocks) until `expect`
+    takes them, and are dropped if none comes within the transport's timeout;
   - the prefill side keeps its blocks until its sends are DONE and the decode side has
     confirmed (or a timeout frees them).
 
@@ -21,6 +24,7 @@ links = the runtime when instances join or leave):
                                    (layer l's KV [2, blocks, ...]; the last one: the first token)
   send_state(transfer_id)          sender: poll
   expect(peer_id, transfer_id, specs, device)  receiver: post receives, one (shape, dtype) per message
+                                   (or take what already came for it, checked against `specs`)
   recv_state(transfer_id)          receiver: poll
   take(transfer_id) -> list[kv]    receiver: the landed layers, once DONE (forgets the transfer)
   forget(transfer_id)              either side: drop a transfer's bookkeeping

@@ -81,6 +81,7 @@ class Tracker:
     num_done: int = 0
     error: str | None = None
     done_s: float | None = None  # time.monotonic() when its last message completed
+    created_s: float = field(default_factory=time.monotonic)
     cond: threading.Condition = field(default_factory=threading.Condition)
 
 

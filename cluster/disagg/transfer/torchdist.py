@@ -35,6 +35,7 @@ gets links without restarting anyone:
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import threading
@@ -48,6 +49,9 @@ from cluster.disagg.transfer.link import (HEADER_LEN, LINK_GROUP_TIMEOUT_S, Link
                                           wait_send)
 from cluster.parallel.groups import dial_store, pair_group, serve_store
 from cluster.platform import bind_thread
+
+FORGOTTEN_KEPT = 4096  # transfer ids given up on whose late messages are dropped, not kept waiting
+
 
 class TorchDistTransport(KVTransport):
     def __init__(self, endpoint_id: str, host: str = "127.0.0.1", backend: str = "gloo", timeout_s: float = 10.0,
@@ -64,6 +68,11 @@ class TorchDistTransport(KVTransport):
         self.links: dict[str, Link] = {}
         self.epochs: dict[str, int] = {}
         self.trackers: dict[int, Tracker] = {}
+        # receiver: transfers whose messages came before their `expect` (the router starts a prefill
+        # while the decode side reserves): they wait here, in the link's buffers, until `expect`
+        # takes them, or are dropped after the timeout
+        self.early: dict[int, Tracker] = {}
+        self.forgotten: collections.deque = collections.deque(maxlen=FORGOTTEN_KEPT)  # ids given up on
         self.lock = threading.Lock()
         self.bytes_received = 0
 
@@ -139,7 +148,7 @@ class TorchDistTransport(KVTransport):
 
     def _fail_peer(self, peer_id: str, why: str) -> None:
         with self.lock:
-            trackers = [t for t in self.trackers.values() if t.peer_id == peer_id]
+            trackers = [t for t in [*self.trackers.values(), *self.early.values()] if t.peer_id == peer_id]
         for t in trackers:
             self._fail(t, why)
 
@@ -198,10 +207,14 @@ class TorchDistTransport(KVTransport):
 
     # -- receiver ------------------------------------------------------------------
     def expect(self, peer_id, transfer_id, specs, device) -> None:
-        tracker = Tracker(peer_id, len(specs), specs=list(specs), buffers=[None] * len(specs))
         with self.lock:
+            tracker = self.early.pop(transfer_id, None)
+            if tracker is None:
+                tracker = Tracker(peer_id, len(specs), specs=list(specs), buffers=[None] * len(specs))
             self.trackers[transfer_id] = tracker
             link = self.links.get(peer_id)
+        if tracker.specs is None:
+            self._adopt(tracker, transfer_id, list(specs))
         if link is None or link.closed:
             self._fail(tracker, f"no link to {peer_id}" if link is None else link.error)
             return
@@ -225,6 +238,8 @@ class TorchDistTransport(KVTransport):
     def forget(self, transfer_id) -> None:
         with self.lock:
             self.trackers.pop(transfer_id, None)
+            self.early.pop(transfer_id, None)
+            self.forgotten.append(transfer_id)  # its messages still coming land in scratch
 
     def error(self, transfer_id) -> str | None:
         t = self.trackers.get(transfer_id)
@@ -281,17 +296,16 @@ class TorchDistTransport(KVTransport):
         computed), then wait for them in order, landing each transfer as its last message arrives."""
         posted = []
         for header in headers:
-            transfer_id, index, _count, shape, dtype = decode_header(header)
-            tracker = self.trackers.get(transfer_id)
-            expected = tracker.specs[index] if tracker is not None and tracker.specs and index < len(tracker.specs) else None
-            if expected is not None and (tuple(expected[0]), expected[1]) != (shape, dtype):
-                self._fail(tracker, f"message {index} of transfer {transfer_id} is {dtype}{list(shape)}, "
-                                    f"expected {expected[1]}{list(expected[0])}")
+            transfer_id, index, count, shape, dtype = decode_header(header)
+            tracker = self._receiving(link.peer_id, transfer_id, count)
+            error = self._mismatch(tracker, transfer_id, index, shape, dtype) if tracker is not None else None
+            if error:
+                self._fail(tracker, error)
             payload = torch.empty(shape, dtype=dtype, device=link.device)  # scratch if nobody expects it
             link.current = link.post(payload, sending=False)
-            posted.append((transfer_id, index, payload, link.current))
+            posted.append((transfer_id, index, payload, link.current, tracker))
         last_of = {transfer_id: i for i, (transfer_id, *_rest) in enumerate(posted)}
-        for i, (transfer_id, index, payload, work) in enumerate(posted):
+        for i, (transfer_id, index, payload, work, tracker) in enumerate(posted):
             if link.closed:
                 raise RuntimeError(link.error or "link closed")
             work.wait()  # gloo: blocks (GIL released); NCCL: this thread's stream waits for it
@@ -300,14 +314,54 @@ class TorchDistTransport(KVTransport):
                 continue
             if payload.is_cuda:
                 torch.cuda.current_stream().synchronize()  # this transfer's payloads are all complete
-            tracker = self.trackers.get(transfer_id)
             if tracker is not None:
-                for tid, idx, buf, _ in posted[: i + 1]:
+                for tid, idx, buf, _, _ in posted[: i + 1]:
                     if tid == transfer_id:
-                        self._landed(tracker, idx, buf)
+                        self._landed(tracker, transfer_id, idx, buf)
         link.current = None
 
-    def _landed(self, tracker: Tracker, index: int, payload: torch.Tensor) -> None:
+    def _receiving(self, peer_id: str, transfer_id: int, count: int) -> Tracker | None:
+        """The tracker a message of `transfer_id` lands in: the expected one, else one waiting for its
+        `expect` (made now; old ones nobody took are dropped); None for a transfer given up on."""
+        with self.lock:
+            tracker = self.trackers.get(transfer_id) or self.early.get(transfer_id)
+            if tracker is None and transfer_id not in self.forgotten:
+                too_old = time.monotonic() - self.timeout.total_seconds()
+                for stale in [tid for tid, t in self.early.items() if t.created_s < too_old]:
+                    del self.early[stale]
+                tracker = self.early[transfer_id] = Tracker(peer_id, count, buffers=[None] * count)
+        return tracker
+
+    @staticmethod
+    def _mismatch(tracker: Tracker, transfer_id: int, index: int, shape, dtype) -> str | None:
+        """Why message `index` is not what the transfer's `expect` reserved for; None if it is (or not known yet)."""
+        specs = tracker.specs
+        if specs is None:
+            return None
+        if index < len(specs) and (tuple(specs[index][0]), specs[index][1]) == (tuple(shape), dtype):
+            return None
+        want = f"{specs[index][1]}{list(specs[index][0])}" if index < len(specs) else f"{len(specs)} messages"
+        return f"message {index} of transfer {transfer_id} is {dtype}{list(shape)}, expected {want}"
+
+    def _adopt(self, tracker: Tracker, transfer_id: int, specs: list) -> None:
+        """`expect` for a transfer whose first messages came before it: check what landed, then keep it."""
+        with tracker.cond:
+            tracker.specs = specs
+            errors = [f"transfer {transfer_id} sends {tracker.num_expected} messages, expected {len(specs)}"] \
+                if tracker.num_expected != len(specs) else []
+            errors += [e for i, b in enumerate(tracker.buffers) if b is not None
+                       for e in [self._mismatch(tracker, transfer_id, i, b.shape, b.dtype)] if e]
+            if errors:  # even if every message is in: it is not the KV this side reserved for
+                tracker.state, tracker.error = TransferState.FAILED, errors[0]
+            ended = tracker.state in (TransferState.DONE, TransferState.FAILED)
+        if ended and self.on_ready is not None:
+            self.on_ready()
+
+    def _landed(self, tracker: Tracker, transfer_id: int, index: int, payload: torch.Tensor) -> None:
+        error = self._mismatch(tracker, transfer_id, index, payload.shape, payload.dtype)  # posted before its expect
+        if error:
+            self._fail(tracker, error)
+            return
         with tracker.cond:
             if tracker.state == TransferState.FAILED or tracker.buffers[index] is not None:
                 return
