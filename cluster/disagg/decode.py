@@ -46,8 +46,13 @@ class DecodeWorker:
 
     def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, peer_id: str,
                 transfer_id: int, prompt: str | None = None) -> bool:
-        block_ids = self.engine.reserve(request_id, prompt_token_ids, params, prompt)
-        if block_ids is None:
+        try:
+            block_ids = self.engine.reserve(request_id, prompt_token_ids, params, prompt)
+        except ValueError:  # an invalid request: the client gets a 400
+            self.transport.forget(transfer_id)
+            raise
+        if block_ids is None:  # what the prefill already sent for it (it started at once) is dropped, not kept
+            self.transport.forget(transfer_id)
             return False
         # every KV head, whatever this instance's tp: the prefill side sends all of them and
         # `scatter_kv` hands each rank its own (KV heads resharded between pools of any tp)

@@ -167,9 +167,6 @@ class ClusterClient(EngineClient):
         ranked = list(self.router.rank_decode(self.pool(Role.DECODE), len(spec.prompt_token_ids)))
         if ranked and await self._prefill_while_reserving(leg, prefill, ranked[0]):
             return
-        if leg.first_token is not None:  # the aborted prefill's first token reached the client: go on from it
-            await self._retry(leg, "the decode instance refused the request after its prefill had started")
-            return
         self._rename(leg)  # the aborted prefill's deltas may still come: they must not reach this leg
         spec = leg.spec
         transfer_id = next(self.transfer_ids)
@@ -208,9 +205,12 @@ class ClusterClient(EngineClient):
             await self._instance_died(decode, f"link failed: {type(exc).__name__}: {exc}")
             return False
         leg.prefill_id, leg.decode_id = prefill.instance_id, decode.instance_id
+        leg.reserving = True  # the client sees no token before decode has taken the request
         reserved, submitted = await asyncio.gather(
             decode.handle.reserve.remote(spec, prefill.instance_id, transfer_id),
             prefill.handle.submit_prefill.remote(spec, decode.instance_id, transfer_id), return_exceptions=True)
+        leg.reserving = False
+        early_first, leg.early_first = leg.early_first, None
         invalid = next((r for r in (reserved, submitted) if isinstance(r, ValueError)), None)
         if invalid is not None:  # the request itself is invalid: the client gets a 400
             await self._abort_remote(decode.instance_id, leg.leg_id)
@@ -223,6 +223,8 @@ class ClusterClient(EngineClient):
             self._journal_start(leg)
             if isinstance(submitted, BaseException):  # prefill died: decode's transfer fails and it recomputes
                 await self._instance_died(prefill, f"submit failed: {type(submitted).__name__}: {submitted}")
+            elif early_first is not None:
+                await self._on_delta(prefill, early_first)
             return True
         await self._abort_remote(prefill.instance_id, leg.leg_id)
         leg.prefill_id = leg.decode_id = None
@@ -291,6 +293,9 @@ class ClusterClient(EngineClient):
         if leg is None or leg.done:
             return
         if view.role == Role.PREFILL:
+            if leg.reserving:  # decode has not taken the request yet: the token waits (or is dropped)
+                leg.early_first = delta
+                return
             if not leg.expect_prefill_token or leg.first_token is not None:
                 return  # decode already went on without it
             leg.first_token = delta.token_ids[0] if delta.token_ids else None
