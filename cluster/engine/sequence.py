@@ -49,6 +49,8 @@ class Sequence:
     parent: "Sequence | None" = None  # n > 1: the sibling whose prompt KV this one shares
     # prefill role: stop after the first token and keep the KV for hand-over
     stop_after_prefill: bool = False
+    # step_plan.py's copy of block_ids as an array: (the list it copies, the array), rebuilt when either changes
+    block_row_cache: tuple | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -75,13 +75,24 @@ def plan_step(sched, block_size: int) -> StepPlan:
         blocks = seq.block_ids
         bs = block_size
         slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-        block_tables[row, : len(blocks)] = blocks
+        block_tables[row, : len(blocks)] = _block_row(seq)
         query_start.append(query_start[-1] + item.num_new_tokens)
         seq_lens.append(end)
         if item.samples:
             logits_idx.append(query_start[-1] - 1)
             sampling.append(seq)
     return StepPlan(ids, positions, slots, query_start, seq_lens, block_tables, logits_idx, sampling)
+
+
+def _block_row(seq) -> np.ndarray:
+    """`seq.block_ids` as an int32 array, kept between steps: converting a Python list of a long
+    context's block ids for every sequence of every step was most of a batch-64 plan's host time.
+    The KV manager only appends to the list or puts a new list in its place, so the list's identity
+    and length say whether the copy is current."""
+    blocks, cached = seq.block_ids, seq.block_row_cache
+    if cached is None or cached[0] is not blocks or len(cached[1]) != len(blocks):
+        cached = seq.block_row_cache = (blocks, np.asarray(blocks, dtype=np.int32))
+    return cached[1]
 
 
 def split(plan: StepPlan, num_parts: int) -> list[StepPlan]:

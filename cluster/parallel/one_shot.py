@@ -17,7 +17,9 @@
       the barrier of the all-reduce in between, so it is done reading. Sharing one buffer
       between the streams gave wrong tokens with overlap on (2xH200): a micro-batch's
       embedding all-reduce on the main stream wrote into the buffer while the other one's
-      attention all-reduce on the side stream was reading it.
+      attention all-reduce on the side stream was reading it. A captured decode step with an odd
+      number of all-reduces puts its last and the next replay's first on the same half; between
+      them lie the LM head, the sampling sync and the next step's message, far longer than a read.
 
 For the hundreds of KB of a TP decode step it costs a few tens of microseconds where NCCL's
 ring costs more (docs/benchmarks.md has the figures); bigger messages stay on NCCL.
