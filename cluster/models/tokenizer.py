@@ -27,6 +27,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as RustTokenizer
+from tokenizers.decoders import DecodeStream
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 EXTRA_SPECIAL_KEYS = ("extra_special_tokens", "additional_special_tokens")  # transformers 5 / 4 spelling
@@ -199,58 +200,53 @@ class Tokenizer:
 
 
 class IncrementalDetokenizer:
-    """Step 4: one sequence's output ids to text, a small window of decode per push.
+    """Step 4: one sequence's output ids to text, as they come.
 
-    Window, as token indices into `self._ids` (prompt context + outputs):
-
-        [ context | ...final, never decoded again... | emitted | new  ]
-                                                     ^prefix   ^read  ^len(ids)
-
-    Each push decodes ids[prefix:read] (text already emitted) and ids[prefix:]; the
-    delta is what the longer text adds. When the longer text does not end in U+FFFD
-    (it ends on a whole character) the offsets move up (prefix <- read <- len), so the
-    window starts on a character boundary and stays a few tokens long: two short decodes
-    per push, not a decode of everything. While it ends in U+FFFD (half a multi-byte
-    character) nothing is emitted; `flush()` emits what is still held at the end. (Only
-    a stream that keeps ending in invalid bytes, e.g. random ids, grows the window.)
-
-    The deltas and `flush()` concatenate to `tokenizer.decode(output_ids)`. The prompt's
-    last ids only seed the window (dropped if they end in half a character), so decoders
-    that strip a leading space (SentencePiece Metaspace) stream the continuation's space
-    as vLLM does; byte-level BPE text is the same with or without them.
+    `push` feeds each id to the tokenizers library's `DecodeStream`, which keeps a few-token
+    window and gives text only once it ends on a whole character (one Rust call per token; the
+    two-decodes-per-token window this replaced cost 2.7x as much, 3.7 vs 1.4 us a token on the
+    CI-class CPU, and it runs for every sequence of every step on the engine's loop). The
+    prompt's last ids seed the stream (dropped if they end in half a character), so decoders
+    that strip a leading space (SentencePiece Metaspace) stream the continuation's space as
+    vLLM does. While the text would end in half a character nothing is emitted; `flush()` gives
+    what is still held at the end, decoded the way `tokenizer.decode` would (U+FFFD included).
+    The deltas and `flush()` concatenate to `tokenizer.decode(output_ids)`.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int] | None = None,
                  skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         context = list(prompt_token_ids or ())[-CONTEXT_TOKENS:]
         if self._decode(context).endswith(REPLACEMENT_CHAR):
             context = []
+        for token_id in context:
+            self._stream.step(tokenizer._rust, token_id)
         self._ids: list[int] = context
-        self._prefix_offset = 0
-        self._read_offset = len(context)
+        self._done = len(context)  # ids whose text has been given out
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip) if ids else ""
 
     def push(self, token_ids: Sequence[int]) -> str:
         """The text that `token_ids` (this step's new output ids) add; may be "" while a character is incomplete."""
-        self._ids.extend(token_ids)
-        if len(self._ids) == self._read_offset:
-            return ""
-        emitted = self._decode(self._ids[self._prefix_offset:self._read_offset])
-        text = self._decode(self._ids[self._prefix_offset:])
-        if text.endswith(REPLACEMENT_CHAR) or len(text) < len(emitted):
-            return ""
-        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        return text[len(emitted):]
+        pieces = []
+        for token_id in token_ids:
+            self._ids.append(token_id)
+            piece = self._stream.step(self._tokenizer._rust, token_id)
+            if piece is not None:
+                pieces.append(piece)
+                self._done = len(self._ids)
+        return "".join(pieces)
 
     def flush(self) -> str:
-        """The held-back tail (ends in U+FFFD: the output stopped inside a character); call once at the end."""
-        emitted = self._decode(self._ids[self._prefix_offset:self._read_offset])
-        text = self._decode(self._ids[self._prefix_offset:])
-        self._prefix_offset = self._read_offset = len(self._ids)
+        """The held-back tail (the output stopped inside a character); call once at the end."""
+        if self._done == len(self._ids):
+            return ""
+        start = max(0, self._done - CONTEXT_TOKENS)  # a window starting before the held ids, as decode sees them
+        emitted, text = self._decode(self._ids[start:self._done]), self._decode(self._ids[start:])
+        self._done = len(self._ids)
         return text[len(emitted):]
 
 
