@@ -19,7 +19,6 @@ import statistics
 import time
 
 from cluster.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig
-from cluster.types import SamplingParams
 
 
 def main(argv=None) -> None:
@@ -29,6 +28,7 @@ def main(argv=None) -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args(argv)
+    from cluster.bench.parallel import fill
     from cluster.engine.engine import Engine
     from cluster.engine.step_plan import pack, plan_step
     from cluster.models.tokenizer import Tokenizer
@@ -42,12 +42,8 @@ def main(argv=None) -> None:
                        scheduler=SchedulerConfig(max_num_seqs=max(256, args.batch), max_num_batched_tokens=8192),
                        runner=RunnerConfig(device="cpu"))
     engine = Engine(cfg, tokenizer=Tokenizer.from_dir(args.model), progress=False)
+    fill(engine, args.batch, args.context, args.steps + 1, tag="r")
     rng = random.Random(0)
-    params = SamplingParams(temperature=0.0, max_tokens=args.steps + 64, ignore_eos=True)
-    for i in range(args.batch):
-        engine.add_request(f"r{i}", [rng.randrange(100, 1000) for _ in range(args.context)], params)
-    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running + list(engine.scheduler.waiting)):
-        engine.step()
     spent: dict[str, list[float]] = {k: [] for k in ("schedule", "plan", "pack", "upload", "update_emit")}
     for _ in range(args.steps):
         t0 = time.perf_counter()

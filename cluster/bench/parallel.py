@@ -34,6 +34,7 @@ import time
 
 import torch
 
+from cluster.bench.profile import profile_steps
 from cluster.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, RunnerConfig, SchedulerConfig
 from cluster.types import SamplingParams
 
@@ -138,78 +139,13 @@ def decode_sweep(engine, args, tp: int, variants: dict[str, dict]) -> list[dict]
                 engine.step()  # first step after a switch is not timed
                 measured[name].append(time_steps(engine, args.steps))
         if args.profile:
-            _profile_steps(engine, args, {"batch": batch, "tp": tp})
+            emit(args, {"part": "profile", "batch": batch, "tp": tp, **profile_steps(engine, args.device)})
         drain(engine)
         for name, values in measured.items():
             step_ms = min(values)
             rows.append({"batch": batch, "context": args.context, "tp": tp, "variant": name, "step_ms": step_ms,
                          "tokens_per_s": batch / step_ms * 1e3})
     return rows
-
-
-def _profile_steps(engine, args, where: dict, num_steps: int = 5) -> None:
-    """The driver rank's device time per step by kernel (torch.profiler), the top ones, plus the
-    step's wall time: where a step's time goes beyond the weights' read."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
-    host = _host_split(engine, num_steps)
-    t0 = time.perf_counter()
-    with profile(activities=activities) as prof:
-        for _ in range(num_steps):
-            engine.step()
-    wall_ms = (time.perf_counter() - t0) / num_steps * 1e3
-    rows, busy_us = [], 0.0
-    for event in prof.key_averages():
-        device_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
-        busy_us += getattr(event, "self_device_time_total", 0) or 0  # kernels only: CPU ops have no self device time
-        rows.append((device_us if args.device == "cuda" else event.self_cpu_time_total, event.key, event.count))
-    rows.sort(reverse=True)
-    top = [{"name": name[:80], "us_per_step": us / num_steps, "calls_per_step": count / num_steps}
-           for us, name, count in rows[:15]]
-    emit(args, {"part": "profile", **where, "wall_ms_per_step": wall_ms, "device_busy_ms_per_step": busy_us / num_steps / 1e3,
-                "host_ms_per_step": host, "top": top})
-
-
-def _host_split(engine, num_steps: int) -> dict:
-    """Wall ms per step in each phase of the driver's step, unprofiled: schedule, plan + broadcast + launch
-    (execute up to sampling), sampling (waits for the GPU), and the rest (update, detokenize); inside
-    launch, the parts named `in_launch` (host broadcast to the other ranks, upload, forward launch, LM head)."""
-    spent = {"schedule": 0.0, "launch": 0.0, "sample": 0.0}
-    inner = {"broadcast": 0.0, "upload": 0.0, "forward": 0.0, "logits": 0.0}
-    wrapped = []
-
-    def timed(obj, name, key):
-        original = getattr(obj, name)
-
-        def run(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return original(*a, **kw)
-            finally:
-                (spent if key in spent else inner)[key] += time.perf_counter() - t
-        object.__setattr__(obj, name, run)  # frozen dataclasses too (HostGroup)
-        wrapped.append((obj, name))
-
-    timed(engine.scheduler, "schedule", "schedule")
-    timed(engine.executor, "execute", "launch")
-    timed(engine.runner, "sample", "sample")
-    timed(engine.runner, "upload", "upload")
-    timed(engine.runner, "forward", "forward")
-    timed(engine.model, "compute_logits", "logits")
-    if hasattr(engine.executor, "_tell"):  # the step's message to the other ranks
-        timed(engine.executor, "_tell", "broadcast")
-    t0 = time.perf_counter()
-    try:
-        for _ in range(num_steps):
-            engine.step()
-    finally:
-        for obj, name in wrapped:
-            object.__delattr__(obj, name)
-    total = time.perf_counter() - t0
-    spent["launch"] -= spent["sample"]
-    spent["rest"] = total - sum(spent.values())
-    return {k: v / num_steps * 1e3 for k, v in spent.items()} | {"in_launch": {k: v / num_steps * 1e3 for k, v in inner.items()}}
 
 
 def prefill_time(engine, args, variants: dict[str, dict]) -> list[dict]:
@@ -229,7 +165,8 @@ def prefill_time(engine, args, variants: dict[str, dict]) -> list[dict]:
         if args.profile:  # where overlap's prefill time goes (it lost 27 ms in run 2)
             engine.add_request(f"pf-{name}-prof", [rng.randrange(100, vocab - 100) for _ in range(args.prefill_len)],
                                SamplingParams(max_tokens=1))
-            _profile_steps(engine, args, {"phase": "prefill", "variant": name}, num_steps=1)
+            emit(args, {"part": "profile", "phase": "prefill", "variant": name,
+                        **profile_steps(engine, args.device, num_steps=1)})
             drain(engine)
     return rows
 

@@ -119,8 +119,6 @@ class ModelRunner:
         if self.graphs is not None and inputs.is_pure_decode and on_layer_done is None and self.graphs.fits(inputs):
             return self.graphs.replay(inputs, hidden)
         attn = AttnInputs(self.backend, inputs.meta, self.kv_caches, on_layer_done)
-        if hidden is None:
-            return self.model(inputs.input_ids, inputs.positions, attn)
         return self.model(inputs.input_ids, inputs.positions, attn, hidden)
 
     # -- (3) sample --------------------------------------------------------------

@@ -181,10 +181,7 @@ class ClusterClient(EngineClient):
                 await self._instance_died(decode, f"reserve failed: {type(exc).__name__}: {exc}")
         else:
             raise Overloaded("no decode instance has free KV blocks for this prompt", 2.0)
-        leg.prefill_id, leg.decode_id = prefill.instance_id, decode.instance_id
-        self._count(prefill, spec)
-        self._count(decode, spec)
-        self._journal_start(leg)
+        self._admitted(leg, prefill, decode)
         try:
             await prefill.handle.submit_prefill.remote(spec, decode.instance_id, transfer_id)
         except ValueError:
@@ -218,9 +215,7 @@ class ClusterClient(EngineClient):
             leg.prefill_id = leg.decode_id = None
             raise invalid
         if reserved is True:
-            self._count(prefill, spec)
-            self._count(decode, spec)
-            self._journal_start(leg)
+            self._admitted(leg, prefill, decode)
             if isinstance(submitted, BaseException):  # prefill died: decode's transfer fails and it recomputes
                 await self._instance_died(prefill, f"submit failed: {type(submitted).__name__}: {submitted}")
             elif early_first is not None:
@@ -238,6 +233,13 @@ class ClusterClient(EngineClient):
         leg.leg_id = f"{leg.leg_id.split('~')[0]}~r{next(self.renames)}"
         leg.spec = replace(leg.spec, request_id=leg.leg_id)
         self.legs[leg.leg_id] = leg
+
+    def _admitted(self, leg: Leg, prefill: InstanceView, decode: InstanceView) -> None:
+        """Decode took the leg: it is placed, both instances count its tokens, the journal says where."""
+        leg.prefill_id, leg.decode_id = prefill.instance_id, decode.instance_id
+        self._count(prefill, leg.spec)
+        self._count(decode, leg.spec)
+        self._journal_start(leg)
 
     def _count(self, view: InstanceView, spec: RequestSpec) -> None:
         view.dispatched_tokens += len(spec.prompt_token_ids)

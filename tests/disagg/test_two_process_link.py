@@ -16,6 +16,7 @@ import torch
 
 from cluster.config import CacheConfig, DisaggConfig, EngineConfig, ModelConfig, RunnerConfig
 from cluster.types import Role, SamplingParams
+from tests.disagg.test_workers import run_to_end
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
@@ -94,14 +95,7 @@ def test_kv_streams_between_two_engine_processes(checkpoint_dir, device):
     model_dir = checkpoint_dir("qwen2")
     rng = random.Random(3)
     prompts = [[rng.randrange(900) for _ in range(n)] for n in (9, 33, 70, 121)]
-    reference = _engine(model_dir, Role.MIXED, device, 0)
-    expected = {}
-    for i, prompt in enumerate(prompts):
-        reference.add_request(str(i), prompt, PARAMS)
-    while reference.has_unfinished():
-        for delta in reference.step():
-            expected.setdefault(delta.request_id, []).extend(delta.token_ids)
-    del reference
+    expected = run_to_end(_engine(model_dir, Role.MIXED, device, 0), prompts, PARAMS)
 
     ctx = mp.get_context("spawn")
     address_q, go_q, done_q, result_q = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Queue()

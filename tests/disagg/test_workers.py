@@ -48,15 +48,19 @@ def _serve(prefill, decode, prompts) -> dict:
     return got
 
 
-def _expected(model_dir, prompts):
-    mixed = _engine(model_dir, Role.MIXED)
+def run_to_end(engine, prompts, params) -> dict[str, list[int]]:
+    """Request id (the prompt's index) -> every token `engine` generates for it, run to the end."""
     out = {}
     for i, p in enumerate(prompts):
-        mixed.add_request(str(i), p, PARAMS)
-    while mixed.has_unfinished():
-        for d in mixed.step():
+        engine.add_request(str(i), p, params)
+    while engine.has_unfinished():
+        for d in engine.step():
             out.setdefault(d.request_id, []).extend(d.token_ids)
     return out
+
+
+def _expected(model_dir, prompts):
+    return run_to_end(_engine(model_dir, Role.MIXED), prompts, PARAMS)
 
 
 def test_layerwise_streaming_gives_the_same_tokens(checkpoint_dir):
