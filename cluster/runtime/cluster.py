@@ -342,7 +342,9 @@ class ClusterClient(EngineClient):
             other = key[1] if key[0] == view.instance_id else key[0]
             if other in self.instances and self.instances[other].alive:
                 await self.instances[other].handle.disconnect.remote(view.instance_id)
-        for leg in [l for l in self.legs.values() if not l.done]:
+        # a leg still being placed (`reserving`) is left to `_prefill_while_reserving`, which sees the
+        # failure in its own answers: restarting it here too would place it twice
+        for leg in [l for l in self.legs.values() if not l.done and not l.reserving]:
             if leg.decode_id == view.instance_id or (leg.prefill_id == view.instance_id and leg.first_token is None
                                                      and not self.config.disaggregated):
                 await self._retry(leg, why)
