@@ -152,7 +152,6 @@ class PrefillWorker:
 
     def abort(self, request_id: str) -> None:
         self._release(request_id)
-        self.engine.abort(request_id)
 
     def _release(self, request_id: str) -> None:
         plan = self.plans.pop(request_id, None)

@@ -177,11 +177,10 @@ class Engine:
                          seq.num_prompt_tokens, self.kv.block_size)
 
     def release(self, request_id: str) -> None:
-        """The decode side confirmed (or the hand-over timed out): free the KV."""
-        state = self.requests.pop(request_id, None)
-        for seq in state.seqs if state else []:
-            self.scheduler.release(seq)
-            self.runner.forget(seq)
+        """The decode side confirmed (or the hand-over timed out, or the request went away): free the
+        KV. A request whose prompt is still being computed is aborted, never left scheduled on freed
+        blocks."""
+        self.abort(request_id)
 
     # -- decode role: admit a request whose KV arrives from elsewhere ----------------------
     def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

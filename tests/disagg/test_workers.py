@@ -105,6 +105,25 @@ def test_failed_transfer_recomputes_after_the_first_token(checkpoint_dir):
     assert decode.engine.kv.num_free_blocks == decode.engine.kv.num_blocks
 
 
+def test_a_prefill_aborted_between_its_chunks_leaves_the_engine_clean(checkpoint_dir):
+    """The router aborts a started prefill when decode refuses the request (CI caught this race): the
+    abort lands between two chunks of the prompt. The sequence must leave the scheduler with its
+    blocks, not stay scheduled on freed blocks (the next step raised KeyError), and the instance
+    serves the next request unchanged."""
+    model_dir = checkpoint_dir("qwen2")
+    prompts = [list(range(100, 250)), list(range(20, 60))]
+    expected = _expected(model_dir, prompts[1:])["0"]
+    prefill, decode = _pair(model_dir, budget=48)  # 150 tokens: 4 chunks
+    prefill.submit("big", prompts[0], PARAMS, "D", transfer_id=7)
+    assert prefill.step() == []  # the first chunk ran; no token yet
+    assert prefill.engine.kv.num_free_blocks < prefill.engine.kv.num_blocks
+    prefill.abort("big")
+    assert not prefill.engine.has_unfinished() and not prefill.plans
+    assert prefill.step() == []
+    assert prefill.engine.kv.num_free_blocks == prefill.engine.kv.num_blocks, "the aborted prompt's KV leaked"
+    assert _serve(prefill, decode, prompts[1:])["0"] == expected
+
+
 def test_prefill_tp2_to_decode_tp1_reshards_kv_heads(checkpoint_dir):
     """A 2-rank prefill instance (real processes, gloo) gathers its KV head shards for a 1-rank decode."""
     from cluster.config import ParallelConfig
