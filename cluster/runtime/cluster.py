@@ -170,17 +170,23 @@ class ClusterClient(EngineClient):
         self._rename(leg)  # the aborted prefill's deltas may still come: they must not reach this leg
         spec = leg.spec
         transfer_id = next(self.transfer_ids)
-        for decode in ranked[1:]:
-            try:
-                await self._ensure_link(prefill, decode)
-                if await decode.handle.reserve.remote(spec, prefill.instance_id, transfer_id):
-                    break
-            except ValueError:
-                raise  # the request itself is invalid: the client gets a 400
-            except Exception as exc:  # that decode instance (or the link to it) is gone: try the next
-                await self._instance_died(decode, f"reserve failed: {type(exc).__name__}: {exc}")
-        else:
-            raise Overloaded("no decode instance has free KV blocks for this prompt", 2.0)
+        leg.reserving = True  # placed here, not by `_instance_died` restarting it too
+        try:
+            for decode in ranked[1:]:
+                leg.decode_id = decode.instance_id  # a client gone during the reserve aborts it there
+                try:
+                    await self._ensure_link(prefill, decode)
+                    if await decode.handle.reserve.remote(spec, prefill.instance_id, transfer_id):
+                        break
+                except ValueError:
+                    raise  # the request itself is invalid: the client gets a 400
+                except Exception as exc:  # that decode instance (or the link to it) is gone: try the next
+                    await self._instance_died(decode, f"reserve failed: {type(exc).__name__}: {exc}")
+                leg.decode_id = None
+            else:
+                raise Overloaded("no decode instance has free KV blocks for this prompt", 2.0)
+        finally:
+            leg.reserving = False
         self._admitted(leg, prefill, decode)
         try:
             await prefill.handle.submit_prefill.remote(spec, decode.instance_id, transfer_id)

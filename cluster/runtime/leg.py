@@ -31,7 +31,7 @@ class Leg:
     expect_prefill_token: bool = True  # False once decode recomputes without it (prefill lost)
     confirmed: bool = False
     finished_indices: set = field(default_factory=set)  # completions of this leg that have ended
-    reserving: bool = False  # prefill started, decode's reservation not answered yet: its first token waits
+    reserving: bool = False  # being placed (a decode reservation not answered yet): its first token waits
     early_first: TokenDelta | None = None  # prefill's first token, held while `reserving`
 
     def fail(self, message: str) -> None:
