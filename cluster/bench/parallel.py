@@ -135,6 +135,8 @@ def decode_sweep(engine, args, tp: int, variants: dict[str, dict]) -> list[dict]
         measured: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(2):  # alternate so drift hits every variant alike
             for name, flags in variants.items():
+                flags = dict(flags)
+                engine.async_scheduling = flags.pop("async_scheduling", True)
                 engine.executor.set_flags(**flags)
                 engine.step()  # first step after a switch is not timed
                 measured[name].append(time_steps(engine, args.steps))
@@ -153,6 +155,8 @@ def prefill_time(engine, args, variants: dict[str, dict]) -> list[dict]:
     vocab = engine.arch.vocab_size
     rng = random.Random(5)
     for name, flags in variants.items():
+        flags = dict(flags)
+        engine.async_scheduling = flags.pop("async_scheduling", True)
         engine.executor.set_flags(**flags)
         times = []
         for rep in range(4):
@@ -200,7 +204,10 @@ def part_dense(args, allreduce_us: dict[int, float]) -> None:
         # decode runs as captured CUDA graphs (eager decode is host-bound on this model: ~26 ms a
         # step on 2xH200, which would swamp any comparison); `--eager-overlap` adds the eager
         # micro-batch overlap of decode anyway. Prefill is eager either way: overlap on vs off.
-        variants = {"single": {}} if tp == 1 else {"overlap_off": dict(overlap_tp=False, eager=False)}
+        # async scheduling (the default) on and off: how much host work between steps it hides
+        variants = {"single": {}, "single_sync": dict(async_scheduling=False)} if tp == 1 else {
+            "overlap_off": dict(overlap_tp=False, eager=False),
+            "overlap_off_sync": dict(overlap_tp=False, eager=False, async_scheduling=False)}
         if tp > 1 and way == "engine" and args.eager_overlap:
             variants.update(overlap_off_eager=dict(overlap_tp=False, eager=True), overlap_on=dict(overlap_tp=True, eager=True))
         prefill_variants = dict(variants)

@@ -15,6 +15,16 @@ A request's life:
       until `release`, see `handoff.py`);
   (5) each step returns the `TokenDelta`s it produced, which `LLM.generate`
       accumulates and the API streams.
+
+Async scheduling (`RunnerConfig.async_scheduling`, mixed and decode roles): a step is
+launched, then the previous step's tokens are read back and emitted while it runs, so
+the device does not wait for the host's bookkeeping between steps:
+
+    host    | sched N+1, launch | read N, emit N | sched N+2, launch | read N+1, emit ...
+    device  |   ... step N ...      | step N+1                 | step N+2
+
+Step N+1's inputs name step N's tokens as placeholders, filled in on the device
+(scheduler.advance, runner.upload). Deltas come out one step later than launched.
 """
 from __future__ import annotations
 
@@ -81,6 +91,8 @@ class Engine:
         self.requests: dict[str, RequestState] = {}
         # prefill role: streams each layer's KV as soon as it is written (disagg/prefill.py)
         self.kv_stream = None
+        self.async_scheduling = config.runner.async_scheduling and role != Role.PREFILL
+        self.in_flight: _InFlight | None = None  # async scheduling: the launched step not read back yet
 
     # -- (1) admission ---------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -125,28 +137,69 @@ class Engine:
             self.runner.forget(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self.in_flight is not None
 
     # -- (2)-(5) one step ----------------------------------------------------------
     def step(self) -> list[TokenDelta]:
+        if not self.async_scheduling:  # (switched off at run time: the step in flight is read first)
+            return self._read_back() + self._step_sync()
+        sched = self.scheduler.schedule()
+        deltas = None
+        if self.in_flight is not None and _needs_known_tokens(sched):
+            deltas = self._read_back()  # penalties count the output so far: this step waits for it
+            sched.scheduled = [item for item in sched.scheduled if not item.seq.is_finished]
+        launched = None
+        if not sched.is_empty:
+            pending = self.executor.launch(sched)
+            launched = _InFlight(pending, self.scheduler.advance(sched))
+        if deltas is None:
+            deltas = self._read_back()
+        self.in_flight = launched
+        return deltas
+
+    def _step_sync(self) -> list[TokenDelta]:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
         hook = self.kv_stream.begin_step(sched) if self.kv_stream is not None else None
         result = self.executor.execute(sched, hook)
         self.scheduler.update(sched, result.sampled)
-        deltas = [self._emit(item.seq, result.logprobs.get(item.seq.seq_id)) for item in sched.scheduled if item.samples]
+        deltas = [self._emit(item.seq, item.seq.token_ids[-1], result.logprobs.get(item.seq.seq_id))
+                  for item in sched.scheduled if item.samples]
         if self.role != Role.PREFILL:  # prefill-role requests stay until `release`
-            for delta in deltas:
-                state = self.requests.get(delta.request_id)
-                if state and all(s.is_finished for s in state.seqs):
-                    del self.requests[delta.request_id]
+            self._drop_finished(deltas)
         return deltas
 
-    def _emit(self, seq: Sequence, logprob) -> TokenDelta:
+    def _read_back(self) -> list[TokenDelta]:
+        """The step in flight: wait for its tokens (only for them), put them in place of their
+        placeholders, stop what they end, emit them. Sequences aborted meanwhile are skipped."""
+        step, self.in_flight = self.in_flight, None
+        if step is None:
+            return []
+        result = step.pending.result()
+        deltas = []
+        for seq, index in step.samples:
+            if seq.is_finished or seq.request_id not in self.requests:
+                continue
+            token = result.sampled[seq.seq_id]
+            self.scheduler.resolve(seq, index, token)
+            deltas.append(self._emit(seq, token, result.logprobs.get(seq.seq_id)))
+            if seq.is_finished:  # a stop string: the later placeholder goes too
+                del seq.token_ids[index + 1 :]
+                seq.num_pending = 0
+        self._drop_finished(deltas)
+        return deltas
+
+    def _drop_finished(self, deltas: list[TokenDelta]) -> None:
+        for delta in deltas:
+            state = self.requests.get(delta.request_id)
+            if state and all(s.is_finished for s in state.seqs):
+                del self.requests[delta.request_id]
+
+    def _emit(self, seq: Sequence, token_id: int, logprob) -> TokenDelta:
         state = self.requests[seq.request_id]
         text = state.texts[seq.index]
-        new_text, stop = text.push(seq.token_ids[-1])
+        new_text, stop = text.push(token_id)
         if seq.is_finished and stop is None and seq.finish_reason != FinishReason.PREFILLED:
             tail, stop = text.flush()
             new_text += tail
@@ -162,7 +215,7 @@ class Engine:
             self.scheduler.release(seq)
         if seq.is_finished and seq.finish_reason != FinishReason.PREFILLED:
             self.runner.forget(seq)
-        delta = TokenDelta(seq.request_id, seq.index, [seq.token_ids[-1]], new_text,
+        delta = TokenDelta(seq.request_id, seq.index, [token_id], new_text,
                            [logprob] if logprob is not None else None, seq.finish_reason, seq.stop_reason,
                            seq.num_prompt_tokens, seq.num_cached_tokens)
         return delta
@@ -244,6 +297,19 @@ class Engine:
             "num_prefix_hit_tokens": self.kv.pool.num_hits,
             "num_preemptions": self.scheduler.num_preemptions,
         }
+
+
+@dataclass
+class _InFlight:
+    """A launched step: its tokens on their way, and where each goes (sequence, placeholder index)."""
+
+    pending: object  # runner.PendingStep
+    samples: list[tuple[Sequence, int]]
+
+
+def _needs_known_tokens(sched) -> bool:
+    """A step whose sampling counts the output so far (penalties) cannot run on placeholders."""
+    return any(item.samples and item.seq.params.needs_penalties for item in sched.scheduled)
 
 
 def resolve_max_len(config: EngineConfig, arch) -> int:

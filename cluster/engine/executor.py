@@ -2,6 +2,8 @@
 
 The Engine calls, from its step loop:
   execute(sched, on_layer_done) -> StepResult   once per step: run the model, sample
+  launch(sched) -> PendingStep                  the same, without waiting for the tokens (async
+                                                scheduling: the next plan names them as placeholders)
   runner                                        the driver rank's ModelRunner (sampling state)
   gather_kv(block_ids) / scatter_kv(block_ids, layers)   the KV hand-over: every layer with all KV
                                                 heads, from or into the ranks' head shards
@@ -22,7 +24,8 @@ Benchmarks and tests also call:
   (3) each step: plan (host lists) -> header + payload to every rank through the step
       channel (shared memory, parallel/step_channel.py; the gloo host group where there is
       none) -> every rank executes it -> rank 0 samples. No Ray, no pickling, no spawning
-      in the loop;
+      in the loop. A launched step (async scheduling) also broadcasts its sampled tokens,
+      on the device, to the first stage's tp ranks: their next plan's placeholders;
   (4) a liveness thread polls the ranks; one that dies aborts the device groups (NCCL
       would wait on it until the timeout; gloo sees the closed socket) and the next or
       current step raises `InstanceFailed` naming the rank and its exit code or error;
@@ -42,7 +45,7 @@ import torch
 
 from cluster.config import EngineConfig
 from cluster.engine.kv_budget import num_kv_blocks
-from cluster.engine.runner import ModelRunner, StepResult
+from cluster.engine.runner import ModelRunner, PendingStep, StepResult
 from cluster.engine.step_plan import Command, pack, plan_step
 from cluster.engine.worker import StepFlags, Worker, worker_main
 from cluster.models.registry import build_model
@@ -67,6 +70,9 @@ class Executor(ABC):
     @abstractmethod
     def execute(self, sched, on_layer_done=None) -> StepResult: ...
 
+    @abstractmethod
+    def launch(self, sched) -> PendingStep: ...
+
     def set_flags(self, **changes) -> None:
         """Overlap switches and timing, from the next step on (single process: nothing to switch)."""
 
@@ -90,6 +96,9 @@ class UniExecutor(Executor):
 
     def execute(self, sched, on_layer_done=None) -> StepResult:
         return self.runner.execute(sched, on_layer_done)
+
+    def launch(self, sched) -> PendingStep:
+        return self.runner.launch(sched)
 
     def gather_kv(self, block_ids: list[int]) -> list[torch.Tensor]:
         index = self.runner.block_index(block_ids)
@@ -163,15 +172,25 @@ class MultiProcExecutor(Executor):
     def execute(self, sched, on_layer_done=None) -> StepResult:
         if on_layer_done is not None:
             raise NotImplementedError("per-layer KV streaming from a multi-rank instance is not supported yet")
+        return self._run(sched, share_tokens=False).result()
+
+    def launch(self, sched) -> PendingStep:
+        return self._run(sched, share_tokens=True)
+
+    def _run(self, sched, share_tokens: bool) -> PendingStep:
         self._check_alive()
         plan = plan_step(sched, self.config.cache.block_size)
-        header, payload = pack(plan, Command.STEP, self.flags.encode(), self.num_microbatches)
+        flags = replace(self.flags, share_tokens=share_tokens and bool(plan.logits_indices))
+        header, payload = pack(plan, Command.STEP, flags.encode(), self.num_microbatches)
         try:
             self._tell(header, payload)
-            logits = self.worker.execute(plan, self.flags, self.num_microbatches)
+            logits = self.worker.execute(plan, flags, self.num_microbatches)
             if logits is None:
-                return StepResult({}, {})
-            return self.runner.sample(logits.float(), plan.sampling_seqs)
+                return PendingStep()
+            pending = self.runner.sample_async(logits.float(), plan.sampling_seqs)
+            if flags.share_tokens:
+                self.worker.share_tokens(self.runner.last_sampled)
+            return pending
         except RuntimeError as exc:  # gloo / NCCL report a dead or stuck peer as RuntimeError (DistError)
             raise self._fail(exc) from exc
 

@@ -190,8 +190,8 @@ class KVCacheManager:
         child.num_cached_tokens = child.num_computed_tokens
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Register hashes of blocks that became full of computed tokens."""
-        num_full = seq.num_computed_tokens // self.block_size
+        """Register hashes of blocks that became full of computed tokens (whose ids are known)."""
+        num_full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
         while len(seq.block_hashes) < num_full:
             i = len(seq.block_hashes)
             parent = seq.block_hashes[-1] if seq.block_hashes else None

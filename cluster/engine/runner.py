@@ -8,6 +8,11 @@
       pure-decode batches on GPU);
   (3) logits are computed only for sampling rows and handed to the sampler.
 
+`launch` does (1)-(3) without waiting for the device and returns a `PendingStep`; the
+engine's async scheduling plans the next step meanwhile. A token sampled by a step that
+has not reached the host is a placeholder in the next plan's input ids, `-(1 + row)`:
+`upload` swaps in row `row` of the previous step's sampled tokens on the device.
+
 The runner owns the KV tensors; `kv_cache.KVCacheManager` owns the block ids.
 """
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 
 from cluster.engine.attention.base import AttentionMetadata, make_backend
 from cluster.engine.cuda_graphs import DecodeGraphs
-from cluster.engine.sampler import Sampler, SamplingBatch
+from cluster.engine.sampler import DeviceSample, Sampler, SamplingBatch
 from cluster.engine.scheduler import SchedulerOutput
 from cluster.engine.sequence import Sequence
 from cluster.engine.step_plan import StepPlan, plan_step
@@ -53,6 +58,27 @@ class StepResult:
     logprobs: dict[int, TokenLogprob]
 
 
+class PendingStep:
+    """A launched step whose sampled tokens may still be on their way to the host."""
+
+    def __init__(self, seqs: list[Sequence] | None = None, sample: DeviceSample | None = None,
+                 result: StepResult | None = None):
+        self.seqs = seqs or []
+        self.sample = sample.start_copy() if sample is not None else None
+        self._result = result
+
+    def result(self) -> StepResult:
+        """Waits for this step's tokens (not for anything queued after it)."""
+        if self._result is None:
+            if self.sample is None:
+                self._result = StepResult({}, {})
+            else:
+                out = self.sample.to_host()
+                self._result = StepResult({s.seq_id: t for s, t in zip(self.seqs, out.token_ids)},
+                                          {s.seq_id: lp for s, lp in zip(self.seqs, out.logprobs) if lp is not None})
+        return self._result
+
+
 class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype,
                  attention_backend: str = "auto", eos_token_ids: frozenset[int] = frozenset(),
@@ -67,6 +93,8 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.kv_caches = allocate_kv(model, num_blocks, block_size, device, dtype)
         self.generators: dict[int, torch.Generator] = {}
+        self.last_sampled: torch.Tensor | None = None  # the last step's tokens, on the device: placeholders' values
+        self.embeds_ids = True  # False on a later pipeline stage: it takes hidden states, its ids go unread
         self.graphs = None
         # the MoE expert loop syncs with the host (per-expert token counts): not capturable yet
         if enable_cuda_graphs and device.type == "cuda" and not model.cfg.is_moe:
@@ -83,7 +111,9 @@ class ModelRunner:
         fields = (plan.input_ids, plan.positions, plan.slot_mapping, plan.logits_indices, plan.query_start_loc,
                   plan.seq_lens)
         tables = plan.block_tables
-        host = torch.from_numpy(np.concatenate([np.asarray(f, dtype=np.int64) for f in fields]
+        ids = np.asarray(plan.input_ids, dtype=np.int64)
+        has_placeholders = bool(ids.size) and int(ids.min()) < 0
+        host = torch.from_numpy(np.concatenate([ids] + [np.asarray(f, dtype=np.int64) for f in fields[1:]]
                                                + [tables.astype(np.int64).ravel()]))
         if self.device.type == "cuda":
             data = host.pin_memory().to(self.device, non_blocking=True)
@@ -91,6 +121,8 @@ class ModelRunner:
             data = host.to(self.device)
         input_ids, positions, slot_mapping, logits_indices, query_start, seq_lens, flat_tables = torch.split(
             data, [len(f) for f in fields] + [tables.size])
+        if has_placeholders and self.embeds_ids:
+            input_ids = self._fill_placeholders(input_ids)
         meta = AttentionMetadata(
             query_start_loc=query_start.to(torch.int32),
             seq_lens=seq_lens.to(torch.int32),
@@ -110,6 +142,13 @@ class ModelRunner:
             is_pure_decode=meta.max_query_len == 1,
         )
 
+    def _fill_placeholders(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Ids `-(1 + row)` take row `row` of the previous step's sampled tokens, on the device."""
+        if self.last_sampled is None or not self.last_sampled.numel():
+            raise RuntimeError("the plan has placeholder tokens but no step has sampled on this rank")
+        rows = (-input_ids - 1).clamp_(0, self.last_sampled.numel() - 1)
+        return torch.where(input_ids < 0, self.last_sampled[rows], input_ids)
+
     # -- (2) forward -----------------------------------------------------------
     @torch.inference_mode()
     def forward(self, inputs: StepInputs, on_layer_done: Callable[[int], None] | None = None,
@@ -124,14 +163,23 @@ class ModelRunner:
     # -- (3) sample --------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, on_layer_done: Callable[[int], None] | None = None) -> StepResult:
+        return self.launch(sched, on_layer_done).result()
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, on_layer_done: Callable[[int], None] | None = None) -> PendingStep:
+        """The step queued on the device, its tokens on their way to the host; nothing waits here."""
         inputs = self.prepare(sched)
         hidden = self.forward(inputs, on_layer_done)
         if not inputs.sampling_seqs:
-            return StepResult({}, {})
+            return PendingStep()
         logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()
-        return self.sample(logits, inputs.sampling_seqs)
+        return self.sample_async(logits, inputs.sampling_seqs)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> StepResult:
+        return self.sample_async(logits, seqs).result()
+
+    def sample_async(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingStep:
+        """Queue the sampling; its tokens become `last_sampled` (the next plan's placeholders)."""
         batch = SamplingBatch(
             params=[s.params for s in seqs],
             generators=[self._generator(s) for s in seqs],
@@ -139,10 +187,9 @@ class ModelRunner:
             output_token_ids=[s.output_token_ids for s in seqs],
             eos_token_ids=self.eos_token_ids,
         )
-        out = self.sampler(logits, batch)
-        sampled = {s.seq_id: t for s, t in zip(seqs, out.token_ids)}
-        logprobs = {s.seq_id: lp for s, lp in zip(seqs, out.logprobs) if lp is not None}
-        return StepResult(sampled, logprobs)
+        sample = self.sampler.on_device(logits, batch)
+        self.last_sampled = sample.token_ids
+        return PendingStep(seqs, sample)
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None:

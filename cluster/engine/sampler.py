@@ -20,6 +20,11 @@ Every row goes through, in vLLM's order:
      of 4), read at the sampled token and at the top N.
 
 Fast path: a batch of greedy rows with nothing to do in 1, 2 and 5 is one argmax.
+
+Two phases, so an engine can queue the next step before this one's tokens reach the host
+(async scheduling, engine.py): `on_device` queues every kernel and returns a `DeviceSample`
+without waiting for the device (its host-to-device copies go through pinned memory; a pageable
+copy would wait for all queued work), and `DeviceSample.to_host` waits for it and reads it.
 """
 from __future__ import annotations
 
@@ -66,16 +71,54 @@ class SamplerOutput:
     logprobs: list[TokenLogprob | None]  # None where params.logprobs is None; `top` holds exactly N entries
 
 
+class DeviceSample:
+    """One step's sampled tokens (and asked-for logprobs) still on the device. `start_copy` queues
+    their copy to pinned host memory; `to_host` waits for it (only for it) and reads them."""
+
+    def __init__(self, token_ids: torch.Tensor, logprob_rows: list[int], wanted: list[int],
+                 logprob_tensors: tuple[torch.Tensor, ...] = ()):
+        self.token_ids = token_ids  # int64 [rows]
+        self.logprob_rows = logprob_rows  # rows that asked for logprobs
+        self.wanted = wanted  # how many top entries each of those rows asked for
+        self._tensors = (token_ids, *logprob_tensors)  # + sampled logprob [k], top values [k, N], top ids [k, N]
+        self._host: tuple[torch.Tensor, ...] | None = None
+        self._ready = None
+
+    def start_copy(self) -> "DeviceSample":
+        if self._host is None and self.token_ids.is_cuda:
+            self._host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                               for t in self._tensors)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        return self
+
+    def to_host(self) -> SamplerOutput:
+        if self._ready is not None:
+            self._ready.synchronize()
+        tensors = self._host or self._tensors
+        token_ids = tensors[0].tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(token_ids)
+        if self.logprob_rows:
+            sampled, top_values, top_ids = (t.tolist() for t in tensors[1:])
+            for j, row in enumerate(self.logprob_rows):
+                top = dict(zip(top_ids[j][: self.wanted[j]], top_values[j][: self.wanted[j]]))
+                logprobs[row] = TokenLogprob(token_id=token_ids[row], logprob=sampled[j], top=top)
+        return SamplerOutput(token_ids, logprobs)
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        return self.on_device(logits, batch).to_host()
+
+    def on_device(self, logits: torch.Tensor, batch: SamplingBatch) -> DeviceSample:
+        """Queue the sampling of every row; nothing here waits for the device."""
         if logits.dim() != 2 or logits.shape[0] != batch.num_rows:
             raise ValueError(f"logits of shape {tuple(logits.shape)} do not match a batch of {batch.num_rows} rows")
         if _is_plain_greedy(batch):
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * batch.num_rows)
+            return DeviceSample(logits.argmax(dim=-1), [], [])
         processed = self.process_logits(logits, batch)
         token_ids = _pick_tokens(processed, batch)
-        logprobs = _read_logprobs(processed, token_ids, batch)
-        return SamplerOutput(token_ids.tolist(), logprobs)
+        return _logprobs_on_device(processed, token_ids, batch)
 
     def process_logits(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Steps 1-2: a float32 copy of `logits` with penalties and min_tokens masks applied."""
@@ -120,7 +163,7 @@ def _token_counts(rows: list[list[int]], vocab_size: int, device: torch.device) 
     counts = torch.zeros(len(rows), vocab_size + 1, dtype=torch.float32, device=device)
     if width == 0:
         return counts[:, :vocab_size]
-    padded = torch.tensor([ids + [vocab_size] * (width - len(ids)) for ids in rows], dtype=torch.long, device=device)
+    padded = _device_tensor([ids + [vocab_size] * (width - len(ids)) for ids in rows], torch.long, device)
     padded = padded.masked_fill((padded < 0) | (padded > vocab_size), vocab_size)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
     return counts[:, :vocab_size]
@@ -135,8 +178,8 @@ def _mask_min_tokens(logits: torch.Tensor, batch: SamplingBatch) -> None:
                 rows.append(row)
                 cols.append(token_id)
     if rows:
-        index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
-        logits.index_put_(index, torch.tensor(float("-inf"), device=logits.device))
+        index = (_device_tensor(rows, torch.long, logits.device), _device_tensor(cols, torch.long, logits.device))
+        logits.index_put_(index, torch.full((), float("-inf"), device=logits.device))
 
 
 def _pick_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -147,7 +190,7 @@ def _pick_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         return token_ids
     if len(random_rows) == batch.num_rows:
         return _sample(logits, batch.params, batch.generators)
-    index = torch.tensor(random_rows, device=logits.device)
+    index = _device_tensor(random_rows, torch.long, logits.device)
     params = [batch.params[i] for i in random_rows]
     generators = [batch.generators[i] for i in random_rows]
     token_ids[index] = _sample(logits[index], params, generators)
@@ -206,33 +249,35 @@ def _exponential_race(probs: torch.Tensor, generators: list[torch.Generator | No
             if generator is not None:
                 noise[row].exponential_(generator=generator)
         if unseeded_rows:
-            index = torch.tensor(unseeded_rows, device=probs.device)
+            index = _device_tensor(unseeded_rows, torch.long, probs.device)
             noise[index] = torch.empty(len(unseeded_rows), probs.shape[1], device=probs.device).exponential_()
     # E == 0 is possible in principle; 0 / 0 would be NaN, which argmax would pick.
     noise.clamp_(min=torch.finfo(torch.float32).tiny)
     return probs.div_(noise).argmax(dim=-1)
 
 
-def _read_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, batch: SamplingBatch) -> list[TokenLogprob | None]:
-    """Step 5: log_softmax of the processed logits at the sampled token and the top N, one host copy each."""
+def _logprobs_on_device(logits: torch.Tensor, token_ids: torch.Tensor, batch: SamplingBatch) -> DeviceSample:
+    """Step 5: log_softmax of the processed logits at the sampled token and the top N, left on the device."""
     rows = [i for i, p in enumerate(batch.params) if p.logprobs is not None]
-    result: list[TokenLogprob | None] = [None] * batch.num_rows
     if not rows:
-        return result
-    index = torch.tensor(rows, device=logits.device)
+        return DeviceSample(token_ids, [], [])
+    index = _device_tensor(rows, torch.long, logits.device)
     logprobs = logits[index].log_softmax(dim=-1)
-    sampled_ids = token_ids[index]
-    sampled = logprobs.gather(1, sampled_ids[:, None]).squeeze(1).tolist()
+    sampled = logprobs.gather(1, token_ids[index][:, None]).squeeze(1)
     num_top = min(max(batch.params[i].logprobs for i in rows), logits.shape[1])
     top_values, top_ids = logprobs.topk(num_top, dim=-1)
-    top_values, top_ids = top_values.tolist(), top_ids.tolist()
-    for j, (row, token_id) in enumerate(zip(rows, sampled_ids.tolist())):
-        num_wanted = batch.params[row].logprobs
-        top = dict(zip(top_ids[j][:num_wanted], top_values[j][:num_wanted]))
-        result[row] = TokenLogprob(token_id=token_id, logprob=sampled[j], top=top)
-    return result
+    return DeviceSample(token_ids, rows, [batch.params[i].logprobs for i in rows], (sampled, top_values, top_ids))
+
+
+def _device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`values` on `device` without waiting for the device: through pinned memory and an
+    asynchronous copy on CUDA (a pageable copy synchronises with everything queued)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def _column(values: list[float], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A [rows, 1] tensor to broadcast one per-row parameter over the vocabulary."""
-    return torch.tensor(values, dtype=dtype, device=device)[:, None]
+    return _device_tensor(values, dtype, device)[:, None]

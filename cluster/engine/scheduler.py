@@ -9,6 +9,13 @@ Each step (`schedule`):
       sequence is preempted (its KV freed, it recomputes later) until it fits.
 After the model ran (`update`): computed counts advance, sampled tokens are
 appended, finished sequences free their blocks, full blocks join the prefix cache.
+
+Async scheduling splits `update` in two, so the next step is scheduled while this one runs:
+`advance` right after the launch (computed counts move on, each sampling sequence gets a
+placeholder token, `-(1 + row)`), `resolve` once the step's tokens reach the host (the
+placeholder becomes the token, stops are checked). A sequence whose pending token will end it
+by length is not scheduled again; one that turns out to stop otherwise drops the token the
+next step computed for it.
 """
 from __future__ import annotations
 
@@ -72,7 +79,7 @@ class Scheduler:
         decodes = [s for s in self.running if s.num_uncomputed == 1]
         chunks = [s for s in self.running if s.num_uncomputed > 1]
         for seq in decodes + chunks:
-            if seq.status != SeqStatus.RUNNING or budget == 0:
+            if seq.status != SeqStatus.RUNNING or budget == 0 or (seq.num_pending and self.ends_by_length(seq)):
                 continue
             num_new = self._chunk(seq, budget)
             if num_new == 0 or not self._reserve(seq, num_new, out):
@@ -156,17 +163,55 @@ class Scheduler:
             self.kv.cache_full_blocks(seq)
         return finished
 
-    def check_stop(self, seq: Sequence) -> tuple[FinishReason, int | None] | None:
-        token = seq.token_ids[-1]
+    # -- async scheduling: after the launch, and once the tokens are back -------------------
+    def advance(self, out: SchedulerOutput) -> list[tuple[Sequence, int]]:
+        """The step is queued on the device: count its tokens computed and give each sampling
+        sequence a placeholder for its token. Returns (sequence, placeholder index) in sampling order."""
+        pending = []
+        for item in out.scheduled:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            if item.samples:
+                seq.token_ids.append(-(1 + len(pending)))
+                seq.num_pending += 1
+                pending.append((seq, seq.num_tokens - 1))
+            self.kv.cache_full_blocks(seq)
+        return pending
+
+    def resolve(self, seq: Sequence, index: int, token_id: int) -> bool:
+        """The token of the placeholder at `index` (the oldest pending) is `token_id`; True if it ends the sequence."""
+        if index != seq.num_known_tokens:
+            raise RuntimeError(f"sequence {seq.seq_id}: token {index} resolved out of order")
+        seq.token_ids[index] = token_id
+        seq.num_pending -= 1
+        reason = self.check_stop(seq, index + 1)
+        if reason is None:
+            self.kv.cache_full_blocks(seq)
+            return False
+        del seq.token_ids[index + 1 :]  # a later step's placeholder: the token it computes is dropped
+        seq.num_pending = 0
+        seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens)
+        self.finish(seq, reason[0], reason[1])
+        return True
+
+    def ends_by_length(self, seq: Sequence) -> bool:
+        max_tokens = seq.params.max_tokens
+        return (max_tokens is not None and seq.num_output_tokens >= max_tokens) or seq.num_tokens >= seq.max_len
+
+    def check_stop(self, seq: Sequence, num_tokens: int | None = None) -> tuple[FinishReason, int | None] | None:
+        """Why `seq` ends with its token `num_tokens - 1` (default: its last), or None."""
+        num_tokens = seq.num_tokens if num_tokens is None else num_tokens
+        token = seq.token_ids[num_tokens - 1]
+        num_output = num_tokens - seq.num_prompt_tokens
         params = seq.params
-        if seq.num_output_tokens >= params.min_tokens:
+        if num_output >= params.min_tokens:
             if token in params.stop_token_ids:
                 return FinishReason.STOP, token
             if not params.ignore_eos and token in self.eos_token_ids:
                 return FinishReason.STOP, None
-        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+        if params.max_tokens is not None and num_output >= params.max_tokens:
             return FinishReason.LENGTH, None
-        if seq.num_tokens >= seq.max_len:
+        if num_tokens >= seq.max_len:
             return FinishReason.LENGTH, None
         if seq.stop_after_prefill:
             return FinishReason.PREFILLED, None

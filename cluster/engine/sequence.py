@@ -49,6 +49,9 @@ class Sequence:
     parent: "Sequence | None" = None  # n > 1: the sibling whose prompt KV this one shares
     # prefill role: stop after the first token and keep the KV for hand-over
     stop_after_prefill: bool = False
+    # async scheduling: the last `num_pending` token ids are placeholders for tokens sampled by steps
+    # whose results have not reached the host yet (scheduler.advance / resolve)
+    num_pending: int = 0
     # step_plan.py's copy of block_ids as an array: (the list it copies, the array), rebuilt when either changes
     block_row_cache: tuple | None = field(default=None, repr=False)
 
@@ -70,6 +73,11 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids the host knows (all but the pending placeholders)."""
+        return len(self.token_ids) - self.num_pending
 
     @property
     def num_uncomputed(self) -> int:

@@ -49,13 +49,15 @@ class StepFlags:
     async_pp: bool = True
     measure: bool = False  # time this rank's compute (bubbles, overlap) into its stats
     eager: bool = False  # skip captured CUDA graphs (benchmarks: overlap on vs off, both eager)
+    share_tokens: bool = False  # the driver broadcasts the sampled tokens: the next plan's placeholders
 
     def encode(self) -> int:
-        return self.overlap_tp | self.overlap_ep << 1 | self.async_pp << 2 | self.measure << 3 | self.eager << 4
+        return (self.overlap_tp | self.overlap_ep << 1 | self.async_pp << 2 | self.measure << 3 | self.eager << 4
+                | self.share_tokens << 5)
 
     @staticmethod
     def decode(bits: int) -> "StepFlags":
-        return StepFlags(*(bool(bits >> i & 1) for i in range(5)))
+        return StepFlags(*(bool(bits >> i & 1) for i in range(6)))
 
 
 class BusyTimer:
@@ -115,6 +117,7 @@ class Worker:
         self.runner = ModelRunner(self.model, self.num_blocks, config.cache.block_size, device, dtype,
                                   config.runner.attention_backend, eos_token_ids, graphs,
                                   config.runner.cuda_graph_max_batch, max_model_len)
+        self.runner.embeds_ids = groups.pipe.is_first
         self.timer = BusyTimer(device)
         self.num_split_steps = 0  # steps run as two overlapping micro-batches, or through the pipeline in several
 
@@ -192,6 +195,14 @@ class Worker:
                     logits.append(self.model.compute_logits(hidden))
         return torch.cat(logits) if logits and logits[0] is not None else None
 
+    def share_tokens(self, tokens: torch.Tensor | None) -> None:
+        """A launched step's sampled tokens (int64, one per sampling row) from the driver to the
+        first stage's tp ranks, on the device: what the next plan's placeholders stand for. Later
+        stages take hidden states, not ids. On NCCL nothing here waits for the host."""
+        if self.groups.pipe.stage != 0 or self.groups.tp.size == 1:
+            return
+        self.runner.last_sampled = self.groups.tp.broadcast_from_first(tokens)
+
     # -- statistics ----------------------------------------------------------------
     def stats_vector(self, reset: bool) -> torch.Tensor:
         """float64 [3 + num_layers * num_experts]: busy_s, measured steps, this rank's id,
@@ -254,7 +265,10 @@ def serve(worker: Worker, channel: StepChannel | None = None) -> None:
         if command == Command.STATS:
             host.gather_to_first(worker.stats_vector(reset=bool(bits)))
             continue
-        worker.execute(unpack(header, payload(payload_size(header))), StepFlags.decode(bits), int(header[6]))
+        flags = StepFlags.decode(bits)
+        worker.execute(unpack(header, payload(payload_size(header))), flags, int(header[6]))
+        if flags.share_tokens:
+            worker.share_tokens(torch.empty(int(header[5]), dtype=torch.int64, device=worker.device))
 
 
 def _next_message(host, channel: StepChannel | None):

@@ -317,7 +317,7 @@ class TorchDistTransport(KVTransport):
             if tracker is not None:
                 for tid, idx, buf, _, _ in posted[: i + 1]:
                     if tid == transfer_id:
-                        self._landed(tracker, transfer_id, idx, buf)
+                        self._landed(tracker, transfer_id, idx, _small_on_host(buf))
         link.current = None
 
     def _receiving(self, peer_id: str, transfer_id: int, count: int) -> Tracker | None:
@@ -392,3 +392,15 @@ class TorchDistTransport(KVTransport):
         if failed_now and tracker.specs is not None and self.on_ready is not None:
             self.on_ready()
 
+
+
+SMALL_MESSAGE_NUMEL = 16
+
+
+def _small_on_host(payload: torch.Tensor) -> torch.Tensor:
+    """A landed message of a few values (the first token) is handed over in host memory: reading a
+    device copy on the engine's thread would queue behind the step in flight there. Called once this
+    thread's stream is synchronised, so the copy waits for nothing."""
+    if payload.is_cuda and payload.numel() <= SMALL_MESSAGE_NUMEL:
+        return payload.cpu()
+    return payload
