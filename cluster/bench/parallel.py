@@ -120,6 +120,14 @@ def time_steps(engine, num_steps: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def timed_tokens(engine, num_steps: int) -> tuple[float, int]:
+    """(wall seconds, tokens that came out) over `num_steps` steps: with pp and async scheduling a
+    step launches half the batch, so throughput is counted in tokens, not assumed per step."""
+    t0 = time.perf_counter()
+    num_tokens = sum(len(delta.token_ids) for _ in range(num_steps) for delta in engine.step())
+    return time.perf_counter() - t0, num_tokens
+
+
 def drain(engine) -> None:
     while engine.has_unfinished():
         engine.step()
@@ -290,28 +298,34 @@ def part_pp(args) -> None:
     engine = make_engine(path, args, pipeline_parallel_size=2)
     emit(args, {"part": "pp", "engine_start_s": time.time() - t0})
     try:
-        batch = 256
-        variants = {"m2_async": dict(num_microbatches=2, async_pp=True, eager=False),
-                    "m4_async": dict(num_microbatches=4, async_pp=True, eager=False),
-                    "m4_sync": dict(num_microbatches=4, async_pp=False, eager=False),
-                    "m2_async_eager": dict(num_microbatches=2, async_pp=True, eager=True)}  # no decode graphs
-        fill(engine, batch, args.context, len(variants) * (2 * args.steps + 1) + 2, tag="pp-")
+        batch = args.pp_batch
+        # two_batches: async scheduling keeps two batches of half the sequences in the stages (the
+        # default); one_batch: the whole batch per step, its micro-batches the only pipelining
+        variants = {"two_batches_m1": dict(num_microbatches=1, async_pp=True, eager=False),
+                    "two_batches_m2": dict(num_microbatches=2, async_pp=True, eager=False),
+                    "one_batch_m2": dict(num_microbatches=2, async_pp=True, eager=False, async_scheduling=False),
+                    "one_batch_m4": dict(num_microbatches=4, async_pp=True, eager=False, async_scheduling=False),
+                    "one_batch_m4_sync_send": dict(num_microbatches=4, async_pp=False, eager=False, async_scheduling=False),
+                    "two_batches_m1_eager": dict(num_microbatches=1, async_pp=True, eager=True)}  # no decode graphs
+        fill(engine, batch, args.context, len(variants) * (4 * args.steps + 4) + 2, tag="pp-")
         for name, flags in variants.items():
+            flags = dict(flags)
+            engine.async_scheduling = flags.pop("async_scheduling", True)
             engine.executor.set_flags(measure=False, **flags)
-            engine.step()
-            step_ms = time_steps(engine, args.steps)
+            for _ in range(2):
+                engine.step()
+            wall_s, num_tokens = timed_tokens(engine, args.steps)
             engine.executor.set_flags(measure=True)
             engine.executor.stats(reset=True)
-            t_wall = time.perf_counter()
-            for _ in range(args.steps):
-                engine.step()
-            wall_s = time.perf_counter() - t_wall
+            measured_s, _ = timed_tokens(engine, args.steps)
             stats = engine.executor.stats(reset=True)
             busy = stats["busy_s"]  # ranks 0 (stage 0: layers 0-15 + embed + LM head) and 1 (stage 1)
-            emit(args, {"part": "pp", "batch": batch, "context": args.context, "variant": name, "step_ms": step_ms,
-                        "tokens_per_s": batch / step_ms * 1e3, "measured_step_ms": wall_s / args.steps * 1e3,
+            emit(args, {"part": "pp", "batch": batch, "context": args.context, "variant": name,
+                        "step_ms": wall_s / args.steps * 1e3, "tokens_per_step": num_tokens / args.steps,
+                        "tokens_per_s": num_tokens / wall_s, "measured_step_ms": measured_s / args.steps * 1e3,
                         "busy_ms_per_step": [b / args.steps * 1e3 for b in busy],
-                        "bubble_fraction": [1 - b / wall_s for b in busy]})
+                        "bubble_fraction": [1 - b / measured_s for b in busy]})
+        engine.async_scheduling = True
         drain(engine)
     finally:
         engine.shutdown()
@@ -328,6 +342,7 @@ def main(argv=None) -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=16, help="timed decode steps per window")
     ap.add_argument("--prefill-len", type=int, default=4096)
+    ap.add_argument("--pp-batch", type=int, default=256, help="pp: decode batch")
     ap.add_argument("--max-model-len", type=int, default=4096 + 512)
     ap.add_argument("--out", default="parallel_bench.jsonl")
     ap.add_argument("--eager-overlap", action="store_true", help="also time decode overlap on/off eagerly")

@@ -25,10 +25,16 @@ the device does not wait for the host's bookkeeping between steps:
 
 Step N+1's inputs name step N's tokens as placeholders, filled in on the device
 (scheduler.advance, runner.upload). Deltas come out one step later than launched.
+
+With pp stages the running sequences take turns in pp batches: a step's layers are
+launched, and only then is the previous batch's step finished (its rows waited for,
+sampled), so every stage works on some batch instead of waiting for the one it just
+passed on. Each batch's tokens still come back before its next step needs them.
 """
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -88,11 +94,12 @@ class Engine:
         self.model, self.runner = self.executor.model, self.executor.runner
         self.kv = KVCacheManager(self.executor.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, eos)
+        self.async_scheduling = config.runner.async_scheduling and role != Role.PREFILL
         self.requests: dict[str, RequestState] = {}
         # prefill role: streams each layer's KV as soon as it is written (disagg/prefill.py)
         self.kv_stream = None
-        self.async_scheduling = config.runner.async_scheduling and role != Role.PREFILL
-        self.in_flight: _InFlight | None = None  # async scheduling: the launched step not read back yet
+        self.forwarded: deque[_InFlight] = deque()  # async scheduling: launched steps not sampled yet (pp > 1)
+        self.in_flight: _InFlight | None = None  # async scheduling: the sampled step not read back yet
 
     # -- (1) admission ---------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -137,24 +144,43 @@ class Engine:
             self.runner.forget(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or self.in_flight is not None
+        return self.scheduler.num_unfinished > 0 or self.in_flight is not None or bool(self.forwarded)
 
     # -- (2)-(5) one step ----------------------------------------------------------
     def step(self) -> list[TokenDelta]:
-        if not self.async_scheduling:  # (switched off at run time: the step in flight is read first)
-            return self._read_back() + self._step_sync()
+        if not self.async_scheduling:  # (switched off at run time: the steps in flight are read first)
+            self.scheduler.num_groups = 1
+            return self._read_all() + self._step_sync()
+        # pp stages: that many batches in the pipeline at once, taking turns
+        self.scheduler.num_groups = self.executor.steps_in_flight
         sched = self.scheduler.schedule()
-        deltas = None
-        if self.in_flight is not None and _needs_known_tokens(sched):
-            deltas = self._read_back()  # penalties count the output so far: this step waits for it
+        deltas = []
+        if _needs_known_tokens(sched) and (self.in_flight is not None or self.forwarded):
+            deltas = self._read_all()  # penalties count the output so far: this step waits for it
             sched.scheduled = [item for item in sched.scheduled if not item.seq.is_finished]
-        launched = None
         if not sched.is_empty:
-            pending = self.executor.launch(sched)
-            launched = _InFlight(pending, self.scheduler.advance(sched))
-        if deltas is None:
-            deltas = self._read_back()
-        self.in_flight = launched
+            forward = self.executor.launch_forward(sched)
+            self.forwarded.append(_InFlight(forward, self.scheduler.advance(sched), [i.seq for i in sched.scheduled]))
+        sampled = None
+        if self.forwarded and (len(self.forwarded) >= self.executor.steps_in_flight or sched.is_empty):
+            sampled = self._finish(self.forwarded.popleft())
+        deltas += self._read_back()
+        self.in_flight = sampled
+        return deltas
+
+    def _finish(self, step: "_InFlight") -> "_InFlight":
+        """A launched step's rows waited for and sampled (its tokens then on their way to the host)."""
+        step.pending = self.executor.finish(step.pending)
+        for seq in step.seqs:
+            seq.in_forward = False
+        return step
+
+    def _read_all(self) -> list[TokenDelta]:
+        """Every launched step finished and read back, oldest first."""
+        deltas = self._read_back()
+        while self.forwarded:
+            self.in_flight = self._finish(self.forwarded.popleft())
+            deltas += self._read_back()
         return deltas
 
     def _step_sync(self) -> list[TokenDelta]:
@@ -303,8 +329,9 @@ class Engine:
 class _InFlight:
     """A launched step: its tokens on their way, and where each goes (sequence, placeholder index)."""
 
-    pending: object  # runner.PendingStep
+    pending: object  # executor.launch_forward's handle, then (`_finish`) a runner.PendingStep
     samples: list[tuple[Sequence, int]]
+    seqs: list[Sequence]  # every sequence the step computes for
 
 
 def _needs_known_tokens(sched) -> bool:

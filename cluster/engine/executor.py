@@ -4,6 +4,9 @@ The Engine calls, from its step loop:
   execute(sched, on_layer_done) -> StepResult   once per step: run the model, sample
   launch(sched) -> PendingStep                  the same, without waiting for the tokens (async
                                                 scheduling: the next plan names them as placeholders)
+  launch_forward(sched) / finish(forward)       launch in two halves, so that with pp > 1 the next
+                                                batch enters the pipeline before this one's rows come
+                                                back (`steps_in_flight` batches are in the stages)
   runner                                        the driver rank's ModelRunner (sampling state)
   gather_kv(block_ids) / scatter_kv(block_ids, layers)   the KV hand-over: every layer with all KV
                                                 heads, from or into the ranks' head shards
@@ -66,12 +69,20 @@ class Executor(ABC):
     runner: ModelRunner
     model: torch.nn.Module
     num_blocks: int
+    steps_in_flight: int = 1  # batches the engine keeps in the pipeline at once (pp with async scheduling)
 
     @abstractmethod
     def execute(self, sched, on_layer_done=None) -> StepResult: ...
 
     @abstractmethod
     def launch(self, sched) -> PendingStep: ...
+
+    def launch_forward(self, sched):
+        """The step's layers queued; `finish` gets its tokens on their way (one process: both at once)."""
+        return self.launch(sched)
+
+    def finish(self, forward) -> PendingStep:
+        return forward
 
     def set_flags(self, **changes) -> None:
         """Overlap switches and timing, from the next step on (single process: nothing to switch)."""
@@ -118,6 +129,7 @@ class MultiProcExecutor(Executor):
         self.config = config
         self.flags = StepFlags(parallel.overlap_tp_comm, parallel.overlap_ep_comm, parallel.async_pp_send)
         self.num_microbatches = parallel.num_microbatches
+        self.steps_in_flight = parallel.pipeline_parallel_size
         self.failure: str | None = None
         self.num_threads = torch.get_num_threads()  # CPU ranks share the cores while the instance lives
         self.store = serve_store(parallel.master_addr, parallel.master_port, parallel.world_size, parallel.collective_timeout_s)
@@ -177,22 +189,47 @@ class MultiProcExecutor(Executor):
     def launch(self, sched) -> PendingStep:
         return self._run(sched, share_tokens=True)
 
+    def launch_forward(self, sched):
+        if self.steps_in_flight == 1:
+            return self.launch(sched)
+        return self._forward(sched, share_tokens=True, deferred=True)
+
+    def finish(self, forward) -> PendingStep:
+        if isinstance(forward, PendingStep):
+            return forward
+        plan, flags, step, batch = forward
+        try:
+            self._tell(pack(None, Command.FINISH, flags.encode())[0])
+            return self._sample(plan, flags, self.worker.finish(step), batch)
+        except RuntimeError as exc:
+            raise self._fail(exc) from exc
+
     def _run(self, sched, share_tokens: bool) -> PendingStep:
+        plan, flags, step, batch = self._forward(sched, share_tokens, deferred=False)
+        try:
+            return self._sample(plan, flags, self.worker.finish(step), batch)
+        except RuntimeError as exc:
+            raise self._fail(exc) from exc
+
+    def _forward(self, sched, share_tokens: bool, deferred: bool) -> tuple:
         self._check_alive()
         plan = plan_step(sched, self.config.cache.block_size)
-        flags = replace(self.flags, share_tokens=share_tokens and bool(plan.logits_indices))
+        flags = replace(self.flags, share_tokens=share_tokens and bool(plan.logits_indices), deferred=deferred)
         header, payload = pack(plan, Command.STEP, flags.encode(), self.num_microbatches)
+        batch = self.runner.sampling_batch(plan.sampling_seqs)  # as of now: `finish` may come after `advance`
         try:
             self._tell(header, payload)
-            logits = self.worker.execute(plan, flags, self.num_microbatches)
-            if logits is None:
-                return PendingStep()
-            pending = self.runner.sample_async(logits.float(), plan.sampling_seqs)
-            if flags.share_tokens:
-                self.worker.share_tokens(self.runner.last_sampled)
-            return pending
+            return plan, flags, self.worker.forward(plan, flags, self.num_microbatches), batch
         except RuntimeError as exc:  # gloo / NCCL report a dead or stuck peer as RuntimeError (DistError)
             raise self._fail(exc) from exc
+
+    def _sample(self, plan, flags, logits: torch.Tensor | None, batch) -> PendingStep:
+        if logits is None:
+            return PendingStep()
+        pending = self.runner.sample_async(logits.float(), plan.sampling_seqs, batch)
+        if flags.share_tokens:
+            self.worker.share_tokens(self.runner.last_sampled)
+        return pending
 
     def _tell(self, header: torch.Tensor, payload: torch.Tensor | None = None) -> None:
         """The other ranks get (header, payload): through the step channel, or the host group when

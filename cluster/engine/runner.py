@@ -178,16 +178,20 @@ class ModelRunner:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> StepResult:
         return self.sample_async(logits, seqs).result()
 
-    def sample_async(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingStep:
-        """Queue the sampling; its tokens become `last_sampled` (the next plan's placeholders)."""
-        batch = SamplingBatch(
+    def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        """What the sampler reads of `seqs`, as of now: taken when the step is planned, since a step
+        sampled later (pp) finds its own placeholders appended by then (min_tokens would count them)."""
+        return SamplingBatch(
             params=[s.params for s in seqs],
             generators=[self._generator(s) for s in seqs],
             prompt_token_ids=[s.prompt_token_ids for s in seqs],
             output_token_ids=[s.output_token_ids for s in seqs],
             eos_token_ids=self.eos_token_ids,
         )
-        sample = self.sampler.on_device(logits, batch)
+
+    def sample_async(self, logits: torch.Tensor, seqs: list[Sequence], batch: SamplingBatch | None = None) -> PendingStep:
+        """Queue the sampling; its tokens become `last_sampled` (the next plan's placeholders)."""
+        sample = self.sampler.on_device(logits, batch or self.sampling_batch(seqs))
         self.last_sampled = sample.token_ids
         return PendingStep(seqs, sample)
 

@@ -16,6 +16,10 @@ placeholder token, `-(1 + row)`), `resolve` once the step's tokens reach the hos
 placeholder becomes the token, stops are checked). A sequence whose pending token will end it
 by length is not scheduled again; one that turns out to stop otherwise drops the token the
 next step computed for it.
+
+With `num_groups` > 1 (pipeline stages, each working on another batch) a step takes at most
+1/num_groups of the decoding sequences, and none still in a launched step whose tokens are
+not sampled yet (`in_forward`): the running sequences fall into that many batches taking turns.
 """
 from __future__ import annotations
 
@@ -50,8 +54,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, eos_token_ids: frozenset[int] = frozenset()):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, eos_token_ids: frozenset[int] = frozenset(),
+                 num_groups: int = 1):
         self.config = config
+        self.num_groups = num_groups
         self.kv = kv
         self.eos_token_ids = eos_token_ids
         self.waiting: deque[Sequence] = deque()
@@ -77,7 +83,9 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         decodes = [s for s in self.running if s.num_uncomputed == 1]
-        chunks = [s for s in self.running if s.num_uncomputed > 1]
+        chunks = [s for s in self.running if s.num_uncomputed > 1 and not s.in_forward]
+        if self.num_groups > 1:  # this step's share of the decodes: the others are in the stages
+            decodes = [s for s in decodes if not s.in_forward][: -(-len(decodes) // self.num_groups)]
         for seq in decodes + chunks:
             if seq.status != SeqStatus.RUNNING or budget == 0 or (seq.num_pending and self.ends_by_length(seq)):
                 continue
@@ -117,7 +125,7 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not self._share_prefix(seq):
+            if seq.in_forward or not self._share_prefix(seq):  # (preempted while its step is in the stages)
                 break
             num_new = self._chunk(seq, budget)
             if num_new == 0 or not self.kv.allocate_slots(seq, num_new):
@@ -170,6 +178,7 @@ class Scheduler:
         pending = []
         for item in out.scheduled:
             seq = item.seq
+            seq.in_forward = True  # until the engine has the step's tokens sampled
             seq.num_computed_tokens += item.num_new_tokens
             if item.samples:
                 seq.token_ids.append(-(1 + len(pending)))

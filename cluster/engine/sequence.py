@@ -52,6 +52,7 @@ class Sequence:
     # async scheduling: the last `num_pending` token ids are placeholders for tokens sampled by steps
     # whose results have not reached the host yet (scheduler.advance / resolve)
     num_pending: int = 0
+    in_forward: bool = False  # in a launched step whose tokens are not sampled yet (pp: a batch in the stages)
     # step_plan.py's copy of block_ids as an array: (the list it copies, the array), rebuilt when either changes
     block_row_cache: tuple | None = field(default=None, repr=False)
 

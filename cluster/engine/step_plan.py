@@ -36,6 +36,7 @@ class Command(enum.IntEnum):
     SHUTDOWN = 3  # leave the loop
     GATHER_KV = 4  # send rank 0 every layer's KV of the blocks in the payload (KV hand-over)
     SCATTER_KV = 5  # take this rank's heads of every layer's KV of the blocks in the payload from rank 0
+    FINISH = 6  # the oldest deferred step: wait for its returned rows, logits (stage 0), share its tokens
 
 
 @dataclass

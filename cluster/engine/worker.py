@@ -8,7 +8,11 @@
                            dispatch/combine (EP) is in flight while the other computes
         pp == 1            one forward (a captured CUDA graph for decodes when allowed)
         pp > 1             this stage's share of M micro-batches (parallel/pipeline.py)
-      and returns full-vocab logits on the driver (world rank 0), None elsewhere;
+      and returns full-vocab logits on the driver (world rank 0), None elsewhere. It is
+      `finish(forward(...))`: with pp > 1 and async scheduling the driver sends the next
+      step's STEP before this one's FINISH, so stage 0 queues the next batch's layers
+      before it waits for this batch's rows to come back (the stages work on different
+      batches, engine.py);
   (3) `worker_main` is a spawned rank's whole life: bind its device, build its groups
       and Worker, then loop: header, payload, execute, until SHUTDOWN. An error is
       written to the rendezvous store (so the driver can name it) and the process exits;
@@ -16,6 +20,7 @@
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import threading
@@ -50,14 +55,15 @@ class StepFlags:
     measure: bool = False  # time this rank's compute (bubbles, overlap) into its stats
     eager: bool = False  # skip captured CUDA graphs (benchmarks: overlap on vs off, both eager)
     share_tokens: bool = False  # the driver broadcasts the sampled tokens: the next plan's placeholders
+    deferred: bool = False  # the step's FINISH comes as a message of its own, after the next STEP
 
     def encode(self) -> int:
         return (self.overlap_tp | self.overlap_ep << 1 | self.async_pp << 2 | self.measure << 3 | self.eager << 4
-                | self.share_tokens << 5)
+                | self.share_tokens << 5 | self.deferred << 6)
 
     @staticmethod
     def decode(bits: int) -> "StepFlags":
-        return StepFlags(*(bool(bits >> i & 1) for i in range(6)))
+        return StepFlags(*(bool(bits >> i & 1) for i in range(7)))
 
 
 class BusyTimer:
@@ -134,19 +140,37 @@ class Worker:
     # -- (2) one step -------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: StepPlan, flags: StepFlags, num_microbatches: int = 1) -> torch.Tensor | None:
+        return self.finish(self.forward(plan, flags, num_microbatches))
+
+    @torch.inference_mode()
+    def forward(self, plan: StepPlan, flags: StepFlags, num_microbatches: int = 1) -> tuple:
+        """Queue this rank's layers of the step. With pp > 1 the rows that come back to stage 0
+        are waited for (and turned into logits) only in `finish`."""
         if self.num_stages > 1:
-            logits = self._pipelined(plan, flags, num_microbatches)
-        elif self._splits(plan, flags):
-            logits = self._overlapped(plan, flags)
-        else:
-            with self.timer.busy(flags.measure):
-                inputs = self.runner.upload(plan)
-                if flags.eager:
-                    hidden = self.model(inputs.input_ids, inputs.positions, self._attn(inputs))
-                else:
-                    hidden = self.runner.forward(inputs)
-                rows = hidden[inputs.logits_indices]
-                logits = self.model.compute_logits(rows) if plan.logits_indices else None
+            return self._pipelined(plan, flags, num_microbatches), flags
+        if self._splits(plan, flags):
+            return self._overlapped(plan, flags), flags
+        with self.timer.busy(flags.measure):
+            inputs = self.runner.upload(plan)
+            if flags.eager:
+                hidden = self.model(inputs.input_ids, inputs.positions, self._attn(inputs))
+            else:
+                hidden = self.runner.forward(inputs)
+            rows = hidden[inputs.logits_indices]
+            return (self.model.compute_logits(rows) if plan.logits_indices else None), flags
+
+    @torch.inference_mode()
+    def finish(self, forwarded: tuple) -> torch.Tensor | None:
+        """The step's logits on the driver (None elsewhere)."""
+        logits, flags = forwarded
+        if isinstance(logits, list):  # stage 0 of a pipeline: each micro-batch's rows as they come back
+            parts = []
+            for pending in logits:
+                if pending is not None:
+                    hidden = pending.wait()
+                    with self.timer.busy(flags.measure):
+                        parts.append(self.model.compute_logits(hidden))
+            logits = torch.cat(parts) if parts and parts[0] is not None else None
         if flags.measure:
             self.timer.settle()
         return logits
@@ -167,7 +191,7 @@ class Worker:
             rows = torch.cat([h[i.logits_indices] for h, i in zip(hiddens, parts)])
             return self.model.compute_logits(rows) if plan.logits_indices else None
 
-    def _pipelined(self, plan: StepPlan, flags: StepFlags, num_microbatches: int) -> torch.Tensor | None:
+    def _pipelined(self, plan: StepPlan, flags: StepFlags, num_microbatches: int) -> list:
         plans = split(plan, num_microbatches)
         self.num_split_steps += len(plans) > 1
         parts = [self.runner.upload(p) for p in plans]
@@ -186,14 +210,9 @@ class Worker:
             return out[inputs.logits_indices] if plans[m].logits_indices else None  # normed rows that sample
 
         sizes = [(p.num_tokens, len(p.logits_indices)) for p in plans]
-        returns = run_stage(self.groups.pipe, sizes, forward_part, self.arch.hidden_size, self.dtype, self.device, flags.async_pp)
-        logits = []
-        for pending in returns:  # stage 0: each micro-batch's logits as its rows come back
-            if pending is not None:
-                hidden = pending.wait()
-                with self.timer.busy(flags.measure):
-                    logits.append(self.model.compute_logits(hidden))
-        return torch.cat(logits) if logits and logits[0] is not None else None
+        # stage 0: the pending receive of each micro-batch's returned rows (`finish` waits)
+        return run_stage(self.groups.pipe, sizes, forward_part, self.arch.hidden_size, self.dtype, self.device,
+                         flags.async_pp)
 
     def share_tokens(self, tokens: torch.Tensor | None) -> None:
         """A launched step's sampled tokens (int64, one per sampling row) from the driver to the
@@ -251,6 +270,7 @@ def worker_main(world_rank: int, config: EngineConfig, store_port: int, parent_p
 def serve(worker: Worker, channel: StepChannel | None = None) -> None:
     """The step loop of a non-driver rank: the driver's messages say what to do."""
     host = worker.groups.host
+    forwarded: collections.deque = collections.deque()  # deferred steps, oldest first: (forward, num sampling rows)
     while True:
         header, payload = _next_message(host, channel)
         command, bits, *_ = header.tolist()
@@ -265,10 +285,22 @@ def serve(worker: Worker, channel: StepChannel | None = None) -> None:
         if command == Command.STATS:
             host.gather_to_first(worker.stats_vector(reset=bool(bits)))
             continue
+        if command == Command.FINISH:
+            worker.finish(forwarded[0][0])
+            _share(worker, StepFlags.decode(bits), forwarded.popleft()[1])
+            continue
         flags = StepFlags.decode(bits)
-        worker.execute(unpack(header, payload(payload_size(header))), flags, int(header[6]))
-        if flags.share_tokens:
-            worker.share_tokens(torch.empty(int(header[5]), dtype=torch.int64, device=worker.device))
+        step = worker.forward(unpack(header, payload(payload_size(header))), flags, int(header[6]))
+        if flags.deferred:
+            forwarded.append((step, int(header[5])))
+            continue
+        worker.finish(step)
+        _share(worker, flags, int(header[5]))
+
+
+def _share(worker: Worker, flags: StepFlags, num_rows: int) -> None:
+    if flags.share_tokens:
+        worker.share_tokens(torch.empty(num_rows, dtype=torch.int64, device=worker.device))
 
 
 def _next_message(host, channel: StepChannel | None):
