@@ -152,7 +152,7 @@ def prefill_main(args, q_to_decode, q_from_decode, results):
     plan_blocks = seq.block_ids[: -(-len(prompt) // engine.kv.block_size)]
     index = engine.runner.block_index(plan_blocks)
     count = engine.arch.num_layers + 1
-    shape = tuple(torch.stack(engine.runner.read_kv(0, index)).shape)
+    shape = tuple(engine.runner.read_kv(0, index).shape)
     first = torch.tensor([seq.token_ids[-1]], device=engine.device)
     runs = []
     for r in range(args.repeats + 1):
@@ -164,7 +164,7 @@ def prefill_main(args, q_to_decode, q_from_decode, results):
         transport.announce("D", [(tid, layer, count, shape, worker.kv_dtype) for layer in range(count - 1)]
                            + [(tid, count - 1, count, (1,), torch.int64)])
         for layer in range(engine.arch.num_layers):
-            transport.send_layer("D", tid, layer, count, torch.stack(engine.runner.read_kv(layer, index)))
+            transport.send_layer("D", tid, layer, count, engine.runner.read_kv(layer, index))
         transport.send_layer("D", tid, count - 1, count, first)
         posted = time.monotonic()
         stamps = q_from_decode.get()

@@ -100,8 +100,7 @@ class PrefillWorker:
 
     def _send_layer(self, layer_id: int) -> None:
         for seq, plan in self.sending:
-            k, v = self.engine.runner.read_kv(layer_id, self.block_index[seq.seq_id])
-            kv = torch.stack((k, v))
+            kv = self.engine.runner.read_kv(layer_id, self.block_index[seq.seq_id])  # one gather
             self.bytes_sent += kv.numel() * kv.element_size()
             self.transport.send_layer(plan.peer_id, plan.transfer_id, layer_id, self.num_layers + 1, kv)
 

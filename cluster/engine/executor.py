@@ -113,13 +113,13 @@ class UniExecutor(Executor):
 
     def gather_kv(self, block_ids: list[int]) -> list[torch.Tensor]:
         index = self.runner.block_index(block_ids)
-        return [torch.stack(self.runner.read_kv(layer, index)) for layer in range(len(self.runner.kv_caches))
-                if self.runner.kv_caches[layer] is not None]
+        return [self.runner.read_kv(layer, index) for layer in range(len(self.runner.kv_layers))
+                if self.runner.kv_layers[layer] is not None]
 
     def scatter_kv(self, block_ids: list[int], layers: list[torch.Tensor]) -> None:
         index = self.runner.block_index(block_ids)
         for layer_id, kv in enumerate(layers):
-            self.runner.write_kv(layer_id, index, kv[0], kv[1])
+            self.runner.write_kv(layer_id, index, kv)
 
 
 class MultiProcExecutor(Executor):

@@ -27,8 +27,8 @@ def gather_kv(worker, block_ids: list[int]) -> list[torch.Tensor] | None:
     index = worker.runner.block_index(block_ids)
     mine = {}
     for layer_id in worker.layer_range:
-        k, v = worker.runner.read_kv(layer_id, index)
-        gathered = tp.gather_last_dim_to_first(torch.stack((k, v)).transpose(-1, -2))  # heads last for the gather
+        kv = worker.runner.read_kv(layer_id, index)
+        gathered = tp.gather_last_dim_to_first(kv.transpose(-1, -2))  # heads last for the gather
         if gathered is None:
             continue
         full = gathered.transpose(-1, -2)
@@ -64,8 +64,7 @@ def scatter_kv(worker, block_ids: list[int], layers: list[torch.Tensor] | None) 
         full = local[layer_id] if tp.rank == 0 else _full_kv_buffer(worker, len(block_ids))
         tp.broadcast_from_first(full)
         qkv = worker.model.model.layers[str(layer_id)].self_attn.qkv_proj
-        heads = full.narrow(-2, qkv.kv_head_start, qkv.num_kv_heads)
-        worker.runner.write_kv(layer_id, index, heads[0], heads[1])
+        worker.runner.write_kv(layer_id, index, full.narrow(-2, qkv.kv_head_start, qkv.num_kv_heads))
 
 
 def cache_dtype(runner) -> torch.dtype:

@@ -91,7 +91,10 @@ class ModelRunner:
         self.backend = make_backend(attention_backend, device)
         self.sampler = Sampler()
         self.eos_token_ids = eos_token_ids
-        self.kv_caches = allocate_kv(model, num_blocks, block_size, device, dtype)
+        # one [2, blocks, block_size, kv_heads, head_dim] tensor per layer: K and V are its two halves,
+        # so a hand-over reads or writes a layer's K and V of a set of blocks in one kernel
+        self.kv_layers = allocate_kv(model, num_blocks, block_size, device, dtype)
+        self.kv_caches = [(kv[0], kv[1]) if kv is not None else None for kv in self.kv_layers]
         self.generators: dict[int, torch.Generator] = {}
         self.last_sampled: torch.Tensor | None = None  # the last step's tokens, on the device: placeholders' values
         self.embeds_ids = True  # False on a later pipeline stage: it takes hidden states, its ids go unread
@@ -216,18 +219,14 @@ class ModelRunner:
             return index.pin_memory().to(self.device, non_blocking=True)
         return index.to(self.device)
 
-    def read_kv(self, layer_id: int, block_ids) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copy of one layer's KV blocks, [len(block_ids), block_size, kv_heads, head_dim] each
-        (`block_ids`: a list, or a `block_index`)."""
-        index = self.block_index(block_ids)
-        k_cache, v_cache = self.kv_caches[layer_id]
-        return k_cache.index_select(0, index), v_cache.index_select(0, index)
+    def read_kv(self, layer_id: int, block_ids) -> torch.Tensor:
+        """Copy of one layer's K and V of `block_ids`, [2, len(block_ids), block_size, kv_heads, head_dim]:
+        one gather, the KV hand-over's message."""
+        return self.kv_layers[layer_id].index_select(1, self.block_index(block_ids))
 
-    def write_kv(self, layer_id: int, block_ids, k: torch.Tensor, v: torch.Tensor) -> None:
-        index = self.block_index(block_ids)
-        k_cache, v_cache = self.kv_caches[layer_id]
-        k_cache.index_copy_(0, index, k.to(k_cache.device, k_cache.dtype))
-        v_cache.index_copy_(0, index, v.to(v_cache.device, v_cache.dtype))
+    def write_kv(self, layer_id: int, block_ids, kv: torch.Tensor) -> None:
+        cache = self.kv_layers[layer_id]
+        cache.index_copy_(1, self.block_index(block_ids), kv.to(cache.device, cache.dtype))
 
     def forget(self, seq: Sequence) -> None:
         self.generators.pop(seq.seq_id, None)
@@ -241,11 +240,12 @@ def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
 
 
 def allocate_kv(model, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype):
-    """One (K, V) pair per layer of this stage, indexed by global layer id."""
+    """One [2 (K, V), blocks, block_size, kv_heads, head_dim] tensor per layer of this stage,
+    indexed by global layer id (None for another stage's layers)."""
     layers = model.model.layers
     first = next(iter(layers.values())).self_attn
-    shape = (num_blocks, block_size, first.num_kv_heads, model.cfg.head_dim)
+    shape = (2, num_blocks, block_size, first.num_kv_heads, model.cfg.head_dim)
     caches: list = [None] * model.cfg.num_layers
     for layer_id in layers:
-        caches[int(layer_id)] = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        caches[int(layer_id)] = torch.zeros(shape, dtype=dtype, device=device)
     return caches

@@ -54,8 +54,7 @@ def test_prefill_to_decode_matches_one_engine(checkpoint_dir):
         dst_blocks = decode.reserve(rid, handoff.prompt_token_ids, PARAMS)
         assert dst_blocks is not None and len(dst_blocks) == len(handoff.block_ids)
         for layer in range(prefill.arch.num_layers):  # layer by layer, as the transport streams it
-            k, v = prefill.runner.read_kv(layer, handoff.block_ids)
-            decode.runner.write_kv(layer, dst_blocks, k, v)
+            decode.runner.write_kv(layer, dst_blocks, prefill.runner.read_kv(layer, handoff.block_ids))
         decode.commit(rid, handoff.first_token_id)
         prefill.release(rid)
         got[rid] = [handoff.first_token_id]
