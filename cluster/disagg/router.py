@@ -37,6 +37,11 @@ class InstanceView:
         self.dispatched_tokens = 0
         self.dispatched_requests = 0
 
+    def dispatched(self, num_prompt_tokens: int) -> None:
+        """A request was sent here: counted in its load until the next heartbeat's stats include it."""
+        self.dispatched_tokens += num_prompt_tokens
+        self.dispatched_requests += 1
+
 
 class Router:
     def __init__(self, config: RouterConfig):

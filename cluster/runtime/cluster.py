@@ -15,7 +15,7 @@ A disaggregated request's life (one "leg" per completion; n > 1 makes n legs):
       a dead decode instance -> the leg restarts elsewhere from prompt + tokens so far;
       every leg ends in a finish reason or an error the client sees.
 Each instance is read by one long-poll task (all its deltas per call); a heartbeat task
-refreshes loads, the store's registry and prefix index, and notices dead instances.
+(heartbeat.py) refreshes loads, the store's registry and prefix index, and notices dead instances.
 """
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ from cluster.disagg.router import InstanceView, Router
 from cluster.engine.kv_cache import prefix_hashes
 from cluster.runtime.client import EngineClient, ModelInfo, Overloaded
 from cluster.runtime.instance import RequestSpec
-from cluster.runtime.leg import Leg
+from cluster.runtime.heartbeat import Heartbeat
+from cluster.runtime.leg import Leg, journal_finish, journal_start
+from cluster.store.base import InstanceInfo
 from cluster.types import FinishReason, Role, SamplingParams, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -64,8 +66,6 @@ class ClusterClient(EngineClient):
         view.refresh(await handle.stats.remote())
         self.instances[instance_id] = view
         self.poll_tasks[instance_id] = asyncio.create_task(self._poll(view))
-        from cluster.store.base import InstanceInfo
-
         self.store.register_instance(InstanceInfo(instance_id, role, info["link_address"] or instance_id,
                                                   num_blocks=info["num_blocks"], block_size=info["block_size"],
                                                   started_at=time.time()), self.config.router.instance_ttl_s)
@@ -88,7 +88,7 @@ class ClusterClient(EngineClient):
             self.tasks.append(task)
 
     async def start(self) -> None:
-        self.tasks.append(asyncio.create_task(self._heartbeat()))
+        self.tasks.append(asyncio.create_task(Heartbeat(self).run()))
 
     def pool(self, role: Role) -> list[InstanceView]:
         return [v for v in self.instances.values() if v.role == role and v.alive]
@@ -160,7 +160,7 @@ class ClusterClient(EngineClient):
         if not self.config.disaggregated:
             target = self.router.pick_mixed(self.pool(Role.MIXED), hits, len(spec.prompt_token_ids))
             leg.decode_id = target.instance_id
-            self._count(target, spec)
+            target.dispatched(len(spec.prompt_token_ids))
             await target.handle.submit.remote(spec)
             return
         prefill = self.router.pick_prefill(self.pool(Role.PREFILL), hits, len(spec.prompt_token_ids))
@@ -243,13 +243,9 @@ class ClusterClient(EngineClient):
     def _admitted(self, leg: Leg, prefill: InstanceView, decode: InstanceView) -> None:
         """Decode took the leg: it is placed, both instances count its tokens, the journal says where."""
         leg.prefill_id, leg.decode_id = prefill.instance_id, decode.instance_id
-        self._count(prefill, leg.spec)
-        self._count(decode, leg.spec)
-        self._journal_start(leg)
-
-    def _count(self, view: InstanceView, spec: RequestSpec) -> None:
-        view.dispatched_tokens += len(spec.prompt_token_ids)
-        view.dispatched_requests += 1
+        prefill.dispatched(len(leg.spec.prompt_token_ids))
+        decode.dispatched(len(leg.spec.prompt_token_ids))
+        journal_start(self.store, leg)
 
     async def _ensure_link(self, prefill: InstanceView, decode: InstanceView) -> None:
         key = (prefill.instance_id, decode.instance_id)
@@ -333,7 +329,7 @@ class ClusterClient(EngineClient):
             leg.finished_indices.add(delta.index)
             if len(leg.finished_indices) >= (1 if self.config.disaggregated else leg.spec.params.n):
                 leg.done = True
-                self._journal_finish(leg)
+                journal_finish(self.store, leg)
         leg.queue.put_nowait(replace(delta, index=leg.index) if self.config.disaggregated else delta)
 
     # -- (5) failures ---------------------------------------------------------------------------
@@ -378,12 +374,7 @@ class ClusterClient(EngineClient):
             leg.fail(f"retry failed: {exc}")
 
     async def _confirm(self, leg: Leg) -> None:
-        view = self.instances.get(leg.prefill_id)
-        if view is not None and view.alive:
-            try:
-                await view.handle.confirm.remote(leg.leg_id)
-            except Exception:
-                pass
+        await self._tell(leg.prefill_id, "confirm", leg.leg_id)
 
     async def _abort_leg(self, leg: Leg) -> None:
         if not leg.done:  # wake the request's consumer, if it is still waiting
@@ -392,72 +383,16 @@ class ClusterClient(EngineClient):
         self.legs.pop(leg.leg_id, None)
         for instance_id in {leg.prefill_id, leg.decode_id} - {None}:
             await self._abort_remote(instance_id, leg.leg_id)
-        self._journal_finish(leg)
+        journal_finish(self.store, leg)
 
     async def _abort_remote(self, instance_id: str | None, leg_id: str) -> None:
+        await self._tell(instance_id, "abort", leg_id)
+
+    async def _tell(self, instance_id: str | None, method: str, leg_id: str) -> None:
+        """`method(leg_id)` on a live instance; one that died meanwhile took the leg's KV with it."""
         view = self.instances.get(instance_id or "")
         if view is not None and view.alive:
             try:
-                await view.handle.abort.remote(leg_id)
-            except Exception:  # it died meanwhile; its KV is gone with it
+                await getattr(view.handle, method).remote(leg_id)
+            except Exception:
                 pass
-
-    # -- heartbeat --------------------------------------------------------------------------------
-    async def _heartbeat(self) -> None:
-        while True:
-            try:
-                await self._beat()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # e.g. the store is unreachable: keep serving, try again next beat
-                log.exception("heartbeat")
-            await asyncio.sleep(self.config.router.heartbeat_s)
-
-    async def _beat(self) -> None:
-        """Refresh every live instance's load, the store's registry and prefix index, the metrics."""
-        from cluster.store.base import InstanceLoad
-
-        for view in [v for v in self.instances.values() if v.alive]:
-            try:
-                stats = await asyncio.wait_for(view.handle.stats.remote(), self.config.router.instance_ttl_s)
-                hashes = await view.handle.prefix_hashes.remote()
-            except Exception as exc:
-                await self._instance_died(view, f"heartbeat failed: {type(exc).__name__}: {exc}")
-                continue
-            view.refresh(stats)
-            load = InstanceLoad(stats["num_running"], stats["num_waiting"], stats["num_queued_prefill_tokens"],
-                                stats["num_free_blocks"], min(1.0, stats["kv_usage"]), time.time())
-            self.store.heartbeat(view.instance_id, load, self.config.router.instance_ttl_s)
-            if hashes:
-                self.store.add_prefix_blocks(view.instance_id, hashes[-4096:])
-            self._export(view, stats)
-        if self.metrics is not None:
-            for role in Role:
-                self.metrics.set_pool_size(role.value, len(self.pool(role)), model=self._info.name)
-
-    def _export(self, view: InstanceView, stats: dict) -> None:
-        if self.metrics is None:
-            return
-        model, pool = self._info.name, view.role.value
-        self.metrics.set_engine_stats(pool, view.instance_id, stats, model=model)
-        sent = stats.get("kv_bytes_sent", 0)
-        if sent > view.kv_bytes_reported:
-            self.metrics.kv_transfer_bytes.labels(model, pool, view.instance_id).inc(sent - view.kv_bytes_reported)
-            view.kv_bytes_reported = sent
-        for seconds in stats.get("transfer_latencies_s", []):
-            self.metrics.kv_transfer_latency.labels(model, pool, view.instance_id).observe(seconds)
-
-    def _journal_start(self, leg: Leg) -> None:
-        from cluster.store.base import JournalEntry, JournalState
-
-        try:
-            self.store.journal_start(leg.leg_id, JournalEntry(leg.leg_id, leg.spec.prompt_token_ids, {"n": 1},
-                                                              leg.prefill_id, leg.decode_id, JournalState.PREFILLING))
-        except ValueError:
-            pass
-
-    def _journal_finish(self, leg: Leg) -> None:
-        try:
-            self.store.journal_finish(leg.leg_id)
-        except Exception:
-            pass

@@ -41,3 +41,21 @@ class Leg:
             if i not in self.finished_indices:
                 self.queue.put_nowait(error_delta(self.leg_id, i, message))
         self.done = True
+
+
+def journal_start(store, leg: Leg) -> None:
+    """The store's journal says where the leg runs (so a request on a dead instance can be found)."""
+    from cluster.store.base import JournalEntry, JournalState
+
+    try:
+        store.journal_start(leg.leg_id, JournalEntry(leg.leg_id, leg.spec.prompt_token_ids, {"n": 1},
+                                                     leg.prefill_id, leg.decode_id, JournalState.PREFILLING))
+    except ValueError:
+        pass
+
+
+def journal_finish(store, leg: Leg) -> None:
+    try:
+        store.journal_finish(leg.leg_id)
+    except Exception:  # the store may be unreachable: the entry expires
+        pass
