@@ -175,15 +175,17 @@ def test_a_tp2_instance_fills_placeholders_on_every_rank(checkpoint_dir):
 
 
 @pytest.mark.slow
-def test_pp2_keeps_two_batches_in_the_stages_and_gives_the_same_outputs(checkpoint_dir):
+@pytest.mark.parametrize("pool", ["roomy", "preempting"])
+def test_pp2_keeps_two_batches_in_the_stages_and_gives_the_same_outputs(checkpoint_dir, pool):
     """PP=2 (two processes, gloo): the running sequences take turns in two batches, and the next
     batch's layers are launched before the previous batch's rows are waited for, so stage 0 is not
     idle while stage 1 works. Outputs (stops, seeds, min_tokens, logprobs, penalties) are the
     synchronous single-process engine's."""
     model_dir = checkpoint_dir("qwen2")
     requests = _workload(model_dir)
-    expected = _run(_engine(model_dir, async_scheduling=False), requests)
-    engine = _engine(model_dir, async_scheduling=True, pipeline_parallel_size=2)
+    sizes = {"roomy": {}, "preempting": {"num_blocks": 12}}[pool]  # preempting: sequences in the stages too
+    expected = _run(_engine(model_dir, async_scheduling=False, **sizes), requests)
+    engine = _engine(model_dir, async_scheduling=True, pipeline_parallel_size=2, **sizes)
     events: list[tuple[str, int]] = []  # (what, sequences launched)
     launch_forward, finish = engine.executor.launch_forward, engine.executor.finish
 
@@ -198,6 +200,7 @@ def test_pp2_keeps_two_batches_in_the_stages_and_gives_the_same_outputs(checkpoi
     engine.executor.launch_forward, engine.executor.finish = recording_launch_forward, recording_finish
     try:
         assert _run(engine, requests) == expected
+        assert pool == "roomy" or engine.scheduler.num_preemptions > 0
     finally:
         engine.shutdown()
     # a launch right after a launch, before any finish: two steps (of disjoint batches: a sequence in
