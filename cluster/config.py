@@ -111,6 +111,9 @@ class ParallelConfig:
     overlap_ep_comm: bool = False  # the same two micro-batches hide MoE dispatch/combine behind expert compute
     overlap_min_tokens: int = 512  # steps with fewer tokens are not split (decode would read the weights twice)
     one_shot_all_reduce_max_bytes: int = 8 << 20  # CUDA: TP all-reduces up to this size go through peer memory, not NCCL; 0: off
+    # NCCL's streams at high priority: a collective's blocks are scheduled as soon as the compute
+    # stream's kernels free SMs (overlap), not after every block already queued
+    comm_high_priority: bool = True
     async_pp_send: bool = True  # a stage sends activations without waiting for the send before computing on
     num_pp_microbatches: int = 0  # micro-batches per step in flight through the stages; 0: pipeline_parallel_size
     master_addr: str = "127.0.0.1"  # where the driver's rendezvous store listens and gloo binds (ranks share a host)

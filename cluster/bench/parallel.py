@@ -203,9 +203,12 @@ def part_dense(args, allreduce_us: dict[int, float]) -> None:
     path = ensure_llama8b(args.llama_dir, args)
     # (tp, all-reduce path): TP=1; TP=2 as the engine runs it (one-shot peer memory for small
     # messages); TP=2 on NCCL alone, the reference for what the one-shot kernel buys
-    for tp, way in [(1, "none"), (2, "engine")] + ([(2, "nccl")] if args.tp2_nccl else []):
+    ways = [(1, "none"), (2, "engine")] + ([(2, "nccl")] if args.tp2_nccl else [])
+    ways += [(2, "engine_normal_priority")] if args.tp2_normal_priority else []  # NCCL streams at normal priority
+    for tp, way in ways:
         t0 = time.time()
         extra = {"one_shot_all_reduce_max_bytes": 0} if way == "nccl" else {}
+        extra |= {"comm_high_priority": False} if way == "engine_normal_priority" else {}
         engine = make_engine(path, args, tensor_parallel_size=tp, **extra)
         info = {k: v for k, v in engine.executor.stats().items() if k.startswith("one_shot")} if tp > 1 else {}
         emit(args, {"part": "dense", "tp": tp, "allreduce": way, "engine_start_s": time.time() - t0, **info})
@@ -216,16 +219,16 @@ def part_dense(args, allreduce_us: dict[int, float]) -> None:
         variants = {"single": {}, "single_sync": dict(async_scheduling=False)} if tp == 1 else {
             "overlap_off": dict(overlap_tp=False, eager=False),
             "overlap_off_sync": dict(overlap_tp=False, eager=False, async_scheduling=False)}
-        if tp > 1 and way == "engine" and args.eager_overlap:
+        if tp > 1 and way.startswith("engine") and args.eager_overlap:
             variants.update(overlap_off_eager=dict(overlap_tp=False, eager=True), overlap_on=dict(overlap_tp=True, eager=True))
         prefill_variants = dict(variants)
-        if tp > 1 and way == "engine":
+        if tp > 1 and way.startswith("engine"):
             prefill_variants["overlap_on"] = dict(overlap_tp=True, eager=True)
         try:
             rows = decode_sweep(engine, args, tp, variants)
             for row in rows:
                 row["allreduce"] = way
-                if tp == 2 and row["batch"] in allreduce_us and way == "engine":
+                if tp == 2 and row["batch"] in allreduce_us and way.startswith("engine"):
                     row["allreduce_ms_per_step"] = 2 * engine.arch.num_layers * allreduce_us[row["batch"]] / 1e3
                 emit(args, {"part": "dense", "phase": "decode", **row})
             if way != "nccl":
@@ -347,6 +350,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="parallel_bench.jsonl")
     ap.add_argument("--eager-overlap", action="store_true", help="also time decode overlap on/off eagerly")
     ap.add_argument("--tp2-nccl", action="store_true", help="dense: also TP=2 with NCCL alone (no one-shot all-reduce)")
+    ap.add_argument("--tp2-normal-priority", action="store_true",
+                    help="dense: also TP=2 with NCCL's streams at normal priority (ParallelConfig.comm_high_priority off)")
     ap.add_argument("--profile", action="store_true", help="also print the driver's top kernels per decode step")
     ap.add_argument("--smoke", action="store_true", help="CPU + gloo + tiny models: checks the script, measures nothing")
     args = ap.parse_args(argv)

@@ -306,7 +306,8 @@ def pair_group(store, name: str, rank: int, kind: str, timeout_s: float, host_ad
     Returns the raw backend (gloo or NCCL), whose send/recv take a peer rank and a tag.
     """
     timeout = datetime.timedelta(seconds=timeout_s)
-    backend, _, _ = _BACKENDS[kind](dist.PrefixStore(name, store), rank, 2, timeout, host_addr)
+    # high priority: a layer's KV leaves while the prefill's next layer computes
+    backend, _, _ = _BACKENDS[kind](dist.PrefixStore(name, store), rank, 2, timeout, host_addr, True)
     return backend
 
 
@@ -323,7 +324,8 @@ def build_groups(world_rank: int, parallel, backend: str, store, instance_id: st
     prefix = f"{instance_id}/" if instance_id else ""
 
     def make(name: str, ranks: list[int], kind: str, group_timeout=timeout):
-        return _new_group(store, prefix + name, ranks.index(world_rank), len(ranks), kind, group_timeout, host_addr)
+        return _new_group(store, prefix + name, ranks.index(world_rank), len(ranks), kind, group_timeout, host_addr,
+                          parallel.comm_high_priority)
 
     # one global order: host, tp0..tp(pp-1), pipe0.., back0..
     host = make("host", list(range(tp * pp)), "gloo", HOST_GROUP_TIMEOUT) if tp * pp > 1 else None
@@ -340,7 +342,7 @@ def build_groups(world_rank: int, parallel, backend: str, store, instance_id: st
                           HostGroup(world_rank, tp * pp, host), backend, store, prefix + f"tp{stage}")
 
 
-def _gloo(prefix_store, rank: int, size: int, timeout, host_addr: str):
+def _gloo(prefix_store, rank: int, size: int, timeout, host_addr: str, high_priority: bool = False):
     opts = dist.ProcessGroupGloo._Options()
     opts._timeout = timeout
     opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host_addr)]
@@ -348,8 +350,9 @@ def _gloo(prefix_store, rank: int, size: int, timeout, host_addr: str):
     return backend, dist.ProcessGroup.BackendType.GLOO, torch.device("cpu")
 
 
-def _nccl(prefix_store, rank: int, size: int, timeout, host_addr: str):
+def _nccl(prefix_store, rank: int, size: int, timeout, host_addr: str, high_priority: bool = False):
     opts = dist.ProcessGroupNCCL.Options()
+    opts.is_high_priority_stream = high_priority
     opts._timeout = timeout
     backend = dist.ProcessGroupNCCL(prefix_store, rank, size, opts)
     return backend, dist.ProcessGroup.BackendType.NCCL, torch.device("cuda")
@@ -358,12 +361,12 @@ def _nccl(prefix_store, rank: int, size: int, timeout, host_addr: str):
 _BACKENDS = {"gloo": _gloo, "nccl": _nccl}  # an NPU platform adds its collective library here
 
 
-def _new_group(store, name: str, rank: int, size: int, kind: str, timeout, host_addr: str):
+def _new_group(store, name: str, rank: int, size: int, kind: str, timeout, host_addr: str, high_priority: bool = False):
     if kind not in _BACKENDS:
         raise ValueError(f"no process-group backend {kind!r}; known: {', '.join(_BACKENDS)}")
     prefix_store = dist.PrefixStore(name, store)
     group = dist.ProcessGroup(prefix_store, rank, size)
-    backend, backend_type, device = _BACKENDS[kind](prefix_store, rank, size, timeout, host_addr)
+    backend, backend_type, device = _BACKENDS[kind](prefix_store, rank, size, timeout, host_addr, high_priority)
     group._set_default_backend(backend_type)
     if hasattr(backend, "_set_sequence_number_for_group"):
         backend._set_sequence_number_for_group()
