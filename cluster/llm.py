@@ -24,7 +24,8 @@ class LLM:
                  max_model_len: int | None = None, block_size: int = 16, num_blocks: int | None = None,
                  kv_memory_bytes: int | None = None, enable_prefix_caching: bool = True,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, enable_chunked_prefill: bool = True,
-                 attention_backend: str = "auto", enable_cuda_graphs: bool = True, seed: int = 0,
+                 attention_backend: str = "auto", enable_cuda_graphs: bool = True, async_scheduling: bool = True,
+                 seed: int = 0,
                  tensor_parallel_size: int | None = None, pipeline_parallel_size: int | None = None,
                  expert_parallel: bool | None = None, parallel_config: ParallelConfig | None = None,
                  progress: bool = True):
@@ -47,7 +48,8 @@ class LLM:
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       enable_chunked_prefill=enable_chunked_prefill),
-            runner=RunnerConfig(device=device, attention_backend=attention_backend, enable_cuda_graphs=enable_cuda_graphs),
+            runner=RunnerConfig(device=device, attention_backend=attention_backend, enable_cuda_graphs=enable_cuda_graphs,
+                                async_scheduling=async_scheduling),
             parallel=_parallel(parallel_config, tensor_parallel_size, pipeline_parallel_size, expert_parallel),
         )
         tokenizer = Tokenizer.from_dir(model) if os.path.isfile(os.path.join(model, "tokenizer.json")) else None

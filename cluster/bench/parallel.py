@@ -277,7 +277,9 @@ def part_moe(args) -> None:
     for name, sizes, variants in (
         ("ep2", dict(tensor_parallel_size=2, expert_parallel_size=2),
          {"overlap_off": dict(overlap_ep=False, overlap_tp=False), "overlap_on": dict(overlap_ep=True, overlap_tp=True)}),
-        ("tp2", dict(tensor_parallel_size=2), {"overlap_off": dict(overlap_tp=False)}),
+        # tp2 decodes as captured graphs (grouped GEMM, no host sync); eager for the comparison
+        ("tp2", dict(tensor_parallel_size=2), {"overlap_off": dict(overlap_tp=False, eager=False),
+                                              "overlap_off_eager": dict(overlap_tp=False, eager=True)}),
     ):
         t0 = time.time()
         engine = make_engine(path, args, **sizes)

@@ -29,6 +29,7 @@ from cluster.engine.sampler import DeviceSample, Sampler, SamplingBatch
 from cluster.engine.scheduler import SchedulerOutput
 from cluster.engine.sequence import Sequence
 from cluster.engine.step_plan import StepPlan, plan_step
+from cluster.parallel.experts import grouped_mm_runs
 from cluster.types import TokenLogprob
 
 
@@ -99,8 +100,9 @@ class ModelRunner:
         self.last_sampled: torch.Tensor | None = None  # the last step's tokens, on the device: placeholders' values
         self.embeds_ids = True  # False on a later pipeline stage: it takes hidden states, its ids go unread
         self.graphs = None
-        # the MoE expert loop syncs with the host (per-expert token counts): not capturable yet
-        if enable_cuda_graphs and device.type == "cuda" and not model.cfg.is_moe:
+        # MoE: the grouped-GEMM path never waits for the host and is captured; the per-expert loop
+        # (no grouped GEMM on this device or dtype) reads the expert counts on the host, so it is not
+        if enable_cuda_graphs and device.type == "cuda" and (not model.cfg.is_moe or grouped_mm_runs(device, dtype)):
             self.graphs = DecodeGraphs(self, cuda_graph_max_batch)
 
     # -- (1) inputs ----------------------------------------------------------

@@ -40,9 +40,13 @@ def expert_counts(flat_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 def grouped_mm_available(x: torch.Tensor) -> bool:
     """torch._grouped_mm runs bf16 on Hopper-class GPUs and newer."""
-    if not (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
+    return grouped_mm_runs(x.device, x.dtype)
+
+
+def grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    if not (device.type == "cuda" and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
         return False
-    return torch.cuda.get_device_capability(x.device)[0] >= 9
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def expert_mlp(rows: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
