@@ -17,6 +17,7 @@ The runner owns the KV tensors; `kv_cache.KVCacheManager` owns the block ids.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ from cluster.engine.sequence import Sequence
 from cluster.engine.step_plan import StepPlan, plan_step
 from cluster.parallel.experts import grouped_mm_runs
 from cluster.types import TokenLogprob
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -103,7 +106,12 @@ class ModelRunner:
         # MoE: the grouped-GEMM path never waits for the host and is captured; the per-expert loop
         # (no grouped GEMM on this device or dtype) reads the expert counts on the host, so it is not
         if enable_cuda_graphs and device.type == "cuda" and (not model.cfg.is_moe or grouped_mm_runs(device, dtype)):
-            self.graphs = DecodeGraphs(self, cuda_graph_max_batch)
+            try:
+                self.graphs = DecodeGraphs(self, cuda_graph_max_batch)
+            except RuntimeError as exc:  # MoE capture is new on GPUs: serve eagerly rather than not at all
+                if not model.cfg.is_moe:
+                    raise
+                log.warning("MoE decode could not be captured as CUDA graphs, running eagerly: %s", exc)
 
     # -- (1) inputs ----------------------------------------------------------
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
