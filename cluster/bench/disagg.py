@@ -8,7 +8,9 @@ a KV link made on demand by our transport (NCCL, one group for the pair):
       and all layers in one message (the hardware-path reference);
   (2) our transfer of one request's KV (gather blocks -> send per layer -> recv ->
       scatter into reserved blocks), back to back: bandwidth beside (1), both against one
-      message of all the KV and against the same per-layer messages sent raw;
+      message of all the KV and against the same per-layer messages sent raw; and the same
+      with the layers stacked into messages of up to 64 MiB (`transfer_stacked`: how a
+      multi-rank prefill sends its gathered KV);
   (3) TTFT of one `--prompt-len` prompt with layer-wise streaming to decode (1P1D) vs the
       same engine without a transfer (colocated), and time to the second token on decode.
 """
@@ -151,34 +153,50 @@ def prefill_main(args, q_to_decode, q_from_decode, results):
     seq = engine.requests["t"].seqs[0]
     plan_blocks = seq.block_ids[: -(-len(prompt) // engine.kv.block_size)]
     index = engine.runner.block_index(plan_blocks)
-    count = engine.arch.num_layers + 1
     shape = tuple(engine.runner.read_kv(0, index).shape)
     first = torch.tensor([seq.token_ids[-1]], device=engine.device)
+    nbytes = layer_bytes * engine.arch.num_layers
+    # per layer: as a one-rank prefill streams it; stacked: as a multi-rank prefill sends its gathered
+    # KV after the step (PrefillWorker._groups: up to GROUP_BYTES a message)
+    for name, groups in (("transfer_only", [(layer, layer + 1) for layer in range(engine.arch.num_layers)]),
+                         ("transfer_stacked", worker._groups(seq))):
+        runs = _transfer_runs(args, engine, transport, worker, q_to_decode, q_from_decode, prompt, index, shape, first,
+                              groups, base_tid=1000 if name == "transfer_only" else 2000)
+        landed = sorted(r["landed_ms"] for r in runs)[len(runs) // 2]
+        joined = sorted(r["joined_ms"] for r in runs)[len(runs) // 2]
+        results[name] = {"bytes": nbytes, "messages": len(groups) + 1, "runs": runs, "landed_ms_median": landed,
+                         "joined_ms_median": joined, "gb_s": nbytes / (landed / 1e3) / 1e9,
+                         "gb_s_to_joined": nbytes / (joined / 1e3) / 1e9}
+    _say("prefill", "transfer-only done")
+    q_to_decode.put(("stop", 0, None))
+
+
+def _transfer_runs(args, engine, transport, worker, q_to_decode, q_from_decode, prompt, index, shape, first, groups,
+                   base_tid: int) -> list[dict]:
+    """One request's KV, every layer, `--repeats` times back to back, sent as `groups` (layer ranges
+    stacked into one message each), then the first token; both sides stamp each run."""
+    count = len(groups) + 1
+    stacked = any(end - start > 1 for start, end in groups)
     runs = []
     for r in range(args.repeats + 1):
-        tid = 1000 + r
+        tid = base_tid + r
         q_to_decode.put(("expect", tid, prompt))
         assert q_from_decode.get() == "reserved"
         _sync()
         t0 = time.monotonic()
-        transport.announce("D", [(tid, layer, count, shape, worker.kv_dtype) for layer in range(count - 1)]
-                           + [(tid, count - 1, count, (1,), torch.int64)])
-        for layer in range(engine.arch.num_layers):
-            transport.send_layer("D", tid, layer, count, engine.runner.read_kv(layer, index))
+        transport.announce("D", [(tid, i, count, (end - start, *shape) if stacked else shape, worker.kv_dtype)
+                                 for i, (start, end) in enumerate(groups)] + [(tid, count - 1, count, (1,), torch.int64)])
+        for i, (start, end) in enumerate(groups):
+            kv = (torch.stack([engine.runner.read_kv(layer, index) for layer in range(start, end)]) if stacked
+                  else engine.runner.read_kv(start, index))
+            transport.send_layer("D", tid, i, count, kv)
         transport.send_layer("D", tid, count - 1, count, first)
         posted = time.monotonic()
         stamps = q_from_decode.get()
         sent = transport.trackers[tid].done_s if tid in transport.trackers else None
         runs.append({"posted_ms": (posted - t0) * 1e3, "sent_ms": (sent - t0) * 1e3 if sent else None,
                      "landed_ms": (stamps["landed_s"] - t0) * 1e3, "joined_ms": (stamps["joined_s"] - t0) * 1e3})
-    runs = runs[1:]  # the first pays for allocations
-    nbytes = layer_bytes * engine.arch.num_layers
-    landed = sorted(r["landed_ms"] for r in runs)[len(runs) // 2]
-    joined = sorted(r["joined_ms"] for r in runs)[len(runs) // 2]
-    results["transfer_only"] = {"bytes": nbytes, "runs": runs, "landed_ms_median": landed, "joined_ms_median": joined,
-                                "gb_s": nbytes / (landed / 1e3) / 1e9, "gb_s_to_joined": nbytes / (joined / 1e3) / 1e9}
-    _say("prefill", "transfer-only done")
-    q_to_decode.put(("stop", 0, None))
+    return runs[1:]  # the first pays for allocations
 
 
 def decode_main(args, q_to_decode, q_from_decode, results):

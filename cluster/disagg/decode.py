@@ -1,8 +1,9 @@
 """The decode side of disaggregation: reserve blocks, receive KV, join the batch.
 
   (1) `reserve` allocates blocks for the prompt's KV before anything moves and
-      posts the receives (one message per layer, then the first token); a
-      decode instance never accepts KV it has no blocks for (None: pick another);
+      posts the receives (one message per layer, then the first token; the sender may
+      stack several layers in one message); a decode instance never accepts KV it has
+      no blocks for (None: pick another);
   (2) `poll`, between steps, checks every pending transfer without blocking:
         DONE    -> KV copied into the reserved blocks, request joins the batch;
         FAILED or older than transfer_timeout_s -> recompute the prompt here
@@ -80,7 +81,7 @@ class DecodeWorker:
         if first_token < 0:  # the prefill side had no first token to send
             self._fall_back(p, "ended without a first token")
             return
-        self.engine.executor.scatter_kv(p.block_ids, messages[:-1])
+        self.engine.executor.scatter_kv(p.block_ids, per_layer(messages[:-1]))
         del self.pending[p.request_id]
         self.transfer_latencies_s.append(time.monotonic() - p.started_s)
         self.engine.commit(p.request_id, first_token)
@@ -127,3 +128,12 @@ class DecodeWorker:
         if p is not None:
             self.transport.forget(p.transfer_id)
         self.engine.abort(request_id)
+
+
+def per_layer(messages: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Landed KV messages as one [2, blocks, block_size, heads, dim] tensor per layer: a message is
+    one layer, or several stacked ([k, 2, ...])."""
+    layers: list[torch.Tensor] = []
+    for message in messages:
+        layers.extend(message.unbind(0) if message.dim() == 6 else [message])
+    return layers

@@ -5,7 +5,8 @@
   (2) in the step where a request's last prompt chunk runs, `begin_step` returns a
       hook the model calls after every layer: layer l's KV leaves (an async send)
       while layer l+1 computes (a multi-rank instance instead gathers all heads from its
-      ranks after the step and sends every layer then);
+      ranks after the step and sends the layers then, stacked into messages of up to
+      `GROUP_BYTES`: one post per group, not per layer);
   (3) after the step the first token is sampled and sent as the transfer's last
       message; the request's deltas (that first token) go back to the router;
   (4) `poll` frees a request's blocks once its sends are done and the decode side
@@ -23,6 +24,8 @@ from cluster.disagg.transfer.base import KVTransport, TransferState
 from cluster.engine.engine import Engine
 from cluster.engine.kv_handover import cache_dtype, full_kv_shape
 from cluster.types import FinishReason, SamplingParams, TokenDelta
+
+GROUP_BYTES = 64 << 20  # gathered KV leaves in messages of up to this many bytes (several layers each)
 
 
 @dataclass
@@ -47,6 +50,7 @@ class PrefillWorker:
         self.num_layers = engine.arch.num_layers
         self.multi_rank = engine.config.parallel.world_size > 1
         self.kv_dtype = cache_dtype(engine.runner)
+        self.num_messages: dict[int, int] = {}  # transfer id -> messages it is sent as (the first token last)
         self.bytes_sent = 0
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, peer_id: str,
@@ -77,19 +81,32 @@ class PrefillWorker:
         request-major (several ranks: gathered after the step), then each request's first token."""
         if not self.sending:
             return
-        layers = range(self.num_layers)
-        if self.multi_rank:
-            order = [(seq, plan, layer) for seq, plan in self.sending for layer in layers]
-        else:
-            order = [(seq, plan, layer) for layer in layers for seq, plan in self.sending]
         per_peer: dict[str, list] = {}
-        count = self.num_layers + 1
-        for seq, plan, layer in order:
-            per_peer.setdefault(plan.peer_id, []).append((plan.transfer_id, layer, count, self._kv_shape(seq), self.kv_dtype))
+        if self.multi_rank:  # request-major, each request's layers stacked in groups
+            for seq, plan in self.sending:
+                groups = self._groups(seq)
+                count = self.num_messages[plan.transfer_id] = len(groups) + 1
+                for index, (start, end) in enumerate(groups):
+                    shape = (end - start, *self._kv_shape(seq))
+                    per_peer.setdefault(plan.peer_id, []).append((plan.transfer_id, index, count, shape, self.kv_dtype))
+        else:  # layer-major across requests, one layer a message
+            for _, plan in self.sending:
+                self.num_messages[plan.transfer_id] = self.num_layers + 1
+            for layer in range(self.num_layers):
+                for seq, plan in self.sending:
+                    per_peer.setdefault(plan.peer_id, []).append(
+                        (plan.transfer_id, layer, self.num_layers + 1, self._kv_shape(seq), self.kv_dtype))
         for _, plan in self.sending:
-            per_peer.setdefault(plan.peer_id, []).append((plan.transfer_id, self.num_layers, count, (1,), torch.int64))
+            count = self.num_messages[plan.transfer_id]
+            per_peer.setdefault(plan.peer_id, []).append((plan.transfer_id, count - 1, count, (1,), torch.int64))
         for peer_id, messages in per_peer.items():
             self.transport.announce(peer_id, messages)
+
+    def _groups(self, seq) -> list[tuple[int, int]]:
+        """[start, end) layer ranges of the stacked messages of `seq`'s gathered KV."""
+        layer_bytes = max(1, torch.Size(self._kv_shape(seq)).numel() * torch.tensor([], dtype=self.kv_dtype).element_size())
+        per_group = max(1, GROUP_BYTES // layer_bytes)
+        return [(start, min(start + per_group, self.num_layers)) for start in range(0, self.num_layers, per_group)]
 
     def _kv_shape(self, seq) -> tuple[int, ...]:
         """One layer of `seq`'s prompt KV, all heads."""
@@ -107,9 +124,13 @@ class PrefillWorker:
     # -- (3) after the step ----------------------------------------------------------------
     def _send_gathered(self) -> None:
         for seq, plan in self.sending:
-            for layer_id, kv in enumerate(self.engine.executor.gather_kv(seq.block_ids[: self._num_blocks(seq)])):
+            layers = self.engine.executor.gather_kv(seq.block_ids[: self._num_blocks(seq)])
+            count = self.num_messages[plan.transfer_id]
+            for index, (start, end) in enumerate(self._groups(seq)):
+                kv = torch.stack(layers[start:end])
                 self.bytes_sent += kv.numel() * kv.element_size()
-                self.transport.send_layer(plan.peer_id, plan.transfer_id, layer_id, self.num_layers + 1, kv)
+                self.transport.send_layer(plan.peer_id, plan.transfer_id, index, count, kv)
+                layers[start:end] = [None] * (end - start)  # a group's copies go once it is stacked
 
     def step(self) -> list[TokenDelta]:
         deltas = self.engine.step()
@@ -121,7 +142,8 @@ class PrefillWorker:
             # -1: no first token came out of this step (the request went away); the decode side recomputes
             token = delta.token_ids[0] if delta is not None and delta.token_ids else -1
             first = torch.tensor([token], dtype=torch.int64, device=self.engine.device)
-            self.transport.send_layer(plan.peer_id, plan.transfer_id, self.num_layers, self.num_layers + 1, first)
+            count = self.num_messages.pop(plan.transfer_id)
+            self.transport.send_layer(plan.peer_id, plan.transfer_id, count - 1, count, first)
             plan.first_sent = True
             if delta is not None and delta.finish_reason == FinishReason.PREFILLED:
                 delta.finish_reason = None  # the decode side continues the stream

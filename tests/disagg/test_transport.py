@@ -174,3 +174,42 @@ def test_messages_before_their_expect_wait_for_it_and_are_checked_against_it():
     assert _poll(decode.recv_state, 21) == TransferState.FAILED and "expected" in decode.error(21)
     assert not decode.early
     proc.join(timeout=10)
+
+
+def _stacking_sender(address_q, result_q):
+    t = TorchDistTransport("prefill-4", timeout_s=5.0)
+    t.connect("decode-4", address_q.get(), is_master=False)
+    stacked = torch.stack([_layer(30, 0), _layer(30, 1)])
+    # 30: layers 0-1 stacked in one message, then layer 2: fits the three layers reserved
+    t.send_layer("decode-4", 30, 0, 2, stacked)
+    t.send_layer("decode-4", 30, 1, 2, _layer(30, 2))
+    # 31: all three stacked, sent before the decode side expects it (checked when it does)
+    t.send_layer("decode-4", 31, 0, 1, torch.stack([_layer(31, i) for i in range(LAYERS)]))
+    # 32: two of three layers, then nothing: short of what was reserved
+    t.send_layer("decode-4", 32, 0, 1, torch.stack([_layer(32, 0), _layer(32, 1)]))
+    # 33: stacked layers of another shape
+    t.send_layer("decode-4", 33, 0, 1, torch.zeros(LAYERS, 3, 3))
+    result_q.put([_poll(t.send_state, i).value for i in (30, 31, 32, 33)])
+    time.sleep(1.0)
+
+
+def test_a_sender_may_stack_consecutive_layers_in_one_message():
+    """A multi-rank prefill has every layer ready after its step and sends them stacked (one post
+    per group, not per layer): the receiver takes [k, *layer] as k expected messages, checked in
+    order, before or after `expect`; a transfer that covers less, or other shapes, fails."""
+    decode, result_q, proc = _decode_side_of(_stacking_sender, "decode-4", "prefill-4")
+    cpu = torch.device("cpu")
+    layers = [(SHAPE, torch.float32)] * LAYERS
+    for transfer_id in (30, 32, 33):
+        decode.expect("prefill-4", transfer_id, layers, cpu)
+    assert _poll(decode.recv_state, 30) == TransferState.DONE
+    got = decode.take(30)
+    assert len(got) == 2 and got[0].shape == (2, *SHAPE)
+    assert all(torch.equal(layer, _layer(30, i)) for i, layer in enumerate([*got[0].unbind(0), got[1]]))
+    assert result_q.get(timeout=10) == ["done"] * 4
+    decode.expect("prefill-4", 31, layers, cpu)  # its message came first
+    assert _poll(decode.recv_state, 31) == TransferState.DONE
+    assert torch.equal(decode.take(31)[0][2], _layer(31, 2))
+    assert _poll(decode.recv_state, 32) == TransferState.FAILED and "ended after 2 of the 3" in decode.error(32)
+    assert _poll(decode.recv_state, 33) == TransferState.FAILED and "stacked" in decode.error(33)
+    proc.join(timeout=10)

@@ -74,14 +74,17 @@ class Tracker:
     Receiver: the messages it expects, filled in by the link's receiver thread."""
 
     peer_id: str
-    num_expected: int
-    specs: list | None = None  # receiver: (shape, dtype) per message
+    num_expected: int | None  # messages; None: not known yet (the receiver learns it from the first header)
+    specs: list | None = None  # receiver: (shape, dtype) per expected message (the sender may stack several)
     state: TransferState = TransferState.WAITING
     buffers: list = field(default_factory=list)
     num_done: int = 0
     error: str | None = None
     done_s: float | None = None  # time.monotonic() when its last message completed
     created_s: float = field(default_factory=time.monotonic)
+    announced: list = field(default_factory=list)  # receiver: (shape, dtype) of each header seen, in order
+    num_checked: int = 0  # receiver: announced headers matched against specs so far
+    spec_pos: int = 0  # receiver: expected messages those headers cover
     cond: threading.Condition = field(default_factory=threading.Condition)
 
 

@@ -25,7 +25,8 @@ class LoopbackTransport(KVTransport):
         hub.endpoints[self.address] = self
         self.links: dict[str, str] = {}
         self.inbox: dict[int, dict[int, torch.Tensor]] = defaultdict(dict)
-        self.expected: dict[int, tuple[str, int]] = {}
+        self.expected: dict[int, str] = {}  # transfer -> peer
+        self.counts: dict[int, int] = {}  # transfer -> messages its sender said it sends
         self.sent: dict[int, TransferState] = {}
 
     def listen(self) -> str:
@@ -39,7 +40,7 @@ class LoopbackTransport(KVTransport):
 
     def disconnect(self, peer_id: str) -> None:
         self.links.pop(peer_id, None)
-        for transfer_id, (peer, _) in self.expected.items():
+        for transfer_id, peer in self.expected.items():
             if peer == peer_id:
                 self.inbox[transfer_id][-1] = None  # marks FAILED
 
@@ -49,28 +50,30 @@ class LoopbackTransport(KVTransport):
             self.sent[transfer_id] = TransferState.FAILED
             return
         peer.inbox[transfer_id][layer_id] = kv.clone()
+        peer.counts[transfer_id] = num_layers
         self.sent[transfer_id] = TransferState.DONE if layer_id == num_layers - 1 else TransferState.TRANSFERRING
 
     def send_state(self, transfer_id) -> TransferState:
         return self.sent.get(transfer_id, TransferState.WAITING)
 
     def expect(self, peer_id, transfer_id, specs, device) -> None:
-        self.expected[transfer_id] = (peer_id, len(specs))
+        self.expected[transfer_id] = peer_id
 
     def recv_state(self, transfer_id) -> TransferState:
         got = self.inbox.get(transfer_id, {})
         if -1 in got:
             return TransferState.FAILED
-        if len(got) == self.expected[transfer_id][1]:
+        if got and len(got) == self.counts.get(transfer_id):
             return TransferState.DONE
         return TransferState.TRANSFERRING if got else TransferState.WAITING
 
     def take(self, transfer_id) -> list[torch.Tensor]:
         got = self.inbox.pop(transfer_id)
-        _, num_layers = self.expected.pop(transfer_id)
-        return [got[i] for i in range(num_layers)]
+        self.expected.pop(transfer_id)
+        return [got[i] for i in range(self.counts.pop(transfer_id))]
 
     def forget(self, transfer_id) -> None:
         self.inbox.pop(transfer_id, None)
         self.expected.pop(transfer_id, None)
+        self.counts.pop(transfer_id, None)
         self.sent.pop(transfer_id, None)

@@ -209,12 +209,12 @@ class TorchDistTransport(KVTransport):
     def expect(self, peer_id, transfer_id, specs, device) -> None:
         with self.lock:
             tracker = self.early.pop(transfer_id, None)
-            if tracker is None:
-                tracker = Tracker(peer_id, len(specs), specs=list(specs), buffers=[None] * len(specs))
+            if tracker is None:  # how many messages carry them: the sender's first header says
+                tracker = Tracker(peer_id, None, specs=_normal(specs))
             self.trackers[transfer_id] = tracker
             link = self.links.get(peer_id)
         if tracker.specs is None:
-            self._adopt(tracker, transfer_id, list(specs))
+            self._adopt(tracker, transfer_id, _normal(specs))
         if link is None or link.closed:
             self._fail(tracker, f"no link to {peer_id}" if link is None else link.error)
             return
@@ -298,7 +298,7 @@ class TorchDistTransport(KVTransport):
         for header in headers:
             transfer_id, index, count, shape, dtype = decode_header(header)
             tracker = self._receiving(link.peer_id, transfer_id, count)
-            error = self._mismatch(tracker, transfer_id, index, shape, dtype) if tracker is not None else None
+            error = self._announced(tracker, transfer_id, count, shape, dtype) if tracker is not None else None
             if error:
                 self._fail(tracker, error)
             payload = torch.empty(shape, dtype=dtype, device=link.device)  # scratch if nobody expects it
@@ -332,46 +332,45 @@ class TorchDistTransport(KVTransport):
                 tracker = self.early[transfer_id] = Tracker(peer_id, count, buffers=[None] * count)
         return tracker
 
-    @staticmethod
-    def _mismatch(tracker: Tracker, transfer_id: int, index: int, shape, dtype) -> str | None:
-        """Why message `index` is not what the transfer's `expect` reserved for; None if it is (or not known yet)."""
-        specs = tracker.specs
-        if specs is None:
-            return None
-        if index < len(specs) and (tuple(specs[index][0]), specs[index][1]) == (tuple(shape), dtype):
-            return None
-        want = f"{specs[index][1]}{list(specs[index][0])}" if index < len(specs) else f"{len(specs)} messages"
-        return f"message {index} of transfer {transfer_id} is {dtype}{list(shape)}, expected {want}"
+    def _announced(self, tracker: Tracker, transfer_id: int, count: int, shape, dtype) -> str | None:
+        """A header of `transfer_id` is in: note it, and check it against the transfer's `expect`
+        (if made yet). Why it does not fit; None if it does."""
+        with tracker.cond:
+            if tracker.num_expected is None:
+                tracker.num_expected, tracker.buffers = count, [None] * count
+            elif tracker.num_expected != count:
+                return f"transfer {transfer_id} is sent as {count} messages, its earlier ones said {tracker.num_expected}"
+            tracker.announced.append((tuple(shape), dtype))
+        return _check_layout(tracker, transfer_id) if tracker.specs is not None else None
 
     def _adopt(self, tracker: Tracker, transfer_id: int, specs: list) -> None:
-        """`expect` for a transfer whose first messages came before it: check what landed, then keep it."""
+        """`expect` for a transfer whose first messages came before it: check what was announced, then keep it."""
         with tracker.cond:
             tracker.specs = specs
-            errors = [f"transfer {transfer_id} sends {tracker.num_expected} messages, expected {len(specs)}"] \
-                if tracker.num_expected != len(specs) else []
-            errors += [e for i, b in enumerate(tracker.buffers) if b is not None
-                       for e in [self._mismatch(tracker, transfer_id, i, b.shape, b.dtype)] if e]
-            if errors:  # even if every message is in: it is not the KV this side reserved for
-                tracker.state, tracker.error = TransferState.FAILED, errors[0]
+        error = _check_layout(tracker, transfer_id)
+        with tracker.cond:
+            if error is None and tracker.state == TransferState.DONE:
+                error = _short(tracker, transfer_id)
+            if error:  # even if every message is in: it is not the KV this side reserved for
+                tracker.state, tracker.error = TransferState.FAILED, error
             ended = tracker.state in (TransferState.DONE, TransferState.FAILED)
         if ended and self.on_ready is not None:
             self.on_ready()
 
     def _landed(self, tracker: Tracker, transfer_id: int, index: int, payload: torch.Tensor) -> None:
-        error = self._mismatch(tracker, transfer_id, index, payload.shape, payload.dtype)  # posted before its expect
-        if error:
-            self._fail(tracker, error)
-            return
         with tracker.cond:
             if tracker.state == TransferState.FAILED or tracker.buffers[index] is not None:
                 return
             tracker.buffers[index] = payload
             tracker.num_done += 1
-            if tracker.num_done >= tracker.num_expected:
+            short = _short(tracker, transfer_id) if tracker.num_done >= tracker.num_expected else None
+            if short:
+                tracker.state, tracker.error = TransferState.FAILED, short
+            elif tracker.num_done >= tracker.num_expected:
                 tracker.state, tracker.done_s = TransferState.DONE, time.monotonic()
             else:
                 tracker.state = TransferState.TRANSFERRING
-        if tracker.state == TransferState.DONE and self.on_ready is not None:
+        if tracker.state in (TransferState.DONE, TransferState.FAILED) and self.on_ready is not None:
             self.on_ready()
 
     # -- sender's waiting ------------------------------------------------------------------
@@ -404,3 +403,37 @@ def _small_on_host(payload: torch.Tensor) -> torch.Tensor:
     if payload.is_cuda and payload.numel() <= SMALL_MESSAGE_NUMEL:
         return payload.cpu()
     return payload
+
+
+def _normal(specs) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    return [(tuple(shape), dtype) for shape, dtype in specs]
+
+
+def _check_layout(tracker: Tracker, transfer_id: int) -> str | None:
+    """Match the headers announced so far against the expected messages, in order. A message is one
+    expected message, or k consecutive equal ones stacked ([k, *shape]: a sender that has several
+    layers ready sends them as one, which costs one post instead of k). None if they fit."""
+    with tracker.cond:
+        specs = tracker.specs
+        while tracker.num_checked < len(tracker.announced):
+            shape, dtype = tracker.announced[tracker.num_checked]
+            pos = tracker.spec_pos
+            if pos < len(specs) and (shape, dtype) == specs[pos]:
+                taken = 1
+            elif shape and shape[0] > 0 and pos + shape[0] <= len(specs) and all(
+                    specs[pos + j] == (shape[1:], dtype) for j in range(shape[0])):
+                taken = shape[0]
+            else:
+                want = f"{specs[pos][1]}{list(specs[pos][0])}" if pos < len(specs) else f"no more than {len(specs)} messages"
+                return (f"message {tracker.num_checked} of transfer {transfer_id} is {dtype}{list(shape)}, "
+                        f"expected {want} (or several of them stacked)")
+            tracker.spec_pos += taken
+            tracker.num_checked += 1
+    return None
+
+
+def _short(tracker: Tracker, transfer_id: int) -> str | None:
+    """Every message landed: why they are not all the expected ones; None if they are (or not known yet)."""
+    if tracker.specs is None or tracker.spec_pos == len(tracker.specs):
+        return None
+    return f"transfer {transfer_id} ended after {tracker.spec_pos} of the {len(tracker.specs)} expected messages"
