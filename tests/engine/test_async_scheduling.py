@@ -25,13 +25,14 @@ from cluster.types import SamplingParams
 MAX_LEN = 112
 
 
-def _engine(model_dir: str, async_scheduling: bool, num_blocks: int = 400, budget: int = 8192, **parallel) -> Engine:
+def _engine(model_dir: str, async_scheduling: bool, num_blocks: int = 400, budget: int = 8192, device: str = "cpu",
+            **parallel) -> Engine:
     from cluster.config import ParallelConfig
 
     cfg = EngineConfig(model=ModelConfig(path=model_dir, dtype="float32", max_model_len=MAX_LEN),
                        cache=CacheConfig(num_blocks=num_blocks),
                        scheduler=SchedulerConfig(max_num_batched_tokens=budget),
-                       runner=RunnerConfig(device="cpu", async_scheduling=async_scheduling),
+                       runner=RunnerConfig(device=device, async_scheduling=async_scheduling),
                        parallel=ParallelConfig(**parallel))
     return Engine(cfg, tokenizer=Tokenizer.from_dir(model_dir), progress=False)
 

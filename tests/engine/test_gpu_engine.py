@@ -54,3 +54,21 @@ def test_moe_decode_runs_as_cuda_graphs_with_the_grouped_gemm(checkpoint_dir):
         torch.cuda.empty_cache()
     assert outputs[0] == outputs[1]
     assert loads[0] == loads[1] and loads[0][0] > 0
+
+
+def test_async_scheduling_on_cuda_gives_the_synchronous_engines_outputs(checkpoint_dir):
+    """Async scheduling on the GPU path (CUDA graphs, pinned copies, events): placeholders filled on
+    the device, tokens read back a step late. The workload of test_async_scheduling.py (stops while
+    the next step runs, seeds, n=2, logprobs, penalties, the context limit) gives the tokens and
+    finish reasons of the synchronous engine on the same GPU (float32)."""
+    from tests.engine.test_async_scheduling import _engine, _run, _workload
+
+    model_dir = checkpoint_dir("qwen2")
+    requests = _workload(model_dir)
+
+    def tokens(async_scheduling: bool) -> dict:
+        engine = _engine(model_dir, async_scheduling=async_scheduling, device="cuda")
+        assert engine.runner.graphs is not None
+        return {key: (rec["ids"], rec["end"]) for key, rec in _run(engine, requests).items()}
+
+    assert tokens(True) == tokens(False)
