@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine: install the carried wheels, make the 8B-shaped checkpoint
+# once, run the named items in order (each under what is left of the call's time), and pack
+# every log and result into one archive under $OUT (the device returns few files a call).
+#
+#   here:   ../shared/tools/device-wheels.sh pytest pluggy iniconfig   # .whl/, ~55 MB
+#   device: bash cluster/bench/gpu_session.sh SECONDS ITEM...           # carry [".whl"]
+#
+# Items (docs/benchmarks.md, "Next GPU session", says which to run first):
+#   gpu-tests  pytest -m gpu over the engine, models, parallel and disagg tests (≈3 min)
+#   parallel   bench.parallel allreduce,dense,pp: async scheduling on/off, NCCL priority, PP batches (≈10 min)
+#   moe        bench.parallel moe: EP=2 vs TP=2 (graphs and eager), 8 layers (≈4 min)
+#   disagg     bench.disagg: KV transfer per layer and stacked vs raw NCCL, TTFT 1P1D vs colocated (≈2 min)
+#   serve      bench.serve: 1P1D vs two colocated replicas through HTTP up to saturation (≈6 min)
+set -uo pipefail
+budget=${1:?seconds this call may run}; shift
+start=$(date +%s)
+out=${OUT:-/tmp/out}
+mkdir -p "$out/work"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  > "$out/work/pip.log" 2>&1 || { echo "wheel install failed"; tail -5 "$out/work/pip.log"; }
+export PYTHONPATH=/tmp/site:$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+  PYTHONUNBUFFERED=1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+left() { echo $(( budget - ($(date +%s) - start) - 15 )); }  # 15 s kept for packing
+
+run_item() {  # name, command...
+  local name=$1; shift
+  local secs; secs=$(left)
+  if (( secs < 30 )); then echo "$name: skipped, $secs s left"; return; fi
+  echo "== $name (up to ${secs}s) =="
+  ( cd "$out/work" && timeout "$secs" "$@" ) > "$out/work/$name.log" 2>&1
+  echo "$name: exit $? after $(( $(date +%s) - start ))s"; tail -4 "$out/work/$name.log"
+}
+
+need_llama() {
+  [[ -d /tmp/llama8b ]] || python3 -c "from cluster.models.make import make_llama3_8b_shape; make_llama3_8b_shape('/tmp/llama8b')" \
+    > "$out/work/make_llama8b.log" 2>&1
+}
+
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/work/gpus.txt" 2>&1
+for item in "$@"; do
+  case $item in
+    gpu-tests) run_item gpu-tests python3 -m pytest -q -m gpu -p no:cacheprovider \
+                 "$PWD/tests/engine" "$PWD/tests/models" "$PWD/tests/parallel" "$PWD/tests/disagg" ;;
+    parallel)  need_llama; run_item parallel python3 -m cluster.bench.parallel --parts allreduce,dense,pp \
+                 --llama-dir /tmp/llama8b --steps 8 --tp2-normal-priority --out parallel.jsonl ;;
+    moe)       run_item moe python3 -m cluster.bench.parallel --parts moe --moe-layers 8 --steps 8 --out moe.jsonl ;;
+    disagg)    need_llama; run_item disagg python3 -m cluster.bench.disagg --model /tmp/llama8b --out disagg.json ;;
+    serve)     need_llama; run_item serve python3 -m cluster.bench.serve --model /tmp/llama8b \
+                 --rates 4,8,16,24,32 --num-requests 300 --duration-s 20 --low-duration-s 10 --out-dir serve ;;
+    *)         echo "unknown item $item" ;;
+  esac
+done
+tar -czf "$out/session.tar.gz" -C "$out" work && rm -rf "$out/work"
+echo "packed $out/session.tar.gz after $(( $(date +%s) - start ))s"
