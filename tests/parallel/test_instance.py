@@ -154,12 +154,17 @@ def test_tp2_pp2_through_the_llm_api(checkpoint_dir):
     assert stats["num_measured_steps"] > NEW_TOKENS
 
 
-def test_killed_rank_fails_the_instance_quickly(checkpoint_dir):
-    engine = _engine(checkpoint_dir("llama"), tensor_parallel_size=2)
+@pytest.mark.parametrize("layout", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)], ids=["tp2", "pp2"])
+def test_killed_rank_fails_the_instance_quickly(checkpoint_dir, layout):
+    """pp2: with async scheduling two batches are in the stages, so the rank dies with a step
+    launched whose rows stage 0 has yet to wait for."""
+    engine = _engine(checkpoint_dir("llama"), **layout)
     try:
-        engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=10_000, ignore_eos=True))
+        for i in range(4):
+            engine.add_request(f"r{i}", [1, 2, 3 + i], SamplingParams(max_tokens=10_000, ignore_eos=True))
         for _ in range(3):
             engine.step()
+        assert engine.forwarded or "pipeline_parallel_size" not in layout  # a launched step in the stages
         victim = engine.executor.procs[0]
         os.kill(victim.pid, signal.SIGKILL)
         started = time.monotonic()
