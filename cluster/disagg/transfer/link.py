@@ -7,7 +7,8 @@ and the bookkeeping of one transfer.
   header   [transfer, index, count, dtype code, ndim, dims...] int64, HEADER_LEN wide: what a
            manifest says of each message to come;
   Tracker  one transfer on one side: its state, and on the receiver its expected specs and the
-           buffers that landed.
+           buffers that landed; `check_layout` matches what the sender announced against those
+           specs (a message may stack several consecutive expected ones).
 """
 from __future__ import annotations
 
@@ -113,3 +114,49 @@ def wait_send(work, kind: str, deadline: float) -> None:
             raise TimeoutError("NCCL send not completed by its deadline")
         time.sleep(pause)
         pause = min(pause * 2, 2e-3)
+
+
+SMALL_MESSAGE_NUMEL = 16
+
+
+def small_on_host(payload: torch.Tensor) -> torch.Tensor:
+    """A landed message of a few values (the first token) is handed over in host memory: reading a
+    device copy on the engine's thread would queue behind the step in flight there. Called once this
+    thread's stream is synchronised, so the copy waits for nothing."""
+    if payload.is_cuda and payload.numel() <= SMALL_MESSAGE_NUMEL:
+        return payload.cpu()
+    return payload
+
+
+def normal_specs(specs) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    return [(tuple(shape), dtype) for shape, dtype in specs]
+
+
+def check_layout(tracker: Tracker, transfer_id: int) -> str | None:
+    """Match the headers announced so far against the expected messages, in order. A message is one
+    expected message, or k consecutive equal ones stacked ([k, *shape]: a sender that has several
+    layers ready sends them as one, which costs one post instead of k). None if they fit."""
+    with tracker.cond:
+        specs = tracker.specs
+        while tracker.num_checked < len(tracker.announced):
+            shape, dtype = tracker.announced[tracker.num_checked]
+            pos = tracker.spec_pos
+            if pos < len(specs) and (shape, dtype) == specs[pos]:
+                taken = 1
+            elif shape and shape[0] > 0 and pos + shape[0] <= len(specs) and all(
+                    specs[pos + j] == (shape[1:], dtype) for j in range(shape[0])):
+                taken = shape[0]
+            else:
+                want = f"{specs[pos][1]}{list(specs[pos][0])}" if pos < len(specs) else f"no more than {len(specs)} messages"
+                return (f"message {tracker.num_checked} of transfer {transfer_id} is {dtype}{list(shape)}, "
+                        f"expected {want} (or several of them stacked)")
+            tracker.spec_pos += taken
+            tracker.num_checked += 1
+    return None
+
+
+def short_of(tracker: Tracker, transfer_id: int) -> str | None:
+    """Every message landed: why they are not all the expected ones; None if they are (or not known yet)."""
+    if tracker.specs is None or tracker.spec_pos == len(tracker.specs):
+        return None
+    return f"transfer {transfer_id} ended after {tracker.spec_pos} of the {len(tracker.specs)} expected messages"

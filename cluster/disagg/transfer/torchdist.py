@@ -45,8 +45,8 @@ import torch
 from torch._C._distributed_c10d import AllreduceOptions
 
 from cluster.disagg.transfer.base import KVTransport, TransferState
-from cluster.disagg.transfer.link import (HEADER_LEN, LINK_GROUP_TIMEOUT_S, Link, Tracker, decode_header, encode_header,
-                                          wait_send)
+from cluster.disagg.transfer.link import (HEADER_LEN, LINK_GROUP_TIMEOUT_S, Link, Tracker, check_layout, decode_header,
+                                          encode_header, normal_specs, short_of, small_on_host, wait_send)
 from cluster.parallel.groups import dial_store, pair_group, serve_store
 from cluster.platform import bind_thread
 
@@ -210,11 +210,11 @@ class TorchDistTransport(KVTransport):
         with self.lock:
             tracker = self.early.pop(transfer_id, None)
             if tracker is None:  # how many messages carry them: the sender's first header says
-                tracker = Tracker(peer_id, None, specs=_normal(specs))
+                tracker = Tracker(peer_id, None, specs=normal_specs(specs))
             self.trackers[transfer_id] = tracker
             link = self.links.get(peer_id)
         if tracker.specs is None:
-            self._adopt(tracker, transfer_id, _normal(specs))
+            self._adopt(tracker, transfer_id, normal_specs(specs))
         if link is None or link.closed:
             self._fail(tracker, f"no link to {peer_id}" if link is None else link.error)
             return
@@ -317,7 +317,7 @@ class TorchDistTransport(KVTransport):
             if tracker is not None:
                 for tid, idx, buf, _, _ in posted[: i + 1]:
                     if tid == transfer_id:
-                        self._landed(tracker, transfer_id, idx, _small_on_host(buf))
+                        self._landed(tracker, transfer_id, idx, small_on_host(buf))
         link.current = None
 
     def _receiving(self, peer_id: str, transfer_id: int, count: int) -> Tracker | None:
@@ -341,16 +341,16 @@ class TorchDistTransport(KVTransport):
             elif tracker.num_expected != count:
                 return f"transfer {transfer_id} is sent as {count} messages, its earlier ones said {tracker.num_expected}"
             tracker.announced.append((tuple(shape), dtype))
-        return _check_layout(tracker, transfer_id) if tracker.specs is not None else None
+        return check_layout(tracker, transfer_id) if tracker.specs is not None else None
 
     def _adopt(self, tracker: Tracker, transfer_id: int, specs: list) -> None:
         """`expect` for a transfer whose first messages came before it: check what was announced, then keep it."""
         with tracker.cond:
             tracker.specs = specs
-        error = _check_layout(tracker, transfer_id)
+        error = check_layout(tracker, transfer_id)
         with tracker.cond:
             if error is None and tracker.state == TransferState.DONE:
-                error = _short(tracker, transfer_id)
+                error = short_of(tracker, transfer_id)
             if error:  # even if every message is in: it is not the KV this side reserved for
                 tracker.state, tracker.error = TransferState.FAILED, error
             ended = tracker.state in (TransferState.DONE, TransferState.FAILED)
@@ -363,7 +363,7 @@ class TorchDistTransport(KVTransport):
                 return
             tracker.buffers[index] = payload
             tracker.num_done += 1
-            short = _short(tracker, transfer_id) if tracker.num_done >= tracker.num_expected else None
+            short = short_of(tracker, transfer_id) if tracker.num_done >= tracker.num_expected else None
             if short:
                 tracker.state, tracker.error = TransferState.FAILED, short
             elif tracker.num_done >= tracker.num_expected:
@@ -392,48 +392,3 @@ class TorchDistTransport(KVTransport):
             self.on_ready()
 
 
-
-SMALL_MESSAGE_NUMEL = 16
-
-
-def _small_on_host(payload: torch.Tensor) -> torch.Tensor:
-    """A landed message of a few values (the first token) is handed over in host memory: reading a
-    device copy on the engine's thread would queue behind the step in flight there. Called once this
-    thread's stream is synchronised, so the copy waits for nothing."""
-    if payload.is_cuda and payload.numel() <= SMALL_MESSAGE_NUMEL:
-        return payload.cpu()
-    return payload
-
-
-def _normal(specs) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    return [(tuple(shape), dtype) for shape, dtype in specs]
-
-
-def _check_layout(tracker: Tracker, transfer_id: int) -> str | None:
-    """Match the headers announced so far against the expected messages, in order. A message is one
-    expected message, or k consecutive equal ones stacked ([k, *shape]: a sender that has several
-    layers ready sends them as one, which costs one post instead of k). None if they fit."""
-    with tracker.cond:
-        specs = tracker.specs
-        while tracker.num_checked < len(tracker.announced):
-            shape, dtype = tracker.announced[tracker.num_checked]
-            pos = tracker.spec_pos
-            if pos < len(specs) and (shape, dtype) == specs[pos]:
-                taken = 1
-            elif shape and shape[0] > 0 and pos + shape[0] <= len(specs) and all(
-                    specs[pos + j] == (shape[1:], dtype) for j in range(shape[0])):
-                taken = shape[0]
-            else:
-                want = f"{specs[pos][1]}{list(specs[pos][0])}" if pos < len(specs) else f"no more than {len(specs)} messages"
-                return (f"message {tracker.num_checked} of transfer {transfer_id} is {dtype}{list(shape)}, "
-                        f"expected {want} (or several of them stacked)")
-            tracker.spec_pos += taken
-            tracker.num_checked += 1
-    return None
-
-
-def _short(tracker: Tracker, transfer_id: int) -> str | None:
-    """Every message landed: why they are not all the expected ones; None if they are (or not known yet)."""
-    if tracker.specs is None or tracker.spec_pos == len(tracker.specs):
-        return None
-    return f"transfer {transfer_id} ended after {tracker.spec_pos} of the {len(tracker.specs)} expected messages"
