@@ -54,10 +54,9 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, eos_token_ids: frozenset[int] = frozenset(),
-                 num_groups: int = 1):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, eos_token_ids: frozenset[int] = frozenset()):
         self.config = config
-        self.num_groups = num_groups
+        self.num_groups = 1  # batches taking turns in the pipeline (the engine sets it per step)
         self.kv = kv
         self.eos_token_ids = eos_token_ids
         self.waiting: deque[Sequence] = deque()
