@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     cfg = EngineConfig(model=ModelConfig(path=args.model, dtype="float32", max_model_len=2 * args.context),
                        cache=CacheConfig(memory_budget_bytes=4 << 30),
                        scheduler=SchedulerConfig(max_num_seqs=max(256, args.batch), max_num_batched_tokens=8192),
-                       runner=RunnerConfig(device="cpu"))
+                       runner=RunnerConfig(device="cpu", async_scheduling=False))  # the phases are called by hand
     engine = Engine(cfg, tokenizer=Tokenizer.from_dir(args.model), progress=False)
     fill(engine, args.batch, args.context, args.steps + 1, tag="r")
     rng = random.Random(0)
@@ -58,7 +58,7 @@ def main(argv=None) -> None:
         engine.scheduler.update(sched, {item.seq.seq_id: rng.randrange(100, 1000) for item in sched.scheduled})
         for item in sched.scheduled:
             if item.samples:
-                engine._emit(item.seq, None)
+                engine._emit(item.seq, item.seq.token_ids[-1], None)
         t5 = time.perf_counter()
         for key, a, b in (("schedule", t0, t1), ("plan", t1, t2), ("pack", t2, t3), ("upload", t3, t4), ("update_emit", t4, t5)):
             spent[key].append((b - a) * 1e6)

@@ -148,6 +148,7 @@ def decode_sweep(engine, args, tp: int, variants: dict[str, dict]) -> list[dict]
                 engine.executor.set_flags(**flags)
                 engine.step()  # first step after a switch is not timed
                 measured[name].append(time_steps(engine, args.steps))
+        engine.async_scheduling = True  # the default, whatever variant ran last
         if args.profile:
             emit(args, {"part": "profile", "batch": batch, "tp": tp, **profile_steps(engine, args.device)})
         drain(engine)

@@ -35,11 +35,14 @@ def profile_steps(engine, device: str, num_steps: int = 5) -> dict:
 
 
 def host_split(engine, num_steps: int) -> dict:
-    """Wall ms per step in each phase of the driver's step, unprofiled: schedule, plan + broadcast + launch
-    (execute up to sampling), sampling (waits for the GPU), and the rest (update, detokenize); inside
-    launch, the parts named `in_launch` (host broadcast to the other ranks, upload, forward launch, LM head)."""
-    spent = {"schedule": 0.0, "launch": 0.0, "sample": 0.0}
-    inner = {"broadcast": 0.0, "upload": 0.0, "forward": 0.0, "logits": 0.0}
+    """Wall ms per step in each phase of the driver's step, unprofiled: schedule; launch (plan,
+    broadcast, upload, forward and LM head queued; with one stage also the sampling queued);
+    finish (pp: the previous batch's rows waited for, sampled); read_back (waits for the launched
+    step's tokens, then update, detokenize, emit; the synchronous engine's `execute` counts as
+    launch and does all of it but the emit); the rest. `in_launch` names parts of launch and finish
+    (host broadcast to the other ranks, upload, forward, LM head, sampling)."""
+    spent = {"schedule": 0.0, "launch": 0.0, "finish": 0.0, "read_back": 0.0}
+    inner = {"broadcast": 0.0, "upload": 0.0, "forward": 0.0, "logits": 0.0, "sample": 0.0}
     wrapped = []
 
     def timed(obj, name, key):
@@ -55,8 +58,11 @@ def host_split(engine, num_steps: int) -> dict:
         wrapped.append((obj, name))
 
     timed(engine.scheduler, "schedule", "schedule")
-    timed(engine.executor, "execute", "launch")
-    timed(engine.runner, "sample", "sample")
+    timed(engine.executor, "execute", "launch")  # the synchronous engine
+    timed(engine.executor, "launch_forward", "launch")
+    timed(engine.executor, "finish", "finish")
+    timed(engine, "_read_back", "read_back")
+    timed(engine.runner, "sample_async", "sample")
     timed(engine.runner, "upload", "upload")
     timed(engine.runner, "forward", "forward")
     timed(engine.model, "compute_logits", "logits")
@@ -70,6 +76,5 @@ def host_split(engine, num_steps: int) -> dict:
         for obj, name in wrapped:
             object.__delattr__(obj, name)
     total = time.perf_counter() - t0
-    spent["launch"] -= spent["sample"]
     spent["rest"] = total - sum(spent.values())
     return {k: v / num_steps * 1e3 for k, v in spent.items()} | {"in_launch": {k: v / num_steps * 1e3 for k, v in inner.items()}}
