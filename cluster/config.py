@@ -209,11 +209,14 @@ def from_dict(cls, data: dict | None, owner: str | None = None, base=None):
     if unknown:
         raise ConfigError(f"{owner}: unknown field(s) {', '.join(unknown)}; known: {', '.join(known)}")
     kwargs = {f.name: getattr(base, f.name) for f in fields(cls)} if base is not None else {}
+    hints = _hints(cls)
     for name, value in data.items():
         sub = _nested_config_type(cls, known[name])
         if sub and isinstance(value, dict):
             current = kwargs.get(name, _field_default(known[name]))
             value = from_dict(sub, value, f"{owner}.{name}", current)
+        elif hints.get(name) is bool and not isinstance(value, bool):  # YAML `no` is a bool, "no" is not
+            raise ConfigError(f"{owner}.{name} = {value!r}: must be true or false")
         kwargs[name] = value
     try:
         return cls(**kwargs)
@@ -229,10 +232,14 @@ def _field_default(f):
     return f.default_factory() if f.default_factory is not MISSING else None
 
 
-def _nested_config_type(cls, f):
+def _hints(cls) -> dict:
     import typing
 
-    hint = typing.get_type_hints(cls).get(f.name)
+    return typing.get_type_hints(cls)
+
+
+def _nested_config_type(cls, f):
+    hint = _hints(cls).get(f.name)
     return hint if isinstance(hint, type) and hasattr(hint, "__dataclass_fields__") else None
 
 

@@ -25,6 +25,8 @@ def test_nested_keys_override_only_what_they_name():
     ({"api": {"port": 70000}}, "ApiConfig.port=70000"),
     ({"store": {"redis_url": "http://x"}}, "StoreConfig.redis_url"),
     ({"disagg": {"on_failure": "shrug"}}, "DisaggConfig.on_failure"),
+    ({"engine": {"runner": {"async_scheduling": "no"}}}, "engine.runner.async_scheduling = 'no': must be true or false"),
+    ({"engine": {"parallel": {"comm_high_priority": 1}}}, "engine.parallel.comm_high_priority = 1: must be true or false"),
 ])
 def test_bad_values_name_the_field(data, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
