@@ -146,8 +146,12 @@ class InstanceActor:
         self._call(lambda: target.abort(request_id))
 
     def stats(self) -> dict:
+        """Read on a Ray thread while the loop thread steps: what is iterated is copied first in one
+        C-level call (`list(deque)`), so a step that admits or preempts meanwhile cannot break the
+        heartbeat ("deque mutated during iteration" would mark the instance dead)."""
         stats = dict(self.engine.stats())
-        stats["num_queued_prefill_tokens"] = sum(s.num_uncomputed for s in self.engine.scheduler.waiting)
+        waiting = list(self.engine.scheduler.waiting)
+        stats["num_queued_prefill_tokens"] = sum(s.num_uncomputed for s in waiting)
         stats["num_steps"] = self.num_steps
         # drained: the mean wall time of this instance's model steps since the last heartbeat
         stats["mean_step_ms"] = self.step_time_s / self.num_timed_steps * 1e3 if self.num_timed_steps else None
