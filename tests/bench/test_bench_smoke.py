@@ -1,0 +1,66 @@
+"""The GPU benchmarks still run: each in its CPU mode (gloo, tiny random checkpoints), end to end.
+
+Device time is scarce (30 minutes a session), and a benchmark that broke between sessions wastes it.
+`bench/host.py` broke once, silently, when the engine's defaults changed. These runs measure
+nothing. They check that every part of every benchmark runs and writes the records the docs read,
+with no part reporting an error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _run(args: list[str], cwd, timeout_s: float = 400) -> str:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout_s)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _records(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_bench_parallel_runs_every_part(tmp_path):
+    out = tmp_path / "par.jsonl"
+    _run(["cluster.bench.parallel", "--smoke", "--parts", "dense,moe,pp", "--llama-dir", str(tmp_path / "llama"),
+          "--moe-dir", str(tmp_path / "moe"), "--batches", "1,4", "--moe-batches", "4", "--pp-batch", "8",
+          "--context", "16", "--steps", "2", "--prefill-len", "32", "--max-model-len", "256",
+          "--tp2-normal-priority", "--out", str(out)], tmp_path)
+    records = _records(out)
+    assert not [r for r in records if "error" in r], [r for r in records if "error" in r]
+    variants = {(r["part"], r.get("layout", r.get("tp")), r["variant"]) for r in records if "variant" in r}
+    for wanted in [("dense", 1, "single"), ("dense", 1, "single_sync"), ("dense", 2, "overlap_off"),
+                   ("dense", 2, "overlap_off_sync"), ("dense", 2, "overlap_on"), ("moe", "ep2", "overlap_on"),
+                   ("moe", "tp2", "overlap_off"), ("moe", "tp2", "overlap_off_eager")]:
+        assert wanted in variants, wanted
+    pp = {r["variant"]: r for r in records if r["part"] == "pp" and "variant" in r}
+    assert {"two_batches_m1", "one_batch_m2"} <= set(pp) and all(r["tokens_per_s"] > 0 for r in pp.values())
+    assert {r["allreduce"] for r in records if r.get("phase") == "decode"} == {"none", "engine", "engine_normal_priority"}
+
+
+def test_bench_host_and_disagg_run(tmp_path):
+    line = _run(["cluster.bench.host", "--model", str(tmp_path / "tiny"), "--batch", "8", "--context", "64",
+                 "--steps", "3"], tmp_path).strip().splitlines()[-1]
+    assert set(json.loads(line)["us_median"]) == {"schedule", "plan", "pack", "upload", "update_emit"}
+    from cluster.models.make import make_model
+
+    model = make_model("llama", str(tmp_path / "llama"), num_layers=2, progress=False)
+    out = tmp_path / "disagg.json"
+    _run(["cluster.bench.disagg", "--model", model, "--device", "cpu", "--prompt-len", "64", "--repeats", "2",
+          "--out", str(out)], tmp_path)
+    with open(out) as f:
+        result = json.load(f)
+    for name in ("transfer_only", "transfer_stacked"):
+        assert result[name]["gb_s"] > 0
+    assert result["transfer_stacked"]["messages"] < result["transfer_only"]["messages"]
+    assert result["ttft_1p1d_ms_median"] > 0 and result["ttft_colocated_ms_median"] > 0
