@@ -64,3 +64,22 @@ def test_bench_host_and_disagg_run(tmp_path):
         assert result[name]["gb_s"] > 0
     assert result["transfer_stacked"]["messages"] < result["transfer_only"]["messages"]
     assert result["ttft_1p1d_ms_median"] > 0 and result["ttft_colocated_ms_median"] > 0
+
+
+def test_bench_serve_runs_both_deployments(tmp_path):
+    """`llm-cluster up` in a subprocess per deployment (local Ray, API on 127.0.0.1), a sweep of one
+    low rate through the HTTP client, the cluster stopped: every request completes in both."""
+    from cluster.models.make import make_model
+
+    model = make_model("llama", str(tmp_path / "llama"), num_layers=2, progress=False)
+    out = tmp_path / "serve"
+    _run(["cluster.bench.serve", "--model", model, "--device", "cpu", "--rates", "2", "--num-requests", "6",
+          "--duration-s", "3", "--low-duration-s", "3", "--input-len", "32", "--output-len", "8",
+          "--max-model-len", "256", "--out-dir", str(out)], tmp_path)
+    with open(out / "serve_summary.json") as f:
+        summary = json.load(f)
+    assert set(summary) == {"1p1d", "colocated"}
+    for deployment in summary.values():
+        runs = deployment["sweep"]["runs"] + deployment["low_rate"]["runs"]
+        assert runs
+        assert all(r["summary"]["num_completed"] == 6 and r["summary"]["num_failed"] == 0 for r in runs)
