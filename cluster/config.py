@@ -83,8 +83,8 @@ class RunnerConfig:
     enable_cuda_graphs: bool = True  # capture decode batches on CUDA
     cuda_graph_max_batch: int = 256  # largest decode batch captured
     device_ids: tuple[int, ...] = ()  # CUDA device of each local rank (rank r: device_ids[r]); empty: rank r on device r
-    # schedule and launch step N+1 before step N's tokens reach the host (mixed and decode roles;
-    # steps with penalties wait for the tokens first): the host's work hides behind the device's
+    # schedule and launch step N+1 before step N's tokens reach the host (mixed and decode roles):
+    # the host's work hides behind the device's
     async_scheduling: bool = True
 
     def __post_init__(self) -> None:

@@ -154,17 +154,13 @@ class Engine:
         # pp stages: that many batches in the pipeline at once, taking turns
         self.scheduler.num_groups = self.executor.steps_in_flight
         sched = self.scheduler.schedule()
-        deltas = []
-        if _needs_known_tokens(sched) and (self.in_flight is not None or self.forwarded):
-            deltas = self._read_all()  # penalties count the output so far: this step waits for it
-            sched.scheduled = [item for item in sched.scheduled if not item.seq.is_finished]
         if not sched.is_empty:
             forward = self.executor.launch_forward(sched)
             self.forwarded.append(_InFlight(forward, self.scheduler.advance(sched), [i.seq for i in sched.scheduled]))
         sampled = None
         if self.forwarded and (len(self.forwarded) >= self.executor.steps_in_flight or sched.is_empty):
             sampled = self._finish(self.forwarded.popleft())
-        deltas += self._read_back()
+        deltas = self._read_back()
         self.in_flight = sampled
         return deltas
 
@@ -333,10 +329,6 @@ class _InFlight:
     samples: list[tuple[Sequence, int]]
     seqs: list[Sequence]  # every sequence the step computes for
 
-
-def _needs_known_tokens(sched) -> bool:
-    """A step whose sampling counts the output so far (penalties) cannot run on placeholders."""
-    return any(item.samples and item.seq.params.needs_penalties for item in sched.scheduled)
 
 
 def resolve_max_len(config: EngineConfig, arch) -> int:

@@ -200,6 +200,7 @@ class ModelRunner:
             prompt_token_ids=[s.prompt_token_ids for s in seqs],
             output_token_ids=[s.output_token_ids for s in seqs],
             eos_token_ids=self.eos_token_ids,
+            pending_tokens=self.last_sampled,  # what this step's placeholders stand for, as of its plan
         )
 
     def sample_async(self, logits: torch.Tensor, seqs: list[Sequence], batch: SamplingBatch | None = None) -> PendingStep:

@@ -44,6 +44,9 @@ class SamplingBatch:
     prompt_token_ids: list[list[int]]  # read by repetition_penalty only
     output_token_ids: list[list[int]]  # generated so far: all penalties and min_tokens
     eos_token_ids: frozenset[int] = frozenset()
+    # async scheduling: an output may end in a placeholder -(1 + r) for a token still on the device,
+    # row r of these (the previous step's sampled tokens); the penalties count it from there
+    pending_tokens: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         num_rows = len(self.params)
@@ -141,6 +144,7 @@ def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
     device = logits.device
     output_ids = [ids if p.needs_penalties else [] for p, ids in zip(params, batch.output_token_ids)]
     output_counts = _token_counts(output_ids, logits.shape[1], device)
+    _count_pending(output_counts, output_ids, batch.pending_tokens)
     if any(p.repetition_penalty != 1.0 for p in params):
         prompt_ids = [ids if p.repetition_penalty != 1.0 else [] for p, ids in zip(params, batch.prompt_token_ids)]
         seen = (_token_counts(prompt_ids, logits.shape[1], device) > 0) | (output_counts > 0)
@@ -167,6 +171,20 @@ def _token_counts(rows: list[list[int]], vocab_size: int, device: torch.device) 
     padded = padded.masked_fill((padded < 0) | (padded > vocab_size), vocab_size)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
     return counts[:, :vocab_size]
+
+
+def _count_pending(counts: torch.Tensor, rows: list[list[int]], pending_tokens: torch.Tensor | None) -> None:
+    """Count each row's placeholder (its last output token, not on the host yet) at the token it
+    stands for, read on the device: a step with penalties need not wait for the last one's tokens."""
+    pending = [(row, -ids[-1] - 1) for row, ids in enumerate(rows) if ids and ids[-1] < 0]
+    if not pending:
+        return
+    if pending_tokens is None:
+        raise RuntimeError("an output ends in a placeholder but the sampler was given no pending tokens")
+    device = counts.device
+    row_index = _device_tensor([row for row, _ in pending], torch.long, device)
+    tokens = pending_tokens[_device_tensor([src for _, src in pending], torch.long, device)].to(device)
+    counts.index_put_((row_index, tokens), torch.ones(len(pending), device=device), accumulate=True)
 
 
 def _mask_min_tokens(logits: torch.Tensor, batch: SamplingBatch) -> None:

@@ -6,7 +6,7 @@ transformers in test_parity.py): the same workload through both must give the sa
 text, finish reasons and logprobs. The workload is built to hit every path where a token
 read back late matters: sequences that stop on a token, a stop string or a length while
 the next step already computes for them (that token must be dropped), min_tokens,
-seeded sampling with n > 1, logprobs, penalties (those steps wait for the tokens), chunked
+seeded sampling with n > 1, logprobs, penalties (they count the pending token on the device), chunked
 prefill, prefix-cache hits and preemption in a pool too small for the batch.
 """
 from __future__ import annotations
@@ -204,8 +204,10 @@ def test_pp2_keeps_two_batches_in_the_stages_and_gives_the_same_outputs(checkpoi
         assert pool == "roomy" or engine.scheduler.num_preemptions > 0
     finally:
         engine.shutdown()
-    # a launch right after a launch, before any finish: two steps (of disjoint batches: a sequence in
-    # a step not finished yet is not scheduled) were in the stages at once, over and over
-    kinds = [kind for kind, _ in events]
-    pairs = sum(1 for a, b, c in zip(kinds, kinds[1:], kinds[2:]) if (a, b, c) == ("launch", "launch", "finish"))
-    assert pairs >= 10, kinds
+    # launches made while another launched step was not finished: two steps (of disjoint batches: a
+    # sequence in a step not finished yet is not scheduled) were in the stages at once, over and over
+    outstanding, overlapped = 0, 0
+    for kind, _ in events:
+        overlapped += kind == "launch" and outstanding >= 1
+        outstanding += 1 if kind == "launch" else -1
+    assert overlapped >= 10, [kind for kind, _ in events]
