@@ -60,6 +60,14 @@ def bind_thread(device: torch.device) -> None:
         torch.cuda.set_device(device)
 
 
+def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device: through pinned memory and an
+    asynchronous copy on CUDA (a pageable copy synchronises with everything queued so far)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def current_platform(device: str = "auto") -> Platform:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

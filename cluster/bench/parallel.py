@@ -120,6 +120,14 @@ def time_steps(engine, num_steps: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def use_variant(engine, flags: dict) -> None:
+    """Switch to a variant from the next step on: async scheduling (on unless it says off), the rest
+    executor flags."""
+    flags = dict(flags)
+    engine.async_scheduling = flags.pop("async_scheduling", True)
+    engine.executor.set_flags(**flags)
+
+
 def timed_tokens(engine, num_steps: int) -> tuple[float, int]:
     """(wall seconds, tokens that came out) over `num_steps` steps: with pp and async scheduling a
     step launches half the batch, so throughput is counted in tokens, not assumed per step."""
@@ -143,9 +151,7 @@ def decode_sweep(engine, args, tp: int, variants: dict[str, dict]) -> list[dict]
         measured: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(2):  # alternate so drift hits every variant alike
             for name, flags in variants.items():
-                flags = dict(flags)
-                engine.async_scheduling = flags.pop("async_scheduling", True)
-                engine.executor.set_flags(**flags)
+                use_variant(engine, flags)
                 engine.step()  # first step after a switch is not timed
                 measured[name].append(time_steps(engine, args.steps))
         engine.async_scheduling = True  # the default, whatever variant ran last
@@ -164,9 +170,7 @@ def prefill_time(engine, args, variants: dict[str, dict]) -> list[dict]:
     vocab = engine.arch.vocab_size
     rng = random.Random(5)
     for name, flags in variants.items():
-        flags = dict(flags)
-        engine.async_scheduling = flags.pop("async_scheduling", True)
-        engine.executor.set_flags(**flags)
+        use_variant(engine, flags)
         times = []
         for rep in range(4):
             engine.add_request(f"pf-{name}-{rep}", [rng.randrange(100, vocab - 100) for _ in range(args.prefill_len)],
@@ -315,9 +319,7 @@ def part_pp(args) -> None:
                     "two_batches_m1_eager": dict(num_microbatches=1, async_pp=True, eager=True)}  # no decode graphs
         fill(engine, batch, args.context, len(variants) * (4 * args.steps + 4) + 2, tag="pp-")
         for name, flags in variants.items():
-            flags = dict(flags)
-            engine.async_scheduling = flags.pop("async_scheduling", True)
-            engine.executor.set_flags(measure=False, **flags)
+            use_variant(engine, {**flags, "measure": False})
             for _ in range(2):
                 engine.step()
             wall_s, num_tokens = timed_tokens(engine, args.steps)

@@ -50,7 +50,6 @@ class PrefillWorker:
         self.num_layers = engine.arch.num_layers
         self.multi_rank = engine.config.parallel.world_size > 1
         self.kv_dtype = cache_dtype(engine.runner)
-        self.num_messages: dict[int, int] = {}  # transfer id -> messages it is sent as (the first token last)
         self.bytes_sent = 0
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, peer_id: str,
@@ -84,23 +83,25 @@ class PrefillWorker:
         per_peer: dict[str, list] = {}
         if self.multi_rank:  # request-major, each request's layers stacked in groups
             for seq, plan in self.sending:
-                groups = self._groups(seq)
-                count = self.num_messages[plan.transfer_id] = len(groups) + 1
-                for index, (start, end) in enumerate(groups):
+                count = self._num_messages(seq)
+                for index, (start, end) in enumerate(self._groups(seq)):
                     shape = (end - start, *self._kv_shape(seq))
                     per_peer.setdefault(plan.peer_id, []).append((plan.transfer_id, index, count, shape, self.kv_dtype))
         else:  # layer-major across requests, one layer a message
-            for _, plan in self.sending:
-                self.num_messages[plan.transfer_id] = self.num_layers + 1
             for layer in range(self.num_layers):
                 for seq, plan in self.sending:
                     per_peer.setdefault(plan.peer_id, []).append(
-                        (plan.transfer_id, layer, self.num_layers + 1, self._kv_shape(seq), self.kv_dtype))
-        for _, plan in self.sending:
-            count = self.num_messages[plan.transfer_id]
+                        (plan.transfer_id, layer, self._num_messages(seq), self._kv_shape(seq), self.kv_dtype))
+        for seq, plan in self.sending:
+            count = self._num_messages(seq)
             per_peer.setdefault(plan.peer_id, []).append((plan.transfer_id, count - 1, count, (1,), torch.int64))
         for peer_id, messages in per_peer.items():
             self.transport.announce(peer_id, messages)
+
+    def _num_messages(self, seq) -> int:
+        """How many messages `seq`'s transfer is sent as: its KV (a layer or a stacked group each),
+        then the first token."""
+        return (len(self._groups(seq)) if self.multi_rank else self.num_layers) + 1
 
     def _groups(self, seq) -> list[tuple[int, int]]:
         """[start, end) layer ranges of the stacked messages of `seq`'s gathered KV."""
@@ -119,13 +120,13 @@ class PrefillWorker:
         for seq, plan in self.sending:
             kv = self.engine.runner.read_kv(layer_id, self.block_index[seq.seq_id])  # one gather
             self.bytes_sent += kv.numel() * kv.element_size()
-            self.transport.send_layer(plan.peer_id, plan.transfer_id, layer_id, self.num_layers + 1, kv)
+            self.transport.send_layer(plan.peer_id, plan.transfer_id, layer_id, self._num_messages(seq), kv)
 
     # -- (3) after the step ----------------------------------------------------------------
     def _send_gathered(self) -> None:
         for seq, plan in self.sending:
             layers = self.engine.executor.gather_kv(seq.block_ids[: self._num_blocks(seq)])
-            count = self.num_messages[plan.transfer_id]
+            count = self._num_messages(seq)
             for index, (start, end) in enumerate(self._groups(seq)):
                 kv = torch.stack(layers[start:end])
                 self.bytes_sent += kv.numel() * kv.element_size()
@@ -142,7 +143,7 @@ class PrefillWorker:
             # -1: no first token came out of this step (the request went away); the decode side recomputes
             token = delta.token_ids[0] if delta is not None and delta.token_ids else -1
             first = torch.tensor([token], dtype=torch.int64, device=self.engine.device)
-            count = self.num_messages.pop(plan.transfer_id)
+            count = self._num_messages(seq)
             self.transport.send_layer(plan.peer_id, plan.transfer_id, count - 1, count, first)
             plan.first_sent = True
             if delta is not None and delta.finish_reason == FinishReason.PREFILLED:

@@ -206,9 +206,8 @@ class Engine:
             token = result.sampled[seq.seq_id]
             self.scheduler.resolve(seq, index, token)
             deltas.append(self._emit(seq, token, result.logprobs.get(seq.seq_id)))
-            if seq.is_finished:  # a stop string: the later placeholder goes too
-                del seq.token_ids[index + 1 :]
-                seq.num_pending = 0
+            if seq.is_finished:  # a stop string
+                self.scheduler.end_at(seq, index + 1)
         self._drop_finished(deltas)
         return deltas
 

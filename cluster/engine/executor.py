@@ -195,21 +195,26 @@ class MultiProcExecutor(Executor):
         return self._forward(sched, share_tokens=True, deferred=True)
 
     def finish(self, forward) -> PendingStep:
+        """A step's rows waited for and sampled, its tokens shared with the first stage's tp ranks;
+        a deferred step's FINISH tells the other ranks to do their part of it now."""
         if isinstance(forward, PendingStep):
             return forward
         plan, flags, step, batch = forward
         try:
-            self._tell(pack(None, Command.FINISH, flags.encode())[0])
-            return self._sample(plan, flags, self.worker.finish(step), batch)
-        except RuntimeError as exc:
+            if flags.deferred:
+                self._tell(pack(None, Command.FINISH, flags.encode())[0])
+            logits = self.worker.finish(step)
+            if logits is None:
+                return PendingStep()
+            pending = self.runner.sample_async(logits.float(), plan.sampling_seqs, batch)
+            if flags.share_tokens:
+                self.worker.share_tokens(self.runner.last_sampled)
+            return pending
+        except RuntimeError as exc:  # gloo / NCCL report a dead or stuck peer as RuntimeError (DistError)
             raise self._fail(exc) from exc
 
     def _run(self, sched, share_tokens: bool) -> PendingStep:
-        plan, flags, step, batch = self._forward(sched, share_tokens, deferred=False)
-        try:
-            return self._sample(plan, flags, self.worker.finish(step), batch)
-        except RuntimeError as exc:
-            raise self._fail(exc) from exc
+        return self.finish(self._forward(sched, share_tokens, deferred=False))
 
     def _forward(self, sched, share_tokens: bool, deferred: bool) -> tuple:
         self._check_alive()
@@ -222,14 +227,6 @@ class MultiProcExecutor(Executor):
             return plan, flags, self.worker.forward(plan, flags, self.num_microbatches), batch
         except RuntimeError as exc:  # gloo / NCCL report a dead or stuck peer as RuntimeError (DistError)
             raise self._fail(exc) from exc
-
-    def _sample(self, plan, flags, logits: torch.Tensor | None, batch) -> PendingStep:
-        if logits is None:
-            return PendingStep()
-        pending = self.runner.sample_async(logits.float(), plan.sampling_seqs, batch)
-        if flags.share_tokens:
-            self.worker.share_tokens(self.runner.last_sampled)
-        return pending
 
     def _tell(self, header: torch.Tensor, payload: torch.Tensor | None = None) -> None:
         """The other ranks get (header, payload): through the step channel, or the host group when

@@ -69,7 +69,7 @@ def scatter_kv(worker, block_ids: list[int], layers: list[torch.Tensor] | None) 
 
 def cache_dtype(runner) -> torch.dtype:
     """The dtype of `runner`'s KV cache (what travels between instances)."""
-    return next(c for c in runner.kv_caches if c is not None)[0].dtype
+    return next(c for c in runner.kv_layers if c is not None).dtype
 
 
 def full_kv_shape(arch, num_blocks: int, block_size: int) -> tuple[int, ...]:

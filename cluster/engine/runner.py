@@ -31,6 +31,7 @@ from cluster.engine.scheduler import SchedulerOutput
 from cluster.engine.sequence import Sequence
 from cluster.engine.step_plan import StepPlan, plan_step
 from cluster.parallel.experts import grouped_mm_runs
+from cluster.platform import to_device_async
 from cluster.types import TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -65,11 +66,10 @@ class StepResult:
 class PendingStep:
     """A launched step whose sampled tokens may still be on their way to the host."""
 
-    def __init__(self, seqs: list[Sequence] | None = None, sample: DeviceSample | None = None,
-                 result: StepResult | None = None):
+    def __init__(self, seqs: list[Sequence] | None = None, sample: DeviceSample | None = None):
         self.seqs = seqs or []
         self.sample = sample.start_copy() if sample is not None else None
-        self._result = result
+        self._result: StepResult | None = None
 
     def result(self) -> StepResult:
         """Waits for this step's tokens (not for anything queued after it)."""
@@ -128,10 +128,7 @@ class ModelRunner:
         has_placeholders = bool(ids.size) and int(ids.min()) < 0
         host = torch.from_numpy(np.concatenate([ids] + [np.asarray(f, dtype=np.int64) for f in fields[1:]]
                                                + [tables.astype(np.int64).ravel()]))
-        if self.device.type == "cuda":
-            data = host.pin_memory().to(self.device, non_blocking=True)
-        else:
-            data = host.to(self.device)
+        data = to_device_async(host, self.device)
         input_ids, positions, slot_mapping, logits_indices, query_start, seq_lens, flat_tables = torch.split(
             data, [len(f) for f in fields] + [tables.size])
         if has_placeholders and self.embeds_ids:
@@ -225,10 +222,7 @@ class ModelRunner:
         a prefill that streams its KV layer by layer). Build it once and pass it to every layer."""
         if isinstance(block_ids, torch.Tensor):
             return block_ids
-        index = torch.tensor(block_ids, dtype=torch.int64)
-        if self.device.type == "cuda":
-            return index.pin_memory().to(self.device, non_blocking=True)
-        return index.to(self.device)
+        return to_device_async(torch.tensor(block_ids, dtype=torch.int64), self.device)
 
     def read_kv(self, layer_id: int, block_ids) -> torch.Tensor:
         """Copy of one layer's K and V of `block_ids`, [2, len(block_ids), block_size, kv_heads, head_dim]:

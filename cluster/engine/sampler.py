@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cluster.platform import to_device_async
 from cluster.types import SamplingParams, TokenLogprob
 
 
@@ -288,12 +289,8 @@ def _logprobs_on_device(logits: torch.Tensor, token_ids: torch.Tensor, batch: Sa
 
 
 def _device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`values` on `device` without waiting for the device: through pinned memory and an
-    asynchronous copy on CUDA (a pageable copy synchronises with everything queued)."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+    """`values` on `device` without waiting for the device."""
+    return to_device_async(torch.tensor(values, dtype=dtype), device)
 
 
 def _column(values: list[float], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:

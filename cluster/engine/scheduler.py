@@ -196,11 +196,17 @@ class Scheduler:
         if reason is None:
             self.kv.cache_full_blocks(seq)
             return False
-        del seq.token_ids[index + 1 :]  # a later step's placeholder: the token it computes is dropped
-        seq.num_pending = 0
-        seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens)
+        self.end_at(seq, index + 1)
         self.finish(seq, reason[0], reason[1])
         return True
+
+    @staticmethod
+    def end_at(seq: Sequence, num_tokens: int) -> None:
+        """`seq` ends with its token `num_tokens - 1`: a later step's placeholder goes, and the token
+        that step computes is dropped."""
+        del seq.token_ids[num_tokens:]
+        seq.num_pending = 0
+        seq.num_computed_tokens = min(seq.num_computed_tokens, num_tokens)
 
     def ends_by_length(self, seq: Sequence) -> bool:
         max_tokens = seq.params.max_tokens

@@ -286,8 +286,9 @@ def serve(worker: Worker, channel: StepChannel | None = None) -> None:
             host.gather_to_first(worker.stats_vector(reset=bool(bits)))
             continue
         if command == Command.FINISH:
-            worker.finish(forwarded[0][0])
-            _share(worker, StepFlags.decode(bits), forwarded.popleft()[1])
+            step, num_rows = forwarded.popleft()
+            worker.finish(step)
+            _share(worker, StepFlags.decode(bits), num_rows)
             continue
         flags = StepFlags.decode(bits)
         step = worker.forward(unpack(header, payload(payload_size(header))), flags, int(header[6]))
