@@ -6,7 +6,8 @@ forward once per batch-size bucket into static buffers and replay it:
 
     bucket sizes: 1 2 4 8 16 24 32 40 ... max_batch
     a batch of 5 runs the graph of 8; rows 5..7 are padding
-    (slot -1: their KV is not written; seq_len 1: they read one harmless entry)
+    (slot -1: their KV is not written; seq_len 1: they read one harmless entry;
+     MoE layers leave them out of their expert load through `real_rows`)
 
 The attention backend must be capturable (no host sync, no `*_cpu` fields), which
 the Triton backend is; the graph's metadata uses the model's maximum context as
@@ -22,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from cluster.engine.attention.base import AttentionMetadata
+from cluster.models.moe import StackedExperts
 
 
 def bucket_sizes(max_batch: int) -> list[int]:
@@ -42,6 +44,8 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(n, runner.max_blocks_per_seq, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.real_rows = torch.zeros(n, dtype=torch.int64, device=dev)  # 1 for a step's rows, 0 for padding
+        self.load_counters = [m for m in runner.model.modules() if isinstance(m, StackedExperts)]
         self.hidden = None  # a later pipeline stage's input: the previous stage's activations
         if not getattr(runner.model, "is_first_stage", True):
             self.hidden = torch.zeros(n, runner.model.cfg.hidden_size, dtype=runner.dtype, device=dev)
@@ -56,10 +60,19 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
+        try:
+            self._capture_buckets()
+        finally:  # eager steps count every row they run
+            for counter in self.load_counters:
+                counter.row_mask = None
+
+    def _capture_buckets(self) -> None:
         from cluster.engine.runner import AttnInputs
 
         pool = None
         for bs in reversed(self.sizes):
+            for counter in self.load_counters:  # the warm-up and the capture count nothing (all zeros)
+                counter.row_mask = self.real_rows[:bs]
             attn = AttnInputs(self.runner.backend, self._meta(bs), self.runner.kv_caches)
             hidden = self.hidden[:bs] if self.hidden is not None else None
             run = lambda: self.runner.model(self.input_ids[:bs], self.positions[:bs], attn, hidden)  # noqa: E731
@@ -87,6 +100,8 @@ class DecodeGraphs:
         self.slot_mapping[num:bs].fill_(-1)
         self.seq_lens[:num].copy_(meta.seq_lens)
         self.seq_lens[num:bs].fill_(1)
+        self.real_rows[:num].fill_(1)
+        self.real_rows[num:bs].fill_(0)
         self.block_tables[:num, : meta.block_tables.shape[1]].copy_(meta.block_tables)
         self.graphs[bs].replay()
         return self.outputs[bs][:num]

@@ -15,7 +15,9 @@ spread them over the tensor-parallel ranks:
     are dispatched and combined by all-to-all (parallel/experts.py); the shared expert
     is replicated and runs on the rank's token slice.
 Per-expert token counts are kept in `tokens_per_expert` for load statistics (summed
-over ranks they count each routed token once).
+over ranks they count each routed token once). A CUDA graph runs padded rows too; while it
+is captured, `row_mask` points at its buffer of 1 (a real row) or 0 (padding), and only
+real rows are counted.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cluster.models.layers import GatedMLP
-from cluster.parallel.experts import AllToAllDispatcher, expert_counts, expert_mlp
+from cluster.parallel.experts import AllToAllDispatcher, combine_topk, expert_counts, expert_mlp
 from cluster.parallel.groups import TPGroup
 from cluster.parallel.linear import ReplicatedLinear, copy_checked, narrow
 from cluster.parallel.overlap import NO_OVERLAP, OverlapFlags, all_reduce_steps, run_sync
@@ -52,6 +54,7 @@ class StackedExperts(nn.Module):
         self.w2.weight_loader = self._load_w2
         self.counts_load = tp.rank == 0  # tp ranks all see the same tokens: one of them counts
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
+        self.row_mask: torch.Tensor | None = None  # int64 [T], set only while a CUDA graph is captured
 
     def owns(self, expert_id: int) -> bool:
         return self.first_expert <= expert_id < self.first_expert + self.num_local
@@ -79,13 +82,13 @@ class StackedExperts(nn.Module):
         (a partial sum when the experts are tp-split)."""
         flat_ids = topk_ids.flatten()
         order = torch.argsort(flat_ids, stable=True)
-        tokens = order // topk_ids.shape[1]
         counts = expert_counts(flat_ids, self.num_experts)
-        self.record_load(counts)
-        y = self.run(x[tokens], counts)
-        out = torch.zeros_like(x)
-        out.index_add_(0, tokens, y * topk_weights.flatten()[order, None].to(y.dtype))
-        return out
+        if self.row_mask is None:
+            self.record_load(counts)
+        else:
+            self.record_load(expert_counts(flat_ids, self.num_experts, self.row_mask.repeat_interleave(topk_ids.shape[1])))
+        y = self.run(x[order // topk_ids.shape[1]], counts)
+        return combine_topk(y, order, topk_weights)
 
 
 class SparseMoE(nn.Module):

@@ -32,10 +32,25 @@ import torch.nn.functional as F
 from cluster.parallel.groups import TPGroup
 
 
-def expert_counts(flat_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """int64 [num_experts]: how many rows go to each expert (no host sync, unlike bincount on CUDA)."""
+def expert_counts(flat_ids: torch.Tensor, num_experts: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 [num_experts]: how many rows go to each expert (no host sync, unlike bincount on CUDA);
+    with `weights` (int64, one per row), the sum of the rows' weights instead."""
     counts = torch.zeros(num_experts, dtype=torch.int64, device=flat_ids.device)
-    return counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
+    return counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids) if weights is None else weights)
+
+
+def combine_topk(y: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """Expert outputs of the (token, k) pairs in sorted order (pair order[i] is row i of y) ->
+    each token's weighted sum over its k experts [T, H].
+
+    The sum runs over k in a fixed order, not by atomic adds (index_add_ on CUDA): a token's output
+    then depends on its own rows only, bit for bit, whatever other rows share the step (the padded
+    rows of a CUDA-graph bucket, another batch composition).
+    """
+    num_tokens, top_k = topk_weights.shape
+    pairs = torch.empty_like(y)
+    pairs[order] = y
+    return (pairs.view(num_tokens, top_k, y.shape[-1]) * topk_weights.to(y.dtype).unsqueeze(-1)).sum(1)
 
 
 def grouped_mm_available(x: torch.Tensor) -> bool:
@@ -130,11 +145,7 @@ class AllToAllDispatcher:
         if overlap:
             yield
         back = pending.wait()  # in `sent.order` order
-        top_k = topk_weights.shape[1]
-        out = y.new_zeros((topk_weights.shape[0], y.shape[1]))
-        weights = topk_weights.flatten()[sent.order, None].to(back.dtype)
-        out.index_add_(0, sent.order // top_k, back * weights)
-        return out
+        return combine_topk(back, sent.order, topk_weights)
 
     def gather(self, mine: torch.Tensor, num_tokens: int, overlap: bool):
         """Generator, step (6): every rank's slice -> the replicated [num_tokens, H]."""

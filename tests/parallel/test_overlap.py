@@ -43,3 +43,40 @@ def test_grouped_gemm_matches_the_expert_loop():
         gate, up = (rows[start : start + count] @ w13[expert].T).chunk(2, -1)
         assert torch.allclose(loop[start : start + count], (torch.nn.functional.silu(gate) * up) @ w2[expert].T)
         start += count
+
+
+def _experts(num_experts=6, hidden=16, inter=8):
+    from cluster.models.moe import StackedExperts
+    from cluster.parallel.groups import TPGroup
+
+    experts = StackedExperts(num_experts, hidden, inter, TPGroup.single(), TPGroup.single())
+    gen = torch.Generator().manual_seed(1)
+    experts.w13.data.copy_(torch.randn(experts.w13.shape, generator=gen))
+    experts.w2.data.copy_(torch.randn(experts.w2.shape, generator=gen))
+    return experts
+
+
+def test_a_tokens_moe_output_and_load_ignore_the_padded_rows_beside_it():
+    """A CUDA-graph bucket runs padded rows with the step's rows: a real row's output must not
+    depend on them beyond GEMM rounding (an expert's GEMM has more rows), and while a graph's row
+    mask is set only the real rows count towards the expert load."""
+    experts = _experts()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 16, generator=gen)
+    ids = torch.tensor([[0, 3], [3, 5], [1, 0], [5, 4], [2, 3]])
+    weights = torch.softmax(torch.randn(5, 2, generator=gen), -1)
+    alone = experts(x[:3], ids[:3], weights[:3])
+    counted_alone = experts.tokens_per_expert.clone()
+    assert counted_alone.tolist() == [2, 1, 0, 2, 0, 1]
+    # each token's output is its weighted experts' sum
+    for t in range(3):
+        want = sum(weights[t, j] * expert_mlp(x[t : t + 1], torch.eye(6, dtype=torch.int64)[ids[t, j]],
+                                              experts.w13, experts.w2, grouped=False)[0] for j in range(2))
+        assert torch.allclose(alone[t], want, atol=1e-5)
+
+    experts.tokens_per_expert.zero_()
+    experts.row_mask = torch.tensor([1, 1, 1, 0, 0])  # rows 3, 4 are a bucket's padding
+    padded = experts(x, ids, weights)
+    experts.row_mask = None
+    assert torch.allclose(padded[:3], alone, atol=1e-5)
+    assert torch.equal(experts.tokens_per_expert, counted_alone)
