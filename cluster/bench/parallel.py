@@ -82,6 +82,28 @@ def release_memory() -> None:
     torch.cuda.empty_cache()
 
 
+def in_fresh_process(fn, *fn_args) -> None:
+    """Run one engine layout in a process of its own (spawned; its ranks are its children). torch
+    numbers symmetric-memory rendezvous per process, so a driver that already served a TP instance
+    cannot set up the next one's one-shot all-reduce (it stays on NCCL); and the next layout starts
+    on a GPU its predecessor has surely let go. A failure is emitted as the layout's error record."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("spawn").Process(target=_run_logged, args=(fn, *fn_args))
+    proc.start()
+    proc.join()
+    if proc.exitcode:
+        raise RuntimeError(f"{fn.__name__}{fn_args[1:]} exited with {proc.exitcode}")
+
+
+def _run_logged(fn, args, *rest) -> None:
+    try:
+        fn(args, *rest)
+    except Exception as exc:
+        emit(args, {"part": fn.__name__, "error": f"{type(exc).__name__}: {exc}"})
+        raise
+
+
 def make_engine(path: str, args, **parallel):
     from cluster.engine.engine import Engine
 
@@ -205,53 +227,58 @@ def part_allreduce(args) -> dict[int, float]:
 
 
 def part_dense(args, allreduce_us: dict[int, float]) -> None:
-    path = ensure_llama8b(args.llama_dir, args)
+    ensure_llama8b(args.llama_dir, args)  # made once, here; each layout's process finds it
     # (tp, all-reduce path): TP=1; TP=2 as the engine runs it (one-shot peer memory for small
     # messages); TP=2 on NCCL alone, the reference for what the one-shot kernel buys
     ways = [(1, "none"), (2, "engine")] + ([(2, "nccl")] if args.tp2_nccl else [])
     ways += [(2, "engine_normal_priority")] if args.tp2_normal_priority else []  # NCCL streams at normal priority
     for tp, way in ways:
-        t0 = time.time()
-        extra = {"one_shot_all_reduce_max_bytes": 0} if way == "nccl" else {}
-        extra |= {"comm_high_priority": False} if way == "engine_normal_priority" else {}
-        engine = make_engine(path, args, tensor_parallel_size=tp, **extra)
-        info = {k: v for k, v in engine.executor.stats().items() if k.startswith("one_shot")} if tp > 1 else {}
-        emit(args, {"part": "dense", "tp": tp, "allreduce": way, "engine_start_s": time.time() - t0, **info})
-        # decode runs as captured CUDA graphs (eager decode is host-bound on this model: ~26 ms a
-        # step on 2xH200, which would swamp any comparison); `--eager-overlap` adds the eager
-        # micro-batch overlap of decode anyway. Prefill is eager either way: overlap on vs off.
-        # async scheduling (the default) on and off: how much host work between steps it hides
-        variants = {"single": {}, "single_sync": dict(async_scheduling=False)} if tp == 1 else {
-            "overlap_off": dict(overlap_tp=False, eager=False),
-            "overlap_off_sync": dict(overlap_tp=False, eager=False, async_scheduling=False)}
-        if tp > 1 and way.startswith("engine") and args.eager_overlap:
-            variants.update(overlap_off_eager=dict(overlap_tp=False, eager=True), overlap_on=dict(overlap_tp=True, eager=True))
-        prefill_variants = dict(variants)
-        if tp > 1 and way.startswith("engine"):
-            prefill_variants["overlap_on"] = dict(overlap_tp=True, eager=True)
-        try:
-            rows = decode_sweep(engine, args, tp, variants)
-            for row in rows:
-                row["allreduce"] = way
-                if tp == 2 and row["batch"] in allreduce_us and way.startswith("engine"):
-                    row["allreduce_ms_per_step"] = 2 * engine.arch.num_layers * allreduce_us[row["batch"]] / 1e3
-                emit(args, {"part": "dense", "phase": "decode", **row})
-            if way != "nccl":
-                _overlap_summary(args, rows, allreduce_us, engine.arch.num_layers)
-            prefill_rows = prefill_time(engine, args, prefill_variants)
-            for row in prefill_rows:
-                emit(args, {"part": "dense", "phase": "prefill", "tp": tp, "allreduce": way, **row})
-            by = {row["variant"]: row["ms"] for row in prefill_rows}
-            if "overlap_on" in by and args.prefill_len // 2 in allreduce_us:
-                # overlap on sends 2 x 2 all-reduces per layer of half the tokens each
-                comm_ms = 2 * 2 * engine.arch.num_layers * allreduce_us[args.prefill_len // 2] / 1e3
-                emit(args, {"part": "dense", "phase": "prefill_overlap", "prefill_len": args.prefill_len,
-                            "off_ms": by["overlap_off"], "on_ms": by["overlap_on"], "allreduce_ms_per_step": comm_ms,
-                            "share_of_allreduce_hidden": (by["overlap_off"] - by["overlap_on"]) / comm_ms})
-        finally:
-            engine.shutdown()
-            del engine
-            release_memory()
+        in_fresh_process(_dense_way, args, tp, way, allreduce_us)
+
+
+def _dense_way(args, tp: int, way: str, allreduce_us: dict[int, float]) -> None:
+    path = ensure_llama8b(args.llama_dir, args)
+    t0 = time.time()
+    extra = {"one_shot_all_reduce_max_bytes": 0} if way == "nccl" else {}
+    extra |= {"comm_high_priority": False} if way == "engine_normal_priority" else {}
+    engine = make_engine(path, args, tensor_parallel_size=tp, **extra)
+    info = {k: v for k, v in engine.executor.stats().items() if k.startswith("one_shot")} if tp > 1 else {}
+    emit(args, {"part": "dense", "tp": tp, "allreduce": way, "engine_start_s": time.time() - t0, **info})
+    # decode runs as captured CUDA graphs (eager decode is host-bound on this model: ~26 ms a
+    # step on 2xH200, which would swamp any comparison); `--eager-overlap` adds the eager
+    # micro-batch overlap of decode anyway. Prefill is eager either way: overlap on vs off.
+    # async scheduling (the default) on and off: how much host work between steps it hides
+    variants = {"single": {}, "single_sync": dict(async_scheduling=False)} if tp == 1 else {
+        "overlap_off": dict(overlap_tp=False, eager=False),
+        "overlap_off_sync": dict(overlap_tp=False, eager=False, async_scheduling=False)}
+    if tp > 1 and way.startswith("engine") and args.eager_overlap:
+        variants.update(overlap_off_eager=dict(overlap_tp=False, eager=True), overlap_on=dict(overlap_tp=True, eager=True))
+    prefill_variants = dict(variants)
+    if tp > 1 and way.startswith("engine"):
+        prefill_variants["overlap_on"] = dict(overlap_tp=True, eager=True)
+    try:
+        rows = decode_sweep(engine, args, tp, variants)
+        for row in rows:
+            row["allreduce"] = way
+            if tp == 2 and row["batch"] in allreduce_us and way.startswith("engine"):
+                row["allreduce_ms_per_step"] = 2 * engine.arch.num_layers * allreduce_us[row["batch"]] / 1e3
+            emit(args, {"part": "dense", "phase": "decode", **row})
+        if way != "nccl":
+            _overlap_summary(args, rows, allreduce_us, engine.arch.num_layers)
+        prefill_rows = prefill_time(engine, args, prefill_variants)
+        for row in prefill_rows:
+            emit(args, {"part": "dense", "phase": "prefill", "tp": tp, "allreduce": way, **row})
+        by = {row["variant"]: row["ms"] for row in prefill_rows}
+        if "overlap_on" in by and args.prefill_len // 2 in allreduce_us:
+            # overlap on sends 2 x 2 all-reduces per layer of half the tokens each
+            comm_ms = 2 * 2 * engine.arch.num_layers * allreduce_us[args.prefill_len // 2] / 1e3
+            emit(args, {"part": "dense", "phase": "prefill_overlap", "prefill_len": args.prefill_len,
+                        "off_ms": by["overlap_off"], "on_ms": by["overlap_on"], "allreduce_ms_per_step": comm_ms,
+                        "share_of_allreduce_hidden": (by["overlap_off"] - by["overlap_on"]) / comm_ms})
+    finally:
+        engine.shutdown()
+        del engine
+        release_memory()
 
 
 def _overlap_summary(args, rows: list[dict], allreduce_us: dict[int, float], num_layers: int) -> None:
@@ -286,20 +313,24 @@ def part_moe(args) -> None:
         ("tp2", dict(tensor_parallel_size=2), {"overlap_off": dict(overlap_tp=False, eager=False),
                                               "overlap_off_eager": dict(overlap_tp=False, eager=True)}),
     ):
-        t0 = time.time()
-        engine = make_engine(path, args, **sizes)
-        emit(args, {"part": "moe", "layout": name, "layers": args.moe_layers, "engine_start_s": time.time() - t0})
-        try:
-            for row in decode_sweep(engine, args_moe, 2, variants):
-                emit(args, {"part": "moe", "layout": name, **row})
-            engine.executor.set_flags(overlap_ep=False, overlap_tp=False)
-            load = engine.executor.stats(reset=True)["tokens_per_expert"]
-            per_expert = torch.tensor(load, dtype=torch.float64).sum(0)
-            emit(args, {"part": "moe", "layout": name, "expert_load_max_over_mean": (per_expert.max() / per_expert.mean()).item()})
-        finally:
-            engine.shutdown()
-            del engine
-            release_memory()
+        in_fresh_process(_moe_layout, args, args_moe, path, name, sizes, variants)
+
+
+def _moe_layout(args, args_moe, path: str, name: str, sizes: dict, variants: dict) -> None:
+    t0 = time.time()
+    engine = make_engine(path, args, **sizes)
+    emit(args, {"part": "moe", "layout": name, "layers": args.moe_layers, "engine_start_s": time.time() - t0})
+    try:
+        for row in decode_sweep(engine, args_moe, 2, variants):
+            emit(args, {"part": "moe", "layout": name, **row})
+        engine.executor.set_flags(overlap_ep=False, overlap_tp=False)
+        load = engine.executor.stats(reset=True)["tokens_per_expert"]
+        per_expert = torch.tensor(load, dtype=torch.float64).sum(0)
+        emit(args, {"part": "moe", "layout": name, "expert_load_max_over_mean": (per_expert.max() / per_expert.mean()).item()})
+    finally:
+        engine.shutdown()
+        del engine
+        release_memory()
 
 
 def part_pp(args) -> None:

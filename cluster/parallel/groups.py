@@ -246,8 +246,17 @@ class InstanceGroups:
             self.store.set(key, uuid.uuid4().hex[:12])  # a fresh symm-mem group name per instance
         name = f"{self.name}/{self.store.get(key).decode()}"
         one_shot, error = None, None
+        from cluster.parallel import one_shot as one_shot_module
         from cluster.parallel.one_shot import OneShotAllReduce
 
+        done = one_shot_module.rendezvous_done
+        if self.host.min_int(done) != -self.host.min_int(-done):
+            # every rank finds this out together (no rank starts a rendezvous the others skip)
+            self.one_shot_error = ("ranks of this instance have made different numbers of symmetric-memory rendezvous "
+                                   "in their processes (a process that ran another tensor-parallel instance before): "
+                                   "torch's rendezvous keys would not match, so all-reduce stays on NCCL; start each "
+                                   "instance in fresh processes for the one-shot all-reduce")
+            return
         try:
             one_shot = OneShotAllReduce(name, self.tp.group, self.tp.rank, self.tp.size, self.store, device, dtype, max_bytes)
             for rows in (1, 7, max(1, one_shot.max_numel // 4096)):

@@ -31,6 +31,13 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import _register_process_group
 
 
+# Symmetric allocations this process has rendezvoused. torch numbers the store keys of every
+# rendezvous with one counter per process, so the ranks of an instance agree on those keys only if
+# each has made as many rendezvous before; an in-process driver that already served an instance
+# is ahead of its new, fresh worker ranks, and their rendezvous would wait for keys never written.
+rendezvous_done = 0
+
+
 class OneShotAllReduce:
     """All-reduce of small messages through peer memory over NVLink: one kernel, no NCCL."""
 
@@ -77,6 +84,8 @@ class _Halves:
     def __init__(self, symm_mem, name: str, numel: int, dtype: torch.dtype, device: torch.device):
         self.buffer = symm_mem.empty(2 * numel, dtype=dtype, device=device)
         self.handle = symm_mem.rendezvous(self.buffer, name)
+        global rendezvous_done
+        rendezvous_done += 1
         self.halves = self.buffer.view(2, numel).unbind(0)
         self.turn = 0
 
