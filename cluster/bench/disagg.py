@@ -8,9 +8,10 @@ a KV link made on demand by our transport (NCCL, one group for the pair):
       and all layers in one message (the hardware-path reference);
   (2) our transfer of one request's KV (gather blocks -> send per layer -> recv ->
       scatter into reserved blocks), back to back: bandwidth beside (1), both against one
-      message of all the KV and against the same per-layer messages sent raw; and the same
-      with the layers stacked into messages of up to 64 MiB (`transfer_stacked`: how a
-      multi-rank prefill sends its gathered KV);
+      message of all the KV and against the same per-layer messages sent raw (`transfer_only`:
+      one layer a message, how the prefill streamed before); and the same with the layers
+      stacked into messages of up to 64 MiB, one gather each (`transfer_stacked`: how a
+      prefill streams its KV now, and a multi-rank prefill sends its gathered KV);
   (3) TTFT of one `--prompt-len` prompt with layer-wise streaming to decode (1P1D) vs the
       same engine without a transfer (colocated), and time to the second token on decode.
 """
@@ -187,8 +188,7 @@ def _transfer_runs(args, engine, transport, worker, q_to_decode, q_from_decode, 
         transport.announce("D", [(tid, i, count, (end - start, *shape) if stacked else shape, worker.kv_dtype)
                                  for i, (start, end) in enumerate(groups)] + [(tid, count - 1, count, (1,), torch.int64)])
         for i, (start, end) in enumerate(groups):
-            kv = (torch.stack([engine.runner.read_kv(layer, index) for layer in range(start, end)]) if stacked
-                  else engine.runner.read_kv(start, index))
+            kv = engine.runner.read_kv_layers(start, end, index) if stacked else engine.runner.read_kv(start, index)
             transport.send_layer("D", tid, i, count, kv)
         transport.send_layer("D", tid, count - 1, count, first)
         posted = time.monotonic()

@@ -3,10 +3,12 @@
   (1) `submit` queues a request in the prefill-role engine with a send plan:
       which decode peer, which transfer id;
   (2) in the step where a request's last prompt chunk runs, `begin_step` returns a
-      hook the model calls after every layer: layer l's KV leaves (an async send)
-      while layer l+1 computes (a multi-rank instance instead gathers all heads from its
-      ranks after the step and sends the layers then, stacked into messages of up to
-      `GROUP_BYTES`: one post per group, not per layer);
+      hook the model calls after every layer. A request's layers leave in groups of up to
+      `GROUP_BYTES` (one gather and one post per group, not per layer: per-layer posts held
+      a transfer to 15% of the link's bandwidth on 2xH200): once a group's last layer is
+      written, the group leaves (an async send) while the next layers compute. A multi-rank
+      instance instead gathers all heads from its ranks after the step and sends the same
+      groups then;
   (3) after the step the first token is sampled and sent as the transfer's last
       message; the request's deltas (that first token) go back to the router;
   (4) `poll` frees a request's blocks once its sends are done and the decode side
@@ -25,7 +27,7 @@ from cluster.engine.engine import Engine
 from cluster.engine.kv_handover import cache_dtype, full_kv_shape
 from cluster.types import FinishReason, SamplingParams, TokenDelta
 
-GROUP_BYTES = 64 << 20  # gathered KV leaves in messages of up to this many bytes (several layers each)
+GROUP_BYTES = 64 << 20  # KV leaves in messages of up to this many bytes (several layers each)
 
 
 @dataclass
@@ -70,28 +72,27 @@ class PrefillWorker:
         for _, plan in self.sending:
             plan.started_s = time.monotonic()
         self._announce()
-        # one rank: each layer leaves as soon as it is written; several ranks: all layers after the
-        # step, gathered from the ranks' head shards (the decode side may have another tp size)
+        # one rank: each group of layers leaves as soon as its last layer is written; several ranks:
+        # all groups after the step, gathered from the ranks' head shards (the decode side may have
+        # another tp size)
         return self._send_layer if self.sending and not self.multi_rank else None
 
     def _announce(self) -> None:
         """Tell each decode peer, before the step runs, every message it will get from this step and
-        in which order: layer-major across requests (one rank: each layer leaves as it is written),
-        request-major (several ranks: gathered after the step), then each request's first token."""
+        in which order: by the layer that ends each group, across requests (one rank: a group leaves
+        as its last layer is written), request-major (several ranks: gathered after the step), then
+        each request's first token."""
         if not self.sending:
             return
         per_peer: dict[str, list] = {}
-        if self.multi_rank:  # request-major, each request's layers stacked in groups
-            for seq, plan in self.sending:
-                count = self._num_messages(seq)
-                for index, (start, end) in enumerate(self._groups(seq)):
-                    shape = (end - start, *self._kv_shape(seq))
-                    per_peer.setdefault(plan.peer_id, []).append((plan.transfer_id, index, count, shape, self.kv_dtype))
-        else:  # layer-major across requests, one layer a message
-            for layer in range(self.num_layers):
-                for seq, plan in self.sending:
-                    per_peer.setdefault(plan.peer_id, []).append(
-                        (plan.transfer_id, layer, self._num_messages(seq), self._kv_shape(seq), self.kv_dtype))
+        messages = [(end if not self.multi_rank else 0, order, index, start, end)
+                    for order, (seq, _) in enumerate(self.sending)
+                    for index, (start, end) in enumerate(self._groups(seq))]
+        for _, order, index, start, end in sorted(messages, key=lambda m: m[:2]):  # stable within a request
+            seq, plan = self.sending[order]
+            shape = (end - start, *self._kv_shape(seq))
+            per_peer.setdefault(plan.peer_id, []).append(
+                (plan.transfer_id, index, self._num_messages(seq), shape, self.kv_dtype))
         for seq, plan in self.sending:
             count = self._num_messages(seq)
             per_peer.setdefault(plan.peer_id, []).append((plan.transfer_id, count - 1, count, (1,), torch.int64))
@@ -101,10 +102,10 @@ class PrefillWorker:
     def _num_messages(self, seq) -> int:
         """How many messages `seq`'s transfer is sent as: its KV (a layer or a stacked group each),
         then the first token."""
-        return (len(self._groups(seq)) if self.multi_rank else self.num_layers) + 1
+        return len(self._groups(seq)) + 1
 
     def _groups(self, seq) -> list[tuple[int, int]]:
-        """[start, end) layer ranges of the stacked messages of `seq`'s gathered KV."""
+        """[start, end) layer ranges of the stacked messages of `seq`'s KV."""
         layer_bytes = max(1, torch.Size(self._kv_shape(seq)).numel() * torch.tensor([], dtype=self.kv_dtype).element_size())
         per_group = max(1, GROUP_BYTES // layer_bytes)
         return [(start, min(start + per_group, self.num_layers)) for start in range(0, self.num_layers, per_group)]
@@ -117,10 +118,13 @@ class PrefillWorker:
         return -(-seq.num_prompt_tokens // self.engine.kv.block_size)
 
     def _send_layer(self, layer_id: int) -> None:
+        """Layer `layer_id` is written: each request's group that it ends leaves, in announced order."""
         for seq, plan in self.sending:
-            kv = self.engine.runner.read_kv(layer_id, self.block_index[seq.seq_id])  # one gather
-            self.bytes_sent += kv.numel() * kv.element_size()
-            self.transport.send_layer(plan.peer_id, plan.transfer_id, layer_id, self._num_messages(seq), kv)
+            for index, (start, end) in enumerate(self._groups(seq)):
+                if end - 1 == layer_id:
+                    kv = self.engine.runner.read_kv_layers(start, end, self.block_index[seq.seq_id])  # one gather
+                    self.bytes_sent += kv.numel() * kv.element_size()
+                    self.transport.send_layer(plan.peer_id, plan.transfer_id, index, self._num_messages(seq), kv)
 
     # -- (3) after the step ----------------------------------------------------------------
     def _send_gathered(self) -> None:

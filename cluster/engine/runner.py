@@ -97,7 +97,10 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         # one [2, blocks, block_size, kv_heads, head_dim] tensor per layer: K and V are its two halves,
         # so a hand-over reads or writes a layer's K and V of a set of blocks in one kernel
-        self.kv_layers = allocate_kv(model, num_blocks, block_size, device, dtype)
+        self.kv_stack, self.first_kv_layer = allocate_kv(model, num_blocks, block_size, device, dtype)
+        self.kv_layers = [None] * model.cfg.num_layers  # by global layer id (None: another stage's layer)
+        for i, kv in enumerate(self.kv_stack.unbind(0)):
+            self.kv_layers[self.first_kv_layer + i] = kv
         self.kv_caches = [(kv[0], kv[1]) if kv is not None else None for kv in self.kv_layers]
         self.generators: dict[int, torch.Generator] = {}
         self.last_sampled: torch.Tensor | None = None  # the last step's tokens, on the device: placeholders' values
@@ -229,6 +232,12 @@ class ModelRunner:
         one gather, the KV hand-over's message."""
         return self.kv_layers[layer_id].index_select(1, self.block_index(block_ids))
 
+    def read_kv_layers(self, start: int, end: int, block_ids) -> torch.Tensor:
+        """Copy of layers [start, end)'s K and V of `block_ids`, [end - start, 2, len(block_ids), ...]: one
+        gather over the stage's single KV tensor, a stacked hand-over message."""
+        first = self.first_kv_layer
+        return self.kv_stack[start - first : end - first].index_select(2, self.block_index(block_ids))
+
     def write_kv(self, layer_id: int, block_ids, kv: torch.Tensor) -> None:
         cache = self.kv_layers[layer_id]
         cache.index_copy_(1, self.block_index(block_ids), kv.to(cache.device, cache.dtype))
@@ -245,12 +254,12 @@ def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
 
 
 def allocate_kv(model, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype):
-    """One [2 (K, V), blocks, block_size, kv_heads, head_dim] tensor per layer of this stage,
-    indexed by global layer id (None for another stage's layers)."""
-    layers = model.model.layers
-    first = next(iter(layers.values())).self_attn
-    shape = (2, num_blocks, block_size, first.num_kv_heads, model.cfg.head_dim)
-    caches: list = [None] * model.cfg.num_layers
-    for layer_id in layers:
-        caches[int(layer_id)] = torch.zeros(shape, dtype=dtype, device=device)
-    return caches
+    """(one [layers, 2 (K, V), blocks, block_size, kv_heads, head_dim] tensor for this stage's layers,
+    the global id of its first layer). A layer's cache is a view of it, so a hand-over of several
+    layers' KV is one gather, not one per layer and a stack."""
+    layer_ids = sorted(int(layer_id) for layer_id in model.model.layers)
+    if layer_ids != list(range(layer_ids[0], layer_ids[0] + len(layer_ids))):
+        raise ValueError(f"a stage's layers must be consecutive, got {layer_ids}")
+    attn = model.model.layers[str(layer_ids[0])].self_attn
+    shape = (len(layer_ids), 2, num_blocks, block_size, attn.num_kv_heads, model.cfg.head_dim)
+    return torch.zeros(shape, dtype=dtype, device=device), layer_ids[0]

@@ -63,16 +63,52 @@ def _expected(model_dir, prompts):
     return run_to_end(_engine(model_dir, Role.MIXED), prompts, PARAMS)
 
 
-def test_layerwise_streaming_gives_the_same_tokens(checkpoint_dir):
+@pytest.mark.parametrize("group_bytes", [None, 1, 10000])
+def test_layerwise_streaming_gives_the_same_tokens(checkpoint_dir, monkeypatch, group_bytes):
+    """A request's layers leave in groups of up to GROUP_BYTES, each once its last layer is written:
+    the default (the tiny model's KV is one group), one layer a message, and groups that cut the
+    prompts' layers differently per request (the messages of a step interleave across requests)."""
+    import cluster.disagg.prefill as prefill_module
+
+    if group_bytes is not None:
+        monkeypatch.setattr(prefill_module, "GROUP_BYTES", group_bytes)
     model_dir = checkpoint_dir("qwen2")
     rng = random.Random(5)
-    prompts = [[rng.randrange(900) for _ in range(n)] for n in (3, 17, 64, 150)]
+    lens = (3, 17, 64, 150)
+    prompts = [[rng.randrange(900) for _ in range(n)] for n in lens]
     expected = _expected(model_dir, prompts)
     # a small budget chunks the long prompts: KV of earlier chunks is streamed with the last one
     prefill, decode = _pair(model_dir, budget=48)
+    posted: dict[int, list] = {}
+    announced_order, posted_order = [], []
+    send, announce = prefill.transport.send_layer, prefill.transport.announce
+
+    def recording_send(peer_id, transfer_id, index, count, kv):  # what goes on the link, then sent as is
+        posted.setdefault(transfer_id, []).append((index, count, kv.shape[0]))
+        posted_order.append((transfer_id, index))
+        send(peer_id, transfer_id, index, count, kv)
+
+    def recording_announce(peer_id, messages):
+        announced_order.extend((m[0], m[1]) for m in messages)
+        announce(peer_id, messages)
+
+    prefill.transport.send_layer, prefill.transport.announce = recording_send, recording_announce
     got = _serve(prefill, decode, prompts)
     assert got == expected
     assert prefill.bytes_sent > 0
+    assert posted_order == announced_order  # a real link checks each message against the next header
+    num_layers = prefill.engine.arch.num_layers
+    engine = prefill.engine
+    layer_bytes = [2 * -(-n // engine.kv.block_size) * engine.kv.block_size * engine.arch.num_kv_heads
+                   * engine.arch.head_dim * 4 for n in lens]
+    per_group = [num_layers if group_bytes is None else max(1, group_bytes // b) for b in layer_bytes]
+    for i, group in enumerate(per_group):
+        count = -(-num_layers // group) + 1
+        assert [index for index, _, _ in posted[i]] == list(range(count))
+        assert all(c == count for _, c, _ in posted[i])
+        assert sum(layers for _, _, layers in posted[i][:-1]) == num_layers  # then the first token
+    if group_bytes == 10000:
+        assert len(set(per_group)) > 1 and min(per_group) < num_layers
     for engine in (prefill.engine, decode.engine):
         assert engine.kv.num_free_blocks == engine.kv.num_blocks, "KV leaked"
 

@@ -55,3 +55,31 @@ def test_gpu_instance_matches_one_gpu(checkpoint_dir, case):
         _assert_same(_run(engine, prompts, "on"), expected)
     finally:
         engine.shutdown()
+
+
+def test_a_second_tp_instance_in_one_process_stays_on_nccl_at_once(checkpoint_dir):
+    """torch numbers symmetric-memory rendezvous per process: the driver of a second TP=2 instance in
+    one process is ahead of its fresh worker ranks, whose keys would never match. The ranks see it
+    before they start (one_shot_error says why) and stay on NCCL, instead of a 60 s store timeout."""
+    import time
+
+    from cluster.parallel import one_shot
+
+    model_dir = checkpoint_dir("llama")
+    prompts = _prompts(model_dir)
+    fresh = one_shot.rendezvous_done == 0
+    first = _engine(model_dir, device="cuda", tensor_parallel_size=2)
+    try:
+        assert first.executor.stats()["one_shot_all_reduce"] == fresh
+        expected = _run(first, prompts, "first")
+    finally:
+        first.shutdown()
+    t0 = time.monotonic()
+    second = _engine(model_dir, device="cuda", tensor_parallel_size=2)
+    try:
+        assert time.monotonic() - t0 < 40
+        stats = second.executor.stats()
+        assert not stats["one_shot_all_reduce"] and "rendezvous" in stats["one_shot_error"]
+        _assert_same(_run(second, prompts, "second"), expected)
+    finally:
+        second.shutdown()
