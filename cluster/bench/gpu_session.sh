@@ -7,7 +7,9 @@
 #   device: bash cluster/bench/gpu_session.sh SECONDS ITEM...           # carry [".whl"]
 #
 # Items (docs/benchmarks.md, "Next GPU session", says which to run first):
-#   gpu-tests  pytest -m gpu over the engine, models, parallel and disagg tests (≈3 min)
+#   gpu-tests  pytest -m gpu over the engine, models, parallel and disagg tests (≈3 min);
+#              gpu-tests:EXPR runs those whose names match the pytest -k expression EXPR
+#   pp         bench.parallel pp: PP=2 with two batches in the stages vs one (≈1 min)
 #   parallel   bench.parallel allreduce,dense,pp: async scheduling on/off, NCCL priority, PP batches (≈10 min)
 #   moe        bench.parallel moe: EP=2 vs TP=2 (graphs and eager), 8 layers (≈4 min)
 #   disagg     bench.disagg: KV transfer per layer and stacked vs raw NCCL, TTFT 1P1D vs colocated (≈2 min)
@@ -40,7 +42,9 @@ need_llama() {
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/work/gpus.txt" 2>&1
 for item in "$@"; do
   case $item in
-    gpu-tests) run_item gpu-tests python3 -m pytest -q -m gpu -p no:cacheprovider \
+    gpu-tests|gpu-tests:*)
+               k=(); [[ $item == gpu-tests:* ]] && k=(-k "${item#gpu-tests:}")
+               run_item gpu-tests python3 -m pytest -q -m gpu -p no:cacheprovider "${k[@]}" \
                  "$PWD/tests/engine" "$PWD/tests/models" "$PWD/tests/parallel" "$PWD/tests/disagg" ;;
     parallel)  need_llama; run_item parallel python3 -m cluster.bench.parallel --parts allreduce,dense,pp \
                  --llama-dir /tmp/llama8b --steps 8 --tp2-normal-priority --out parallel.jsonl ;;
