@@ -86,7 +86,9 @@ class StackedExperts(nn.Module):
         if self.row_mask is None:
             self.record_load(counts)
         else:
-            self.record_load(expert_counts(flat_ids, self.num_experts, self.row_mask.repeat_interleave(topk_ids.shape[1])))
+            # expand, not repeat_interleave: that one reads its output size on the host, which a capture refuses
+            pair_mask = self.row_mask.unsqueeze(1).expand(-1, topk_ids.shape[1]).reshape(-1)
+            self.record_load(expert_counts(flat_ids, self.num_experts, pair_mask))
         y = self.run(x[order // topk_ids.shape[1]], counts)
         return combine_topk(y, order, topk_weights)
 

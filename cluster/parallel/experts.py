@@ -48,8 +48,7 @@ def combine_topk(y: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tenso
     rows of a CUDA-graph bucket, another batch composition).
     """
     num_tokens, top_k = topk_weights.shape
-    pairs = torch.empty_like(y)
-    pairs[order] = y
+    pairs = torch.empty_like(y).index_copy_(0, order, y)  # order is a permutation of the pairs
     return (pairs.view(num_tokens, top_k, y.shape[-1]) * topk_weights.to(y.dtype).unsqueeze(-1)).sum(1)
 
 
