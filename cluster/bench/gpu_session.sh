@@ -53,7 +53,7 @@ for item in "$@"; do
     moe)       run_item moe python3 -m cluster.bench.parallel --parts moe --moe-layers 8 --steps 8 --out moe.jsonl ;;
     disagg)    need_llama; run_item disagg python3 -m cluster.bench.disagg --model /tmp/llama8b --out disagg.json ;;
     serve)     need_llama; run_item serve python3 -m cluster.bench.serve --model /tmp/llama8b \
-                 --rates 4,8,16,24,32 --num-requests 300 --duration-s 20 --low-duration-s 10 --out-dir serve ;;
+                 --rates 4,32,48,64,96 --num-requests 800 --duration-s 15 --low-duration-s 10 --out-dir serve ;;
     *)         echo "unknown item $item" ;;
   esac
 done

@@ -81,7 +81,7 @@ def _bench(args, url: str, rates: list[str], out: str, plot_dir: str, duration_s
            "--output-len", str(args.output_len), "--slo-ttft-ms", str(args.slo_ttft_ms),
            "--slo-tpot-ms", str(args.slo_tpot_ms), "--duration-s", str(duration_s), "--seed", "1",
            "--out", out, "--plot-dir", plot_dir]
-    subprocess.run(cmd, check=True, timeout=duration_s * len(rates) + 120)
+    subprocess.run(cmd, check=True, timeout=(duration_s + 60) * len(rates) + 120)  # each rate drains after its arrivals
     with open(out) as f:
         return json.load(f)
 
