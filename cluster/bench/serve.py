@@ -64,15 +64,22 @@ def _start(args, name: str, port: int, out_dir: str) -> subprocess.Popen:
     raise RuntimeError(f"{name}: the cluster did not start (see {log.name})")
 
 
-def _poll_step_times(url: str, stop: threading.Event, samples: list) -> None:
+def _poll_step_times(url: str, stop: threading.Event, samples: list, stalls: list) -> None:
+    """Each second: every instance's mean step time (`samples`), and its worst step, wait between steps,
+    command time and KV landing since the last heartbeat (`stalls`: where a stream's pauses come from)."""
     while not stop.is_set():
         try:
             with urllib.request.urlopen(url.replace("/v1", "/health"), timeout=5) as r:
                 health = json.load(r)
-            samples.append({k: v["mean_step_ms"] for k, v in health.get("instances", {}).items() if v["mean_step_ms"]})
+            instances = health.get("instances", {})
+            samples.append({k: v["mean_step_ms"] for k, v in instances.items() if v.get("mean_step_ms")})
+            stalls.append({"t": time.time(), **{k: {m: v.get(m) for m in STALL_KEYS} for k, v in instances.items()}})
         except OSError:
             pass
         stop.wait(1.0)
+
+
+STALL_KEYS = ("max_step_ms", "max_step_gap_ms", "commands_ms", "max_land_ms", "num_running")
 
 
 def _bench(args, url: str, rates: list[str], out: str, plot_dir: str, duration_s: float) -> dict:
@@ -91,21 +98,44 @@ def run_deployment(args, name: str, port: int) -> dict:
     url = f"http://127.0.0.1:{port}/v1"
     try:
         samples: list = []
+        stalls_low: list = []
         stop = threading.Event()
-        poller = threading.Thread(target=_poll_step_times, args=(url, stop, samples), daemon=True)
+        poller = threading.Thread(target=_poll_step_times, args=(url, stop, samples, stalls_low), daemon=True)
         poller.start()
         low = _bench(args, url, [args.rates[0]], os.path.join(args.out_dir, f"{name}_low.json"),
                      os.path.join(args.out_dir, f"{name}_low_plots"), args.low_duration_s or args.duration_s)
         stop.set()
-        sweep = _bench(args, url, args.rates, os.path.join(args.out_dir, f"{name}_sweep.json"),
-                       os.path.join(args.out_dir, f"{name}_plots"), args.duration_s)
-        return {"low_rate": low, "sweep": sweep, "step_ms_samples": samples}
+        poller.join()
+        stalls_sweep: list = []
+        stop = threading.Event()
+        poller = threading.Thread(target=_poll_step_times, args=(url, stop, [], stalls_sweep), daemon=True)
+        poller.start()
+        try:
+            sweep = _bench(args, url, args.rates, os.path.join(args.out_dir, f"{name}_sweep.json"),
+                           os.path.join(args.out_dir, f"{name}_plots"), args.duration_s)
+        finally:
+            stop.set()
+        return {"low_rate": low, "sweep": sweep, "step_ms_samples": samples,
+                "stalls": {"low_rate": stalls_low, "sweep": stalls_sweep}}
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def worst(stalls: list[dict]) -> dict:
+    """Per instance, the worst of each stall figure over a run's heartbeat samples."""
+    out: dict = {}
+    for sample in stalls:
+        for instance, figures in sample.items():
+            if instance == "t":
+                continue
+            for key, value in figures.items():
+                if value is not None:
+                    out.setdefault(instance, {})[key] = max(out.get(instance, {}).get(key, value), value)
+    return out
 
 
 def main(argv=None) -> None:
@@ -137,7 +167,8 @@ def main(argv=None) -> None:
     for i, name in enumerate(args.deployments.split(",")):
         try:
             results[name] = run_deployment(args, name, 8100 + i)
-            print(json.dumps({name: {"goodput_vs_rate": results[name]["sweep"].get("goodput_vs_rate")}}), flush=True)
+            print(json.dumps({name: {"goodput_vs_rate": results[name]["sweep"].get("goodput_vs_rate"),
+                                     "worst_during_sweep": worst(results[name]["stalls"]["sweep"])}}), flush=True)
         except Exception as exc:  # one deployment failing must not lose the other's results
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
             print(json.dumps({name: results[name]}), flush=True)

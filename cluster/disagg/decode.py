@@ -44,6 +44,7 @@ class DecodeWorker:
         self.reported: set[str] = set()
         self.num_recomputed = 0
         self.transfer_latencies_s: list[float] = []
+        self.max_land_s = 0.0  # the longest landing (KV into the reserved blocks) since the instance's last stats()
 
     def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, peer_id: str,
                 transfer_id: int, prompt: str | None = None) -> bool:
@@ -76,6 +77,7 @@ class DecodeWorker:
         return landed
 
     def _land(self, p: PendingTransfer) -> None:
+        t0 = time.monotonic()
         messages = self.transport.take(p.transfer_id)
         first_token = int(messages[-1].item())
         if first_token < 0:  # the prefill side had no first token to send
@@ -85,6 +87,7 @@ class DecodeWorker:
         del self.pending[p.request_id]
         self.transfer_latencies_s.append(time.monotonic() - p.started_s)
         self.engine.commit(p.request_id, first_token)
+        self.max_land_s = max(self.max_land_s, time.monotonic() - t0)
 
     def _fall_back(self, p: PendingTransfer, why: str) -> None:
         """No KV: recompute here once the router tells us the first token the client saw (if any)."""

@@ -103,8 +103,9 @@ class ClusterClient(EngineClient):
             raise RuntimeError(f"a pool has no live instance: {pools}")
         if not self.config.disaggregated and not pools["mixed"]:
             raise RuntimeError("no live mixed instance")
-        instances = {v.instance_id: {"role": v.role.value, "alive": v.alive, "mean_step_ms": v.load.get("mean_step_ms"),
-                                     "num_running": v.load.get("num_running")} for v in self.instances.values()}
+        keys = ("mean_step_ms", "num_running", "max_step_ms", "max_step_gap_ms", "commands_ms", "max_land_ms")
+        instances = {v.instance_id: {"role": v.role.value, "alive": v.alive, **{k: v.load.get(k) for k in keys}}
+                     for v in self.instances.values()}
         return {"status": "ok", "pools": pools, "in_flight": self.num_pending, "instances": instances}
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

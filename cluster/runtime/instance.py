@@ -83,6 +83,11 @@ class InstanceActor:
         self.num_steps = 0
         self.step_time_s = 0.0  # summed wall time of model steps since the last stats() call
         self.num_timed_steps = 0
+        # stalls, the worst since the last stats() call: the longest model step, the longest wait
+        # between two model steps while requests were running (commands, landing KV, emitting), and
+        # the time the loop spent on commands (reserve, submit, abort, ...) between steps
+        self.max_step_s = self.max_gap_s = self.commands_s = 0.0
+        self.last_step_end: float | None = None
         self.loop = threading.Thread(target=self._loop, daemon=True, name=f"step-loop-{instance_id}")
         self.loop.start()
 
@@ -156,12 +161,16 @@ class InstanceActor:
         # drained: the mean wall time of this instance's model steps since the last heartbeat
         stats["mean_step_ms"] = self.step_time_s / self.num_timed_steps * 1e3 if self.num_timed_steps else None
         self.step_time_s, self.num_timed_steps = 0.0, 0
+        stats["max_step_ms"], stats["max_step_gap_ms"], stats["commands_ms"] = (
+            self.max_step_s * 1e3, self.max_gap_s * 1e3, self.commands_s * 1e3)
+        self.max_step_s = self.max_gap_s = self.commands_s = 0.0
         if self.role == Role.PREFILL:
             stats["kv_bytes_sent"] = self.worker.bytes_sent
         if self.role == Role.DECODE:
             stats["num_recomputed"] = self.worker.num_recomputed
             # drained: each heartbeat reports the hand-overs that landed since the last one
             stats["transfer_latencies_s"], self.worker.transfer_latencies_s = self.worker.transfer_latencies_s, []
+            stats["max_land_ms"], self.worker.max_land_s = self.worker.max_land_s * 1e3, 0.0
         return stats
 
     def ping(self) -> str:
@@ -221,9 +230,16 @@ class InstanceActor:
         self.num_steps += 1
         t0 = time.perf_counter()
         deltas = self.worker.step() if self.worker is not None else self.engine.step()
+        t1 = time.perf_counter()
         if deltas:  # steps that ran the model (not the idle polls of a transfer)
-            self.step_time_s += time.perf_counter() - t0
+            self.step_time_s += t1 - t0
             self.num_timed_steps += 1
+            self.max_step_s = max(self.max_step_s, t1 - t0)
+            if self.last_step_end is not None:
+                self.max_gap_s = max(self.max_gap_s, t0 - self.last_step_end)
+            self.last_step_end = t1
+        elif not self._busy():
+            self.last_step_end = None  # idle: the next step's wait is not a stall
         return deltas
 
     def _busy(self) -> bool:
@@ -237,11 +253,15 @@ class InstanceActor:
         return False
 
     def _drain_inbox(self) -> None:
+        t0, ran = time.perf_counter(), False
         while True:
             try:
                 fn, args, fut = self.inbox.get_nowait()
             except queue.Empty:
+                if ran:
+                    self.commands_s += time.perf_counter() - t0
                 return
+            ran = True
             try:
                 fut.set_result(fn(*args))
             except Exception as exc:  # a bad command fails its caller, not the instance

@@ -1,0 +1,34 @@
+"""An instance actor's stall figures (worst step, worst wait between steps, command time), used
+in-process as Ray would host it: they cover the steps since the last stats() call, then reset."""
+from __future__ import annotations
+
+import time
+
+from cluster.config import CacheConfig, DisaggConfig, EngineConfig, ModelConfig
+from cluster.runtime.instance import InstanceActor, RequestSpec
+from cluster.types import Role, SamplingParams
+
+
+def test_stall_figures_cover_the_steps_since_the_last_heartbeat(checkpoint_dir):
+    cfg = EngineConfig(model=ModelConfig(path=checkpoint_dir("llama")), cache=CacheConfig(num_blocks=64))
+    actor = InstanceActor("mixed-0", Role.MIXED, cfg, DisaggConfig())
+    try:
+        actor.stats()  # start of the window
+        params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+        for i in range(3):
+            actor.submit(RequestSpec(f"r{i}", [5, 6, 7, 8 + i], params))
+        tokens, deadline = 0, time.monotonic() + 60
+        while tokens < 3 * 24 and time.monotonic() < deadline:
+            deltas, _, error = actor.next_deltas(0.5)
+            assert error is None
+            tokens += sum(len(d.token_ids) for d in deltas)
+        assert tokens == 3 * 24
+        stats = actor.stats()
+        assert stats["max_step_ms"] > 0 and stats["max_step_ms"] >= stats["mean_step_ms"]
+        assert 0 <= stats["max_step_gap_ms"] < 10_000
+        assert stats["commands_ms"] > 0  # the three submits ran on the loop between steps
+        again = actor.stats()
+        assert again["max_step_ms"] == again["max_step_gap_ms"] == again["commands_ms"] == 0
+    finally:
+        actor.shutdown()
+        actor.loop.join(10)
