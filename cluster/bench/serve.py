@@ -79,7 +79,7 @@ def _poll_step_times(url: str, stop: threading.Event, samples: list, stalls: lis
         stop.wait(1.0)
 
 
-STALL_KEYS = ("max_step_ms", "max_step_gap_ms", "commands_ms", "max_land_ms", "num_running")
+STALL_KEYS = ("max_step_ms", "max_step_gap_ms", "commands_ms", "max_land_ms", "max_gc_ms", "num_running")
 
 
 def _bench(args, url: str, rates: list[str], out: str, plot_dir: str, duration_s: float) -> dict:

@@ -103,7 +103,7 @@ class ClusterClient(EngineClient):
             raise RuntimeError(f"a pool has no live instance: {pools}")
         if not self.config.disaggregated and not pools["mixed"]:
             raise RuntimeError("no live mixed instance")
-        keys = ("mean_step_ms", "num_running", "max_step_ms", "max_step_gap_ms", "commands_ms", "max_land_ms")
+        keys = ("mean_step_ms", "num_running", "max_step_ms", "max_step_gap_ms", "commands_ms", "max_land_ms", "max_gc_ms")
         instances = {v.instance_id: {"role": v.role.value, "alive": v.alive, **{k: v.load.get(k) for k in keys}}
                      for v in self.instances.values()}
         return {"status": "ok", "pools": pools, "in_flight": self.num_pending, "instances": instances}

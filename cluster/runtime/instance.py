@@ -20,6 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 from cluster.config import DisaggConfig, EngineConfig
+from cluster.runtime.gc_pauses import GcPauses, freeze_startup_objects
 from cluster.types import FinishReason, Role, SamplingParams, TokenDelta
 
 
@@ -88,6 +89,8 @@ class InstanceActor:
         # the time the loop spent on commands (reserve, submit, abort, ...) between steps
         self.max_step_s = self.max_gap_s = self.commands_s = 0.0
         self.last_step_end: float | None = None
+        self.gc_pauses = GcPauses()
+        self.num_frozen = freeze_startup_objects()  # what start-up made, no full collection walks it again
         self.loop = threading.Thread(target=self._loop, daemon=True, name=f"step-loop-{instance_id}")
         self.loop.start()
 
@@ -163,6 +166,7 @@ class InstanceActor:
         self.step_time_s, self.num_timed_steps = 0.0, 0
         stats["max_step_ms"], stats["max_step_gap_ms"], stats["commands_ms"] = (
             self.max_step_s * 1e3, self.max_gap_s * 1e3, self.commands_s * 1e3)
+        stats["max_gc_ms"] = self.gc_pauses.take_max_ms()
         self.max_step_s = self.max_gap_s = self.commands_s = 0.0
         if self.role == Role.PREFILL:
             stats["kv_bytes_sent"] = self.worker.bytes_sent
@@ -192,6 +196,7 @@ class InstanceActor:
 
     def shutdown(self) -> None:
         self.stopped = True
+        self.gc_pauses.close()
         self._wake()
 
     def _wake(self) -> None:

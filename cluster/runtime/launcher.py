@@ -17,6 +17,7 @@ import sys
 import tempfile
 
 from cluster.config import ClusterConfig
+from cluster.runtime.gc_pauses import freeze_startup_objects
 from cluster.types import Role
 
 _ids = itertools.count()
@@ -169,6 +170,7 @@ async def serve_cluster(config: ClusterConfig) -> None:
     cluster = Cluster(config)
     print(f"starting llm-cluster: model {config.engine.model.path}", file=sys.stderr, flush=True)
     await cluster.start()
+    freeze_startup_objects()  # the router and the HTTP streams run here: no full collection walks start-up's objects
     server = uvicorn.Server(uvicorn.Config(cluster.app(), host=config.api.host, port=config.api.port, log_level="warning"))
     pools = ", ".join(f"{r.value}={len(cluster.client.pool(r))}" for r in Role if cluster.client.pool(r))
     print(f"llm-cluster is up ({pools}).\n  OpenAI API: http://{config.api.host}:{config.api.port}/v1   "
