@@ -83,7 +83,7 @@ class DecodeWorker:
         if first_token < 0:  # the prefill side had no first token to send
             self._fall_back(p, "ended without a first token")
             return
-        self.engine.executor.scatter_kv(p.block_ids, per_layer(messages[:-1]))
+        self.engine.executor.scatter_kv(p.block_ids, messages[:-1])
         del self.pending[p.request_id]
         self.transfer_latencies_s.append(time.monotonic() - p.started_s)
         self.engine.commit(p.request_id, first_token)
@@ -131,12 +131,3 @@ class DecodeWorker:
         if p is not None:
             self.transport.forget(p.transfer_id)
         self.engine.abort(request_id)
-
-
-def per_layer(messages: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Landed KV messages as one [2, blocks, block_size, heads, dim] tensor per layer: a message is
-    one layer, or several stacked ([k, 2, ...])."""
-    layers: list[torch.Tensor] = []
-    for message in messages:
-        layers.extend(message.unbind(0) if message.dim() == 6 else [message])
-    return layers

@@ -8,8 +8,9 @@ The Engine calls, from its step loop:
                                                 batch enters the pipeline before this one's rows come
                                                 back (`steps_in_flight` batches are in the stages)
   runner                                        the driver rank's ModelRunner (sampling state)
-  gather_kv(block_ids) / scatter_kv(block_ids, layers)   the KV hand-over: every layer with all KV
-                                                heads, from or into the ranks' head shards
+  gather_kv(block_ids) / scatter_kv(block_ids, messages)   the KV hand-over: every layer with all
+                                                KV heads, from or into the ranks' head shards (a
+                                                message is one layer or several stacked)
   model, num_blocks                             the driver rank's model; KV blocks every rank holds
   shutdown()                                    once, when the engine closes
 Benchmarks and tests also call:
@@ -48,6 +49,7 @@ import torch
 
 from cluster.config import EngineConfig
 from cluster.engine.kv_budget import num_kv_blocks
+from cluster.engine.kv_handover import per_layer
 from cluster.engine.runner import ModelRunner, PendingStep, StepResult
 from cluster.engine.step_plan import Command, pack, plan_step
 from cluster.engine.worker import StepFlags, Worker, worker_main
@@ -116,10 +118,17 @@ class UniExecutor(Executor):
         return [self.runner.read_kv(layer, index) for layer in range(len(self.runner.kv_layers))
                 if self.runner.kv_layers[layer] is not None]
 
-    def scatter_kv(self, block_ids: list[int], layers: list[torch.Tensor]) -> None:
+    def scatter_kv(self, block_ids: list[int], messages: list[torch.Tensor]) -> None:
+        """Every layer's KV of `block_ids`, in layer order: one write per message, of one layer or several."""
         index = self.runner.block_index(block_ids)
-        for layer_id, kv in enumerate(layers):
-            self.runner.write_kv(layer_id, index, kv)
+        layer_id = 0
+        for kv in messages:
+            if kv.dim() == 6:  # [k, 2, blocks, ...]: k layers in one index_copy_
+                self.runner.write_kv_layers(layer_id, index, kv)
+                layer_id += kv.shape[0]
+            else:
+                self.runner.write_kv(layer_id, index, kv)
+                layer_id += 1
 
 
 class MultiProcExecutor(Executor):
@@ -244,9 +253,11 @@ class MultiProcExecutor(Executor):
         """Every layer's KV of `block_ids`, all heads, on this (driver) rank: the KV hand-over's source."""
         return self._kv_command(Command.GATHER_KV, block_ids, lambda: self.worker.gather_kv(block_ids))
 
-    def scatter_kv(self, block_ids: list[int], layers: list[torch.Tensor]) -> None:
-        """Land every layer's KV of `block_ids` ([2, blocks, block_size, all KV heads, head_dim] each,
-        from another instance whatever its tp) into the ranks' head shards: the KV hand-over's sink."""
+    def scatter_kv(self, block_ids: list[int], messages: list[torch.Tensor]) -> None:
+        """Land every layer's KV of `block_ids` ([2, blocks, block_size, all KV heads, head_dim] a layer,
+        one or several a message, from another instance whatever its tp) into the ranks' head shards:
+        the KV hand-over's sink."""
+        layers = per_layer(messages)
         self._kv_command(Command.SCATTER_KV, block_ids, lambda: self.worker.scatter_kv(block_ids, layers))
 
     def _kv_command(self, command: Command, block_ids: list[int], run):

@@ -21,6 +21,15 @@ from cluster.parallel.pipeline import stage_layers
 KV_TAG = 1 << 20  # above any pipeline micro-batch tag
 
 
+def per_layer(messages: list[torch.Tensor]) -> list[torch.Tensor]:
+    """KV messages as one [2, blocks, block_size, heads, dim] tensor per layer: a message is one
+    layer, or several stacked ([k, 2, ...])."""
+    layers: list[torch.Tensor] = []
+    for message in messages:
+        layers.extend(message.unbind(0) if message.dim() == 6 else [message])
+    return layers
+
+
 def gather_kv(worker, block_ids: list[int]) -> list[torch.Tensor] | None:
     """On world rank 0: every layer's KV of `block_ids`, [2, blocks, block_size, heads, dim]; None elsewhere."""
     tp, pipe, arch = worker.groups.tp, worker.groups.pipe, worker.arch

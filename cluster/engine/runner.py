@@ -238,6 +238,12 @@ class ModelRunner:
         first = self.first_kv_layer
         return self.kv_stack[start - first : end - first].index_select(2, self.block_index(block_ids))
 
+    def write_kv_layers(self, start: int, block_ids, kv: torch.Tensor) -> None:
+        """Layers [start, start + k) of `block_ids` from a stacked [k, 2, blocks, ...] message: one scatter."""
+        first = self.first_kv_layer
+        cache = self.kv_stack[start - first : start - first + kv.shape[0]]
+        cache.index_copy_(2, self.block_index(block_ids), kv.to(cache.device, cache.dtype))
+
     def write_kv(self, layer_id: int, block_ids, kv: torch.Tensor) -> None:
         cache = self.kv_layers[layer_id]
         cache.index_copy_(1, self.block_index(block_ids), kv.to(cache.device, cache.dtype))
