@@ -114,6 +114,9 @@ class ParallelConfig:
     # NCCL's streams at high priority: a collective's blocks are scheduled as soon as the compute
     # stream's kernels free SMs (overlap), not after every block already queued
     comm_high_priority: bool = True
+    # NCCL: at most this many thread blocks (SMs) per collective of the instance's groups, so an
+    # overlapped all-reduce leaves the GEMMs beside it most of the SMs; 0: NCCL's own choice
+    nccl_max_ctas: int = 0
     async_pp_send: bool = True  # a stage sends activations without waiting for the send before computing on
     num_pp_microbatches: int = 0  # micro-batches per step in flight through the stages; 0: pipeline_parallel_size
     master_addr: str = "127.0.0.1"  # where the driver's rendezvous store listens and gloo binds (ranks share a host)
@@ -132,6 +135,9 @@ class ParallelConfig:
         _positive_int(owner, "overlap_min_tokens", self.overlap_min_tokens)
         _require(isinstance(self.one_shot_all_reduce_max_bytes, int) and self.one_shot_all_reduce_max_bytes >= 0, owner,
                  "one_shot_all_reduce_max_bytes", self.one_shot_all_reduce_max_bytes, "must be an integer >= 0 (0: off)")
+        _require(isinstance(self.nccl_max_ctas, int) and not isinstance(self.nccl_max_ctas, bool)
+                 and 0 <= self.nccl_max_ctas <= 64, owner, "nccl_max_ctas", self.nccl_max_ctas,
+                 "must be an integer from 0 (NCCL's choice) to 64")
         _require(isinstance(self.num_pp_microbatches, int) and self.num_pp_microbatches >= 0, owner,
                  "num_pp_microbatches", self.num_pp_microbatches, "must be an integer >= 0 (0: one per stage)")
         _require(isinstance(self.master_port, int) and 0 <= self.master_port < 65536, owner, "master_port",

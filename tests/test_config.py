@@ -27,6 +27,8 @@ def test_nested_keys_override_only_what_they_name():
     ({"disagg": {"on_failure": "shrug"}}, "DisaggConfig.on_failure"),
     ({"engine": {"runner": {"async_scheduling": "no"}}}, "engine.runner.async_scheduling = 'no': must be true or false"),
     ({"engine": {"parallel": {"comm_high_priority": 1}}}, "engine.parallel.comm_high_priority = 1: must be true or false"),
+    ({"engine": {"parallel": {"nccl_max_ctas": 100}}}, "ParallelConfig.nccl_max_ctas=100"),
+    ({"engine": {"parallel": {"nccl_max_ctas": -1}}}, "ParallelConfig.nccl_max_ctas=-1"),
 ])
 def test_bad_values_name_the_field(data, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):

@@ -232,6 +232,7 @@ def part_dense(args, allreduce_us: dict[int, float]) -> None:
     # messages); TP=2 on NCCL alone, the reference for what the one-shot kernel buys
     ways = [(1, "none"), (2, "engine")] + ([(2, "nccl")] if args.tp2_nccl else [])
     ways += [(2, "engine_normal_priority")] if args.tp2_normal_priority else []  # NCCL streams at normal priority
+    ways += [(2, f"engine_ctas{args.tp2_nccl_ctas}")] if args.tp2_nccl_ctas else []  # NCCL on fewer SMs
     for tp, way in ways:
         in_fresh_process(_dense_way, args, tp, way, allreduce_us)
 
@@ -241,6 +242,7 @@ def _dense_way(args, tp: int, way: str, allreduce_us: dict[int, float]) -> None:
     t0 = time.time()
     extra = {"one_shot_all_reduce_max_bytes": 0} if way == "nccl" else {}
     extra |= {"comm_high_priority": False} if way == "engine_normal_priority" else {}
+    extra |= {"nccl_max_ctas": args.tp2_nccl_ctas} if way.startswith("engine_ctas") else {}
     engine = make_engine(path, args, tensor_parallel_size=tp, **extra)
     info = {k: v for k, v in engine.executor.stats().items() if k.startswith("one_shot")} if tp > 1 else {}
     emit(args, {"part": "dense", "tp": tp, "allreduce": way, "engine_start_s": time.time() - t0, **info})
@@ -348,7 +350,7 @@ def part_pp(args) -> None:
                     "one_batch_m4": dict(num_microbatches=4, async_pp=True, eager=False, async_scheduling=False),
                     "one_batch_m4_sync_send": dict(num_microbatches=4, async_pp=False, eager=False, async_scheduling=False),
                     "two_batches_m1_eager": dict(num_microbatches=1, async_pp=True, eager=True)}  # no decode graphs
-        fill(engine, batch, args.context, len(variants) * (4 * args.steps + 4) + 2, tag="pp-")
+        fill(engine, batch, args.context, len(variants) * (4 * args.steps + 4) + 2 + (12 if args.profile else 0), tag="pp-")
         for name, flags in variants.items():
             use_variant(engine, {**flags, "measure": False})
             for _ in range(2):
@@ -364,6 +366,9 @@ def part_pp(args) -> None:
                         "tokens_per_s": num_tokens / wall_s, "measured_step_ms": measured_s / args.steps * 1e3,
                         "busy_ms_per_step": [b / args.steps * 1e3 for b in busy],
                         "bubble_fraction": [1 - b / measured_s for b in busy]})
+        if args.profile:  # where the default's step goes on the driver: what the stages wait for
+            use_variant(engine, {**variants["two_batches_m1"], "measure": False})
+            emit(args, {"part": "profile", "pp": 2, "variant": "two_batches_m1", **profile_steps(engine, args.device)})
         engine.async_scheduling = True
         drain(engine)
     finally:
@@ -388,6 +393,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tp2-nccl", action="store_true", help="dense: also TP=2 with NCCL alone (no one-shot all-reduce)")
     ap.add_argument("--tp2-normal-priority", action="store_true",
                     help="dense: also TP=2 with NCCL's streams at normal priority (ParallelConfig.comm_high_priority off)")
+    ap.add_argument("--tp2-nccl-ctas", type=int, default=0,
+                    help="dense: also TP=2 with NCCL on at most this many thread blocks (ParallelConfig.nccl_max_ctas)")
     ap.add_argument("--profile", action="store_true", help="also print the driver's top kernels per decode step")
     ap.add_argument("--smoke", action="store_true", help="CPU + gloo + tiny models: checks the script, measures nothing")
     args = ap.parse_args(argv)

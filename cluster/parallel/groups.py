@@ -334,7 +334,7 @@ def build_groups(world_rank: int, parallel, backend: str, store, instance_id: st
 
     def make(name: str, ranks: list[int], kind: str, group_timeout=timeout):
         return _new_group(store, prefix + name, ranks.index(world_rank), len(ranks), kind, group_timeout, host_addr,
-                          parallel.comm_high_priority)
+                          parallel.comm_high_priority, parallel.nccl_max_ctas)
 
     # one global order: host, tp0..tp(pp-1), pipe0.., back0..
     host = make("host", list(range(tp * pp)), "gloo", HOST_GROUP_TIMEOUT) if tp * pp > 1 else None
@@ -351,7 +351,7 @@ def build_groups(world_rank: int, parallel, backend: str, store, instance_id: st
                           HostGroup(world_rank, tp * pp, host), backend, store, prefix + f"tp{stage}")
 
 
-def _gloo(prefix_store, rank: int, size: int, timeout, host_addr: str, high_priority: bool = False):
+def _gloo(prefix_store, rank: int, size: int, timeout, host_addr: str, high_priority: bool = False, max_ctas: int = 0):
     opts = dist.ProcessGroupGloo._Options()
     opts._timeout = timeout
     opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host_addr)]
@@ -359,9 +359,11 @@ def _gloo(prefix_store, rank: int, size: int, timeout, host_addr: str, high_prio
     return backend, dist.ProcessGroup.BackendType.GLOO, torch.device("cpu")
 
 
-def _nccl(prefix_store, rank: int, size: int, timeout, host_addr: str, high_priority: bool = False):
+def _nccl(prefix_store, rank: int, size: int, timeout, host_addr: str, high_priority: bool = False, max_ctas: int = 0):
     opts = dist.ProcessGroupNCCL.Options()
     opts.is_high_priority_stream = high_priority
+    if max_ctas:  # at most this many thread blocks (SMs) per collective: the rest stay with the compute stream
+        opts.config.max_ctas = max_ctas
     opts._timeout = timeout
     backend = dist.ProcessGroupNCCL(prefix_store, rank, size, opts)
     return backend, dist.ProcessGroup.BackendType.NCCL, torch.device("cuda")
@@ -370,12 +372,13 @@ def _nccl(prefix_store, rank: int, size: int, timeout, host_addr: str, high_prio
 _BACKENDS = {"gloo": _gloo, "nccl": _nccl}  # an NPU platform adds its collective library here
 
 
-def _new_group(store, name: str, rank: int, size: int, kind: str, timeout, host_addr: str, high_priority: bool = False):
+def _new_group(store, name: str, rank: int, size: int, kind: str, timeout, host_addr: str, high_priority: bool = False,
+               max_ctas: int = 0):
     if kind not in _BACKENDS:
         raise ValueError(f"no process-group backend {kind!r}; known: {', '.join(_BACKENDS)}")
     prefix_store = dist.PrefixStore(name, store)
     group = dist.ProcessGroup(prefix_store, rank, size)
-    backend, backend_type, device = _BACKENDS[kind](prefix_store, rank, size, timeout, host_addr, high_priority)
+    backend, backend_type, device = _BACKENDS[kind](prefix_store, rank, size, timeout, host_addr, high_priority, max_ctas)
     group._set_default_backend(backend_type)
     if hasattr(backend, "_set_sequence_number_for_group"):
         backend._set_sequence_number_for_group()

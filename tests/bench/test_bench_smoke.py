@@ -30,12 +30,22 @@ def _records(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def test_bench_parallel_profiles_the_pipeline(tmp_path):
+    out = tmp_path / "pp.jsonl"
+    _run(["cluster.bench.parallel", "--smoke", "--parts", "pp", "--profile", "--llama-dir", str(tmp_path / "llama"),
+          "--pp-batch", "8", "--context", "16", "--steps", "2", "--max-model-len", "256", "--out", str(out)], tmp_path)
+    records = _records(out)
+    assert not [r for r in records if "error" in r], [r for r in records if "error" in r]
+    profile = [r for r in records if r["part"] == "profile"]
+    assert profile and profile[0]["pp"] == 2 and profile[0]["host_ms_per_step"]["finish"] > 0
+
+
 def test_bench_parallel_runs_every_part(tmp_path):
     out = tmp_path / "par.jsonl"
     _run(["cluster.bench.parallel", "--smoke", "--parts", "dense,moe,pp", "--llama-dir", str(tmp_path / "llama"),
           "--moe-dir", str(tmp_path / "moe"), "--batches", "1,4", "--moe-batches", "4", "--pp-batch", "8",
           "--context", "16", "--steps", "2", "--prefill-len", "32", "--max-model-len", "256",
-          "--tp2-normal-priority", "--out", str(out)], tmp_path)
+          "--tp2-normal-priority", "--tp2-nccl-ctas", "8", "--out", str(out)], tmp_path)
     records = _records(out)
     assert not [r for r in records if "error" in r], [r for r in records if "error" in r]
     variants = {(r["part"], r.get("layout", r.get("tp")), r["variant"]) for r in records if "variant" in r}
@@ -45,7 +55,7 @@ def test_bench_parallel_runs_every_part(tmp_path):
         assert wanted in variants, wanted
     pp = {r["variant"]: r for r in records if r["part"] == "pp" and "variant" in r}
     assert {"two_batches_m1", "one_batch_m2"} <= set(pp) and all(r["tokens_per_s"] > 0 for r in pp.values())
-    assert {r["allreduce"] for r in records if r.get("phase") == "decode"} == {"none", "engine", "engine_normal_priority"}
+    assert {r["allreduce"] for r in records if r.get("phase") == "decode"} == {"none", "engine", "engine_normal_priority", "engine_ctas8"}
 
 
 def test_bench_host_and_disagg_run(tmp_path):
