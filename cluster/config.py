@@ -119,6 +119,9 @@ class ParallelConfig:
     nccl_max_ctas: int = 0
     async_pp_send: bool = True  # a stage sends activations without waiting for the send before computing on
     num_pp_microbatches: int = 0  # micro-batches per step in flight through the stages; 0: pipeline_parallel_size
+    # layers per stage: balanced (stage 0, which also reads the LM head, takes that many layers' worth
+    # fewer), even, or explicit counts "15,17" (parallel/pipeline.py: stage_ranges)
+    pp_layer_partition: str = "balanced"
     master_addr: str = "127.0.0.1"  # where the driver's rendezvous store listens and gloo binds (ranks share a host)
     master_port: int = 0  # the store's port; 0: a free port picked at start
     collective_timeout_s: float = 60.0  # a device collective slower than this fails the instance
@@ -135,6 +138,8 @@ class ParallelConfig:
         _positive_int(owner, "overlap_min_tokens", self.overlap_min_tokens)
         _require(isinstance(self.one_shot_all_reduce_max_bytes, int) and self.one_shot_all_reduce_max_bytes >= 0, owner,
                  "one_shot_all_reduce_max_bytes", self.one_shot_all_reduce_max_bytes, "must be an integer >= 0 (0: off)")
+        _require(isinstance(self.pp_layer_partition, str) and bool(self.pp_layer_partition.strip()), owner,
+                 "pp_layer_partition", self.pp_layer_partition, "must be balanced, even, or layer counts such as 15,17")
         _require(isinstance(self.nccl_max_ctas, int) and not isinstance(self.nccl_max_ctas, bool)
                  and 0 <= self.nccl_max_ctas <= 64, owner, "nccl_max_ctas", self.nccl_max_ctas,
                  "must be an integer from 0 (NCCL's choice) to 64")
@@ -161,7 +166,16 @@ class ParallelConfig:
         _require(num_heads % tp == 0, owner, "tensor_parallel_size", tp, f"must divide num_attention_heads={num_heads}")
         _require(num_kv_heads % tp == 0 or tp % num_kv_heads == 0, owner, "tensor_parallel_size", tp,
                  f"must divide num_key_value_heads={num_kv_heads} or be a multiple of it (heads replicated)")
-        _require(num_layers % pp == 0, owner, "pipeline_parallel_size", pp, f"must divide num_hidden_layers={num_layers}")
+        _require(num_layers >= pp, owner, "pipeline_parallel_size", pp, f"must be at most num_hidden_layers={num_layers}")
+        partition = self.pp_layer_partition
+        if partition == "even":
+            _require(num_layers % pp == 0, owner, "pipeline_parallel_size", pp,
+                     f"must divide num_hidden_layers={num_layers} (pp_layer_partition=even)")
+        elif partition != "balanced":
+            counts = partition.split(",")
+            _require(len(counts) == pp and all(c.strip().isdigit() and int(c) >= 1 for c in counts)
+                     and sum(int(c) for c in counts) == num_layers, owner, "pp_layer_partition", partition,
+                     f"must be balanced, even, or {pp} layer counts >= 1 that add up to num_hidden_layers={num_layers}")
         _require(intermediate_size % tp == 0, owner, "tensor_parallel_size", tp, f"must divide intermediate_size={intermediate_size}")
         if num_experts and self.expert_parallel_size > 1:
             ep = self.expert_parallel_size

@@ -14,6 +14,7 @@ CHECKPOINTS = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 256},
     ),
+    "llama_4_layers": dict(arch="llama", num_layers=4),  # two stages that can differ (balanced: 1 + 3)
     "mistral": dict(arch="mistral"),
     "qwen2": dict(arch="qwen2"),
     "qwen3": dict(arch="qwen3"),

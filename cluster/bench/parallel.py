@@ -336,10 +336,17 @@ def _moe_layout(args, args_moe, path: str, name: str, sizes: dict, variants: dic
 
 
 def part_pp(args) -> None:
+    ensure_llama8b(args.llama_dir, args)  # made once, here; each partition's process finds it
+    for partition in args.pp_partitions.split(","):
+        in_fresh_process(_pp_partition, args, partition)
+
+
+def _pp_partition(args, partition: str) -> None:
     path = ensure_llama8b(args.llama_dir, args)
     t0 = time.time()
-    engine = make_engine(path, args, pipeline_parallel_size=2)
-    emit(args, {"part": "pp", "engine_start_s": time.time() - t0})
+    engine = make_engine(path, args, pipeline_parallel_size=2, pp_layer_partition=partition)
+    layers = [len(r) for r in engine.executor.worker.stage_ranges]
+    emit(args, {"part": "pp", "partition": partition, "layers_per_stage": layers, "engine_start_s": time.time() - t0})
     try:
         batch = args.pp_batch
         # two_batches: async scheduling keeps two batches of half the sequences in the stages (the
@@ -350,6 +357,8 @@ def part_pp(args) -> None:
                     "one_batch_m4": dict(num_microbatches=4, async_pp=True, eager=False, async_scheduling=False),
                     "one_batch_m4_sync_send": dict(num_microbatches=4, async_pp=False, eager=False, async_scheduling=False),
                     "two_batches_m1_eager": dict(num_microbatches=1, async_pp=True, eager=True)}  # no decode graphs
+        if partition != args.pp_partitions.split(",")[0]:  # another partition: the default variant, to compare
+            variants = {"two_batches_m1": variants["two_batches_m1"]}
         fill(engine, batch, args.context, len(variants) * (4 * args.steps + 4) + 2 + (12 if args.profile else 0), tag="pp-")
         for name, flags in variants.items():
             use_variant(engine, {**flags, "measure": False})
@@ -361,14 +370,15 @@ def part_pp(args) -> None:
             measured_s, _ = timed_tokens(engine, args.steps)
             stats = engine.executor.stats(reset=True)
             busy = stats["busy_s"]  # ranks 0 (stage 0: layers 0-15 + embed + LM head) and 1 (stage 1)
-            emit(args, {"part": "pp", "batch": batch, "context": args.context, "variant": name,
+            emit(args, {"part": "pp", "partition": partition, "batch": batch, "context": args.context, "variant": name,
                         "step_ms": wall_s / args.steps * 1e3, "tokens_per_step": num_tokens / args.steps,
                         "tokens_per_s": num_tokens / wall_s, "measured_step_ms": measured_s / args.steps * 1e3,
                         "busy_ms_per_step": [b / args.steps * 1e3 for b in busy],
                         "bubble_fraction": [1 - b / measured_s for b in busy]})
         if args.profile:  # where the default's step goes on the driver: what the stages wait for
             use_variant(engine, {**variants["two_batches_m1"], "measure": False})
-            emit(args, {"part": "profile", "pp": 2, "variant": "two_batches_m1", **profile_steps(engine, args.device)})
+            emit(args, {"part": "profile", "pp": 2, "partition": partition, "variant": "two_batches_m1",
+                        **profile_steps(engine, args.device)})
         engine.async_scheduling = True
         drain(engine)
     finally:
@@ -387,6 +397,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=16, help="timed decode steps per window")
     ap.add_argument("--prefill-len", type=int, default=4096)
     ap.add_argument("--pp-batch", type=int, default=256, help="pp: decode batch")
+    ap.add_argument("--pp-partitions", default="balanced,even",
+                    help="pp: the layer partitions to time, one engine each (ParallelConfig.pp_layer_partition)")
     ap.add_argument("--max-model-len", type=int, default=4096 + 512)
     ap.add_argument("--out", default="parallel_bench.jsonl")
     ap.add_argument("--eager-overlap", action="store_true", help="also time decode overlap on/off eagerly")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from cluster.parallel.pipeline import stage_layers
 
 KV_TAG = 1 << 20  # above any pipeline micro-batch tag
 
@@ -50,20 +49,20 @@ def gather_kv(worker, block_ids: list[int]) -> list[torch.Tensor] | None:
             pipe.send_to(0, mine[layer_id], KV_TAG + layer_id).wait()
         return None
     for stage in range(1, pipe.num_stages):
-        for layer_id in stage_layers(arch.num_layers, pipe.num_stages, stage):
+        for layer_id in worker.stage_ranges[stage]:
             mine[layer_id] = pipe.recv_from(stage, _full_kv_buffer(worker, len(block_ids)), KV_TAG + layer_id).wait()
     return [mine[layer_id] for layer_id in range(arch.num_layers)]
 
 
 def scatter_kv(worker, block_ids: list[int], layers: list[torch.Tensor] | None) -> None:
     """`layers` (on world rank 0, None elsewhere) into every rank's share of heads and layers."""
-    tp, pipe, arch = worker.groups.tp, worker.groups.pipe, worker.arch
+    tp, pipe = worker.groups.tp, worker.groups.pipe
     index = worker.runner.block_index(block_ids)
     local: dict[int, torch.Tensor] = {}
     if tp.rank == 0:
         if pipe.is_first:
             for stage in range(1, pipe.num_stages):
-                for layer_id in stage_layers(arch.num_layers, pipe.num_stages, stage):
+                for layer_id in worker.stage_ranges[stage]:
                     pipe.send_to(stage, _as_cache(worker, layers[layer_id]), KV_TAG + layer_id).wait()
             local = {layer_id: _as_cache(worker, layers[layer_id]) for layer_id in worker.layer_range}
         else:

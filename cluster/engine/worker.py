@@ -38,7 +38,7 @@ from cluster.engine.step_plan import HEADER_SIZE, Command, StepPlan, payload_siz
 from cluster.models.registry import arch_config, build_model
 from cluster.parallel.groups import InstanceGroups, build_groups, dial_store
 from cluster.parallel.overlap import OverlapFlags
-from cluster.parallel.pipeline import run_stage, stage_layers
+from cluster.parallel.pipeline import run_stage, stage_ranges
 from cluster.parallel.step_channel import StepChannel
 from cluster.platform import current_platform
 
@@ -111,7 +111,8 @@ class Worker:
         self.dtype = dtype
         self.arch = arch_config(config.model.path)
         self.num_stages = parallel.pipeline_parallel_size
-        self.layer_range = layer_range = stage_layers(self.arch.num_layers, self.num_stages, groups.pipe.stage)
+        self.stage_ranges = stage_ranges(self.arch, self.num_stages, parallel.pp_layer_partition)
+        self.layer_range = layer_range = self.stage_ranges[groups.pipe.stage]
         groups.connect(device, dtype, parallel.one_shot_all_reduce_max_bytes)
         torch.manual_seed(config.model.seed)
         self.model = build_model(config.model.path, dtype, device, max_model_len, tp=groups.tp, ep=groups.ep,

@@ -32,10 +32,46 @@ import torch
 from cluster.parallel.groups import Pending, PipeGroup
 
 
-def stage_layers(num_layers: int, num_stages: int, stage: int) -> range:
-    """The layers stage `stage` runs: an even, contiguous share (ParallelConfig checks divisibility)."""
-    per_stage = num_layers // num_stages
-    return range(stage * per_stage, (stage + 1) * per_stage)
+def stage_ranges(arch, num_stages: int, partition: str = "balanced") -> list[range]:
+    """The contiguous layers each stage runs (ParallelConfig.pp_layer_partition; check_model has
+    validated it against the model):
+      even      the same number each (the layer count must divide);
+      balanced  stage 0 also reads the LM head (it samples): it counts as the layers its weights
+                make (`lm_head_layers`), and stage 0 takes that many fewer; the Llama-3-8B shape on
+                two stages gets 15 + 17, where even gave stage 0 a fifth more to read than stage 1;
+      "a,b,..." those counts, stage by stage."""
+    num_layers = arch.num_layers
+    if partition == "even":
+        counts = [num_layers // num_stages] * num_stages
+    elif partition == "balanced":
+        counts = balanced_counts(num_layers, num_stages, lm_head_layers(arch))
+    else:
+        counts = [int(c) for c in partition.split(",")]
+    starts = [sum(counts[:s]) for s in range(num_stages)]
+    return [range(start, start + count) for start, count in zip(starts, counts)]
+
+
+def balanced_counts(num_layers: int, num_stages: int, first_stage_extra: float) -> list[int]:
+    """Layers per stage so that stage 0's layers plus `first_stage_extra` layers' worth of other work
+    come as close as whole layers allow to every other stage's; each stage keeps at least one."""
+    if num_stages == 1:
+        return [num_layers]
+    per_stage = (num_layers + first_stage_extra) / num_stages
+    first = min(max(1, round(per_stage - first_stage_extra)), num_layers - (num_stages - 1))
+    rest, extra = divmod(num_layers - first, num_stages - 1)
+    return [first] + [rest + (1 if s >= num_stages - 1 - extra else 0) for s in range(num_stages - 1)]
+
+
+def lm_head_layers(arch) -> float:
+    """The LM head's weights over one decoder layer's (attention and MLP; every expert of an MoE
+    layer, as a decode batch of any size touches most of them): what stage 0 reads beyond its layers."""
+    hidden, head_dim = arch.hidden_size, arch.head_dim
+    attention = hidden * head_dim * (2 * arch.num_heads + 2 * arch.num_kv_heads)
+    if arch.num_experts:
+        mlp = 3 * hidden * (arch.moe_intermediate_size * arch.num_experts + arch.shared_expert_intermediate_size)
+    else:
+        mlp = 3 * hidden * arch.intermediate_size
+    return arch.vocab_size * hidden / (attention + mlp)
 
 
 def run_stage(pipe: PipeGroup, part_sizes: list[tuple[int, int]], forward_part: Callable[[int, torch.Tensor | None], torch.Tensor | None],

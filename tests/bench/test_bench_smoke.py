@@ -38,6 +38,9 @@ def test_bench_parallel_profiles_the_pipeline(tmp_path):
     assert not [r for r in records if "error" in r], [r for r in records if "error" in r]
     profile = [r for r in records if r["part"] == "profile"]
     assert profile and profile[0]["pp"] == 2 and profile[0]["host_ms_per_step"]["finish"] > 0
+    # one engine per partition: the 4-layer smoke model balanced against its LM head, and even
+    assert {r["partition"]: r["layers_per_stage"] for r in records if "layers_per_stage" in r} == {
+        "balanced": [1, 3], "even": [2, 2]}
 
 
 def test_bench_parallel_runs_every_part(tmp_path):

@@ -194,6 +194,7 @@ def _parallel_engine(model_dir, role, tp, pp=1):
     ("qwen2", (1, 2), (1, 1)),  # a pipelined prefill: stage 1's layers reach rank 0 first
     ("qwen2", (1, 1), (1, 2)),  # a pipelined decode: rank 0 hands stage 1 its layers
     ("qwen2", (2, 2), (2, 2)),  # both hops on both sides: 4 ranks each
+    ("llama_4_layers", (1, 2), (1, 2)),  # uneven stages (1 + 3 layers) on both sides
 ])
 def test_kv_moves_between_instances_of_any_tp_x_pp(checkpoint_dir, model, prefill_layout, decode_layout):
     """Real rank processes (gloo): the prefill instance gathers every layer's heads to its rank 0,

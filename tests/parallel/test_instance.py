@@ -99,6 +99,8 @@ CASES = {
     "tp2": ("llama", dict(tensor_parallel_size=2), dict(overlap_tp=True)),
     "tp2-kv-replicated-tied": ("llama_tied_mqa_rope3_sharded", dict(tensor_parallel_size=2), dict(overlap_tp=True)),
     "pp2": ("qwen2", dict(pipeline_parallel_size=2), dict(async_pp=False, num_microbatches=3)),
+    # balanced: stage 0 also reads the LM head (1.8 layers' worth here), so it runs 1 layer and stage 1 runs 3
+    "pp2-uneven-stages": ("llama_4_layers", dict(pipeline_parallel_size=2), dict(async_pp=False)),
     "ep2": ("mixtral", dict(tensor_parallel_size=2, expert_parallel_size=2), dict(overlap_ep=True, overlap_tp=True)),
     "tp2-moe-shared-expert": ("qwen2_moe", dict(tensor_parallel_size=2), dict(overlap_tp=True)),
     "ep2-shared-expert": ("qwen2_moe", dict(tensor_parallel_size=2, expert_parallel_size=2), dict(overlap_ep=True)),
@@ -113,6 +115,8 @@ def test_instance_matches_single_process(reference, case):
     engine = _engine(model_dir, **sizes)
     try:
         worker = engine.executor.worker
+        if case == "pp2-uneven-stages":
+            assert [list(r) for r in worker.stage_ranges] == [[0], [1, 2, 3]]
         _assert_same(_run(engine, prompts, "off"), expected)
         split_before = worker.num_split_steps
         if expected_load is not None:  # every routed token counted once, on the rank that ran its expert

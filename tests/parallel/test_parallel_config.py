@@ -27,7 +27,13 @@ def test_sizes_and_switches_are_validated():
     (dict(tensor_parallel_size=8), dict(DENSE, intermediate_size=1004), "tensor_parallel_size=8 must divide intermediate_size=1004"),
     (dict(tensor_parallel_size=4), dict(DENSE, num_kv_heads=6, num_heads=24),
      "tensor_parallel_size=4 must divide num_key_value_heads=6 or be a multiple of it"),
-    (dict(pipeline_parallel_size=3), DENSE, "pipeline_parallel_size=3 must divide num_hidden_layers=32"),
+    (dict(pipeline_parallel_size=3, pp_layer_partition="even"), DENSE,
+     "pipeline_parallel_size=3 must divide num_hidden_layers=32 \\(pp_layer_partition=even\\)"),
+    (dict(pipeline_parallel_size=40), DENSE, "pipeline_parallel_size=40 must be at most num_hidden_layers=32"),
+    (dict(pipeline_parallel_size=2, pp_layer_partition="15,16"), DENSE,
+     "pp_layer_partition='15,16' must be balanced, even, or 2 layer counts >= 1 that add up to num_hidden_layers=32"),
+    (dict(pipeline_parallel_size=2, pp_layer_partition="32,0"), DENSE, "pp_layer_partition='32,0'"),
+    (dict(pipeline_parallel_size=2, pp_layer_partition="x"), DENSE, "pp_layer_partition='x'"),
     (dict(tensor_parallel_size=2, expert_parallel_size=2), dict(DENSE, num_experts=7, moe_intermediate_size=64),
      "expert_parallel_size=2 must divide num_experts=7"),
     (dict(tensor_parallel_size=2), dict(DENSE, num_experts=8, moe_intermediate_size=63),
@@ -56,3 +62,26 @@ def test_engine_refuses_before_starting_ranks(checkpoint_dir):
     cfg = EngineConfig(model=ModelConfig(path=checkpoint_dir("llama")), parallel=ParallelConfig(tensor_parallel_size=3))
     with pytest.raises(ConfigError, match="tensor_parallel_size=3 must divide num_attention_heads=4"):
         Engine(cfg, progress=False)
+
+
+def test_pipeline_stages_take_contiguous_layers_balanced_against_the_lm_head():
+    """Balanced: stage 0 also reads the LM head, so it takes that many layers' worth fewer (the
+    Llama-3-8B shape: 15 + 17); even and explicit partitions as asked; every layer in one stage."""
+    from types import SimpleNamespace
+
+    from cluster.parallel.pipeline import balanced_counts, lm_head_layers, stage_ranges
+
+    llama8b = SimpleNamespace(num_layers=32, hidden_size=4096, head_dim=128, num_heads=32, num_kv_heads=8,
+                              intermediate_size=14336, num_experts=0, vocab_size=128256)
+    assert 2.3 < lm_head_layers(llama8b) < 2.5  # 525M LM head weights against 218M per layer
+    assert [len(r) for r in stage_ranges(llama8b, 2)] == [15, 17]
+    assert [len(r) for r in stage_ranges(llama8b, 4)] == [6, 8, 9, 9]
+    assert [len(r) for r in stage_ranges(llama8b, 2, "even")] == [16, 16]
+    assert [len(r) for r in stage_ranges(llama8b, 2, "10,22")] == [10, 22]
+    for num_stages in (1, 2, 3, 4, 5, 8):
+        ranges = stage_ranges(llama8b, num_stages)
+        assert [layer for r in ranges for layer in r] == list(range(32)) and all(len(r) >= 1 for r in ranges)
+    # however heavy the LM head, no stage is left without a layer
+    assert balanced_counts(4, 4, 100.0) == [1, 1, 1, 1] and balanced_counts(2, 2, 0.0) == [1, 1]
+    with pytest.raises(ConfigError, match="pp_layer_partition=''"):
+        ParallelConfig(pp_layer_partition="")
