@@ -59,5 +59,7 @@ for item in "$@"; do
     *)         echo "unknown item $item" ;;
   esac
 done
+# each target's figure from what this call measured, in the call's output (the tail comes back)
+python3 -m cluster.bench.session_summary "$out/work" > "$out/work/summary.md" 2>&1; cat "$out/work/summary.md"
 tar -czf "$out/session.tar.gz" -C "$out" work && rm -rf "$out/work"
 echo "packed $out/session.tar.gz after $(( $(date +%s) - start ))s"

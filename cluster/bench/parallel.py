@@ -274,7 +274,7 @@ def _dense_way(args, tp: int, way: str, allreduce_us: dict[int, float]) -> None:
         if "overlap_on" in by and args.prefill_len // 2 in allreduce_us:
             # overlap on sends 2 x 2 all-reduces per layer of half the tokens each
             comm_ms = 2 * 2 * engine.arch.num_layers * allreduce_us[args.prefill_len // 2] / 1e3
-            emit(args, {"part": "dense", "phase": "prefill_overlap", "prefill_len": args.prefill_len,
+            emit(args, {"part": "dense", "phase": "prefill_overlap", "allreduce": way, "prefill_len": args.prefill_len,
                         "off_ms": by["overlap_off"], "on_ms": by["overlap_on"], "allreduce_ms_per_step": comm_ms,
                         "share_of_allreduce_hidden": (by["overlap_off"] - by["overlap_on"]) / comm_ms})
     finally:

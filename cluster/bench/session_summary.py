@@ -1,0 +1,177 @@
+"""A GPU session's results against the issues' targets, as markdown: what `gpu_session.sh` brought back.
+
+    python -m cluster.bench.session_summary DIR [DIR...]     # the unpacked work/ folders of session.tar.gz
+
+Reads what it finds in the folders: parallel.jsonl / pp.jsonl / moe.jsonl (`bench.parallel`),
+disagg.json (`bench.disagg`), serve/serve_summary.json (`bench.serve`), gpu-tests.log. Prints, per
+target, the measured figure beside it:
+  TP=2 / TP=1 decode step per batch (async scheduling on and off)   target <= 0.6 at batch 64
+  prefill overlap: the share of its all-reduce time it hid          target >= 50%
+  PP=2 tokens/s over TP=2's at the PP batch, per partition          target >= 0.85
+  MoE EP=2 vs TP=2 tokens/s per batch
+  KV transfer GB/s over raw NCCL, per layer and stacked             target >= 80%
+  TTFT 1P1D vs colocated, engine level and through HTTP             target <= +10%
+  goodput per rate, 1P1D vs two colocated replicas; HTTP ITL vs decode step time (target <= 10% apart)
+A figure whose run is missing prints as "not run", never as a number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+
+def _jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip().startswith("{")]
+
+
+def load(dirs: list[str]) -> dict:
+    """Every result file found in `dirs` (a later folder's file of the same kind adds its records)."""
+    found: dict = {"parallel": [], "disagg": None, "serve": None, "gpu_tests": []}
+    for d in dirs:
+        for name in ("parallel.jsonl", "pp.jsonl", "moe.jsonl"):
+            if os.path.exists(os.path.join(d, name)):
+                found["parallel"] += _jsonl(os.path.join(d, name))
+        if os.path.exists(os.path.join(d, "disagg.json")):
+            with open(os.path.join(d, "disagg.json")) as f:
+                found["disagg"] = json.load(f)
+        if os.path.exists(os.path.join(d, "serve", "serve_summary.json")):
+            with open(os.path.join(d, "serve", "serve_summary.json")) as f:
+                found["serve"] = json.load(f)
+        if os.path.exists(os.path.join(d, "gpu-tests.log")):
+            with open(os.path.join(d, "gpu-tests.log")) as f:
+                found["gpu_tests"] += [line.strip() for line in f if " passed" in line or " failed" in line
+                                       or line.startswith(("FAILED", "ERROR"))]
+    return found
+
+
+def tp_ratios(records: list[dict]) -> list[dict]:
+    """TP=2 ÷ TP=1 decode step per batch, async scheduling on (the engine's default) and off."""
+    step = {(r["tp"], r["batch"], r["variant"], r.get("allreduce")): r["step_ms"]
+            for r in records if r.get("part") == "dense" and r.get("phase") == "decode"}
+    rows = []
+    for batch in sorted({key[1] for key in step}):
+        one, one_sync = step.get((1, batch, "single", "none")), step.get((1, batch, "single_sync", "none"))
+        two, two_sync = step.get((2, batch, "overlap_off", "engine")), step.get((2, batch, "overlap_off_sync", "engine"))
+        rows.append({"batch": batch, "tp1_ms": one, "tp2_ms": two, "ratio": two / one if one and two else None,
+                     "ratio_sync": two_sync / one_sync if one_sync and two_sync else None})
+    return rows
+
+
+def prefill_overlap(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("part") == "dense" and r.get("phase") == "prefill_overlap"]
+
+
+def pp_vs_tp(records: list[dict]) -> list[dict]:
+    """PP=2's tokens/s (the default variant, per partition) over TP=2's at the same batch."""
+    tp2 = {r["batch"]: r["tokens_per_s"] for r in records if r.get("part") == "dense" and r.get("phase") == "decode"
+           and r.get("tp") == 2 and r.get("variant") == "overlap_off" and r.get("allreduce") == "engine"}
+    rows = []
+    for r in records:
+        if r.get("part") == "pp" and r.get("variant") == "two_batches_m1":
+            base = tp2.get(r["batch"])
+            rows.append({"partition": r.get("partition", "even"), "batch": r["batch"], "tokens_per_s": r["tokens_per_s"],
+                         "tp2_tokens_per_s": base, "ratio": r["tokens_per_s"] / base if base else None,
+                         "idle": r.get("bubble_fraction")})
+    return rows
+
+
+def moe(records: list[dict]) -> list[dict]:
+    best: dict = {}
+    for r in records:
+        if r.get("part") == "moe" and "tokens_per_s" in r:
+            key = (r["layout"], r["batch"])
+            best[key] = max(best.get(key, 0.0), r["tokens_per_s"])
+    return [{"batch": b, "ep2": best.get(("ep2", b)), "tp2": best.get(("tp2", b))}
+            for b in sorted({b for _, b in best})]
+
+
+def serve_rows(serve: dict) -> list[dict]:
+    rows: dict = {}
+    for deployment, result in serve.items():
+        for run in result.get("sweep", {}).get("runs", []) if isinstance(result, dict) else []:
+            s = run["summary"]
+            rows.setdefault(run["request_rate"], {})[deployment] = (s["goodput"], s["goodput_fraction"],
+                                                                    s["itl"]["p99_ms"])
+    return [{"rate": rate, **by} for rate, by in sorted(rows.items())]
+
+
+def itl_vs_step(serve: dict, deployment: str) -> tuple[float, float] | None:
+    """(HTTP mean ITL at the low rate, the decoding instances' mean step time then) in ms."""
+    result = serve.get(deployment) or {}
+    low = (result.get("low_rate") or {}).get("runs") or []
+    steps = [ms for sample in result.get("step_ms_samples", []) for name, ms in sample.items()
+             if not name.startswith("prefill")]
+    if not low or not steps:
+        return None
+    return low[0]["summary"]["itl"]["mean_ms"], statistics.mean(steps)
+
+
+def _num(value, fmt: str = "{:.2f}") -> str:
+    return "not run" if value is None else fmt.format(value)
+
+
+def render(found: dict) -> str:
+    out = []
+    records = found["parallel"]
+    if found["gpu_tests"]:
+        out += ["## GPU tests", *[f"    {line}" for line in found["gpu_tests"]], ""]
+    out += ["## TP=2 / TP=1 decode step (target <= 0.6 at batch 64)", "",
+            "| batch | TP=1 ms | TP=2 ms | TP=2/TP=1 | sync |", "| --- | --- | --- | --- | --- |"]
+    out += [f"| {r['batch']} | {_num(r['tp1_ms'])} | {_num(r['tp2_ms'])} | {_num(r['ratio'])} | {_num(r['ratio_sync'])} |"
+            for r in tp_ratios(records)] or ["| not run | | | | |"]
+    out += ["", "## Prefill overlap (target: hides >= 50% of its all-reduce)", ""]
+    out += [f"- {r.get('allreduce', 'engine')}: off {r['off_ms']:.1f} ms, on {r['on_ms']:.1f} ms, all-reduce "
+            f"{r['allreduce_ms_per_step']:.1f} ms: hides {100 * r['share_of_allreduce_hidden']:.0f}%"
+            for r in prefill_overlap(records)] or ["- not run"]
+    out += ["", "## PP=2 / TP=2 tokens/s (target >= 0.85)", ""]
+    out += [f"- {r['partition']}, batch {r['batch']}: {r['tokens_per_s']:.0f} tokens/s = {_num(r['ratio'])} x TP=2; "
+            f"idle per stage {', '.join(f'{100 * x:.0f}%' for x in r['idle'] or [])}" for r in pp_vs_tp(records)] or ["- not run"]
+    out += ["", "## MoE tokens/s: EP=2 vs TP=2", ""]
+    out += [f"- batch {r['batch']}: EP=2 {_num(r['ep2'], '{:.0f}')}, TP=2 {_num(r['tp2'], '{:.0f}')}"
+            for r in moe(records)] or ["- not run"]
+    disagg = found["disagg"]
+    out += ["", "## KV transfer and TTFT (targets: >= 80% of raw NCCL; TTFT <= +10%)", ""]
+    if disagg:
+        raw = disagg["raw_nccl"][str(disagg["kv_bytes_per_request"])]["gb_s"]
+        for name in ("transfer_only", "transfer_stacked"):
+            if name in disagg:
+                t = disagg[name]
+                out.append(f"- {name} ({t['messages']} messages): {t['gb_s']:.0f} GB/s = {100 * t['gb_s'] / raw:.0f}% "
+                           f"of raw {raw:.0f} GB/s (landed {t['landed_ms_median']:.2f} ms)")
+        out.append(f"- TTFT engine level: colocated {disagg['ttft_colocated_ms_median']:.1f} ms, 1P1D "
+                   f"{disagg['ttft_1p1d_ms_median']:.1f} ms ({100 * disagg['ttft_overhead']:+.1f}%)")
+    else:
+        out.append("- not run")
+    serve = found["serve"]
+    out += ["", "## Serving: goodput (req/s, share meeting SLOs, ITL p99 ms) per rate", ""]
+    if serve:
+        names = [n for n in serve if isinstance(serve[n], dict) and "sweep" in serve[n]]
+        for row in serve_rows(serve):
+            cells = [f"{n}: {row[n][0]:.2f} ({100 * row[n][1]:.0f}%, {row[n][2]:.0f})" for n in names if n in row]
+            out.append(f"- {row['rate']} req/s: " + "; ".join(cells))
+        low = {n: serve[n]["low_rate"]["runs"][0]["summary"]["ttft"]["median_ms"] for n in names
+               if serve[n].get("low_rate", {}).get("runs")}
+        if "1p1d" in low and "colocated" in low:
+            out.append(f"- low-rate TTFT median through HTTP: 1P1D {low['1p1d']:.1f} ms, colocated "
+                       f"{low['colocated']:.1f} ms ({100 * (low['1p1d'] / low['colocated'] - 1):+.1f}%)")
+        for n in names:
+            pair = itl_vs_step(serve, n)
+            if pair:
+                out.append(f"- {n}: HTTP ITL {pair[0]:.2f} ms vs decode step {pair[1]:.2f} ms "
+                           f"({100 * abs(pair[0] / pair[1] - 1):.1f}% apart)")
+    else:
+        out.append("- not run")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dirs", nargs="+", help="unpacked work/ folders of gpu_session.sh archives")
+    print(render(load(ap.parse_args(argv).dirs)), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""The session summary reads a GPU session's files and prints each target's figure: checked on the
+2026-11-30 2xH200 session's recorded results (docs/), whose figures docs/benchmarks.md quotes."""
+from __future__ import annotations
+
+import os
+import shutil
+
+from cluster.bench.session_summary import load, render
+
+DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "docs")
+
+
+def test_the_recorded_session_gives_the_documented_figures(tmp_path):
+    work = tmp_path / "work"
+    (work / "serve").mkdir(parents=True)
+    for src, dst in (("parallel_bench_2xh200_run5.jsonl", "parallel.jsonl"), ("pp_bench_2xh200_run3.jsonl", "pp.jsonl"),
+                     ("moe_bench_2xh200_run2.jsonl", "moe.jsonl"), ("disagg_bench_2xh200_run4.json", "disagg.json"),
+                     ("serve_bench_2xh200_run3.json", "serve/serve_summary.json")):
+        shutil.copy(os.path.join(DOCS, src), work / dst)
+    text = render(load([str(work)]))
+    assert "| 64 | 7.16 | 5.11 | 0.71 | 0.77 |" in text  # TP=2 / TP=1 at batch 64, async and sync
+    assert "21064 tokens/s = 0.83 x TP=2" in text
+    assert "batch 256: EP=2 10949, TP=2 54212" in text
+    assert "transfer_stacked (5 messages): 115 GB/s = 32% of raw 360 GB/s" in text
+    assert "(+0.9%)" in text and "1P1D 61.7 ms, colocated 65.4 ms (-5.8%)" in text
+    assert "32.0 req/s: 1p1d: 23.27 (100%, 204)" in text
+
+
+def test_a_missing_run_says_not_run(tmp_path):
+    text = render(load([str(tmp_path)]))
+    assert text.count("not run") >= 6 and "0.0" not in text
