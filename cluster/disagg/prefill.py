@@ -52,6 +52,8 @@ class PrefillWorker:
         self.num_layers = engine.arch.num_layers
         self.multi_rank = engine.config.parallel.world_size > 1
         self.kv_dtype = cache_dtype(engine.runner)
+        self.kv_itemsize = torch.empty((), dtype=self.kv_dtype).element_size()
+        self.leaving: dict[int, list[tuple]] = {}  # one rank: layer id -> (seq, plan, index, start, end, count) it ends
         self.bytes_sent = 0
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, peer_id: str,
@@ -71,6 +73,12 @@ class PrefillWorker:
                             for seq, _ in self.sending} if not self.multi_rank else {}
         for _, plan in self.sending:
             plan.started_s = time.monotonic()
+        self.leaving = {}
+        if not self.multi_rank:  # each group leaves when its last layer is written, in request order
+            for seq, plan in self.sending:
+                groups = self._groups(seq)
+                for index, (start, end) in enumerate(groups):
+                    self.leaving.setdefault(end - 1, []).append((seq, plan, index, start, end, len(groups) + 1))
         self._announce()
         # one rank: each group of layers leaves as soon as its last layer is written; several ranks:
         # all groups after the step, gathered from the ranks' head shards (the decode side may have
@@ -106,7 +114,7 @@ class PrefillWorker:
 
     def _groups(self, seq) -> list[tuple[int, int]]:
         """[start, end) layer ranges of the stacked messages of `seq`'s KV."""
-        layer_bytes = max(1, torch.Size(self._kv_shape(seq)).numel() * torch.tensor([], dtype=self.kv_dtype).element_size())
+        layer_bytes = max(1, torch.Size(self._kv_shape(seq)).numel() * self.kv_itemsize)
         per_group = max(1, GROUP_BYTES // layer_bytes)
         return [(start, min(start + per_group, self.num_layers)) for start in range(0, self.num_layers, per_group)]
 
@@ -119,12 +127,10 @@ class PrefillWorker:
 
     def _send_layer(self, layer_id: int) -> None:
         """Layer `layer_id` is written: each request's group that it ends leaves, in announced order."""
-        for seq, plan in self.sending:
-            for index, (start, end) in enumerate(self._groups(seq)):
-                if end - 1 == layer_id:
-                    kv = self.engine.runner.read_kv_layers(start, end, self.block_index[seq.seq_id])  # one gather
-                    self.bytes_sent += kv.numel() * kv.element_size()
-                    self.transport.send_layer(plan.peer_id, plan.transfer_id, index, self._num_messages(seq), kv)
+        for seq, plan, index, start, end, count in self.leaving.get(layer_id, ()):
+            kv = self.engine.runner.read_kv_layers(start, end, self.block_index[seq.seq_id])  # one gather
+            self.bytes_sent += kv.numel() * kv.element_size()
+            self.transport.send_layer(plan.peer_id, plan.transfer_id, index, count, kv)
 
     # -- (3) after the step ----------------------------------------------------------------
     def _send_gathered(self) -> None:
