@@ -329,7 +329,6 @@ class _InFlight:
     seqs: list[Sequence]  # every sequence the step computes for
 
 
-
 def resolve_max_len(config: EngineConfig, arch) -> int:
     limit = arch.max_position_embeddings
     if arch.sliding_window:

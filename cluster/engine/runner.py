@@ -188,9 +188,6 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()
         return self.sample_async(logits, inputs.sampling_seqs)
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> StepResult:
-        return self.sample_async(logits, seqs).result()
-
     def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         """What the sampler reads of `seqs`, as of now: taken when the step is planned, since a step
         sampled later (pp) finds its own placeholders appended by then (min_tokens would count them)."""

@@ -208,9 +208,12 @@ class Scheduler:
         seq.num_pending = 0
         seq.num_computed_tokens = min(seq.num_computed_tokens, num_tokens)
 
-    def ends_by_length(self, seq: Sequence) -> bool:
+    @staticmethod
+    def ends_by_length(seq: Sequence, num_tokens: int | None = None) -> bool:
+        """`seq` with `num_tokens` tokens (default: all it has) has reached max_tokens or its context limit."""
+        num_tokens = seq.num_tokens if num_tokens is None else num_tokens
         max_tokens = seq.params.max_tokens
-        return (max_tokens is not None and seq.num_output_tokens >= max_tokens) or seq.num_tokens >= seq.max_len
+        return (max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens) or num_tokens >= seq.max_len
 
     def check_stop(self, seq: Sequence, num_tokens: int | None = None) -> tuple[FinishReason, int | None] | None:
         """Why `seq` ends with its token `num_tokens - 1` (default: its last), or None."""
@@ -223,9 +226,7 @@ class Scheduler:
                 return FinishReason.STOP, token
             if not params.ignore_eos and token in self.eos_token_ids:
                 return FinishReason.STOP, None
-        if params.max_tokens is not None and num_output >= params.max_tokens:
-            return FinishReason.LENGTH, None
-        if num_tokens >= seq.max_len:
+        if self.ends_by_length(seq, num_tokens):
             return FinishReason.LENGTH, None
         if seq.stop_after_prefill:
             return FinishReason.PREFILLED, None

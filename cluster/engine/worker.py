@@ -3,18 +3,18 @@
   (1) `Worker(...)` builds its stage's layers with its tp/ep shard (each weight loader
       reads only its slice of the safetensors file), agrees with the other ranks on the
       KV block count (the minimum, over the host group) and allocates its KV;
-  (2) `execute(plan, flags, num_microbatches)` runs one step on this rank:
+  (2) `finish(forward(plan, flags, num_microbatches))` runs one step on this rank:
         pp == 1, overlap   two micro-batches taking turns, so one's all-reduce (TP) or
                            dispatch/combine (EP) is in flight while the other computes
         pp == 1            one forward (a captured CUDA graph for decodes when allowed)
         pp > 1             this stage's share of M micro-batches (parallel/pipeline.py)
-      and returns full-vocab logits on the driver (world rank 0), None elsewhere. It is
-      `finish(forward(...))`: with pp > 1 and async scheduling the driver sends the next
+      and returns full-vocab logits on the driver (world rank 0), None elsewhere. In two
+      halves because with pp > 1 and async scheduling the driver sends the next
       step's STEP before this one's FINISH, so stage 0 queues the next batch's layers
       before it waits for this batch's rows to come back (the stages work on different
       batches, engine.py);
   (3) `worker_main` is a spawned rank's whole life: bind its device, build its groups
-      and Worker, then loop: header, payload, execute, until SHUTDOWN. An error is
+      and Worker, then loop: header, payload, forward and finish, until SHUTDOWN. An error is
       written to the rendezvous store (so the driver can name it) and the process exits;
       a rank whose driver is gone exits too.
 """
@@ -139,10 +139,6 @@ class Worker:
         kv_handover.scatter_kv(self, block_ids, layers)
 
     # -- (2) one step -------------------------------------------------------------
-    @torch.inference_mode()
-    def execute(self, plan: StepPlan, flags: StepFlags, num_microbatches: int = 1) -> torch.Tensor | None:
-        return self.finish(self.forward(plan, flags, num_microbatches))
-
     @torch.inference_mode()
     def forward(self, plan: StepPlan, flags: StepFlags, num_microbatches: int = 1) -> tuple:
         """Queue this rank's layers of the step. With pp > 1 the rows that come back to stage 0

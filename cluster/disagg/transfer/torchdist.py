@@ -390,5 +390,3 @@ class TorchDistTransport(KVTransport):
             tracker.cond.notify_all()
         if failed_now and tracker.specs is not None and self.on_ready is not None:
             self.on_ready()
-
-
