@@ -53,7 +53,8 @@ class PrefillWorker:
         self.multi_rank = engine.config.parallel.world_size > 1
         self.kv_dtype = cache_dtype(engine.runner)
         self.kv_itemsize = torch.empty((), dtype=self.kv_dtype).element_size()
-        self.leaving: dict[int, list[tuple]] = {}  # one rank: layer id -> (seq, plan, index, start, end, count) it ends
+        self.groups: dict[int, list[tuple[int, int]]] = {}  # this step: seq id -> its messages' layer ranges
+        self.leaving: dict[int, list[tuple]] = {}  # one rank, this step: layer id -> (seq, plan, index, start, end) it ends
         self.bytes_sent = 0
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, peer_id: str,
@@ -73,12 +74,12 @@ class PrefillWorker:
                             for seq, _ in self.sending} if not self.multi_rank else {}
         for _, plan in self.sending:
             plan.started_s = time.monotonic()
+        self.groups = {seq.seq_id: self._groups(seq) for seq, _ in self.sending}
         self.leaving = {}
         if not self.multi_rank:  # each group leaves when its last layer is written, in request order
             for seq, plan in self.sending:
-                groups = self._groups(seq)
-                for index, (start, end) in enumerate(groups):
-                    self.leaving.setdefault(end - 1, []).append((seq, plan, index, start, end, len(groups) + 1))
+                for index, (start, end) in enumerate(self.groups[seq.seq_id]):
+                    self.leaving.setdefault(end - 1, []).append((seq, plan, index, start, end))
         self._announce()
         # one rank: each group of layers leaves as soon as its last layer is written; several ranks:
         # all groups after the step, gathered from the ranks' head shards (the decode side may have
@@ -92,12 +93,13 @@ class PrefillWorker:
         each request's first token."""
         if not self.sending:
             return
+        if self.multi_rank:  # request-major: gathered after the step
+            order = [(seq, plan, index, start, end) for seq, plan in self.sending
+                     for index, (start, end) in enumerate(self.groups[seq.seq_id])]
+        else:  # as `_send_layer` sends them: by the layer that ends each group
+            order = [group for layer in sorted(self.leaving) for group in self.leaving[layer]]
         per_peer: dict[str, list] = {}
-        messages = [(end if not self.multi_rank else 0, order, index, start, end)
-                    for order, (seq, _) in enumerate(self.sending)
-                    for index, (start, end) in enumerate(self._groups(seq))]
-        for _, order, index, start, end in sorted(messages, key=lambda m: m[:2]):  # stable within a request
-            seq, plan = self.sending[order]
+        for seq, plan, index, start, end in order:
             shape = (end - start, *self._kv_shape(seq))
             per_peer.setdefault(plan.peer_id, []).append(
                 (plan.transfer_id, index, self._num_messages(seq), shape, self.kv_dtype))
@@ -108,9 +110,9 @@ class PrefillWorker:
             self.transport.announce(peer_id, messages)
 
     def _num_messages(self, seq) -> int:
-        """How many messages `seq`'s transfer is sent as: its KV (a layer or a stacked group each),
-        then the first token."""
-        return len(self._groups(seq)) + 1
+        """How many messages `seq`'s transfer (of this step) is sent as: its KV (a layer or a stacked
+        group each), then the first token."""
+        return len(self.groups[seq.seq_id]) + 1
 
     def _groups(self, seq) -> list[tuple[int, int]]:
         """[start, end) layer ranges of the stacked messages of `seq`'s KV."""
@@ -127,17 +129,17 @@ class PrefillWorker:
 
     def _send_layer(self, layer_id: int) -> None:
         """Layer `layer_id` is written: each request's group that it ends leaves, in announced order."""
-        for seq, plan, index, start, end, count in self.leaving.get(layer_id, ()):
+        for seq, plan, index, start, end in self.leaving.get(layer_id, ()):
             kv = self.engine.runner.read_kv_layers(start, end, self.block_index[seq.seq_id])  # one gather
             self.bytes_sent += kv.numel() * kv.element_size()
-            self.transport.send_layer(plan.peer_id, plan.transfer_id, index, count, kv)
+            self.transport.send_layer(plan.peer_id, plan.transfer_id, index, self._num_messages(seq), kv)
 
     # -- (3) after the step ----------------------------------------------------------------
     def _send_gathered(self) -> None:
         for seq, plan in self.sending:
             layers = self.engine.executor.gather_kv(seq.block_ids[: self._num_blocks(seq)])
             count = self._num_messages(seq)
-            for index, (start, end) in enumerate(self._groups(seq)):
+            for index, (start, end) in enumerate(self.groups[seq.seq_id]):
                 kv = torch.stack(layers[start:end])
                 self.bytes_sent += kv.numel() * kv.element_size()
                 self.transport.send_layer(plan.peer_id, plan.transfer_id, index, count, kv)
