@@ -14,6 +14,7 @@ For each deployment (`1p1d`: one prefill + one decode instance, one GPU each;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -22,6 +23,8 @@ import sys
 import threading
 import time
 import urllib.request
+
+from cluster.runtime.instance import STALL_KEYS
 
 DEPLOYMENTS = {
     "1p1d": {"prefill": {"instances": 1, "num_gpus_per_rank": 1, "num_cpus_per_rank": 2},
@@ -73,13 +76,24 @@ def _poll_step_times(url: str, stop: threading.Event, samples: list, stalls: lis
                 health = json.load(r)
             instances = health.get("instances", {})
             samples.append({k: v["mean_step_ms"] for k, v in instances.items() if v.get("mean_step_ms")})
-            stalls.append({"t": time.time(), **{k: {m: v.get(m) for m in STALL_KEYS} for k, v in instances.items()}})
+            stalls.append({"t": time.time(), **{k: {m: v.get(m) for m in (*STALL_KEYS, "num_running")}
+                                                for k, v in instances.items()}})
         except OSError:
             pass
         stop.wait(1.0)
 
 
-STALL_KEYS = ("max_step_ms", "max_step_gap_ms", "commands_ms", "max_land_ms", "max_gc_ms", "num_running")
+@contextlib.contextmanager
+def _polling_health(url: str, samples: list, stalls: list):
+    """`_poll_step_times` in a thread for as long as the block runs."""
+    stop = threading.Event()
+    poller = threading.Thread(target=_poll_step_times, args=(url, stop, samples, stalls), daemon=True)
+    poller.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        poller.join()
 
 
 def _bench(args, url: str, rates: list[str], out: str, plot_dir: str, duration_s: float) -> dict:
@@ -97,24 +111,13 @@ def run_deployment(args, name: str, port: int) -> dict:
     proc = _start(args, name, port, args.out_dir)
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        samples: list = []
-        stalls_low: list = []
-        stop = threading.Event()
-        poller = threading.Thread(target=_poll_step_times, args=(url, stop, samples, stalls_low), daemon=True)
-        poller.start()
-        low = _bench(args, url, [args.rates[0]], os.path.join(args.out_dir, f"{name}_low.json"),
-                     os.path.join(args.out_dir, f"{name}_low_plots"), args.low_duration_s or args.duration_s)
-        stop.set()
-        poller.join()
-        stalls_sweep: list = []
-        stop = threading.Event()
-        poller = threading.Thread(target=_poll_step_times, args=(url, stop, [], stalls_sweep), daemon=True)
-        poller.start()
-        try:
+        samples, stalls_low, stalls_sweep = [], [], []
+        with _polling_health(url, samples, stalls_low):
+            low = _bench(args, url, [args.rates[0]], os.path.join(args.out_dir, f"{name}_low.json"),
+                         os.path.join(args.out_dir, f"{name}_low_plots"), args.low_duration_s or args.duration_s)
+        with _polling_health(url, [], stalls_sweep):
             sweep = _bench(args, url, args.rates, os.path.join(args.out_dir, f"{name}_sweep.json"),
                            os.path.join(args.out_dir, f"{name}_plots"), args.duration_s)
-        finally:
-            stop.set()
         return {"low_rate": low, "sweep": sweep, "step_ms_samples": samples,
                 "stalls": {"low_rate": stalls_low, "sweep": stalls_sweep}}
     finally:

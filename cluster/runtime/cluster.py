@@ -30,7 +30,7 @@ from cluster.config import ClusterConfig
 from cluster.disagg.router import InstanceView, Router
 from cluster.engine.kv_cache import prefix_hashes
 from cluster.runtime.client import EngineClient, ModelInfo, Overloaded
-from cluster.runtime.instance import RequestSpec
+from cluster.runtime.instance import STALL_KEYS, RequestSpec
 from cluster.runtime.heartbeat import Heartbeat
 from cluster.runtime.leg import Leg, journal_finish, journal_start
 from cluster.store.base import InstanceInfo
@@ -103,7 +103,7 @@ class ClusterClient(EngineClient):
             raise RuntimeError(f"a pool has no live instance: {pools}")
         if not self.config.disaggregated and not pools["mixed"]:
             raise RuntimeError("no live mixed instance")
-        keys = ("mean_step_ms", "num_running", "max_step_ms", "max_step_gap_ms", "commands_ms", "max_land_ms", "max_gc_ms")
+        keys = ("mean_step_ms", "num_running", *STALL_KEYS)
         instances = {v.instance_id: {"role": v.role.value, "alive": v.alive, **{k: v.load.get(k) for k in keys}}
                      for v in self.instances.values()}
         return {"status": "ok", "pools": pools, "in_flight": self.num_pending, "instances": instances}

@@ -61,6 +61,10 @@ def _on_assigned_gpus(engine_config: EngineConfig) -> EngineConfig:
     return replace(engine_config, runner=replace(engine_config.runner, device_ids=device_ids))
 
 
+# what `stats()` says of the steps since the last call, worst case first: where a stream's pauses come from
+STALL_KEYS = ("max_step_ms", "max_step_gap_ms", "commands_ms", "max_gc_ms", "max_land_ms")
+
+
 class InstanceActor:
     def __init__(self, instance_id: str, role: Role, engine_config: EngineConfig, disagg: DisaggConfig):
         from cluster.engine.engine import Engine
