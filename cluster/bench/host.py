@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args(argv)
-    from cluster.bench.parallel import fill
+    from cluster.bench.harness import fill
     from cluster.engine.engine import Engine
     from cluster.engine.step_plan import pack, plan_step
     from cluster.models.tokenizer import Tokenizer
