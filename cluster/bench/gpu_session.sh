@@ -40,6 +40,9 @@ need_llama() {
 }
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/work/gpus.txt" 2>&1
+# the hardware limits (HBM bandwidth, bf16 matmul) of this machine, in every call: the figures are set against them
+python3 -c "import json; from cluster.bench.hardware import measure; print(json.dumps(measure()))" \
+  > "$out/work/hardware.json" 2> "$out/work/hardware.log"
 for item in "$@"; do
   case $item in
     gpu-tests|gpu-tests:*)

@@ -2,7 +2,7 @@
 
     python -m cluster.bench.session_summary DIR [DIR...]     # the unpacked work/ folders of session.tar.gz
 
-Reads what it finds in the folders: parallel.jsonl / pp.jsonl / moe.jsonl (`bench.parallel`),
+Reads what it finds in the folders: hardware.json (`bench.hardware.measure`), parallel.jsonl / pp.jsonl / moe.jsonl (`bench.parallel`),
 disagg.json (`bench.disagg`), serve/serve_summary.json (`bench.serve`), gpu-tests.log. Prints, per
 target, the measured figure beside it:
   TP=2 / TP=1 decode step per batch (async scheduling on and off)   target <= 0.6 at batch 64
@@ -29,11 +29,14 @@ def _jsonl(path: str) -> list[dict]:
 
 def load(dirs: list[str]) -> dict:
     """Every result file found in `dirs` (a later folder's file of the same kind adds its records)."""
-    found: dict = {"parallel": [], "disagg": None, "serve": None, "gpu_tests": []}
+    found: dict = {"parallel": [], "disagg": None, "serve": None, "gpu_tests": [], "hardware": None}
     for d in dirs:
         for name in ("parallel.jsonl", "pp.jsonl", "moe.jsonl"):
             if os.path.exists(os.path.join(d, name)):
                 found["parallel"] += _jsonl(os.path.join(d, name))
+        if os.path.exists(os.path.join(d, "hardware.json")) and os.path.getsize(os.path.join(d, "hardware.json")):
+            with open(os.path.join(d, "hardware.json")) as f:
+                found["hardware"] = json.load(f)
         if os.path.exists(os.path.join(d, "disagg.json")):
             with open(os.path.join(d, "disagg.json")) as f:
                 found["disagg"] = json.load(f)
@@ -116,6 +119,10 @@ def _num(value, fmt: str = "{:.2f}") -> str:
 def render(found: dict) -> str:
     out = []
     records = found["parallel"]
+    hw = found["hardware"]
+    out += ["## Hardware limits, measured in the session", "",
+            f"- {hw['device']}: HBM {hw['hbm_gb_s']:.0f} GB/s, bf16 matmul {hw['bf16_tflops']:.0f} TFLOP/s" if hw
+            else "- not run", ""]
     if found["gpu_tests"]:
         out += ["## GPU tests", *[f"    {line}" for line in found["gpu_tests"]], ""]
     out += ["## TP=2 / TP=1 decode step (target <= 0.6 at batch 64)", "",

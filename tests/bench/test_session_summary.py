@@ -29,3 +29,13 @@ def test_the_recorded_session_gives_the_documented_figures(tmp_path):
 def test_a_missing_run_says_not_run(tmp_path):
     text = render(load([str(tmp_path)]))
     assert text.count("not run") >= 6 and "0.0" not in text
+
+
+def test_the_hardware_limits_come_first(tmp_path):
+    """gpu_session.sh measures HBM bandwidth and bf16 matmul in every call (bench.hardware.measure)."""
+    import json
+
+    (tmp_path / "hardware.json").write_text(json.dumps(
+        {"device": "NVIDIA H200", "hbm_gb_s": 4275.7, "bf16_tflops": 794.2, "spec": {"hbm_gb_s": 4800, "bf16_tflops": 989}}))
+    text = render(load([str(tmp_path)]))
+    assert text.startswith("## Hardware limits") and "NVIDIA H200: HBM 4276 GB/s, bf16 matmul 794 TFLOP/s" in text
