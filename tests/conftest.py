@@ -38,3 +38,12 @@ def checkpoint_dir(tmp_path_factory):
         return made[name]
 
     return get
+
+
+def pytest_runtest_logreport(report):
+    """LLM_CLUSTER_REPORT_AT_ONCE=1 prints each failure's traceback the moment it fails: a GPU call
+    killed at its time limit never reaches pytest's report at the end (2026-11-30 lost two reasons)."""
+    if report.failed and os.environ.get("LLM_CLUSTER_REPORT_AT_ONCE") == "1":
+        import sys
+
+        print(f"\n=== {report.nodeid} ({report.when}) failed ===\n{report.longreprtext}\n", file=sys.__stderr__, flush=True)

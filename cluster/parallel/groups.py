@@ -23,7 +23,8 @@ Lifecycle:
       any rank cannot); layers receive their `TPGroup` (experts their EP group), the
       pipeline its `PipeGroup`, the executor the `HostGroup`;
   (4) `InstanceGroups.abort()` makes pending device collectives fail (NCCL would wait on a
-      dead peer until the timeout; gloo sees the closed socket by itself).
+      dead peer until the timeout; gloo sees the closed socket by itself), waiting at most
+      ABORT_WAIT_S for NCCL's abort, which can itself hang.
 
 The backend comes from the platform: gloo on CPU, NCCL on CUDA; an NPU's collective
 library is one more entry in `_BACKENDS`.
@@ -31,7 +32,9 @@ library is one more entry in `_BACKENDS`.
 from __future__ import annotations
 
 import datetime
+import logging
 import socket
+import threading
 import uuid
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -47,6 +50,10 @@ if TYPE_CHECKING:
 # The host group waits for the next step however long the engine idles; a dead peer is
 # seen through its closed socket and the driver's liveness watch, not through a timeout.
 HOST_GROUP_TIMEOUT = datetime.timedelta(days=365)
+# How long `abort` waits for ncclCommAbort, which can hang when the peers are gone
+ABORT_WAIT_S = 10.0
+
+log = logging.getLogger(__name__)
 
 
 class Pending:
@@ -276,14 +283,29 @@ class InstanceGroups:
         else:
             self.one_shot_error = error or "a peer rank could not set it up"
 
-    def abort(self) -> None:
-        """Fail pending device collectives now (a peer died); gloo needs no help."""
+    def abort(self, wait_s: float = ABORT_WAIT_S) -> bool:
+        """Fail pending device collectives now (a peer died); gloo needs no help.
+
+        ncclCommAbort can itself hang: recent NCCL syncs the ranks of a node even while aborting,
+        and the peers may be gone (2xH200: a driver's second TP instance hung here at shutdown).
+        The aborts run on a daemon thread and the caller waits at most `wait_s`; False if they
+        had not returned by then (the communicators are left to the process's exit)."""
         if self.backend == "gloo" or self.aborted:
-            return
+            return True
         self.aborted = True
-        for pg in (self.tp.group, self.pipe.forward, self.pipe.back):
-            if pg is not None and hasattr(pg, "abort"):
+        groups = [pg for pg in (self.tp.group, self.pipe.forward, self.pipe.back) if pg is not None and hasattr(pg, "abort")]
+        done = threading.Event()
+
+        def run() -> None:
+            for pg in groups:
                 pg.abort()
+            done.set()
+
+        threading.Thread(target=run, name="nccl-abort", daemon=True).start()
+        if done.wait(wait_s):
+            return True
+        log.warning("NCCL abort of %d groups still running after %.0f s; left to the process's exit", len(groups), wait_s)
+        return False
 
 
 def _broadcast_from_first(group, size: int, x: torch.Tensor) -> torch.Tensor:
