@@ -88,3 +88,35 @@ def test_async_scheduling_on_cuda_gives_the_synchronous_engines_outputs(checkpoi
         return {key: (rec["ids"], rec["end"]) for key, rec in _run(engine, requests).items()}
 
     assert tokens(True) == tokens(False)
+
+
+def _compiled_triton_variants() -> int:
+    """How many compiled variants our Triton kernels hold in this process, all devices together."""
+    from triton.runtime.jit import JITFunction
+
+    from cluster.engine.attention import triton as triton_attention, triton_store
+    from cluster.models import fused_triton
+
+    kernels = [v for m in (triton_attention, triton_store, fused_triton) for v in vars(m).values()
+               if isinstance(v, JITFunction)]
+    return sum(len(cache[0]) for k in kernels for cache in k.device_caches.values())
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_no_triton_kernel_compiles_once_the_engine_serves(checkpoint_dir, graphs):
+    """The runner's warm-up runs every kernel variant before the engine serves: batches of 1 to 40,
+    prompts of 1 to 300 tokens, decodes split over 1 to many KV ranges, then compile nothing new (a
+    compile mid-serving stalls a step for a second or more: on 2026-11-30's fresh 2xH200 the first
+    1P1D requests waited 2.4-3.8 s for their first token)."""
+    from cluster import LLM, SamplingParams
+
+    llm = LLM(model=checkpoint_dir("llama"), device="cuda", dtype="bfloat16", enable_cuda_graphs=graphs,
+              max_model_len=512, progress=False)
+    before = _compiled_triton_variants()
+    assert before > 0
+    rng = random.Random(5)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    for batch in (1, 3, 17, 40):
+        prompts = [[rng.randrange(900) for _ in range(rng.choice((1, 2, 16, 17, 63, 129, 300)))] for _ in range(batch)]
+        llm.generate(prompts, params)
+    assert _compiled_triton_variants() == before

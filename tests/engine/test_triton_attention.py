@@ -22,7 +22,7 @@ from cluster.bench.attention import build_paged_batch  # noqa: E402
 from cluster.engine.attention import triton as triton_attention  # noqa: E402
 from cluster.engine.attention.base import AttentionMetadata  # noqa: E402
 from cluster.engine.attention.torch_ref import TorchRefAttention  # noqa: E402
-from cluster.engine.attention.triton import TritonAttention, choose_num_kv_splits  # noqa: E402
+from cluster.engine.attention.triton import TritonAttention, choose_num_kv_splits, split_counts  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -114,6 +114,26 @@ def test_choose_num_kv_splits():
     assert choose_num_kv_splits(64, 4, 1024, 132) == 2  # TP=2 of Llama-3-8B at batch 64 (measured faster)
     assert choose_num_kv_splits(64, 8, 1024, 132) == 1
     assert choose_num_kv_splits(4, 8, 100, 132) == 1
+
+
+@pytest.mark.parametrize("num_kv_heads,max_seq_len", [(8, 4096), (4, 4096), (8, 32768), (1, 256), (8, 100)])
+def test_warm_up_covers_every_split_count_a_decode_may_pick(num_kv_heads, max_seq_len):
+    """The runner's warm-up compiles the decode launch at `split_counts` before serving: every count
+    the heuristic picks for any batch and context within max_seq_len must be among them (another
+    would compile mid-serving, a second or more on a GPU)."""
+    warmed = set(split_counts(None, num_kv_heads, max_seq_len, 132))
+    picked = {choose_num_kv_splits(batch, num_kv_heads, seq_len, 132)
+              for batch in range(1, 300) for seq_len in range(1, max_seq_len + 1, 7)}
+    assert picked <= warmed, picked - warmed
+    assert split_counts(8, num_kv_heads, max_seq_len, 132) == [8]  # a forced count is the only one
+
+
+def test_warm_up_launches_each_split_count():
+    """`TritonAttention.warm_up` runs the decode launch (and its merge) at each count without error."""
+    k_cache = torch.zeros(4, 16, NUM_KV_HEADS, HEAD_DIM, device=DEVICE)
+    backend = TritonAttention()
+    backend.warm_up(NUM_KV_HEADS * 2, k_cache, k_cache.clone(), 512)
+    assert len(split_counts(None, NUM_KV_HEADS, 512, 132)) > 1
 
 
 def test_needs_no_host_lists_and_takes_upper_bounds():

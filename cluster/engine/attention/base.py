@@ -60,6 +60,10 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
 
+    def warm_up(self, num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, max_seq_len: int) -> None:
+        """Launch each decode kernel variant the backend may pick up to `max_seq_len` once (a backend
+        that compiles its kernels on first use: Triton); the runner's warm-up prefill covers the rest."""
+
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Scatter this step's K/V into their slots (slots < 0 are skipped)."""

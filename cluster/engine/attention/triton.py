@@ -105,7 +105,9 @@ def _attend_tile(
     return acc, l_i, m_new
 
 
-@triton.jit
+# Triton compiles a variant per value class of an int argument (1, a multiple of 16, other); these
+# vary from step to step (batch, block-table width), so each would cost a compile of its own mid-serving
+@triton.jit(do_not_specialize=["num_seqs", "min_query_len", "stride_bt_s"])
 def _unified_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_ptr,
@@ -220,6 +222,9 @@ class TritonAttention(AttentionBackend):
             num_kv_splits=self.num_kv_splits, num_sms=self._num_sms(q.device))
         return out
 
+    def warm_up(self, num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, max_seq_len: int) -> None:
+        warm_up(self, num_heads, k_cache, v_cache, max_seq_len)
+
     def _num_sms(self, device: torch.device) -> int:
         if device not in self._num_sms_by_device:
             count = _CPU_NUM_SMS
@@ -275,6 +280,30 @@ def unified_attention(
         num_q_tiles = num_tokens // (prefill_cfg.block_m // group) + num_seqs
         _launch(**common, grid=(num_q_tiles, num_kv_heads, 1), cfg=prefill_cfg,
                 min_query_len=decode_block_q + 1, decode=False, partials=None)
+
+
+def warm_up(backend: "TritonAttention", num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            max_seq_len: int) -> None:
+    """Compile the decode launch at every KV split count `choose_num_kv_splits` can pick for contexts up
+    to `max_seq_len` (a variant each, with its merge kernel): one query over one block."""
+    device, dtype = k_cache.device, k_cache.dtype
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    q = torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device)
+    query_start = torch.tensor([0, 1], dtype=torch.int32, device=device)
+    seq_lens = torch.ones(1, dtype=torch.int32, device=device)
+    tables = torch.zeros(1, 1, dtype=torch.int32, device=device)
+    for splits in split_counts(backend.num_kv_splits, num_kv_heads, max_seq_len, backend._num_sms(device)):
+        unified_attention(q, k_cache, v_cache, torch.empty_like(q), query_start, seq_lens, tables, max_query_len=1,
+                          max_seq_len=max_seq_len, scale=1.0, num_kv_splits=splits)
+
+
+def split_counts(forced: int | None, num_kv_heads: int, max_seq_len: int, num_sms: int) -> list[int]:
+    """Every KV split count a decode launch may use for contexts up to `max_seq_len`: `forced`, or
+    the powers of two up to what `choose_num_kv_splits` picks for a single sequence (its most)."""
+    if forced:
+        return [forced]
+    widest = choose_num_kv_splits(1, num_kv_heads, max_seq_len, num_sms)
+    return [1 << i for i in range(widest.bit_length())]
 
 
 def choose_num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
