@@ -171,11 +171,14 @@ class ModelRunner:
         tables = plan.block_tables
         ids = np.asarray(plan.input_ids, dtype=np.int64)
         has_placeholders = bool(ids.size) and int(ids.min()) < 0
-        host = torch.from_numpy(np.concatenate([ids] + [np.asarray(f, dtype=np.int64) for f in fields[1:]]
-                                               + [tables.astype(np.int64).ravel()]))
+        parts = [ids] + [np.asarray(f, dtype=np.int64) for f in fields[1:]] + [tables.astype(np.int64).ravel()]
+        # each field starts 16-byte aligned: Triton compiles a kernel variant per pointer alignment, so a
+        # field at an odd offset (an odd token count before it) would compile one mid-serving
+        sizes = [len(part) + len(part) % 2 for part in parts]
+        host = torch.from_numpy(np.concatenate([np.pad(part, (0, size - len(part))) for part, size in zip(parts, sizes)]))
         data = to_device_async(host, self.device)
-        input_ids, positions, slot_mapping, logits_indices, query_start, seq_lens, flat_tables = torch.split(
-            data, [len(f) for f in fields] + [tables.size])
+        input_ids, positions, slot_mapping, logits_indices, query_start, seq_lens, flat_tables = (
+            chunk[: len(part)] for chunk, part in zip(torch.split(data, sizes), parts))
         if has_placeholders and self.embeds_ids:
             input_ids = self._fill_placeholders(input_ids)
         meta = AttentionMetadata(
