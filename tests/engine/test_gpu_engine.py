@@ -62,14 +62,19 @@ def test_moe_decode_runs_as_cuda_graphs_with_the_grouped_gemm(checkpoint_dir):
     ran = sum(lens) + len(prompts) * (max_tokens - 1)  # each prompt, then each sampled token but the last
     assert loads[0] == loads[1] == [top_k * ran] * len(loads[0])
     # this random checkpoint's greedy paths pass top-2 gaps of 0.008-0.14 (float32, CPU) within 24
-    # tokens, so any prompt may turn; where one does, it must be at such a near-tie
+    # tokens, so any prompt may turn; where one does, it must be at a tie that the two engines' own
+    # disagreement could flip: their logprobs of the same tokens before the turn (identical inputs)
+    # measure it (2026-11-30's H200: a turn at a gap of 0.19, with the drift not recorded)
     for eager, graphed in zip(*outputs):
         turn = next((i for i, (a, b) in enumerate(zip(eager.token_ids, graphed.token_ids)) if a != b), None)
         if turn is None:
             continue
         top = eager.logprobs[turn].top
-        assert graphed.token_ids[turn] in top, (turn, top)
-        assert top[eager.token_ids[turn]] - top[graphed.token_ids[turn]] < 0.15, (turn, top)
+        drift = max((abs(e.top[t] - g.top[t]) for e, g in zip(eager.logprobs[:turn + 1], graphed.logprobs[:turn + 1])
+                     for t in e.top.keys() & g.top.keys()), default=0.0)
+        gap = top[eager.token_ids[turn]] - top.get(graphed.token_ids[turn], float("-inf"))
+        assert gap <= 2 * drift + 0.02, dict(turn=turn, gap=gap, drift=drift, eager_top=top,
+                                             graphed_top=graphed.logprobs[turn].top)
 
 
 def test_async_scheduling_on_cuda_gives_the_synchronous_engines_outputs(checkpoint_dir):
