@@ -107,6 +107,10 @@ def _bench(args, url: str, rates: list[str], out: str, plot_dir: str, duration_s
         return json.load(f)
 
 
+def _without_requests(result: dict) -> dict:
+    return {**result, "runs": [{k: v for k, v in run.items() if k != "requests"} for run in result.get("runs", [])]}
+
+
 def run_deployment(args, name: str, port: int) -> dict:
     proc = _start(args, name, port, args.out_dir)
     url = f"http://127.0.0.1:{port}/v1"
@@ -118,7 +122,9 @@ def run_deployment(args, name: str, port: int) -> dict:
         with _polling_health(url, [], stalls_sweep):
             sweep = _bench(args, url, args.rates, os.path.join(args.out_dir, f"{name}_sweep.json"),
                            os.path.join(args.out_dir, f"{name}_plots"), args.duration_s)
-        return {"low_rate": low, "sweep": sweep, "step_ms_samples": samples,
+        # the per-request lists stay in the {name}_*.json files: with them this summary reached 32 MB,
+        # over what a GPU call can bring back (16 MiB a file)
+        return {"low_rate": _without_requests(low), "sweep": _without_requests(sweep), "step_ms_samples": samples,
                 "stalls": {"low_rate": stalls_low, "sweep": stalls_sweep}}
     finally:
         os.killpg(proc.pid, signal.SIGINT)

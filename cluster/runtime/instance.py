@@ -61,8 +61,10 @@ def _on_assigned_gpus(engine_config: EngineConfig) -> EngineConfig:
     return replace(engine_config, runner=replace(engine_config.runner, device_ids=device_ids))
 
 
-# what `stats()` says of the steps since the last call, worst case first: where a stream's pauses come from
-STALL_KEYS = ("max_step_ms", "max_step_gap_ms", "commands_ms", "max_gc_ms", "max_land_ms")
+# what `stats()` says of the steps since the last call, worst case first: where a stream's pauses come
+# from; and the decode side's count of recomputed prefills (each a failed transfer, run inside its
+# decode steps), which /health and bench.serve report beside them
+STALL_KEYS = ("max_step_ms", "max_step_gap_ms", "commands_ms", "max_gc_ms", "max_land_ms", "num_recomputed")
 
 
 class InstanceActor:
