@@ -308,11 +308,19 @@ class ApiConfig:
     host: str = "127.0.0.1"  # bind address (0.0.0.0 only inside a container/pod)
     port: int = 8000
     max_pending: int = 256  # requests admitted at once; beyond it 429 with Retry-After
+    # a request that would wait longer than this before its prefill starts (the prompt tokens queued on
+    # the least loaded prefill or mixed instance, over that instance's measured prefill rate) gets 429
+    # with Retry-After at once, instead of a TTFT past its SLO; set it to the TTFT target less a
+    # prompt's prefill time. None: max_pending alone bounds admission
+    max_queue_wait_s: float | None = None
     served_model_name: str | None = None  # /v1/models id; None: the checkpoint directory's name
 
     def __post_init__(self) -> None:
         _require(isinstance(self.port, int) and 0 <= self.port < 65536, "ApiConfig", "port", self.port, "must be a port number")
         _positive_int("ApiConfig", "max_pending", self.max_pending)
+        wait = self.max_queue_wait_s
+        _require(wait is None or (isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait > 0),
+                 "ApiConfig", "max_queue_wait_s", wait, "must be a number of seconds > 0 (or unset)")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ def test_nested_keys_override_only_what_they_name():
     ({"engine": {"parallel": {"comm_high_priority": 1}}}, "engine.parallel.comm_high_priority = 1: must be true or false"),
     ({"engine": {"parallel": {"nccl_max_ctas": 100}}}, "ParallelConfig.nccl_max_ctas=100"),
     ({"engine": {"parallel": {"nccl_max_ctas": -1}}}, "ParallelConfig.nccl_max_ctas=-1"),
+    ({"api": {"max_queue_wait_s": 0}}, "ApiConfig.max_queue_wait_s=0"),
+    ({"api": {"max_queue_wait_s": "fast"}}, "ApiConfig.max_queue_wait_s='fast'"),
 ])
 def test_bad_values_name_the_field(data, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):

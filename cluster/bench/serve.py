@@ -44,7 +44,10 @@ def _config(args, name: str, port: int) -> dict:
         engine["runner"] = {"device": "cpu"}
         for pool in pools.values():
             pool.update(num_gpus_per_rank=0, num_cpus_per_rank=0.5) if pool.get("instances") else None
-    return {"engine": engine, **pools, "api": {"port": port, "max_pending": 1024}}
+    api = {"port": port, "max_pending": 1024}
+    if args.max_queue_wait_s:
+        api["max_queue_wait_s"] = args.max_queue_wait_s
+    return {"engine": engine, **pools, "api": api}
 
 
 def _start(args, name: str, port: int, out_dir: str) -> subprocess.Popen:
@@ -160,6 +163,8 @@ def main(argv=None) -> None:
     ap.add_argument("--slo-tpot-ms", type=float, default=40)
     ap.add_argument("--duration-s", type=float, default=60)
     ap.add_argument("--low-duration-s", type=float, default=0, help="the low-rate run (ITL vs step time); 0: --duration-s")
+    ap.add_argument("--max-queue-wait-s", type=float, default=0,
+                    help="api.max_queue_wait_s of both deployments: refuse (429) what would queue longer; 0: off")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--start-timeout-s", type=float, default=240)

@@ -29,7 +29,7 @@ def _jsonl(path: str) -> list[dict]:
 
 def load(dirs: list[str]) -> dict:
     """Every result file found in `dirs` (a later folder's file of the same kind adds its records)."""
-    found: dict = {"parallel": [], "disagg": None, "serve": None, "gpu_tests": [], "hardware": None}
+    found: dict = {"parallel": [], "disagg": None, "serve": None, "serve-admit": None, "gpu_tests": [], "hardware": None}
     for d in dirs:
         for name in ("parallel.jsonl", "pp.jsonl", "moe.jsonl"):
             if os.path.exists(os.path.join(d, name)):
@@ -40,9 +40,10 @@ def load(dirs: list[str]) -> dict:
         if os.path.exists(os.path.join(d, "disagg.json")):
             with open(os.path.join(d, "disagg.json")) as f:
                 found["disagg"] = json.load(f)
-        if os.path.exists(os.path.join(d, "serve", "serve_summary.json")):
-            with open(os.path.join(d, "serve", "serve_summary.json")) as f:
-                found["serve"] = json.load(f)
+        for kind in ("serve", "serve-admit"):  # the sweep without and with admission by queue wait
+            if os.path.exists(os.path.join(d, kind, "serve_summary.json")):
+                with open(os.path.join(d, kind, "serve_summary.json")) as f:
+                    found[kind] = json.load(f)
         if os.path.exists(os.path.join(d, "gpu-tests.log")):
             with open(os.path.join(d, "gpu-tests.log")) as f:
                 found["gpu_tests"] += [line.strip() for line in f if " passed" in line or " failed" in line
@@ -152,8 +153,14 @@ def render(found: dict) -> str:
                    f"{disagg['ttft_1p1d_ms_median']:.1f} ms ({100 * disagg['ttft_overhead']:+.1f}%)")
     else:
         out.append("- not run")
-    serve = found["serve"]
-    out += ["", "## Serving: goodput (req/s, share meeting SLOs, ITL p99 ms) per rate", ""]
+    for kind, title in (("serve", ""), ("serve-admit", ", admission by queue wait on")):
+        out += ["", f"## Serving{title}: goodput (req/s, share meeting SLOs, ITL p99 ms) per rate", ""]
+        out += _serve_lines(found[kind])
+    return "\n".join(out) + "\n"
+
+
+def _serve_lines(serve: dict | None) -> list[str]:
+    out: list[str] = []
     if serve:
         names = [n for n in serve if isinstance(serve[n], dict) and "sweep" in serve[n]]
         for row in serve_rows(serve):
@@ -171,7 +178,7 @@ def render(found: dict) -> str:
                            f"({100 * abs(pair[0] / pair[1] - 1):.1f}% apart)")
     else:
         out.append("- not run")
-    return "\n".join(out) + "\n"
+    return out
 
 
 def main(argv=None) -> None:

@@ -31,11 +31,26 @@ class InstanceView:
     alive: bool = True
     link_address: str | None = None
     kv_bytes_reported: int = 0  # prefill: bytes already counted in the metrics
+    prefill_rate: float | None = None  # prompt tokens/s of its prefilling steps, smoothed over heartbeats
 
     def refresh(self, load: dict) -> None:
         self.load = load
         self.dispatched_tokens = 0
         self.dispatched_requests = 0
+        rate = load.get("prefill_tokens_per_s")
+        if rate:  # a heartbeat with no prefill keeps the last rate
+            self.prefill_rate = rate if self.prefill_rate is None else 0.5 * (self.prefill_rate + rate)
+
+    def queued_prefill_tokens(self) -> int:
+        """Prompt tokens waiting here: the last heartbeat's queue and what was dispatched since."""
+        return self.load.get("num_queued_prefill_tokens", 0) + self.dispatched_tokens
+
+    def estimated_wait_s(self) -> float | None:
+        """How long a prompt sent now would wait here before its prefill starts: the prompt tokens queued
+        ahead of it at the measured prefill rate (None until a prefill was measured)."""
+        if not self.prefill_rate:
+            return None
+        return self.queued_prefill_tokens() / self.prefill_rate
 
     def dispatched(self, num_prompt_tokens: int) -> None:
         """A request was sent here: counted in its load until the next heartbeat's stats include it."""
@@ -56,7 +71,7 @@ class Router:
             return self._next(Role.PREFILL, live)
 
         def cost(v: InstanceView) -> float:
-            queued = v.load.get("num_queued_prefill_tokens", 0) + v.dispatched_tokens
+            queued = v.queued_prefill_tokens()
             hit_tokens = prefix_hits.get(v.instance_id, 0) * v.block_size
             return queued - self.config.prefix_weight_tokens * min(hit_tokens, num_tokens)
 

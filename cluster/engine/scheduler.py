@@ -62,6 +62,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_prefill_tokens = 0  # prompt tokens scheduled so far (chunks and whole prompts, not decodes)
 
     # -- admission -----------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -93,6 +94,8 @@ class Scheduler:
                 continue
             out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens + num_new == seq.num_tokens))
             budget -= num_new
+            if num_new > 1:
+                self.num_prefill_tokens += num_new
         if not out.preempted:
             budget = self._admit_waiting(out, budget)
         return out
@@ -136,6 +139,7 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens + num_new == seq.num_tokens))
             budget -= num_new
+            self.num_prefill_tokens += num_new
         return budget
 
     def _share_prefix(self, seq: Sequence) -> bool:

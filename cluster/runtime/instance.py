@@ -90,6 +90,11 @@ class InstanceActor:
         self.num_steps = 0
         self.step_time_s = 0.0  # summed wall time of model steps since the last stats() call
         self.num_timed_steps = 0
+        # the steps that prefilled since the last stats() call: their prompt tokens and wall time, the
+        # instance's prefill rate that admission divides the queue by (a mixed step's decodes count as
+        # prefill time, so a rate under load errs low: it rejects early rather than late)
+        self.prefill_tokens = 0
+        self.prefill_time_s = 0.0
         # stalls, the worst since the last stats() call: the longest model step, the longest wait
         # between two model steps while requests were running (commands, landing KV, emitting), and
         # the time the loop spent on commands (reserve, submit, abort, ...) between steps
@@ -170,6 +175,9 @@ class InstanceActor:
         # drained: the mean wall time of this instance's model steps since the last heartbeat
         stats["mean_step_ms"] = self.step_time_s / self.num_timed_steps * 1e3 if self.num_timed_steps else None
         self.step_time_s, self.num_timed_steps = 0.0, 0
+        # drained like it: prompt tokens per second of the steps that prefilled (None: none did)
+        stats["prefill_tokens_per_s"] = self.prefill_tokens / self.prefill_time_s if self.prefill_time_s > 0 else None
+        self.prefill_tokens, self.prefill_time_s = 0, 0.0
         stats["max_step_ms"], stats["max_step_gap_ms"], stats["commands_ms"] = (
             self.max_step_s * 1e3, self.max_gap_s * 1e3, self.commands_s * 1e3)
         stats["max_gc_ms"] = self.gc_pauses.take_max_ms()
@@ -239,9 +247,14 @@ class InstanceActor:
         if not (self._busy() or self._waiting_on_network()):
             return []
         self.num_steps += 1
+        prefilled = self.engine.scheduler.num_prefill_tokens
         t0 = time.perf_counter()
         deltas = self.worker.step() if self.worker is not None else self.engine.step()
         t1 = time.perf_counter()
+        prefilled = self.engine.scheduler.num_prefill_tokens - prefilled
+        if prefilled:
+            self.prefill_tokens += prefilled
+            self.prefill_time_s += t1 - t0
         if deltas:  # steps that ran the model (not the idle polls of a transfer)
             self.step_time_s += t1 - t0
             self.num_timed_steps += 1

@@ -1,0 +1,71 @@
+"""Admission by estimated queue wait on a real cluster (local Ray, 1P1D on CPU, the API through the
+`openai` package): past what the prefill instance can start in time, a request is refused at once
+with 429 and Retry-After, and every request admitted completes."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+
+import pytest
+
+from tests.runtime.conftest import RunningCluster, cluster_config
+
+pytestmark = pytest.mark.slow
+
+LIMIT_S = 0.1  # far under the queue of 64 prompts of 300 tokens on one CPU prefill instance
+
+
+def test_a_burst_past_the_queue_wait_limit_gets_429_and_every_admitted_request_completes(tiny_model):
+    import openai
+
+    config = cluster_config(tiny_model, prefill=1, decode=1, num_blocks=2048)  # room for all 64 on decode
+    running = RunningCluster(replace(config, api=replace(config.api, max_queue_wait_s=LIMIT_S)))
+    try:
+        client = openai.OpenAI(base_url=running.url, api_key="none", max_retries=0, timeout=60)
+        prompt = list(range(10, 310))
+        # until the prefill instance's rate is measured (a heartbeat after a prefill), nothing is refused
+        first = client.completions.create(model="llama", prompt=prompt, max_tokens=4, temperature=0)
+        assert first.usage.completion_tokens == 4
+        prefill = next(v for v in running.client.instances.values() if v.role.value == "prefill")
+        deadline = time.monotonic() + 10
+        while prefill.prefill_rate is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert prefill.prefill_rate, "no prefill rate reached the router within 10 s"
+
+        async def one(aclient, i: int):
+            try:
+                out = await aclient.completions.create(model="llama", prompt=[t + i for t in prompt], max_tokens=8,
+                                                       temperature=0, extra_body={"ignore_eos": True})
+                return "done", out.usage.completion_tokens
+            except openai.RateLimitError as exc:
+                return "429", (exc.response.headers.get("retry-after"), exc.body)
+
+        async def burst():
+            aclient = openai.AsyncOpenAI(base_url=running.url, api_key="none", max_retries=0, timeout=120)
+            try:
+                return await asyncio.gather(*(one(aclient, i) for i in range(64)))
+            finally:
+                await aclient.close()
+
+        results = asyncio.run(burst())
+        done = [r for kind, r in results if kind == "done"]
+        refused = [r for kind, r in results if kind == "429"]
+        assert len(done) + len(refused) == 64  # nothing lost: each either completed or was told to retry
+        assert done and refused, (len(done), len(refused))
+        print(f"admitted {len(done)}, refused {len(refused)} at a prefill rate of {prefill.prefill_rate:.0f} tokens/s")
+        assert all(tokens == 8 for tokens in done)
+        for retry_after, body in refused:
+            assert int(retry_after) >= 1
+            assert body["code"] == "overloaded" and "max_queue_wait_s" in body["message"]
+        # once the queue has drained, a request is admitted again
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                again = client.completions.create(model="llama", prompt=prompt, max_tokens=4, temperature=0)
+                break
+            except openai.RateLimitError:
+                time.sleep(0.5)
+        assert again.usage.completion_tokens == 4
+    finally:
+        running.stop()
