@@ -119,6 +119,9 @@ class ParallelConfig:
     nccl_max_ctas: int = 0
     async_pp_send: bool = True  # a stage sends activations without waiting for the send before computing on
     num_pp_microbatches: int = 0  # micro-batches per step in flight through the stages; 0: pipeline_parallel_size
+    # with async scheduling, the decode batches that take turns in the stages: one more than the stages
+    # gives stage 0 a batch to compute while it waits for the last stage's rows; 0: pipeline_parallel_size
+    pp_batches_in_flight: int = 0
     # layers per stage: balanced (stage 0, which also reads the LM head, takes that many layers' worth
     # fewer), even, or explicit counts "15,17" (parallel/pipeline.py: stage_ranges)
     pp_layer_partition: str = "balanced"
@@ -145,6 +148,10 @@ class ParallelConfig:
                  "must be an integer from 0 (NCCL's choice) to 64")
         _require(isinstance(self.num_pp_microbatches, int) and self.num_pp_microbatches >= 0, owner,
                  "num_pp_microbatches", self.num_pp_microbatches, "must be an integer >= 0 (0: one per stage)")
+        _require(isinstance(self.pp_batches_in_flight, int) and not isinstance(self.pp_batches_in_flight, bool)
+                 and (self.pp_batches_in_flight == 0 or self.pp_batches_in_flight >= self.pipeline_parallel_size), owner,
+                 "pp_batches_in_flight", self.pp_batches_in_flight,
+                 f"must be 0 (one per stage) or an integer >= pipeline_parallel_size ({self.pipeline_parallel_size})")
         _require(isinstance(self.master_port, int) and 0 <= self.master_port < 65536, owner, "master_port",
                  self.master_port, "must be a port number (0: pick a free one)")
         _require(bool(self.master_addr), owner, "master_addr", self.master_addr, "must be a host address")

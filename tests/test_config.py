@@ -30,6 +30,8 @@ def test_nested_keys_override_only_what_they_name():
     ({"engine": {"parallel": {"nccl_max_ctas": 100}}}, "ParallelConfig.nccl_max_ctas=100"),
     ({"engine": {"parallel": {"nccl_max_ctas": -1}}}, "ParallelConfig.nccl_max_ctas=-1"),
     ({"api": {"max_queue_wait_s": 0}}, "ApiConfig.max_queue_wait_s=0"),
+    ({"engine": {"parallel": {"pipeline_parallel_size": 2, "pp_batches_in_flight": 1}}},
+     "ParallelConfig.pp_batches_in_flight=1"),
     ({"api": {"max_queue_wait_s": "fast"}}, "ApiConfig.max_queue_wait_s='fast'"),
 ])
 def test_bad_values_name_the_field(data, message):

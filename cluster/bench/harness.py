@@ -130,6 +130,8 @@ def use_variant(engine, flags: dict) -> None:
     executor flags."""
     flags = dict(flags)
     engine.async_scheduling = flags.pop("async_scheduling", True)
+    if "batches_in_flight" in flags:  # pp: the batches taking turns in the stages (ParallelConfig.pp_batches_in_flight)
+        engine.executor.steps_in_flight = flags.pop("batches_in_flight")
     engine.executor.set_flags(**flags)
 
 

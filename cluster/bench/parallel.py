@@ -177,15 +177,18 @@ def _pp_partition(args, partition: str) -> None:
     try:
         batch = args.pp_batch
         # two_batches: async scheduling keeps two batches of half the sequences in the stages (the
-        # default); one_batch: the whole batch per step, its micro-batches the only pipelining
-        variants = {"two_batches_m1": dict(num_microbatches=1, async_pp=True, eager=False),
-                    "two_batches_m2": dict(num_microbatches=2, async_pp=True, eager=False),
+        # default); three_batches: a third, so stage 0 computes while the last stage returns rows;
+        # one_batch: the whole batch per step, its micro-batches the only pipelining
+        variants = {"two_batches_m1": dict(num_microbatches=1, async_pp=True, eager=False, batches_in_flight=2),
+                    "three_batches_m1": dict(num_microbatches=1, async_pp=True, eager=False, batches_in_flight=3),
+                    "two_batches_m2": dict(num_microbatches=2, async_pp=True, eager=False, batches_in_flight=2),
                     "one_batch_m2": dict(num_microbatches=2, async_pp=True, eager=False, async_scheduling=False),
                     "one_batch_m4": dict(num_microbatches=4, async_pp=True, eager=False, async_scheduling=False),
                     "one_batch_m4_sync_send": dict(num_microbatches=4, async_pp=False, eager=False, async_scheduling=False),
-                    "two_batches_m1_eager": dict(num_microbatches=1, async_pp=True, eager=True)}  # no decode graphs
-        if partition != args.pp_partitions.split(",")[0]:  # another partition: the default variant, to compare
-            variants = {"two_batches_m1": variants["two_batches_m1"]}
+                    "two_batches_m1_eager": dict(num_microbatches=1, async_pp=True, eager=True,
+                                                 batches_in_flight=2)}  # no decode graphs
+        if partition != args.pp_partitions.split(",")[0]:  # another partition: the default variants, to compare
+            variants = {name: variants[name] for name in ("two_batches_m1", "three_batches_m1")}
         fill(engine, batch, args.context, len(variants) * (4 * args.steps + 4) + 2 + (12 if args.profile else 0), tag="pp-")
         for name, flags in variants.items():
             use_variant(engine, {**flags, "measure": False})

@@ -74,9 +74,10 @@ def pp_vs_tp(records: list[dict]) -> list[dict]:
            and r.get("tp") == 2 and r.get("variant") == "overlap_off" and r.get("allreduce") == "engine"}
     rows = []
     for r in records:
-        if r.get("part") == "pp" and r.get("variant") == "two_batches_m1":
+        if r.get("part") == "pp" and r.get("variant") in ("two_batches_m1", "three_batches_m1"):
             base = tp2.get(r["batch"])
-            rows.append({"partition": r.get("partition", "even"), "batch": r["batch"], "tokens_per_s": r["tokens_per_s"],
+            partition = r.get("partition", "even") + (", 3 batches" if r["variant"] == "three_batches_m1" else "")
+            rows.append({"partition": partition, "batch": r["batch"], "tokens_per_s": r["tokens_per_s"],
                          "tp2_tokens_per_s": base, "ratio": r["tokens_per_s"] / base if base else None,
                          "idle": r.get("bubble_fraction")})
     return rows

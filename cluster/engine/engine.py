@@ -99,6 +99,7 @@ class Engine:
         # prefill role: streams each layer's KV as soon as it is written (disagg/prefill.py)
         self.kv_stream = None
         self.forwarded: deque[_InFlight] = deque()  # async scheduling: launched steps not sampled yet (pp > 1)
+        self.max_steps_in_flight = 0  # the most launched steps ever waiting at once (pp: batches in the stages)
         self.in_flight: _InFlight | None = None  # async scheduling: the sampled step not read back yet
 
     # -- (1) admission ---------------------------------------------------------
@@ -157,6 +158,7 @@ class Engine:
         if not sched.is_empty:
             forward = self.executor.launch_forward(sched)
             self.forwarded.append(_InFlight(forward, self.scheduler.advance(sched), [i.seq for i in sched.scheduled]))
+            self.max_steps_in_flight = max(self.max_steps_in_flight, len(self.forwarded))
         sampled = None
         if self.forwarded and (len(self.forwarded) >= self.executor.steps_in_flight or sched.is_empty):
             sampled = self._finish(self.forwarded.popleft())

@@ -138,7 +138,8 @@ class MultiProcExecutor(Executor):
         self.config = config
         self.flags = StepFlags(parallel.overlap_tp_comm, parallel.overlap_ep_comm, parallel.async_pp_send)
         self.num_microbatches = parallel.num_microbatches
-        self.steps_in_flight = parallel.pipeline_parallel_size
+        self.steps_in_flight = (parallel.pp_batches_in_flight or parallel.pipeline_parallel_size
+                                if parallel.pipeline_parallel_size > 1 else 1)
         self.failure: str | None = None
         self.num_threads = torch.get_num_threads()  # CPU ranks share the cores while the instance lives
         self.store = serve_store(parallel.master_addr, parallel.master_port, parallel.world_size, parallel.collective_timeout_s)

@@ -57,7 +57,7 @@ def test_bench_parallel_runs_every_part(tmp_path):
                    ("moe", "tp2", "overlap_off"), ("moe", "tp2", "overlap_off_eager")]:
         assert wanted in variants, wanted
     pp = {r["variant"]: r for r in records if r["part"] == "pp" and "variant" in r}
-    assert {"two_batches_m1", "one_batch_m2"} <= set(pp) and all(r["tokens_per_s"] > 0 for r in pp.values())
+    assert {"two_batches_m1", "three_batches_m1", "one_batch_m2"} <= set(pp) and all(r["tokens_per_s"] > 0 for r in pp.values())
     assert {r["allreduce"] for r in records if r.get("phase") == "decode"} == {"none", "engine", "engine_normal_priority", "engine_ctas8"}
 
 

@@ -101,6 +101,8 @@ CASES = {
     "pp2": ("qwen2", dict(pipeline_parallel_size=2), dict(async_pp=False, num_microbatches=3)),
     # balanced: stage 0 also reads the LM head (1.8 layers' worth here), so it runs 1 layer and stage 1 runs 3
     "pp2-uneven-stages": ("llama_4_layers", dict(pipeline_parallel_size=2), dict(async_pp=False)),
+    # a batch more than the stages: stage 0 computes the third while the last stage returns the first's rows
+    "pp2-three-batches": ("qwen2", dict(pipeline_parallel_size=2, pp_batches_in_flight=3), dict(async_pp=False)),
     "ep2": ("mixtral", dict(tensor_parallel_size=2, expert_parallel_size=2), dict(overlap_ep=True, overlap_tp=True)),
     "tp2-moe-shared-expert": ("qwen2_moe", dict(tensor_parallel_size=2), dict(overlap_tp=True)),
     "ep2-shared-expert": ("qwen2_moe", dict(tensor_parallel_size=2, expert_parallel_size=2), dict(overlap_ep=True)),
@@ -118,6 +120,8 @@ def test_instance_matches_single_process(reference, case):
         if case == "pp2-uneven-stages":
             assert [list(r) for r in worker.stage_ranges] == [[0], [1, 2, 3]]
         _assert_same(_run(engine, prompts, "off"), expected)
+        if case == "pp2-three-batches":
+            assert engine.executor.steps_in_flight == 3 and engine.max_steps_in_flight == 3
         split_before = worker.num_split_steps
         if expected_load is not None:  # every routed token counted once, on the rank that ran its expert
             assert engine.executor.stats(reset=True)["tokens_per_expert"] == expected_load
