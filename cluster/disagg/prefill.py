@@ -25,6 +25,7 @@ from cluster.config import DisaggConfig
 from cluster.disagg.transfer.base import KVTransport, TransferState
 from cluster.engine.engine import Engine
 from cluster.engine.kv_handover import cache_dtype, full_kv_shape
+from cluster.platform import to_device_async
 from cluster.types import FinishReason, SamplingParams, TokenDelta
 
 GROUP_BYTES = 64 << 20  # KV leaves in messages of up to this many bytes (several layers each)
@@ -154,7 +155,8 @@ class PrefillWorker:
             delta = by_request.get(plan.request_id)
             # -1: no first token came out of this step (the request went away); the decode side recomputes
             token = delta.token_ids[0] if delta is not None and delta.token_ids else -1
-            first = torch.tensor([token], dtype=torch.int64, device=self.engine.device)
+            # pinned and asynchronous: a pageable copy would wait for the next step, already queued on the device
+            first = to_device_async(torch.tensor([token], dtype=torch.int64), self.engine.device)
             count = self._num_messages(seq)
             self.transport.send_layer(plan.peer_id, plan.transfer_id, count - 1, count, first)
             plan.first_sent = True
