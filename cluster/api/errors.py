@@ -36,18 +36,19 @@ class APIError(Exception):
     """An error the client sees with this status and OpenAI error body."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, reason: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
         self.headers = headers or {}
+        self._reason = reason
 
     @property
     def reason(self) -> str:
-        """The `reason` label of the rejected-requests counter."""
-        return self.code or ("invalid" if self.status < 500 else "error")
+        """The `reason` label of the rejected-requests counter (the code, unless told a finer one)."""
+        return self._reason or self.code or ("invalid" if self.status < 500 else "error")
 
     def response(self) -> Response:
         return error_response(self.status, self.message, param=self.param, code=self.code, headers=self.headers)
@@ -99,7 +100,8 @@ def from_overloaded(exc: Overloaded) -> APIError:
     retry_after = str(max(1, math.ceil(exc.retry_after_s)))
     if exc.unavailable:
         return APIError(503, f"service unavailable: {exc}", code="unavailable", headers={"Retry-After": retry_after})
-    return APIError(429, f"server overloaded, retry later: {exc}", code="overloaded", headers={"Retry-After": retry_after})
+    return APIError(429, f"server overloaded, retry later: {exc}", code="overloaded", headers={"Retry-After": retry_after},
+                    reason=exc.reason)
 
 
 def guarded(route):

@@ -25,10 +25,11 @@ from cluster.types import SamplingParams, TokenDelta
 class Overloaded(RuntimeError):
     """The backend's queues are full; the API answers 429 (or 503 when draining) with Retry-After."""
 
-    def __init__(self, message: str, retry_after_s: float = 1.0, unavailable: bool = False):
+    def __init__(self, message: str, retry_after_s: float = 1.0, unavailable: bool = False, reason: str = "overloaded"):
         super().__init__(message)
         self.retry_after_s = retry_after_s
         self.unavailable = unavailable
+        self.reason = reason  # the rejected-requests counter's label: which limit refused it
 
 
 @dataclass(frozen=True)

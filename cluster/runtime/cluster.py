@@ -149,7 +149,7 @@ class ClusterClient(EngineClient):
         wait = min(waits)
         if wait > limit:
             raise Overloaded(f"estimated queue wait {wait:.2f} s exceeds api.max_queue_wait_s={limit} s",
-                             retry_after_s=wait - limit)
+                             retry_after_s=wait - limit, reason="queue_wait")
 
     def _legs(self, request_id, prompt_token_ids, params, prompt, queue) -> list[Leg]:
         if not self.config.disaggregated:

@@ -58,6 +58,13 @@ def test_a_burst_past_the_queue_wait_limit_gets_429_and_every_admitted_request_c
         for retry_after, body in refused:
             assert int(retry_after) >= 1
             assert body["code"] == "overloaded" and "max_queue_wait_s" in body["message"]
+        # Prometheus counts them by the limit that refused them
+        import httpx
+
+        metrics = httpx.get(running.url.removesuffix("/v1") + "/metrics", timeout=10).text
+        counted = [line for line in metrics.splitlines()
+                   if line.startswith("llm_cluster_requests_rejected_total{") and 'reason="queue_wait"' in line]
+        assert counted and float(counted[0].split()[-1]) == len(refused), counted
         # once the queue has drained, a request is admitted again
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
