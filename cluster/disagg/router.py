@@ -77,6 +77,14 @@ class Router:
 
         return min(live, key=lambda v: (cost(v), v.instance_id))
 
+    @staticmethod
+    def queue_wait_s(candidates: list[InstanceView]) -> float | None:
+        """The shortest wait before a prompt's prefill could start on one of `candidates` (admission
+        compares it with api.max_queue_wait_s); None while one of them has no measured prefill rate
+        (it may take the prompt) or there is none."""
+        waits = [v.estimated_wait_s() for v in candidates if v.alive]
+        return None if not waits or None in waits else min(waits)
+
     def rank_decode(self, candidates: list[InstanceView], num_tokens: int) -> list[InstanceView]:
         """Decode instances to try, best first (the first that reserves blocks wins)."""
         live = [v for v in candidates if v.alive]

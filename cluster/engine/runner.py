@@ -30,7 +30,7 @@ from cluster.engine.sampler import DeviceSample, Sampler, SamplingBatch
 from cluster.engine.scheduler import SchedulerOutput
 from cluster.engine.sequence import Sequence
 from cluster.engine.step_plan import StepPlan, plan_step
-from cluster.models.moe import StackedExperts
+from cluster.engine.warm_up import warm_up
 from cluster.parallel.experts import grouped_mm_runs
 from cluster.platform import to_device_async
 from cluster.types import TokenLogprob
@@ -109,7 +109,7 @@ class ModelRunner:
         self.graphs = None
         # MoE: the grouped-GEMM path never waits for the host and is captured; the per-expert loop
         # (no grouped GEMM on this device or dtype) reads the expert counts on the host, so it is not
-        self.warm_up(max_model_len)
+        warm_up(self, max_model_len)  # every kernel variant once, before graphs and before serving
         if enable_cuda_graphs and device.type == "cuda" and (not model.cfg.is_moe or grouped_mm_runs(device, dtype)):
             try:
                 self.graphs = DecodeGraphs(self, cuda_graph_max_batch)
@@ -117,46 +117,6 @@ class ModelRunner:
                 if not model.cfg.is_moe:
                     raise
                 log.warning("MoE decode could not be captured as CUDA graphs, running eagerly: %s", exc)
-
-    @torch.inference_mode()
-    def warm_up(self, max_model_len: int) -> None:
-        """Run each kernel variant this instance can launch once, before it serves.
-
-        Triton compiles a kernel the first time it meets a new variant, for a second or more: on 2xH200
-        (2026-11-30, a fresh machine) the first 1P1D requests waited 2.4-3.8 s for their first token,
-        and under load a decode instance's recompute (its first prefill) took a 1.8 s step. A prefill
-        of two sequences of unequal lengths (the prefill launch, norms with and without a residual,
-        rotary, the KV store), then the decode launch at each KV split count. All ranks of an instance
-        run it at the same point (a TP forward all-reduces). It writes no KV (every slot is -1), and
-        the experts' load counters count none of its rows."""
-        lengths = [min(40, max_model_len), min(23, max_model_len)]
-        positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)
-        num_tokens = positions.numel()
-        starts = [0, lengths[0], num_tokens]
-        width = -(-max(lengths) // self.block_size)
-        meta = AttentionMetadata(
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=self.device),
-            seq_lens=torch.tensor(lengths, dtype=torch.int32, device=self.device),
-            block_tables=torch.zeros(len(lengths), width, dtype=torch.int32, device=self.device),
-            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=self.device),
-            max_query_len=max(lengths), max_seq_len=max(lengths), query_start_loc_cpu=starts, seq_lens_cpu=lengths)
-        hidden = None
-        if not getattr(self.model, "is_first_stage", True):
-            hidden = torch.zeros(num_tokens, self.model.cfg.hidden_size, dtype=self.dtype, device=self.device)
-        counters = {m: m.counts_load for m in self.model.modules() if isinstance(m, StackedExperts)}
-        for counter in counters:
-            counter.counts_load = False  # whichever way the experts run (local, all-to-all)
-        try:
-            self.model(torch.zeros(num_tokens, dtype=torch.int64, device=self.device), positions,
-                       AttnInputs(self.backend, meta, self.kv_caches), hidden)
-        finally:
-            for counter, counts in counters.items():
-                counter.counts_load = counts
-        layer = next(iter(self.model.model.layers.values())).self_attn
-        k_cache, v_cache = self.kv_caches[self.first_kv_layer]
-        self.backend.warm_up(layer.num_heads, k_cache, v_cache, self.max_blocks_per_seq * self.block_size)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     # -- (1) inputs ----------------------------------------------------------
     def prepare(self, sched: SchedulerOutput) -> StepInputs:

@@ -142,12 +142,8 @@ class ClusterClient(EngineClient):
         limit = self.config.api.max_queue_wait_s
         if limit is None:
             return
-        role = Role.PREFILL if self.config.disaggregated else Role.MIXED
-        waits = [v.estimated_wait_s() for v in self.pool(role)]
-        if not waits or None in waits:  # an instance not yet measured may take it
-            return
-        wait = min(waits)
-        if wait > limit:
+        wait = self.router.queue_wait_s(self.pool(Role.PREFILL if self.config.disaggregated else Role.MIXED))
+        if wait is not None and wait > limit:
             raise Overloaded(f"estimated queue wait {wait:.2f} s exceeds api.max_queue_wait_s={limit} s",
                              retry_after_s=wait - limit, reason="queue_wait")
 

@@ -1,5 +1,5 @@
 """The router's view of an instance: how long a prompt sent now would queue there."""
-from cluster.disagg.router import InstanceView
+from cluster.disagg.router import InstanceView, Router
 from cluster.types import Role
 
 
@@ -14,3 +14,13 @@ def test_estimated_wait_is_the_queue_ahead_over_the_measured_prefill_rate():
     assert view.prefill_rate == 2000.0 and view.estimated_wait_s() == 0.0
     view.refresh({"num_queued_prefill_tokens": 100, "prefill_tokens_per_s": None})  # a heartbeat without prefill
     assert view.prefill_rate == 2000.0 and view.estimated_wait_s() == 0.05
+
+
+def test_queue_wait_is_the_shortest_over_the_pool_and_unknown_while_an_instance_is_unmeasured():
+    a, b = InstanceView("p0", Role.PREFILL, None), InstanceView("p1", Role.PREFILL, None)
+    a.refresh({"num_queued_prefill_tokens": 4000, "prefill_tokens_per_s": 1000.0})
+    assert Router.queue_wait_s([a, b]) is None  # b may take the prompt: admission cannot refuse yet
+    b.refresh({"num_queued_prefill_tokens": 1000, "prefill_tokens_per_s": 2000.0})
+    assert Router.queue_wait_s([a, b]) == 0.5
+    b.alive = False
+    assert Router.queue_wait_s([a, b]) == 4.0 and Router.queue_wait_s([]) is None
