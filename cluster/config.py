@@ -320,14 +320,19 @@ class ApiConfig:
     # with Retry-After at once, instead of a TTFT past its SLO; set it to the TTFT target less a
     # prompt's prefill time. None: max_pending alone bounds admission
     max_queue_wait_s: float | None = None
+    # a request is refused (429) while every decode (or mixed) instance's mean step time since its last
+    # heartbeat exceeds this: one more stream would slow them all past their TPOT target (set it a
+    # little under that target). None: no limit
+    max_decode_step_ms: float | None = None
     served_model_name: str | None = None  # /v1/models id; None: the checkpoint directory's name
 
     def __post_init__(self) -> None:
         _require(isinstance(self.port, int) and 0 <= self.port < 65536, "ApiConfig", "port", self.port, "must be a port number")
         _positive_int("ApiConfig", "max_pending", self.max_pending)
-        wait = self.max_queue_wait_s
-        _require(wait is None or (isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait > 0),
-                 "ApiConfig", "max_queue_wait_s", wait, "must be a number of seconds > 0 (or unset)")
+        for name, unit in (("max_queue_wait_s", "seconds"), ("max_decode_step_ms", "milliseconds")):
+            limit = getattr(self, name)
+            _require(limit is None or (isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0),
+                     "ApiConfig", name, limit, f"must be a number of {unit} > 0 (or unset)")
 
 
 @dataclass(frozen=True)

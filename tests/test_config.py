@@ -33,6 +33,7 @@ def test_nested_keys_override_only_what_they_name():
     ({"engine": {"parallel": {"pipeline_parallel_size": 2, "pp_batches_in_flight": 1}}},
      "ParallelConfig.pp_batches_in_flight=1"),
     ({"api": {"max_queue_wait_s": "fast"}}, "ApiConfig.max_queue_wait_s='fast'"),
+    ({"api": {"max_decode_step_ms": -5}}, "ApiConfig.max_decode_step_ms=-5"),
 ])
 def test_bad_values_name_the_field(data, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):

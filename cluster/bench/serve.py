@@ -47,6 +47,8 @@ def _config(args, name: str, port: int) -> dict:
     api = {"port": port, "max_pending": 1024}
     if args.max_queue_wait_s:
         api["max_queue_wait_s"] = args.max_queue_wait_s
+    if args.max_decode_step_ms:
+        api["max_decode_step_ms"] = args.max_decode_step_ms
     return {"engine": engine, **pools, "api": api}
 
 
@@ -165,6 +167,8 @@ def main(argv=None) -> None:
     ap.add_argument("--low-duration-s", type=float, default=0, help="the low-rate run (ITL vs step time); 0: --duration-s")
     ap.add_argument("--max-queue-wait-s", type=float, default=0,
                     help="api.max_queue_wait_s of both deployments: refuse (429) what would queue longer; 0: off")
+    ap.add_argument("--max-decode-step-ms", type=float, default=0,
+                    help="api.max_decode_step_ms of both deployments: refuse (429) while decode steps are slower; 0: off")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--start-timeout-s", type=float, default=240)

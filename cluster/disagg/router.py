@@ -85,6 +85,14 @@ class Router:
         waits = [v.estimated_wait_s() for v in candidates if v.alive]
         return None if not waits or None in waits else min(waits)
 
+    @staticmethod
+    def decode_step_ms(candidates: list[InstanceView]) -> float | None:
+        """The fastest mean step time since the last heartbeat among `candidates` (the TPOT a new stream
+        would start at; admission compares it with api.max_decode_step_ms); 0 if one is idle, None
+        if there is none."""
+        steps = [v.load.get("mean_step_ms") or 0.0 for v in candidates if v.alive]
+        return min(steps) if steps else None
+
     def rank_decode(self, candidates: list[InstanceView], num_tokens: int) -> list[InstanceView]:
         """Decode instances to try, best first (the first that reserves blocks wins)."""
         live = [v for v in candidates if v.alive]

@@ -112,7 +112,7 @@ class ClusterClient(EngineClient):
                        prompt: str | None = None) -> AsyncIterator[TokenDelta]:
         if self.num_pending >= self.config.api.max_pending:
             raise Overloaded(f"{self.num_pending} requests in flight (limit {self.config.api.max_pending})", 1.0)
-        self._admit_by_queue_wait()
+        self._admit()
         queue: asyncio.Queue = asyncio.Queue()
         legs = self._legs(request_id, prompt_token_ids, params, prompt, queue)
         self.num_pending += 1
@@ -133,19 +133,25 @@ class ClusterClient(EngineClient):
                     await self._abort_leg(leg)
                 self.legs.pop(leg.leg_id, None)
 
-    def _admit_by_queue_wait(self) -> None:
-        """Past saturation a queue only grows, and every request admitted then misses its TTFT (2xH200,
-        2026-11-30: 1P1D at 48 req/s kept 1% of its requests within the SLOs). With
-        `api.max_queue_wait_s` set, a request that would wait longer than that on every prefill (or
-        mixed) instance is refused now with 429, so those admitted keep their TTFT and the client may
-        retry. A prompt is never refused for its own length: an idle instance takes any."""
-        limit = self.config.api.max_queue_wait_s
-        if limit is None:
-            return
-        wait = self.router.queue_wait_s(self.pool(Role.PREFILL if self.config.disaggregated else Role.MIXED))
-        if wait is not None and wait > limit:
-            raise Overloaded(f"estimated queue wait {wait:.2f} s exceeds api.max_queue_wait_s={limit} s",
-                             retry_after_s=wait - limit, reason="queue_wait")
+    def _admit(self) -> None:
+        """Past saturation a queue only grows, and every request admitted then misses its SLOs (2xH200,
+        2026-11-30: 1P1D at 48 req/s kept 1% of its requests within them). With the api's limits set,
+        a request is refused now with 429, so those admitted keep their latency and the client may
+        retry: `max_queue_wait_s` when it would wait longer than that on every prefill (or mixed)
+        instance before its prefill starts (a prompt is never refused for its own length: an idle
+        instance takes any); `max_decode_step_ms` while every decode (or mixed) instance steps slower."""
+        api = self.config.api
+        prefill_role, decode_role = (Role.PREFILL, Role.DECODE) if self.config.disaggregated else (Role.MIXED, Role.MIXED)
+        if api.max_queue_wait_s is not None:
+            wait = self.router.queue_wait_s(self.pool(prefill_role))
+            if wait is not None and wait > api.max_queue_wait_s:
+                raise Overloaded(f"estimated queue wait {wait:.2f} s exceeds api.max_queue_wait_s={api.max_queue_wait_s} s",
+                                 retry_after_s=wait - api.max_queue_wait_s, reason="queue_wait")
+        if api.max_decode_step_ms is not None:
+            step_ms = self.router.decode_step_ms(self.pool(decode_role))
+            if step_ms is not None and step_ms > api.max_decode_step_ms:
+                raise Overloaded(f"decode steps take {step_ms:.1f} ms, over api.max_decode_step_ms={api.max_decode_step_ms} ms",
+                                 retry_after_s=1.0, reason="decode_step")
 
     def _legs(self, request_id, prompt_token_ids, params, prompt, queue) -> list[Leg]:
         if not self.config.disaggregated:

@@ -24,3 +24,12 @@ def test_queue_wait_is_the_shortest_over_the_pool_and_unknown_while_an_instance_
     assert Router.queue_wait_s([a, b]) == 0.5
     b.alive = False
     assert Router.queue_wait_s([a, b]) == 4.0 and Router.queue_wait_s([]) is None
+
+
+def test_decode_step_is_the_fastest_over_the_pool_and_zero_for_an_idle_instance():
+    a, b = InstanceView("d0", Role.DECODE, None), InstanceView("d1", Role.DECODE, None)
+    a.refresh({"mean_step_ms": 30.0})
+    b.refresh({"mean_step_ms": 45.0})
+    assert Router.decode_step_ms([a, b]) == 30.0
+    b.refresh({"mean_step_ms": None})  # no step since its last heartbeat: idle, a stream starts at once
+    assert Router.decode_step_ms([a, b]) == 0.0 and Router.decode_step_ms([]) is None

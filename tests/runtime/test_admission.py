@@ -76,3 +76,42 @@ def test_a_burst_past_the_queue_wait_limit_gets_429_and_every_admitted_request_c
         assert again.usage.completion_tokens == 4
     finally:
         running.stop()
+
+
+def test_while_every_decode_instance_steps_slower_than_the_limit_a_request_gets_429(tiny_model):
+    """api.max_decode_step_ms: while the one decode instance is busy (its heartbeat's mean step over a
+    limit no CPU step can meet) a new request is refused with 429; once it is idle again, admitted."""
+    import openai
+
+    config = cluster_config(tiny_model, prefill=1, decode=1)
+    running = RunningCluster(replace(config, api=replace(config.api, max_decode_step_ms=0.001)))
+    try:
+        client = openai.OpenAI(base_url=running.url, api_key="none", max_retries=0, timeout=60)
+        decode = next(v for v in running.client.instances.values() if v.role.value == "decode")
+
+        async def long_stream():
+            aclient = openai.AsyncOpenAI(base_url=running.url, api_key="none", max_retries=0, timeout=120)
+            try:
+                out = await aclient.completions.create(model="llama", prompt=list(range(10, 40)), max_tokens=400,
+                                                       temperature=0, extra_body={"ignore_eos": True})
+                return out.usage.completion_tokens
+            finally:
+                await aclient.close()
+
+        stream = asyncio.run_coroutine_threadsafe(long_stream(), running.loop)
+        deadline = time.monotonic() + 30
+        while not decode.load.get("mean_step_ms") and time.monotonic() < deadline:
+            time.sleep(0.05)  # a heartbeat that saw it decode
+        assert decode.load.get("mean_step_ms"), "no decode step reached the router within 30 s"
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.completions.create(model="llama", prompt=list(range(50, 60)), max_tokens=4, temperature=0)
+        assert "max_decode_step_ms" in refused.value.body["message"]
+        assert int(refused.value.response.headers["retry-after"]) >= 1
+        assert stream.result(timeout=120) == 400  # the admitted stream is untouched
+        deadline = time.monotonic() + 10
+        while decode.load.get("mean_step_ms") and time.monotonic() < deadline:
+            time.sleep(0.1)  # a heartbeat that saw it idle
+        assert client.completions.create(model="llama", prompt=list(range(50, 60)), max_tokens=4,
+                                         temperature=0).usage.completion_tokens == 4
+    finally:
+        running.stop()
