@@ -13,17 +13,18 @@ from tests.runtime.conftest import RunningCluster, cluster_config
 
 pytestmark = pytest.mark.slow
 
-LIMIT_S = 0.1  # far under the queue of 64 prompts of 300 tokens on one CPU prefill instance
+LIMIT_S = 0.05  # far under the queue of a burst of 48 prompts of 1,500 tokens (seconds of CPU prefill)
+NUM_BURST = 48
 
 
 def test_a_burst_past_the_queue_wait_limit_gets_429_and_every_admitted_request_completes(tiny_model):
     import openai
 
-    config = cluster_config(tiny_model, prefill=1, decode=1, num_blocks=2048)  # room for all 64 on decode
+    config = cluster_config(tiny_model, prefill=1, decode=1, num_blocks=8192)  # room for the whole burst on decode
     running = RunningCluster(replace(config, api=replace(config.api, max_queue_wait_s=LIMIT_S)))
     try:
         client = openai.OpenAI(base_url=running.url, api_key="none", max_retries=0, timeout=60)
-        prompt = list(range(10, 310))
+        prompt = [10 + i % 900 for i in range(1500)]
         # until the prefill instance's rate is measured (a heartbeat after a prefill), nothing is refused
         first = client.completions.create(model="llama", prompt=prompt, max_tokens=4, temperature=0)
         assert first.usage.completion_tokens == 4
@@ -35,7 +36,7 @@ def test_a_burst_past_the_queue_wait_limit_gets_429_and_every_admitted_request_c
 
         async def one(aclient, i: int):
             try:
-                out = await aclient.completions.create(model="llama", prompt=[t + i for t in prompt], max_tokens=8,
+                out = await aclient.completions.create(model="llama", prompt=[(t + i) % 1000 for t in prompt], max_tokens=8,
                                                        temperature=0, extra_body={"ignore_eos": True})
                 return "done", out.usage.completion_tokens
             except openai.RateLimitError as exc:
@@ -44,14 +45,14 @@ def test_a_burst_past_the_queue_wait_limit_gets_429_and_every_admitted_request_c
         async def burst():
             aclient = openai.AsyncOpenAI(base_url=running.url, api_key="none", max_retries=0, timeout=120)
             try:
-                return await asyncio.gather(*(one(aclient, i) for i in range(64)))
+                return await asyncio.gather(*(one(aclient, i) for i in range(NUM_BURST)))
             finally:
                 await aclient.close()
 
         results = asyncio.run(burst())
         done = [r for kind, r in results if kind == "done"]
         refused = [r for kind, r in results if kind == "429"]
-        assert len(done) + len(refused) == 64  # nothing lost: each either completed or was told to retry
+        assert len(done) + len(refused) == NUM_BURST  # nothing lost: each either completed or was told to retry
         assert done and refused, (len(done), len(refused))
         print(f"admitted {len(done)}, refused {len(refused)} at a prefill rate of {prefill.prefill_rate:.0f} tokens/s")
         assert all(tokens == 8 for tokens in done)
