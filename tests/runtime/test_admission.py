@@ -1,6 +1,7 @@
-"""Admission by estimated queue wait on a real cluster (local Ray, 1P1D on CPU, the API through the
-`openai` package): past what the prefill instance can start in time, a request is refused at once
-with 429 and Retry-After, and every request admitted completes."""
+"""Admission on a real cluster (local Ray, 1P1D on CPU, the API through the `openai` package): past
+what the prefill instance can start in time (api.max_queue_wait_s), or while the decode instance
+steps slower than api.max_decode_step_ms, a request is refused at once with 429 and Retry-After,
+and every request admitted completes."""
 from __future__ import annotations
 
 import asyncio
