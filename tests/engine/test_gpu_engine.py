@@ -35,9 +35,10 @@ def test_moe_decode_runs_as_cuda_graphs_with_the_grouped_gemm(checkpoint_dir):
     """bf16 on Hopper: the MoE layers' grouped GEMM never waits for the host, so decode is captured.
     The captured engine counts exactly the eager engine's expert load (a bucket's padded rows are
     not counted: every layer sees top_k x the tokens the steps ran), and gives the eager engine's
-    tokens except where bf16 rounding may part them: an expert's GEMM over a padded bucket has more
-    rows than the eager one, so a greedy path may turn only at a near-tie of the eager engine's top
-    two tokens (on 2026-11-30's H200 one of four prompts turned at its 4th token)."""
+    tokens except where bf16 rounding may part them: the captured step splits attention for the
+    bucket's upper-bound context (the eager one for the batch's real one) and may pad the experts'
+    GEMMs, so a greedy path may turn only at a near-tie of the eager engine's top two tokens (on
+    2026-11-30's H200 one of four prompts turned at its 4th token, twice)."""
     from cluster import LLM, SamplingParams
     from cluster.parallel.experts import grouped_mm_runs
 
@@ -63,17 +64,19 @@ def test_moe_decode_runs_as_cuda_graphs_with_the_grouped_gemm(checkpoint_dir):
     assert loads[0] == loads[1] == [top_k * ran] * len(loads[0])
     # this random checkpoint's greedy paths pass top-2 gaps of 0.008-0.14 (float32, CPU) within 24
     # tokens, so any prompt may turn; where one does, it must be at a tie that the two engines' own
-    # disagreement could flip: their logprobs of the same tokens before the turn (identical inputs)
-    # measure it (2026-11-30's H200: a turn at a gap of 0.19, with the drift not recorded)
+    # disagreement could flip. That is measured on the steps before the turn (same tokens, so the same
+    # inputs): a flip moves two logprobs, each by about that much, with half as much again for one more
+    # step's growth. (Measured at the turn itself it would pass any flip of two tokens in both tops.)
+    # 2026-11-30's H200: a turn at a gap of 0.19, the drift then not recorded.
     for eager, graphed in zip(*outputs):
         turn = next((i for i, (a, b) in enumerate(zip(eager.token_ids, graphed.token_ids)) if a != b), None)
         if turn is None:
             continue
         top = eager.logprobs[turn].top
-        drift = max((abs(e.top[t] - g.top[t]) for e, g in zip(eager.logprobs[:turn + 1], graphed.logprobs[:turn + 1])
+        drift = max((abs(e.top[t] - g.top[t]) for e, g in zip(eager.logprobs[:turn], graphed.logprobs[:turn])
                      for t in e.top.keys() & g.top.keys()), default=0.0)
         gap = top[eager.token_ids[turn]] - top.get(graphed.token_ids[turn], float("-inf"))
-        assert gap <= 2 * drift + 0.02, dict(turn=turn, gap=gap, drift=drift, eager_top=top,
+        assert gap <= 3 * drift + 0.02, dict(turn=turn, gap=gap, drift_before=drift, eager_top=top,
                                              graphed_top=graphed.logprobs[turn].top)
 
 
