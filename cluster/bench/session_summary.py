@@ -40,7 +40,7 @@ def load(dirs: list[str]) -> dict:
         if os.path.exists(os.path.join(d, "disagg.json")):
             with open(os.path.join(d, "disagg.json")) as f:
                 found["disagg"] = json.load(f)
-        for kind in ("serve", "serve-admit"):  # the sweep without and with admission by queue wait
+        for kind in ("serve", "serve-admit"):  # the sweep without and with admission
             if os.path.exists(os.path.join(d, kind, "serve_summary.json")):
                 with open(os.path.join(d, kind, "serve_summary.json")) as f:
                     found[kind] = json.load(f)
@@ -154,7 +154,7 @@ def render(found: dict) -> str:
                    f"{disagg['ttft_1p1d_ms_median']:.1f} ms ({100 * disagg['ttft_overhead']:+.1f}%)")
     else:
         out.append("- not run")
-    for kind, title in (("serve", ""), ("serve-admit", ", admission by queue wait on")):
+    for kind, title in (("serve", ""), ("serve-admit", ", admission on (queue wait, decode step)")):
         out += ["", f"## Serving{title}: goodput (req/s, share meeting SLOs, ITL p99 ms) per rate", ""]
         out += _serve_lines(found[kind])
     return "\n".join(out) + "\n"
