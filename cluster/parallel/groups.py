@@ -245,43 +245,19 @@ class InstanceGroups:
             torch.cuda.synchronize(device)
 
     def _attach_one_shot(self, device: torch.device, dtype: torch.dtype, max_bytes: int) -> None:
-        """Every rank of the tp group sets up the symmetric buffer, checks one all-reduce against
-        NCCL, and the group turns it on only if every rank succeeded (else NCCL stays, and
-        `one_shot_error` says why)."""
+        """The tp group's one-shot all-reduce, if every rank sets it up (else NCCL stays, and
+        `one_shot_error` says why): parallel/one_shot.py `agree_on`."""
+        from cluster.parallel.one_shot import agree_on
+
         key = f"{self.name}/one-shot-id"
         if self.tp.rank == 0:
             self.store.set(key, uuid.uuid4().hex[:12])  # a fresh symm-mem group name per instance
         name = f"{self.name}/{self.store.get(key).decode()}"
-        one_shot, error = None, None
-        from cluster.parallel import one_shot as one_shot_module
-        from cluster.parallel.one_shot import OneShotAllReduce
-
-        done = one_shot_module.rendezvous_done
-        if self.host.min_int(done) != -self.host.min_int(-done):
-            # every rank finds this out together (no rank starts a rendezvous the others skip)
-            self.one_shot_error = ("ranks of this instance have made different numbers of symmetric-memory rendezvous "
-                                   "in their processes (a process that ran another tensor-parallel instance before): "
-                                   "torch's rendezvous keys would not match, so all-reduce stays on NCCL; start each "
-                                   "instance in fresh processes for the one-shot all-reduce")
-            return
-        try:
-            one_shot = OneShotAllReduce(name, self.tp.group, self.tp.rank, self.tp.size, self.store, device, dtype, max_bytes)
-            for rows in (1, 7, max(1, one_shot.max_numel // 4096)):
-                x = (torch.arange(rows * 8, device=device) % 16 + self.tp.rank).to(dtype).view(rows, 8)  # exact in any dtype
-                expect = x.clone()
-                self.tp.all_reduce(expect)
-                got = one_shot(x)
-                if not torch.equal(got, expect):
-                    raise RuntimeError(f"one-shot all-reduce of {rows}x8 differs from NCCL's")
-        except Exception as exc:  # unsupported build, no peer access, ...: keep NCCL
-            error = f"{type(exc).__name__}: {exc}"
-        agreed = self.host.min_int(0 if error else 1)
-        if agreed:
+        one_shot, self.one_shot_error = agree_on(name, self.tp, self.host, self.store, device, dtype, max_bytes)
+        if one_shot is not None:
             self.tp = replace(self.tp, one_shot=one_shot)
             if self.ep.size > 1:
                 self.ep = replace(self.ep, one_shot=one_shot)
-        else:
-            self.one_shot_error = error or "a peer rank could not set it up"
 
     def abort(self, wait_s: float = ABORT_WAIT_S) -> bool:
         """Fail pending device collectives now (a peer died); gloo needs no help.

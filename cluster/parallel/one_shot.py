@@ -1,8 +1,9 @@
 """One-shot all-reduce through peer memory: the TP collective for decode-sized messages on CUDA.
 
-  (1) `InstanceGroups.connect` makes one per tp group (every rank at once): a symmetric buffer
-      (torch symm_mem: the same allocation mapped on every rank), rendezvoused under a name
-      registered for the group; it is checked against NCCL before the group turns it on;
+  (1) `InstanceGroups.connect` makes one per tp group (every rank at once, `agree_on`): a
+      symmetric buffer (torch symm_mem: the same allocation mapped on every rank), rendezvoused
+      under a name registered for the group; it is checked against NCCL, and the group turns it
+      on only if every rank succeeded;
   (2) `TPGroup.all_reduce` sends a message through it when it fits (`max_bytes`, the model's
       dtype, contiguous), else through NCCL: each rank copies its input into its slot and reads
       every slot, summing ("one shot"); the kernel's own barriers (signal pads) order it
@@ -36,6 +37,33 @@ from torch._C._distributed_c10d import _register_process_group
 # each has made as many rendezvous before; an in-process driver that already served an instance
 # is ahead of its new, fresh worker ranks, and their rendezvous would wait for keys never written.
 rendezvous_done = 0
+
+
+def agree_on(name: str, tp, host, store, device: torch.device, dtype: torch.dtype,
+             max_bytes: int) -> tuple["OneShotAllReduce | None", str | None]:
+    """(the one-shot all-reduce, None) if every rank of the tp group set it up and its sums match
+    NCCL's, else (None, why). Every rank of the instance calls it (the host group agrees)."""
+    if host.min_int(rendezvous_done) != -host.min_int(-rendezvous_done):
+        # every rank finds this out together (no rank starts a rendezvous the others skip)
+        return None, ("ranks of this instance have made different numbers of symmetric-memory rendezvous "
+                      "in their processes (a process that ran another tensor-parallel instance before): "
+                      "torch's rendezvous keys would not match, so all-reduce stays on NCCL; start each "
+                      "instance in fresh processes for the one-shot all-reduce")
+    one_shot, error = None, None
+    try:
+        one_shot = OneShotAllReduce(name, tp.group, tp.rank, tp.size, store, device, dtype, max_bytes)
+        for rows in (1, 7, max(1, one_shot.max_numel // 4096)):
+            x = (torch.arange(rows * 8, device=device) % 16 + tp.rank).to(dtype).view(rows, 8)  # exact in any dtype
+            expect = x.clone()
+            tp.all_reduce(expect)
+            got = one_shot(x)
+            if not torch.equal(got, expect):
+                raise RuntimeError(f"one-shot all-reduce of {rows}x8 differs from NCCL's")
+    except Exception as exc:  # unsupported build, no peer access, ...: keep NCCL
+        error = f"{type(exc).__name__}: {exc}"
+    if host.min_int(0 if error else 1):
+        return one_shot, None
+    return None, error or "a peer rank could not set it up"
 
 
 class OneShotAllReduce:
