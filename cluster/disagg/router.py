@@ -33,7 +33,6 @@ class InstanceView:
     link_address: str | None = None
     kv_bytes_reported: int = 0  # prefill: bytes already counted in the metrics
     prefill_rate: float | None = None  # prompt tokens/s of its prefilling steps, smoothed over heartbeats
-
     refreshed_s: float = 0.0  # time.monotonic() of the last heartbeat's stats
 
     def refresh(self, load: dict, now_s: float | None = None) -> None:
@@ -84,22 +83,6 @@ class Router:
             return queued - self.config.prefix_weight_tokens * min(hit_tokens, num_tokens)
 
         return min(live, key=lambda v: (cost(v), v.instance_id))
-
-    @staticmethod
-    def queue_wait_s(candidates: list[InstanceView], now_s: float | None = None) -> float | None:
-        """The shortest wait before a prompt's prefill could start on one of `candidates` (admission
-        compares it with api.max_queue_wait_s); None while one of them has no measured prefill rate
-        (it may take the prompt) or there is none."""
-        waits = [v.estimated_wait_s(now_s) for v in candidates if v.alive]
-        return None if not waits or None in waits else min(waits)
-
-    @staticmethod
-    def decode_step_ms(candidates: list[InstanceView]) -> float | None:
-        """The fastest mean step time since the last heartbeat among `candidates` (the TPOT a new stream
-        would start at; admission compares it with api.max_decode_step_ms); 0 if one is idle, None
-        if there is none."""
-        steps = [v.load.get("mean_step_ms") or 0.0 for v in candidates if v.alive]
-        return min(steps) if steps else None
 
     def rank_decode(self, candidates: list[InstanceView], num_tokens: int) -> list[InstanceView]:
         """Decode instances to try, best first (the first that reserves blocks wins)."""

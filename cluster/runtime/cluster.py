@@ -9,7 +9,7 @@ A disaggregated request's life (one "leg" per completion; n > 1 makes n legs):
       link's buffers for it); if that decode refuses, prefill is aborted and the next
       decode instance is tried, reserving first;
   (4) prefill's first token streams to the client at once (TTFT); its KV streams to
-      decode layer by layer; decode lands it and continues; prefill frees its copy
+      decode in groups of layers as they are computed; decode lands it and continues; prefill frees its copy
       when decode's first token shows the KV arrived (or after a timeout);
   (5) a failed transfer -> decode recomputes (told the first token the client saw);
       a dead decode instance -> the leg restarts elsewhere from prompt + tokens so far;
@@ -29,6 +29,7 @@ from dataclasses import replace
 from cluster.config import ClusterConfig
 from cluster.disagg.router import InstanceView, Router
 from cluster.engine.kv_cache import prefix_hashes
+from cluster.runtime.admission import admit
 from cluster.runtime.client import EngineClient, ModelInfo, Overloaded
 from cluster.runtime.instance import STALL_KEYS, RequestSpec
 from cluster.runtime.heartbeat import Heartbeat
@@ -112,7 +113,8 @@ class ClusterClient(EngineClient):
                        prompt: str | None = None) -> AsyncIterator[TokenDelta]:
         if self.num_pending >= self.config.api.max_pending:
             raise Overloaded(f"{self.num_pending} requests in flight (limit {self.config.api.max_pending})", 1.0)
-        self._admit()
+        prefill_role, decode_role = (Role.PREFILL, Role.DECODE) if self.config.disaggregated else (Role.MIXED, Role.MIXED)
+        admit(self.config.api, self.pool(prefill_role), self.pool(decode_role))  # past saturation: 429, not a queue
         queue: asyncio.Queue = asyncio.Queue()
         legs = self._legs(request_id, prompt_token_ids, params, prompt, queue)
         self.num_pending += 1
@@ -132,26 +134,6 @@ class ClusterClient(EngineClient):
                 if not leg.done:
                     await self._abort_leg(leg)
                 self.legs.pop(leg.leg_id, None)
-
-    def _admit(self) -> None:
-        """Past saturation a queue only grows, and every request admitted then misses its SLOs (2xH200,
-        2026-11-30: 1P1D at 48 req/s kept 1% of its requests within them). With the api's limits set,
-        a request is refused now with 429, so those admitted keep their latency and the client may
-        retry: `max_queue_wait_s` when it would wait longer than that on every prefill (or mixed)
-        instance before its prefill starts (a prompt is never refused for its own length: an idle
-        instance takes any); `max_decode_step_ms` while every decode (or mixed) instance steps slower."""
-        api = self.config.api
-        prefill_role, decode_role = (Role.PREFILL, Role.DECODE) if self.config.disaggregated else (Role.MIXED, Role.MIXED)
-        if api.max_queue_wait_s is not None:
-            wait = self.router.queue_wait_s(self.pool(prefill_role))
-            if wait is not None and wait > api.max_queue_wait_s:
-                raise Overloaded(f"estimated queue wait {wait:.2f} s exceeds api.max_queue_wait_s={api.max_queue_wait_s} s",
-                                 retry_after_s=wait - api.max_queue_wait_s, reason="queue_wait")
-        if api.max_decode_step_ms is not None:
-            step_ms = self.router.decode_step_ms(self.pool(decode_role))
-            if step_ms is not None and step_ms > api.max_decode_step_ms:
-                raise Overloaded(f"decode steps take {step_ms:.1f} ms, over api.max_decode_step_ms={api.max_decode_step_ms} ms",
-                                 retry_after_s=1.0, reason="decode_step")
 
     def _legs(self, request_id, prompt_token_ids, params, prompt, queue) -> list[Leg]:
         if not self.config.disaggregated:

@@ -10,6 +10,9 @@ from dataclasses import replace
 
 import pytest
 
+from cluster.disagg.router import InstanceView
+from cluster.runtime.admission import decode_step_ms, queue_wait_s
+from cluster.types import Role
 from tests.runtime.conftest import RunningCluster, cluster_config
 
 pytestmark = pytest.mark.slow
@@ -117,3 +120,22 @@ def test_while_every_decode_instance_steps_slower_than_the_limit_a_request_gets_
                                          temperature=0).usage.completion_tokens == 4
     finally:
         running.stop()
+
+
+def test_queue_wait_is_the_shortest_over_the_pool_and_unknown_while_an_instance_is_unmeasured():
+    a, b = InstanceView("p0", Role.PREFILL, None), InstanceView("p1", Role.PREFILL, None)
+    a.refresh({"num_queued_prefill_tokens": 4000, "prefill_tokens_per_s": 1000.0}, now_s=0.0)
+    assert queue_wait_s([a, b], now_s=0.0) is None  # b may take the prompt: admission cannot refuse yet
+    b.refresh({"num_queued_prefill_tokens": 1000, "prefill_tokens_per_s": 2000.0}, now_s=0.0)
+    assert queue_wait_s([a, b], now_s=0.0) == 0.5
+    b.alive = False
+    assert queue_wait_s([a, b], now_s=0.0) == 4.0 and queue_wait_s([]) is None
+
+
+def test_decode_step_is_the_fastest_over_the_pool_and_zero_for_an_idle_instance():
+    a, b = InstanceView("d0", Role.DECODE, None), InstanceView("d1", Role.DECODE, None)
+    a.refresh({"mean_step_ms": 30.0})
+    b.refresh({"mean_step_ms": 45.0})
+    assert decode_step_ms([a, b]) == 30.0
+    b.refresh({"mean_step_ms": None})  # no step since its last heartbeat: idle, a stream starts at once
+    assert decode_step_ms([a, b]) == 0.0 and decode_step_ms([]) is None
