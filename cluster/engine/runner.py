@@ -107,9 +107,9 @@ class ModelRunner:
         self.last_sampled: torch.Tensor | None = None  # the last step's tokens, on the device: placeholders' values
         self.embeds_ids = True  # False on a later pipeline stage: it takes hidden states, its ids go unread
         self.graphs = None
+        warm_up(self, max_model_len)  # every kernel variant once, before graphs and before serving
         # MoE: the grouped-GEMM path never waits for the host and is captured; the per-expert loop
         # (no grouped GEMM on this device or dtype) reads the expert counts on the host, so it is not
-        warm_up(self, max_model_len)  # every kernel variant once, before graphs and before serving
         if enable_cuda_graphs and device.type == "cuda" and (not model.cfg.is_moe or grouped_mm_runs(device, dtype)):
             try:
                 self.graphs = DecodeGraphs(self, cuda_graph_max_batch)

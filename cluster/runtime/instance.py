@@ -93,7 +93,7 @@ class InstanceActor:
         # the steps that prefilled since the last stats() call: their prompt tokens and wall time, the
         # instance's prefill rate that admission divides the queue by (a mixed step's decodes count as
         # prefill time, so a rate under load errs low: it rejects early rather than late)
-        self.prefill_tokens = 0
+        self.num_prefill_tokens = 0
         self.prefill_time_s = 0.0
         # stalls, the worst since the last stats() call: the longest model step, the longest wait
         # between two model steps while requests were running (commands, landing KV, emitting), and
@@ -176,8 +176,8 @@ class InstanceActor:
         stats["mean_step_ms"] = self.step_time_s / self.num_timed_steps * 1e3 if self.num_timed_steps else None
         self.step_time_s, self.num_timed_steps = 0.0, 0
         # drained like it: prompt tokens per second of the steps that prefilled (None: none did)
-        stats["prefill_tokens_per_s"] = self.prefill_tokens / self.prefill_time_s if self.prefill_time_s > 0 else None
-        self.prefill_tokens, self.prefill_time_s = 0, 0.0
+        stats["prefill_tokens_per_s"] = self.num_prefill_tokens / self.prefill_time_s if self.prefill_time_s > 0 else None
+        self.num_prefill_tokens, self.prefill_time_s = 0, 0.0
         stats["max_step_ms"], stats["max_step_gap_ms"], stats["commands_ms"] = (
             self.max_step_s * 1e3, self.max_gap_s * 1e3, self.commands_s * 1e3)
         stats["max_gc_ms"] = self.gc_pauses.take_max_ms()
@@ -253,7 +253,7 @@ class InstanceActor:
         t1 = time.perf_counter()
         prefilled = self.engine.scheduler.num_prefill_tokens - prefilled
         if prefilled:
-            self.prefill_tokens += prefilled
+            self.num_prefill_tokens += prefilled
             self.prefill_time_s += t1 - t0
         if deltas:  # steps that ran the model (not the idle polls of a transfer)
             self.step_time_s += t1 - t0
