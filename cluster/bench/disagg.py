@@ -159,10 +159,15 @@ def prefill_main(args, q_to_decode, q_from_decode, results):
     nbytes = layer_bytes * engine.arch.num_layers
     # per layer: as a one-rank prefill streams it; stacked: as a multi-rank prefill sends its gathered
     # KV after the step (PrefillWorker._groups: up to GROUP_BYTES a message)
-    for name, groups in (("transfer_only", [(layer, layer + 1) for layer in range(engine.arch.num_layers)]),
-                         ("transfer_stacked", worker._groups(seq))):
+    # (`transfer_pregathered`: the stacked messages gathered, and the device synchronised, before the
+    # clock starts: the transport's own part, posting to landing, with no gather under it)
+    _time_posts(link)
+    stacked_groups = worker._groups(seq)
+    for base_tid, (name, groups, pregather) in enumerate(
+            (("transfer_only", [(layer, layer + 1) for layer in range(engine.arch.num_layers)], False),
+             ("transfer_stacked", stacked_groups, False), ("transfer_pregathered", stacked_groups, True)), start=1):
         runs = _transfer_runs(args, engine, transport, worker, q_to_decode, q_from_decode, prompt, index, shape, first,
-                              groups, base_tid=1000 if name == "transfer_only" else 2000)
+                              groups, base_tid=base_tid * 1000, pregather=pregather)
         landed = sorted(r["landed_ms"] for r in runs)[len(runs) // 2]
         joined = sorted(r["joined_ms"] for r in runs)[len(runs) // 2]
         results[name] = {"bytes": nbytes, "messages": len(groups) + 1, "runs": runs, "landed_ms_median": landed,
@@ -173,9 +178,10 @@ def prefill_main(args, q_to_decode, q_from_decode, results):
 
 
 def _transfer_runs(args, engine, transport, worker, q_to_decode, q_from_decode, prompt, index, shape, first, groups,
-                   base_tid: int) -> list[dict]:
+                   base_tid: int, pregather: bool = False) -> list[dict]:
     """One request's KV, every layer, `--repeats` times back to back, sent as `groups` (layer ranges
-    stacked into one message each), then the first token; both sides stamp each run."""
+    stacked into one message each), then the first token; both sides stamp each run. `pregather`:
+    the messages are gathered before the clock starts."""
     count = len(groups) + 1
     stacked = any(end - start > 1 for start, end in groups)
     runs = []
@@ -183,20 +189,63 @@ def _transfer_runs(args, engine, transport, worker, q_to_decode, q_from_decode, 
         tid = base_tid + r
         q_to_decode.put(("expect", tid, prompt))
         assert q_from_decode.get() == "reserved"
+        ready = [engine.runner.read_kv_layers(start, end, index) for start, end in groups] if pregather else None
         _sync()
         t0 = time.monotonic()
         transport.announce("D", [(tid, i, count, (end - start, *shape) if stacked else shape, worker.kv_dtype)
                                  for i, (start, end) in enumerate(groups)] + [(tid, count - 1, count, (1,), torch.int64)])
+        announced = time.monotonic()
+        read_us, send_us, gathers = [], [], []  # where the sender's host time goes, message by message
         for i, (start, end) in enumerate(groups):
-            kv = engine.runner.read_kv_layers(start, end, index) if stacked else engine.runner.read_kv(start, index)
+            t1 = time.monotonic()
+            events = _gather_events(engine.device)
+            if ready is not None:
+                kv = ready[i]
+            else:
+                kv = engine.runner.read_kv_layers(start, end, index) if stacked else engine.runner.read_kv(start, index)
+            if events:
+                events[1].record()
+                gathers.append(events)
+            t2 = time.monotonic()
             transport.send_layer("D", tid, i, count, kv)
+            read_us.append((t2 - t1) * 1e6)
+            send_us.append((time.monotonic() - t2) * 1e6)
         transport.send_layer("D", tid, count - 1, count, first)
         posted = time.monotonic()
         stamps = q_from_decode.get()
         sent = transport.trackers[tid].done_s if tid in transport.trackers else None
         runs.append({"posted_ms": (posted - t0) * 1e3, "sent_ms": (sent - t0) * 1e3 if sent else None,
-                     "landed_ms": (stamps["landed_s"] - t0) * 1e3, "joined_ms": (stamps["joined_s"] - t0) * 1e3})
+                     "landed_ms": (stamps["landed_s"] - t0) * 1e3, "joined_ms": (stamps["joined_s"] - t0) * 1e3,
+                     "announce_us": (announced - t0) * 1e6, "read_us": read_us, "send_us": send_us,
+                     "post_us": list(POST_US), "gather_device_us": [a.elapsed_time(b) * 1e3 for a, b in gathers]})
+        POST_US.clear()
     return runs[1:]  # the first pays for allocations
+
+
+POST_US: list[float] = []  # host time of each `Link.post` of the run (the NCCL broadcast's launch)
+
+
+def _gather_events(device) -> list:
+    """A pair of CUDA events around one gather (device time); none on CPU."""
+    if device.type != "cuda":
+        return []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    return [start, end]
+
+
+def _time_posts(link) -> None:
+    """Stamp the host time of each of `link`'s posts into POST_US (the bench's own wrapper)."""
+    post = link.post
+
+    def timed(tensor, sending):
+        t = time.monotonic()
+        try:
+            return post(tensor, sending)
+        finally:
+            POST_US.append((time.monotonic() - t) * 1e6)
+
+    link.post = timed
 
 
 def decode_main(args, q_to_decode, q_from_decode, results):

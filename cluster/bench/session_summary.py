@@ -145,11 +145,11 @@ def render(found: dict) -> str:
     out += ["", "## KV transfer and TTFT (targets: >= 80% of raw NCCL; TTFT <= +10%)", ""]
     if disagg:
         raw = disagg["raw_nccl"][str(disagg["kv_bytes_per_request"])]["gb_s"]
-        for name in ("transfer_only", "transfer_stacked"):
+        for name in ("transfer_only", "transfer_stacked", "transfer_pregathered"):
             if name in disagg:
                 t = disagg[name]
                 out.append(f"- {name} ({t['messages']} messages): {t['gb_s']:.0f} GB/s = {100 * t['gb_s'] / raw:.0f}% "
-                           f"of raw {raw:.0f} GB/s (landed {t['landed_ms_median']:.2f} ms)")
+                           f"of raw {raw:.0f} GB/s (landed {t['landed_ms_median']:.2f} ms){_host_split(t)}")
         out.append(f"- TTFT engine level: colocated {disagg['ttft_colocated_ms_median']:.1f} ms, 1P1D "
                    f"{disagg['ttft_1p1d_ms_median']:.1f} ms ({100 * disagg['ttft_overhead']:+.1f}%)")
     else:
@@ -158,6 +158,19 @@ def render(found: dict) -> str:
         out += ["", f"## Serving{title}: goodput (req/s, share meeting SLOs, ITL p99 ms) per rate", ""]
         out += _serve_lines(found[kind])
     return "\n".join(out) + "\n"
+
+
+def _host_split(transfer: dict) -> str:
+    """The sender's host time of a transfer's median run, split: announce, gathers (host), posts
+    (the NCCL launch), the rest of each send; and the gathers' device time."""
+    runs = transfer.get("runs") or []
+    if not runs or "read_us" not in runs[0]:
+        return ""
+    run = sorted(runs, key=lambda r: r["landed_ms"])[len(runs) // 2]
+    posts = sum(run["post_us"][: len(run["send_us"])])
+    return (f"; posted {run['posted_ms']:.2f} ms = announce {run['announce_us']:.0f} us, gathers {sum(run['read_us']):.0f}, "
+            f"posts {posts:.0f}, rest of sends {sum(run['send_us']) - posts:.0f}; gathers on device "
+            f"{sum(run['gather_device_us']):.0f} us")
 
 
 def _serve_lines(serve: dict | None) -> list[str]:
