@@ -159,15 +159,19 @@ def prefill_main(args, q_to_decode, q_from_decode, results):
     nbytes = layer_bytes * engine.arch.num_layers
     # per layer: as a one-rank prefill streams it; stacked: as a multi-rank prefill sends its gathered
     # KV after the step (PrefillWorker._groups: up to GROUP_BYTES a message)
-    # (`transfer_pregathered`: the stacked messages gathered, and the device synchronised, before the
-    # clock starts: the transport's own part, posting to landing, with no gather under it)
+    # (`transfer_announced`: the stacked messages announced 2 ms before the clock starts, as a prefill
+    # announces a step's messages before the step computes, so the decode side has posted its receives;
+    # `transfer_pregathered`: also gathered, and the device synchronised, before the clock starts: the
+    # transport's own part, posting to landing, with no gather under it)
+    results["gather_device_us"] = _gather_device_us(engine, index, worker._groups(seq))
     _time_posts(link)
     stacked_groups = worker._groups(seq)
-    for base_tid, (name, groups, pregather) in enumerate(
-            (("transfer_only", [(layer, layer + 1) for layer in range(engine.arch.num_layers)], False),
-             ("transfer_stacked", stacked_groups, False), ("transfer_pregathered", stacked_groups, True)), start=1):
+    for base_tid, (name, groups, pregather, ahead) in enumerate(
+            (("transfer_only", [(layer, layer + 1) for layer in range(engine.arch.num_layers)], False, False),
+             ("transfer_stacked", stacked_groups, False, False), ("transfer_announced", stacked_groups, False, True),
+             ("transfer_pregathered", stacked_groups, True, True)), start=1):
         runs = _transfer_runs(args, engine, transport, worker, q_to_decode, q_from_decode, prompt, index, shape, first,
-                              groups, base_tid=base_tid * 1000, pregather=pregather)
+                              groups, base_tid=base_tid * 1000, pregather=pregather, ahead=ahead)
         landed = sorted(r["landed_ms"] for r in runs)[len(runs) // 2]
         joined = sorted(r["joined_ms"] for r in runs)[len(runs) // 2]
         results[name] = {"bytes": nbytes, "messages": len(groups) + 1, "runs": runs, "landed_ms_median": landed,
@@ -178,10 +182,10 @@ def prefill_main(args, q_to_decode, q_from_decode, results):
 
 
 def _transfer_runs(args, engine, transport, worker, q_to_decode, q_from_decode, prompt, index, shape, first, groups,
-                   base_tid: int, pregather: bool = False) -> list[dict]:
+                   base_tid: int, pregather: bool = False, ahead: bool = False) -> list[dict]:
     """One request's KV, every layer, `--repeats` times back to back, sent as `groups` (layer ranges
     stacked into one message each), then the first token; both sides stamp each run. `pregather`:
-    the messages are gathered before the clock starts."""
+    the messages are gathered before the clock starts; `ahead`: announced 2 ms before it."""
     count = len(groups) + 1
     stacked = any(end - start > 1 for start, end in groups)
     runs = []
@@ -190,10 +194,15 @@ def _transfer_runs(args, engine, transport, worker, q_to_decode, q_from_decode, 
         q_to_decode.put(("expect", tid, prompt))
         assert q_from_decode.get() == "reserved"
         ready = [engine.runner.read_kv_layers(start, end, index) for start, end in groups] if pregather else None
+        manifest = [(tid, i, count, (end - start, *shape) if stacked else shape, worker.kv_dtype)
+                    for i, (start, end) in enumerate(groups)] + [(tid, count - 1, count, (1,), torch.int64)]
+        if ahead:
+            transport.announce("D", manifest)
+            time.sleep(0.002)
         _sync()
         t0 = time.monotonic()
-        transport.announce("D", [(tid, i, count, (end - start, *shape) if stacked else shape, worker.kv_dtype)
-                                 for i, (start, end) in enumerate(groups)] + [(tid, count - 1, count, (1,), torch.int64)])
+        if not ahead:
+            transport.announce("D", manifest)
         announced = time.monotonic()
         read_us, send_us, gathers = [], [], []  # where the sender's host time goes, message by message
         for i, (start, end) in enumerate(groups):
@@ -220,6 +229,31 @@ def _transfer_runs(args, engine, transport, worker, q_to_decode, q_from_decode, 
                      "post_us": list(POST_US), "gather_device_us": [a.elapsed_time(b) * 1e3 for a, b in gathers]})
         POST_US.clear()
     return runs[1:]  # the first pays for allocations
+
+
+def _gather_device_us(engine, index, groups) -> dict:
+    """Device time of one request's stacked gathers (every group once), torch's bf16 `index_select`
+    against the engine's `gather_blocks` (the same bytes as wide words), medians of 5."""
+    from cluster.engine.runner import gather_blocks
+
+    if engine.device.type != "cuda":
+        return {}
+    stack, first = engine.runner.kv_stack, engine.runner.first_kv_layer
+    ways = {"index_select": lambda a, b: stack[a - first:b - first].index_select(2, index),
+            "gather_blocks": lambda a, b: gather_blocks(stack[a - first:b - first], 2, index)}
+    out = {}
+    for name, gather in ways.items():
+        times = []
+        for _ in range(6):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for a, b in groups:
+                gather(a, b)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        out[name] = sorted(times[1:])[2]
+    return out
 
 
 POST_US: list[float] = []  # host time of each `Link.post` of the run (the NCCL broadcast's launch)

@@ -145,7 +145,10 @@ def render(found: dict) -> str:
     out += ["", "## KV transfer and TTFT (targets: >= 80% of raw NCCL; TTFT <= +10%)", ""]
     if disagg:
         raw = disagg["raw_nccl"][str(disagg["kv_bytes_per_request"])]["gb_s"]
-        for name in ("transfer_only", "transfer_stacked", "transfer_pregathered"):
+        if disagg.get("gather_device_us"):
+            out.append("- one request's gathers on the device: " + ", ".join(
+                f"{name} {us:.0f} us" for name, us in disagg["gather_device_us"].items()))
+        for name in ("transfer_only", "transfer_stacked", "transfer_announced", "transfer_pregathered"):
             if name in disagg:
                 t = disagg[name]
                 out.append(f"- {name} ({t['messages']} messages): {t['gb_s']:.0f} GB/s = {100 * t['gb_s'] / raw:.0f}% "

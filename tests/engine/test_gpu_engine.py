@@ -9,6 +9,7 @@ import torch
 from tests.engine.test_parity import _hf_greedy
 
 pytestmark = pytest.mark.gpu
+MAX_DRIFT = 0.25  # nats: how far a bf16 MoE engine's logprobs may move with rounding alone (4 bf16 spacings at 8-16)
 
 
 @pytest.fixture(autouse=True)
@@ -62,22 +63,24 @@ def test_moe_decode_runs_as_cuda_graphs_with_the_grouped_gemm(checkpoint_dir):
         torch.cuda.empty_cache()
     ran = sum(lens) + len(prompts) * (max_tokens - 1)  # each prompt, then each sampled token but the last
     assert loads[0] == loads[1] == [top_k * ran] * len(loads[0])
-    # this random checkpoint's greedy paths pass top-2 gaps of 0.008-0.14 (float32, CPU) within 24
-    # tokens, so any prompt may turn; where one does, it must be at a tie that the two engines' own
-    # disagreement could flip. That is measured on the steps before the turn (same tokens, so the same
-    # inputs): a flip moves two logprobs, each by about that much, with half as much again for one more
-    # step's growth. (Measured at the turn itself it would pass any flip of two tokens in both tops.)
-    # 2026-11-30's H200: a turn at a gap of 0.19, the drift then not recorded.
+    # Up to and including a turn the two engines ran on the same tokens, so their logprobs differ only
+    # by how each rounds: bf16 logits (a 0.0625 spacing at this model's logit size), attention split
+    # for another context length, GEMM tilings for padded rows, and through those a router's choice
+    # between two near-tied experts. That stays within MAX_DRIFT nats; a real fault (a wrong expert
+    # for a row, stale KV, padded rows leaking in) moves logprobs by whole nats. A turn is then a
+    # near-tie the rounding flipped. 2026-11-30's H200: a turn at the 4th token at an eager top-2 gap of
+    # 0.19 (3 spacings), after a drift of 0.046 on the steps before it.
     for eager, graphed in zip(*outputs):
         turn = next((i for i, (a, b) in enumerate(zip(eager.token_ids, graphed.token_ids)) if a != b), None)
-        if turn is None:
-            continue
-        top = eager.logprobs[turn].top
-        drift = max((abs(e.top[t] - g.top[t]) for e, g in zip(eager.logprobs[:turn], graphed.logprobs[:turn])
+        steps = len(eager.token_ids) if turn is None else turn + 1
+        drift = max((abs(e.top[t] - g.top[t]) for e, g in zip(eager.logprobs[:steps], graphed.logprobs[:steps])
                      for t in e.top.keys() & g.top.keys()), default=0.0)
-        gap = top[eager.token_ids[turn]] - top.get(graphed.token_ids[turn], float("-inf"))
-        assert gap <= 3 * drift + 0.02, dict(turn=turn, gap=gap, drift_before=drift, eager_top=top,
-                                             graphed_top=graphed.logprobs[turn].top)
+        assert drift <= MAX_DRIFT, dict(turn=turn, drift=drift, eager_tops=[e.top for e in eager.logprobs[:steps]],
+                                        graphed_tops=[g.top for g in graphed.logprobs[:steps]])
+        if turn is not None:
+            top = eager.logprobs[turn].top
+            gap = top[eager.token_ids[turn]] - top.get(graphed.token_ids[turn], float("-inf"))
+            assert gap <= 2 * MAX_DRIFT, dict(turn=turn, gap=gap, eager_top=top, graphed_top=graphed.logprobs[turn].top)
 
 
 def test_async_scheduling_on_cuda_gives_the_synchronous_engines_outputs(checkpoint_dir):
