@@ -73,14 +73,17 @@ def _start(args, name: str, port: int, out_dir: str) -> subprocess.Popen:
 
 
 def _poll_step_times(url: str, stop: threading.Event, samples: list, stalls: list) -> None:
-    """Each second: every instance's mean step time (`samples`), and its worst step, wait between steps,
+    """Each second: every instance's mean decode step time (`samples`), and its worst step, wait between steps,
     command time and KV landing since the last heartbeat (`stalls`: where a stream's pauses come from)."""
     while not stop.is_set():
         try:
             with urllib.request.urlopen(url.replace("/v1", "/health"), timeout=5) as r:
                 health = json.load(r)
             instances = health.get("instances", {})
-            samples.append({k: v["mean_step_ms"] for k, v in instances.items() if v.get("mean_step_ms")})
+            # decode-only steps where the instance reports them (a colocated one also runs prefill steps,
+            # which its streams' inter-token latency does not see as a step of its own)
+            samples.append({k: v.get("mean_decode_step_ms") or v["mean_step_ms"] for k, v in instances.items()
+                            if v.get("mean_decode_step_ms") or v.get("mean_step_ms")})
             stalls.append({"t": time.time(), **{k: {m: v.get(m) for m in (*STALL_KEYS, "num_running")}
                                                 for k, v in instances.items()}})
         except OSError:

@@ -104,7 +104,7 @@ class ClusterClient(EngineClient):
             raise RuntimeError(f"a pool has no live instance: {pools}")
         if not self.config.disaggregated and not pools["mixed"]:
             raise RuntimeError("no live mixed instance")
-        keys = ("mean_step_ms", "num_running", *STALL_KEYS)
+        keys = ("mean_step_ms", "mean_decode_step_ms", "num_running", *STALL_KEYS)
         instances = {v.instance_id: {"role": v.role.value, "alive": v.alive, **{k: v.load.get(k) for k in keys}}
                      for v in self.instances.values()}
         return {"status": "ok", "pools": pools, "in_flight": self.num_pending, "instances": instances}

@@ -90,6 +90,7 @@ class InstanceActor:
         self.num_steps = 0
         self.step_time_s = 0.0  # summed wall time of model steps since the last stats() call
         self.num_timed_steps = 0
+        self.decode_time_s, self.num_decode_steps = 0.0, 0  # the same, of the steps that prefilled nothing
         # the steps that prefilled since the last stats() call: their prompt tokens and wall time, the
         # instance's prefill rate that admission divides the queue by (a mixed step's decodes count as
         # prefill time, so a rate under load errs low: it rejects early rather than late)
@@ -175,6 +176,9 @@ class InstanceActor:
         # drained: the mean wall time of this instance's model steps since the last heartbeat
         stats["mean_step_ms"] = self.step_time_s / self.num_timed_steps * 1e3 if self.num_timed_steps else None
         self.step_time_s, self.num_timed_steps = 0.0, 0
+        # a colocated instance's decode-only steps: what its streams' inter-token latency is set against
+        stats["mean_decode_step_ms"] = self.decode_time_s / self.num_decode_steps * 1e3 if self.num_decode_steps else None
+        self.decode_time_s, self.num_decode_steps = 0.0, 0
         # drained like it: prompt tokens per second of the steps that prefilled (None: none did)
         stats["prefill_tokens_per_s"] = self.num_prefill_tokens / self.prefill_time_s if self.prefill_time_s > 0 else None
         self.num_prefill_tokens, self.prefill_time_s = 0, 0.0
@@ -258,6 +262,9 @@ class InstanceActor:
         if deltas:  # steps that ran the model (not the idle polls of a transfer)
             self.step_time_s += t1 - t0
             self.num_timed_steps += 1
+            if not prefilled:
+                self.decode_time_s += t1 - t0
+                self.num_decode_steps += 1
             self.max_step_s = max(self.max_step_s, t1 - t0)
             if self.last_step_end is not None:
                 self.max_gap_s = max(self.max_gap_s, t0 - self.last_step_end)

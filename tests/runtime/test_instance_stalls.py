@@ -28,11 +28,15 @@ def test_stall_figures_cover_the_steps_since_the_last_heartbeat(checkpoint_dir):
         assert tokens == 3 * 24
         stats = actor.stats()
         assert stats["max_step_ms"] > 0 and stats["max_step_ms"] >= stats["mean_step_ms"]
+        # the decode-only steps (the streams' inter-token gaps) leave the prompt steps out
+        assert 0 < stats["mean_decode_step_ms"] <= stats["max_step_ms"]
+        assert stats["num_steps"] > 0
         assert 0 <= stats["max_step_gap_ms"] < 10_000
         assert stats["commands_ms"] > 0  # the three submits ran on the loop between steps
         assert stats["max_gc_ms"] >= 0
         again = actor.stats()
         assert again["max_step_ms"] == again["max_step_gap_ms"] == again["commands_ms"] == 0
+        assert again["mean_step_ms"] is None and again["mean_decode_step_ms"] is None
     finally:
         actor.shutdown()
         actor.loop.join(10)
