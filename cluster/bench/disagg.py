@@ -199,6 +199,7 @@ def _transfer_runs(args, engine, transport, worker, q_to_decode, q_from_decode, 
         if ahead:
             transport.announce("D", manifest)
             time.sleep(0.002)
+        pairs = [_event_pair(engine.device) for _ in groups]  # made before the clock: only records inside it
         _sync()
         t0 = time.monotonic()
         if not ahead:
@@ -207,16 +208,24 @@ def _transfer_runs(args, engine, transport, worker, q_to_decode, q_from_decode, 
         read_us, send_us, gathers = [], [], []  # where the sender's host time goes, message by message
         for i, (start, end) in enumerate(groups):
             t1 = time.monotonic()
-            events = _gather_events(engine.device)
+            events = pairs[i]
+            if events:
+                events[0].record()
+            slot = None
             if ready is not None:
                 kv = ready[i]
+            elif stacked:  # as PrefillWorker._send_layer: into a staging slot on a GPU
+                slot, out = worker.staging.take((end - start, *shape), worker.kv_dtype) if worker.staging else (None, None)
+                kv = engine.runner.read_kv_layers(start, end, index, out)
             else:
-                kv = engine.runner.read_kv_layers(start, end, index) if stacked else engine.runner.read_kv(start, index)
+                kv = engine.runner.read_kv(start, index)
             if events:
                 events[1].record()
                 gathers.append(events)
             t2 = time.monotonic()
-            transport.send_layer("D", tid, i, count, kv)
+            work = transport.send_layer("D", tid, i, count, kv)
+            if worker.staging is not None:
+                worker.staging.sent(slot, work)
             read_us.append((t2 - t1) * 1e6)
             send_us.append((time.monotonic() - t2) * 1e6)
         transport.send_layer("D", tid, count - 1, count, first)
@@ -232,14 +241,17 @@ def _transfer_runs(args, engine, transport, worker, q_to_decode, q_from_decode, 
 
 
 def _gather_device_us(engine, index, groups) -> dict:
-    """Device time of one request's stacked gathers (every group once), torch's bf16 `index_select`
-    against the engine's `gather_blocks` (the same bytes as wide words), medians of 5."""
-    from cluster.engine.runner import gather_blocks
+    """Device time of one request's stacked gathers (every group once): torch's `index_select` over bf16
+    elements, over 16-byte words, and the engine's `gather_blocks` (a Triton copy of whole blocks),
+    medians of 5. HBM's own limit for the same bytes (read once, written once) is beside them."""
+    from cluster.engine.kv_blocks import gather_blocks
 
     if engine.device.type != "cuda":
         return {}
     stack, first = engine.runner.kv_stack, engine.runner.first_kv_layer
+    words = stack.view(*stack.shape[:3], -1).view(torch.complex128)
     ways = {"index_select": lambda a, b: stack[a - first:b - first].index_select(2, index),
+            "index_select_16_byte_words": lambda a, b: words[a - first:b - first].index_select(2, index),
             "gather_blocks": lambda a, b: gather_blocks(stack[a - first:b - first], 2, index)}
     out = {}
     for name, gather in ways.items():
@@ -259,13 +271,11 @@ def _gather_device_us(engine, index, groups) -> dict:
 POST_US: list[float] = []  # host time of each `Link.post` of the run (the NCCL broadcast's launch)
 
 
-def _gather_events(device) -> list:
-    """A pair of CUDA events around one gather (device time); none on CPU."""
+def _event_pair(device) -> list:
+    """Two CUDA events to put around one gather (its device time); none on CPU."""
     if device.type != "cuda":
         return []
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    return [start, end]
+    return [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)]
 
 
 def _time_posts(link) -> None:

@@ -16,7 +16,8 @@
 #   disagg     bench.disagg: KV transfer per layer and stacked vs raw NCCL, TTFT 1P1D vs colocated (≈2 min)
 #   serve      bench.serve: 1P1D vs two colocated replicas through HTTP up to saturation (≈7 min);
 #              serve:R1,R2,... at those request rates
-#   serve-admit  the sweep past saturation with admission on (queue wait, decode step) (≈6 min)
+#   serve-admit  the sweep past saturation with admission on (queue wait, decode step) (≈6 min);
+#              serve-admit:R1,R2,... at those request rates
 set -uo pipefail
 budget=${1:?seconds this call may run}; shift
 start=$(date +%s)
@@ -68,11 +69,12 @@ for item in "$@"; do
                rates=4,8,12,16,24,32,48; [[ $item == serve:* ]] && rates=${item#serve:}
                need_llama; run_item serve python3 -m cluster.bench.serve --model /tmp/llama8b \
                  --rates "$rates" --num-requests 800 --duration-s 15 --low-duration-s 10 --out-dir serve ;;
-    serve-admit) # the same past saturation with admission on (api.max_queue_wait_s 0.25 of the 0.4 s TTFT
+    serve-admit|serve-admit:*) # the same past saturation with admission on (api.max_queue_wait_s 0.25 of the 0.4 s TTFT
                # target, max_decode_step_ms 30 of the 40 ms TPOT one): goodput should hold at capacity where
                # run 5's fell to 1% (1P1D) and 70% (colocated) at 48 req/s
+               rates=16,24,32,48,64; [[ $item == serve-admit:* ]] && rates=${item#serve-admit:}
                need_llama; run_item serve-admit python3 -m cluster.bench.serve --model /tmp/llama8b \
-                 --rates 16,24,32,48,64 --num-requests 800 --duration-s 15 --low-duration-s 10 --max-queue-wait-s 0.25 \
+                 --rates "$rates" --num-requests 800 --duration-s 15 --low-duration-s 10 --max-queue-wait-s 0.25 \
                  --max-decode-step-ms 30 --out-dir serve-admit ;;
     *)         echo "unknown item $item" ;;
   esac

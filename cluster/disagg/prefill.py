@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from cluster.config import DisaggConfig
+from cluster.disagg.staging import StagingRing
 from cluster.disagg.transfer.base import KVTransport, TransferState
 from cluster.engine.engine import Engine
 from cluster.engine.kv_handover import cache_dtype, full_kv_shape
@@ -29,6 +30,7 @@ from cluster.platform import to_device_async
 from cluster.types import FinishReason, SamplingParams, TokenDelta
 
 GROUP_BYTES = 64 << 20  # KV leaves in messages of up to this many bytes (several layers each)
+STAGING_SLOTS = 4  # GPU: messages gathered into a ring of this many GROUP_BYTES buffers (staging.py)
 
 
 @dataclass
@@ -57,6 +59,7 @@ class PrefillWorker:
         self.groups: dict[int, list[tuple[int, int]]] = {}  # this step: seq id -> its messages' layer ranges
         self.leaving: dict[int, list[tuple]] = {}  # one rank, this step: layer id -> (seq, plan, index, start, end) it ends
         self.bytes_sent = 0
+        self.staging = StagingRing(engine.device, GROUP_BYTES, STAGING_SLOTS) if engine.device.type == "cuda" else None
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, peer_id: str,
                transfer_id: int, prompt: str | None = None) -> None:
@@ -131,9 +134,21 @@ class PrefillWorker:
     def _send_layer(self, layer_id: int) -> None:
         """Layer `layer_id` is written: each request's group that it ends leaves, in announced order."""
         for seq, plan, index, start, end in self.leaving.get(layer_id, ()):
-            kv = self.engine.runner.read_kv_layers(start, end, self.block_index[seq.seq_id])  # one gather
+            slot, out = self._slot(end - start, seq)
+            kv = self.engine.runner.read_kv_layers(start, end, self.block_index[seq.seq_id], out)  # one gather
             self.bytes_sent += kv.numel() * kv.element_size()
-            self.transport.send_layer(plan.peer_id, plan.transfer_id, index, self._num_messages(seq), kv)
+            self._sent(slot, self.transport.send_layer(plan.peer_id, plan.transfer_id, index, self._num_messages(seq), kv))
+
+    def _slot(self, num_layers: int, seq) -> tuple[int | None, torch.Tensor | None]:
+        """Where a message of `num_layers` layers of `seq`'s KV is gathered: a staging slot on a GPU
+        (None, None: a fresh tensor)."""
+        if self.staging is None:
+            return None, None
+        return self.staging.take((num_layers, *self._kv_shape(seq)), self.kv_dtype)
+
+    def _sent(self, slot: int | None, send) -> None:
+        if self.staging is not None:
+            self.staging.sent(slot, send)
 
     # -- (3) after the step ----------------------------------------------------------------
     def _send_gathered(self) -> None:
@@ -141,9 +156,10 @@ class PrefillWorker:
             layers = self.engine.executor.gather_kv(seq.block_ids[: self._num_blocks(seq)])
             count = self._num_messages(seq)
             for index, (start, end) in enumerate(self.groups[seq.seq_id]):
-                kv = torch.stack(layers[start:end])
+                slot, out = self._slot(end - start, seq)
+                kv = torch.stack(layers[start:end], out=out)
                 self.bytes_sent += kv.numel() * kv.element_size()
-                self.transport.send_layer(plan.peer_id, plan.transfer_id, index, count, kv)
+                self._sent(slot, self.transport.send_layer(plan.peer_id, plan.transfer_id, index, count, kv))
                 layers[start:end] = [None] * (end - start)  # a group's copies go once it is stacked
 
     def step(self) -> list[TokenDelta]:

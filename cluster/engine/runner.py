@@ -26,6 +26,7 @@ import torch
 
 from cluster.engine.attention.base import AttentionMetadata, make_backend
 from cluster.engine.cuda_graphs import DecodeGraphs
+from cluster.engine.kv_blocks import gather_blocks, scatter_blocks
 from cluster.engine.sampler import DeviceSample, Sampler, SamplingBatch
 from cluster.engine.scheduler import SchedulerOutput
 from cluster.engine.sequence import Sequence
@@ -234,11 +235,11 @@ class ModelRunner:
         one gather, the KV hand-over's message."""
         return gather_blocks(self.kv_layers[layer_id], 1, self.block_index(block_ids))
 
-    def read_kv_layers(self, start: int, end: int, block_ids) -> torch.Tensor:
-        """Copy of layers [start, end)'s K and V of `block_ids`, [end - start, 2, len(block_ids), ...]: one
-        gather over the stage's single KV tensor, a stacked hand-over message."""
+    def read_kv_layers(self, start: int, end: int, block_ids, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Copy of layers [start, end)'s K and V of `block_ids`, [end - start, 2, len(block_ids), ...] (in
+        `out` if given): one gather over the stage's single KV tensor, a stacked hand-over message."""
         first = self.first_kv_layer
-        return gather_blocks(self.kv_stack[start - first : end - first], 2, self.block_index(block_ids))
+        return gather_blocks(self.kv_stack[start - first : end - first], 2, self.block_index(block_ids), out)
 
     def write_kv_layers(self, start: int, block_ids, kv: torch.Tensor) -> None:
         """Layers [start, start + k) of `block_ids` from a stacked [k, 2, blocks, ...] message: one scatter."""
@@ -271,36 +272,3 @@ def allocate_kv(model, num_blocks: int, block_size: int, device: torch.device, d
     shape = (len(layer_ids), 2, num_blocks, block_size, attn.num_kv_heads, model.cfg.head_dim)
     return torch.zeros(shape, dtype=dtype, device=device), layer_ids[0]
 
-
-# KV blocks move as bytes, not numbers. torch's index kernels on CUDA spend integer arithmetic on
-# every element: on 2xH200 a bf16 gather of a 2k-token prompt's 256 MiB of KV took 1.45 ms of device
-# time (350 GB/s, a tenth of HBM) and its scatter about as long, longer than the NVLink transfer
-# between them. Seen as a few wide words per block (16 bytes each where the block's size allows),
-# the same copy has 8x fewer elements and the same result bit for bit.
-_WORDS = (torch.complex128, torch.int64, torch.int32, torch.int16, torch.uint8)
-
-
-def _as_words(blocks: torch.Tensor) -> torch.Tensor:
-    """`blocks` ([..., blocks, *one block], each block contiguous) as [..., blocks, words]: the widest
-    word that divides a block and its start."""
-    flat = blocks.view(*blocks.shape[:-1], -1) if blocks.dim() else blocks
-    nbytes = flat.shape[-1] * flat.element_size()
-    for word in _WORDS:
-        size = torch.empty((), dtype=word).element_size()
-        if nbytes % size == 0 and (flat.storage_offset() * flat.element_size()) % size == 0 and all(
-                (stride * flat.element_size()) % size == 0 for stride in flat.stride()[:-1]):
-            return flat.view(word)
-    return flat
-
-
-def gather_blocks(cache: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
-    """A copy of `cache`'s blocks `index` along `dim` (every dimension after `dim` is one block)."""
-    blocks = _as_words(cache.flatten(dim + 1))
-    out = blocks.index_select(dim, index).view(cache.dtype)
-    return out.view(*cache.shape[:dim], index.numel(), *cache.shape[dim + 1:])
-
-
-def scatter_blocks(cache: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor) -> None:
-    """`src` into `cache`'s blocks `index` along `dim`, in place (`gather_blocks` backwards)."""
-    src = src.to(cache.device, cache.dtype).contiguous()
-    _as_words(cache.flatten(dim + 1)).index_copy_(dim, index, _as_words(src.flatten(dim + 1)))

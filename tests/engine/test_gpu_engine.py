@@ -130,4 +130,10 @@ def test_no_triton_kernel_compiles_once_the_engine_serves(checkpoint_dir, graphs
     for batch in (1, 3, 17, 40):
         prompts = [[rng.randrange(900) for _ in range(rng.choice((1, 2, 16, 17, 63, 129, 300)))] for _ in range(batch)]
         llm.generate(prompts, params)
+    runner = llm.engine.runner  # the KV hand-over's block copy: groups of layers and one, any block count
+    for num_blocks in (1, 3, 17):
+        index = runner.block_index(list(range(num_blocks)))
+        runner.write_kv_layers(0, index, runner.read_kv_layers(0, 2, index))  # the same bytes back
+        runner.write_kv(1, index, runner.read_kv(1, index))
+    torch.cuda.synchronize()
     assert _compiled_triton_variants() == before

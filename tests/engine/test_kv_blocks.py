@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.engine.runner import _as_words, gather_blocks, scatter_blocks
+from cluster.engine.kv_blocks import _as_words, gather_blocks, scatter_blocks
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="GPU TESTS NOT RUN: no CUDA device; run `make test-gpu` on the GPU machine")])]
@@ -27,7 +27,7 @@ def test_blocks_move_bit_for_bit(device, dtype):
         scatter_blocks(mine, dim, index, src)
         theirs.view(torch.uint8).index_copy_(dim, index, src.view(torch.uint8))  # torch's has no fp8 copy on CPU
         assert torch.equal(mine.view(torch.uint8), theirs.view(torch.uint8))
-    assert _as_words(stack[1:4].flatten(3)).dtype == torch.complex128  # 8x fewer elements for bf16
+    assert _as_words(stack[1:4].flatten(3)).dtype == torch.complex128  # a contiguous stack: flatten is a view  # 8x fewer elements for bf16
 
 
 def test_a_narrowed_source_and_odd_block_sizes():
@@ -42,3 +42,15 @@ def test_a_narrowed_source_and_odd_block_sizes():
     theirs.index_copy_(1, index, narrowed)
     assert torch.equal(mine, theirs)
     assert torch.equal(cache, cache.clone())  # nothing else touched
+
+
+def test_blocks_not_contiguous_are_written_in_place():
+    """A cache whose blocks are not one run of memory (a view of every other head) is written where it
+    lies: the copy path must never scatter into a flattened copy of it."""
+    full = torch.zeros(2, 6, 4, 4, 8)
+    cache = full[:, :, :, ::2]  # [2, blocks, 4, 2 heads, 8]: a block's values are strided
+    index = torch.tensor([1, 4])
+    src = torch.randn(2, 2, 4, 2, 8)
+    scatter_blocks(cache, 1, index, src)
+    assert torch.equal(full[:, index][:, :, :, ::2], src) and full[:, :, :, 1::2].abs().sum() == 0
+    assert torch.equal(gather_blocks(cache, 1, index), src)

@@ -64,7 +64,9 @@ class KVTransport(ABC):
     def disconnect(self, peer_id: str) -> None: ...
 
     @abstractmethod
-    def send_layer(self, peer_id: str, transfer_id: int, layer_id: int, num_layers: int, kv: torch.Tensor) -> None: ...
+    def send_layer(self, peer_id: str, transfer_id: int, layer_id: int, num_layers: int, kv: torch.Tensor):
+        """Post one message. Returns a handle whose wait() orders the caller's current stream after the
+        send has read `kv` (then `kv` may be overwritten), or None if the transport reads it no more."""
 
     def announce(self, peer_id: str, messages: list[tuple[int, int, int, tuple[int, ...], torch.dtype]]) -> None:
         """Optional: the (transfer, index, count, shape, dtype) of the messages about to be sent to

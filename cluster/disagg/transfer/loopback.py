@@ -44,7 +44,7 @@ class LoopbackTransport(KVTransport):
             if peer == peer_id:
                 self.inbox[transfer_id][-1] = None  # marks FAILED
 
-    def send_layer(self, peer_id, transfer_id, layer_id, num_layers, kv) -> None:
+    def send_layer(self, peer_id, transfer_id, layer_id, num_layers, kv) -> None:  # a copy: kv is free at once
         peer = self.hub.endpoints.get(self.links.get(peer_id, ""))
         if peer is None:
             self.sent[transfer_id] = TransferState.FAILED

@@ -175,13 +175,14 @@ class TorchDistTransport(KVTransport):
             link.sent.put((None, link.control.send([size], link.peer_rank, 0), "gloo", size, deadline))
             link.sent.put((None, link.control.send([manifest], link.peer_rank, 0), "gloo", manifest, deadline))
 
-    def send_layer(self, peer_id, transfer_id, layer_id, num_layers, kv) -> None:
-        """Post one message; it must be the next one announced (or it is announced alone now)."""
+    def send_layer(self, peer_id, transfer_id, layer_id, num_layers, kv):
+        """Post one message; it must be the next one announced (or it is announced alone now). Returns
+        the send's work (NCCL: its wait() orders the current stream after it), None if it failed."""
         tracker = self._sender(transfer_id, peer_id, num_layers)
         link = self.links.get(peer_id)
         if link is None or link.closed:
             self._fail(tracker, f"no link to {peer_id}" if link is None else link.error)
-            return
+            return None
         kv = kv.contiguous()
         try:
             if not link.announced:
@@ -195,11 +196,12 @@ class TorchDistTransport(KVTransport):
             self._fail(tracker, str(exc))
             if "out of step" in str(exc):
                 self._close(link, str(exc))
-            return
+            return None
         with tracker.cond:
             if tracker.state == TransferState.WAITING:
                 tracker.state = TransferState.TRANSFERRING
         link.sent.put((tracker, work, link.backend, kv, time.monotonic() + self._send_timeout_s()))
+        return work
 
     def send_state(self, transfer_id) -> TransferState:
         t = self.trackers.get(transfer_id)
