@@ -72,6 +72,11 @@ def _start(args, name: str, port: int, out_dir: str) -> subprocess.Popen:
     raise RuntimeError(f"{name}: the cluster did not start (see {log.name})")
 
 
+# what admission saw of each instance each second (its estimate against what the instance reported)
+ADMISSION_KEYS = ("num_waiting", "num_queued_prefill_tokens", "prefill_tokens_per_s", "prefill_rate", "estimated_wait_s",
+                  "num_held_transfers")
+
+
 def _poll_step_times(url: str, stop: threading.Event, samples: list, stalls: list) -> None:
     """Each second: every instance's mean decode step time (`samples`), and its worst step, wait between steps,
     command time and KV landing since the last heartbeat (`stalls`: where a stream's pauses come from)."""
@@ -84,7 +89,7 @@ def _poll_step_times(url: str, stop: threading.Event, samples: list, stalls: lis
             # which its streams' inter-token latency does not see as a step of its own)
             samples.append({k: v.get("mean_decode_step_ms") or v["mean_step_ms"] for k, v in instances.items()
                             if v.get("mean_decode_step_ms") or v.get("mean_step_ms")})
-            stalls.append({"t": time.time(), **{k: {m: v.get(m) for m in (*STALL_KEYS, "num_running")}
+            stalls.append({"t": time.time(), **{k: {m: v.get(m) for m in (*STALL_KEYS, *ADMISSION_KEYS, "num_running")}
                                                 for k, v in instances.items()}})
         except OSError:
             pass
@@ -104,11 +109,13 @@ def _polling_health(url: str, samples: list, stalls: list):
         poller.join()
 
 
-def _bench(args, url: str, rates: list[str], out: str, plot_dir: str, duration_s: float) -> dict:
+def _bench(args, url: str, rates: list[str], out: str, plot_dir: str, duration_s: float, seed: int) -> dict:
+    """`llm-cluster bench` at `rates`; each rate's prompts are seeded `seed` + its index, so the low-rate
+    run (seed 1) and the sweep (seed 101) never send a prompt the server has cached."""
     cmd = [sys.executable, "-m", "cluster.cli", "bench", "--url", url, "--sweep-rates", ",".join(rates),
            "--num-requests", str(args.num_requests), "--input-len", str(args.input_len),
            "--output-len", str(args.output_len), "--slo-ttft-ms", str(args.slo_ttft_ms),
-           "--slo-tpot-ms", str(args.slo_tpot_ms), "--duration-s", str(duration_s), "--seed", "1",
+           "--slo-tpot-ms", str(args.slo_tpot_ms), "--duration-s", str(duration_s), "--seed", str(seed),
            "--out", out, "--plot-dir", plot_dir]
     subprocess.run(cmd, check=True, timeout=(duration_s + 60) * len(rates) + 120)  # each rate drains after its arrivals
     with open(out) as f:
@@ -126,10 +133,10 @@ def run_deployment(args, name: str, port: int) -> dict:
         samples, stalls_low, stalls_sweep = [], [], []
         with _polling_health(url, samples, stalls_low):
             low = _bench(args, url, [args.rates[0]], os.path.join(args.out_dir, f"{name}_low.json"),
-                         os.path.join(args.out_dir, f"{name}_low_plots"), args.low_duration_s or args.duration_s)
+                         os.path.join(args.out_dir, f"{name}_low_plots"), args.low_duration_s or args.duration_s, seed=1)
         with _polling_health(url, [], stalls_sweep):
             sweep = _bench(args, url, args.rates, os.path.join(args.out_dir, f"{name}_sweep.json"),
-                           os.path.join(args.out_dir, f"{name}_plots"), args.duration_s)
+                           os.path.join(args.out_dir, f"{name}_plots"), args.duration_s, seed=101)
         # the per-request lists stay in the {name}_*.json files: with them this summary reached 32 MB,
         # over what a GPU call can bring back (16 MiB a file)
         return {"low_rate": _without_requests(low), "sweep": _without_requests(sweep), "step_ms_samples": samples,

@@ -11,12 +11,20 @@ between two heartbeats spreads instead of piling onto the instance that looked i
 """
 from __future__ import annotations
 
+import collections
 import itertools
+import statistics
 import time
 from dataclasses import dataclass, field
 
 from cluster.config import RouterConfig
 from cluster.types import Role
+
+
+# Heartbeats whose prefill rates make an instance's estimate. The median, not a running mean: one slow
+# window (a collection, a step that waited on something else) halved a running mean, and the queue-wait
+# admission then refused requests an idle instance could have taken at once.
+RATE_WINDOW = 8
 
 
 @dataclass
@@ -32,8 +40,9 @@ class InstanceView:
     alive: bool = True
     link_address: str | None = None
     kv_bytes_reported: int = 0  # prefill: bytes already counted in the metrics
-    prefill_rate: float | None = None  # prompt tokens/s of its prefilling steps, smoothed over heartbeats
+    prefill_rate: float | None = None  # prompt tokens/s of its prefilling steps: the median of recent heartbeats'
     refreshed_s: float = 0.0  # time.monotonic() of the last heartbeat's stats
+    rates: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RATE_WINDOW))
 
     def refresh(self, load: dict, now_s: float | None = None) -> None:
         self.load = load
@@ -42,7 +51,8 @@ class InstanceView:
         self.dispatched_requests = 0
         rate = load.get("prefill_tokens_per_s")
         if rate:  # a heartbeat with no prefill keeps the last rate
-            self.prefill_rate = rate if self.prefill_rate is None else 0.5 * (self.prefill_rate + rate)
+            self.rates.append(rate)
+            self.prefill_rate = statistics.median(self.rates)
 
     def queued_prefill_tokens(self) -> int:
         """Prompt tokens waiting here: the last heartbeat's queue and what was dispatched since."""

@@ -168,6 +168,14 @@ class KVCacheManager:
         seq.num_computed_tokens = len(hits) * self.block_size
         seq.num_cached_tokens = seq.num_computed_tokens
 
+    def num_cached_prefix_tokens(self, seq: Sequence) -> int:
+        """Tokens of a waiting `seq`'s prompt whose KV the cache holds now: what `match_prefix` would reuse
+        if it were admitted at once. Reads only (nothing touched, no hit counted)."""
+        if not self.pool.enable_caching or seq.num_tokens < self.block_size:
+            return 0
+        hits = len(self.pool.lookup(prefix_hashes(seq.token_ids, self.block_size)))
+        return min(hits * self.block_size, (seq.num_tokens - 1) // self.block_size * self.block_size)
+
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Make room for `num_new_tokens` more KV entries; False (and no change) if the pool is short."""
         need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_ids)

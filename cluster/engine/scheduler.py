@@ -79,6 +79,10 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     # -- one step --------------------------------------------------------
+    def has_queued_prompts(self) -> bool:
+        """Prompt tokens are left to compute: a waiting prompt, or a running one only partly prefilled."""
+        return bool(self.waiting) or any(seq.num_computed_tokens < seq.num_prompt_tokens for seq in self.running)
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens

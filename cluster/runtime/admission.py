@@ -6,8 +6,10 @@ Past saturation a queue only grows, and every request admitted then misses its S
 
   max_queue_wait_s    when the request would wait longer than that before its prefill starts on
                       every prefill (or mixed) instance (`queue_wait_s`: each instance's queued
-                      prompt tokens over its measured prefill rate); a prompt is never refused
-                      for its own length, as an idle instance takes any;
+                      prompt tokens, less the prefix each finds cached, over its prefill rate
+                      measured on steps that left prompts queued, the median of recent
+                      heartbeats); a prompt is never refused for its own length, as an idle
+                      instance takes any;
   max_decode_step_ms  while every decode (or mixed) instance steps slower than that
                       (`decode_step_ms`): one more stream would slow them all past their TPOT.
 

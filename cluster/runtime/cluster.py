@@ -104,8 +104,11 @@ class ClusterClient(EngineClient):
             raise RuntimeError(f"a pool has no live instance: {pools}")
         if not self.config.disaggregated and not pools["mixed"]:
             raise RuntimeError("no live mixed instance")
-        keys = ("mean_step_ms", "mean_decode_step_ms", "num_running", *STALL_KEYS)
-        instances = {v.instance_id: {"role": v.role.value, "alive": v.alive, **{k: v.load.get(k) for k in keys}}
+        keys = ("mean_step_ms", "mean_decode_step_ms", "num_running", "num_waiting", "num_queued_prefill_tokens",
+                "prefill_tokens_per_s", "num_held_transfers", *STALL_KEYS)
+        # what admission sees of each instance: its smoothed prefill rate and estimated queue wait
+        instances = {v.instance_id: {"role": v.role.value, "alive": v.alive, **{k: v.load.get(k) for k in keys},
+                                     "prefill_rate": v.prefill_rate, "estimated_wait_s": v.estimated_wait_s()}
                      for v in self.instances.values()}
         return {"status": "ok", "pools": pools, "in_flight": self.num_pending, "instances": instances}
 

@@ -91,9 +91,9 @@ class InstanceActor:
         self.step_time_s = 0.0  # summed wall time of model steps since the last stats() call
         self.num_timed_steps = 0
         self.decode_time_s, self.num_decode_steps = 0.0, 0  # the same, of the steps that prefilled nothing
-        # the steps that prefilled since the last stats() call: their prompt tokens and wall time, the
-        # instance's prefill rate that admission divides the queue by (a mixed step's decodes count as
-        # prefill time, so a rate under load errs low: it rejects early rather than late)
+        # the steps that prefilled with prompts still queued after them, since the last stats() call: their
+        # prompt tokens and wall time, the rate admission divides the queue by (a mixed step's decodes
+        # count as prefill time, so a rate under load errs low: it rejects early rather than late)
         self.num_prefill_tokens = 0
         self.prefill_time_s = 0.0
         # stalls, the worst since the last stats() call: the longest model step, the longest wait
@@ -171,7 +171,10 @@ class InstanceActor:
         heartbeat ("deque mutated during iteration" would mark the instance dead)."""
         stats = dict(self.engine.stats())
         waiting = list(self.engine.scheduler.waiting)
-        stats["num_queued_prefill_tokens"] = sum(s.num_uncomputed for s in waiting)
+        # what those prompts will compute: less the prefix each would find cached (a resent prompt
+        # computes one block, and counted in full it made the queue look seconds long)
+        stats["num_queued_prefill_tokens"] = sum(
+            s.num_uncomputed - (0 if s.num_computed_tokens else self.engine.kv.num_cached_prefix_tokens(s)) for s in waiting)
         stats["num_steps"] = self.num_steps
         # drained: the mean wall time of this instance's model steps since the last heartbeat
         stats["mean_step_ms"] = self.step_time_s / self.num_timed_steps * 1e3 if self.num_timed_steps else None
@@ -179,7 +182,7 @@ class InstanceActor:
         # a colocated instance's decode-only steps: what its streams' inter-token latency is set against
         stats["mean_decode_step_ms"] = self.decode_time_s / self.num_decode_steps * 1e3 if self.num_decode_steps else None
         self.decode_time_s, self.num_decode_steps = 0.0, 0
-        # drained like it: prompt tokens per second of the steps that prefilled (None: none did)
+        # drained like it: prompt tokens per second of those steps (None: none ran)
         stats["prefill_tokens_per_s"] = self.num_prefill_tokens / self.prefill_time_s if self.prefill_time_s > 0 else None
         self.num_prefill_tokens, self.prefill_time_s = 0, 0.0
         stats["max_step_ms"], stats["max_step_gap_ms"], stats["commands_ms"] = (
@@ -188,6 +191,7 @@ class InstanceActor:
         self.max_step_s = self.max_gap_s = self.commands_s = 0.0
         if self.role == Role.PREFILL:
             stats["kv_bytes_sent"] = self.worker.bytes_sent
+            stats["num_held_transfers"] = len(self.worker.plans)  # prefilled, KV kept until the decode side confirms
         if self.role == Role.DECODE:
             stats["num_recomputed"] = self.worker.num_recomputed
             # drained: each heartbeat reports the hand-overs that landed since the last one
@@ -256,7 +260,10 @@ class InstanceActor:
         deltas = self.worker.step() if self.worker is not None else self.engine.step()
         t1 = time.perf_counter()
         prefilled = self.engine.scheduler.num_prefill_tokens - prefilled
-        if prefilled:
+        if prefilled and self.engine.scheduler.has_queued_prompts():
+            # the rate of steps that ended with prompts still queued: what a queue drains at. A lone
+            # prompt's step runs at a fraction of it (fixed costs over few tokens; 2,100 against 14,000
+            # tokens/s on the CPU proxy), and admission priced a burst at that rate
             self.num_prefill_tokens += prefilled
             self.prefill_time_s += t1 - t0
         if deltas:  # steps that ran the model (not the idle polls of a transfer)

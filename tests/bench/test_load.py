@@ -16,7 +16,7 @@ import pytest
 
 from cluster import cli
 from cluster.bench.load import (Arrival, LoadConfig, PromptMode, _StreamTimer, arrival_offsets_s, build_workload,
-                                request_body)
+                                rate_configs, request_body)
 from cluster.bench.report import LatencyStats, RequestResult, summarize, tpot_s
 
 # -- metrics math ---------------------------------------------------------------------------
@@ -128,6 +128,17 @@ def test_workload_lengths_and_seeding():
     assert body["prompt"] == specs[0].prompt and body["max_tokens"] == specs[0].num_output_tokens
     plain = request_body(LoadConfig(continuous_usage=False), "m", specs[0])
     assert plain["stream_options"] == {"include_usage": True}
+
+
+def test_each_rate_of_a_sweep_sends_prompts_of_its_own():
+    """A sweep's runs must not resend the prompts of the runs before: the server's prefix cache would
+    hold their KV and the later rates would prefill nothing."""
+    config = LoadConfig(num_requests=50, input_len=64, output_len=4, seed=7)
+    configs = rate_configs(config, [2.0, 8.0, 32.0])
+    assert [c.request_rate for c in configs] == [2.0, 8.0, 32.0] and [c.seed for c in configs] == [7, 8, 9]
+    prompts = [{tuple(s.prompt) for s in build_workload(c)} for c in configs]
+    assert not (prompts[0] & prompts[1]) and not (prompts[1] & prompts[2]) and not (prompts[0] & prompts[2])
+    assert configs[0] == LoadConfig(**{**config.__dict__, "request_rate": 2.0})  # the first is the config's own
 
 
 @pytest.mark.parametrize("field, value", [("num_requests", 0), ("request_rate", 0.0), ("duration_s", math.inf),

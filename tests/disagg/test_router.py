@@ -12,7 +12,21 @@ def test_estimated_wait_is_the_queue_ahead_over_the_measured_prefill_rate_draine
     assert view.estimated_wait_s(100.0) == 1.4
     assert abs(view.estimated_wait_s(100.5) - 0.9) < 1e-9  # half a second of prefill at 1000 tokens/s has run since
     assert view.estimated_wait_s(103.0) == 0.0  # drained, as far as the model knows
-    view.refresh({"num_queued_prefill_tokens": 0, "prefill_tokens_per_s": 3000.0}, now_s=104.0)  # (1000 + 3000) / 2
+    view.refresh({"num_queued_prefill_tokens": 0, "prefill_tokens_per_s": 3000.0}, now_s=104.0)  # median of 1000, 3000
     assert view.prefill_rate == 2000.0 and view.estimated_wait_s(104.0) == 0.0
     view.refresh({"num_queued_prefill_tokens": 100, "prefill_tokens_per_s": None}, now_s=105.0)  # no prefill since
     assert view.prefill_rate == 2000.0 and view.estimated_wait_s(105.0) == 0.05
+
+
+def test_one_slow_heartbeat_does_not_move_the_rate():
+    """The rate is the median of the last heartbeats' rates: a window whose prefill waited on something
+    else (a collection, a stall) does not halve it, as a running mean did (2xH200: admission then
+    refused requests while the prefill instance sat idle)."""
+    view = InstanceView("prefill-0", Role.PREFILL, handle=None)
+    for i, rate in enumerate((40_000.0, 41_000.0, 39_000.0, 2_000.0, 40_500.0)):
+        view.refresh({"num_queued_prefill_tokens": 4096, "prefill_tokens_per_s": rate}, now_s=float(i))
+    assert view.prefill_rate == 40_000.0
+    assert abs(view.estimated_wait_s(4.0) - 4096 / 40_000) < 1e-9
+    for i in range(8):  # a lasting slowdown is followed once it holds most of the window
+        view.refresh({"num_queued_prefill_tokens": 0, "prefill_tokens_per_s": 10_000.0}, now_s=5.0 + i)
+    assert view.prefill_rate == 10_000.0

@@ -114,3 +114,20 @@ def test_chain_hash_depends_on_whole_prefix():
     b = prefix_hashes([0, 2, 3, 4, 5, 6, 7, 8], BLOCK)
     assert a[0] != b[0] and a[1] != b[1]
     assert prefix_hashes([1, 2, 3, 4, 5, 6, 7, 8], BLOCK) == a
+
+
+def test_a_waiting_prompts_cached_prefix_is_counted_without_touching_the_cache():
+    """What admission subtracts from a queued prompt: the prefix whose KV is cached now, in whole blocks,
+    never the last token (its logits pick the first output token), and nothing referenced or counted."""
+    kv = KVCacheManager(num_blocks=16, block_size=BLOCK)
+    first = _seq(range(10))  # 2 full blocks + 2 tokens
+    kv.match_prefix(first)
+    assert kv.allocate_slots(first, first.num_uncomputed)
+    first.num_computed_tokens = first.num_tokens
+    kv.cache_full_blocks(first)
+    refs, queries = [b.ref_count for b in kv.pool.blocks], kv.pool.num_queries
+    assert kv.num_cached_prefix_tokens(_seq([*range(10), 99, 98])) == 8
+    assert kv.num_cached_prefix_tokens(_seq(range(8))) == 4  # fully cached: the last block recomputes
+    assert kv.num_cached_prefix_tokens(_seq([5, *range(9)])) == 0
+    assert [b.ref_count for b in kv.pool.blocks] == refs and kv.pool.num_queries == queries
+    assert KVCacheManager(16, BLOCK, enable_caching=False).num_cached_prefix_tokens(_seq(range(10))) == 0

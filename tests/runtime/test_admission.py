@@ -29,10 +29,23 @@ def test_a_burst_past_the_queue_wait_limit_gets_429_and_every_admitted_request_c
     try:
         client = openai.OpenAI(base_url=running.url, api_key="none", max_retries=0, timeout=60)
         prompt = [10 + i % 900 for i in range(1500)]
-        # until the prefill instance's rate is measured (a heartbeat after a prefill), nothing is refused
+        # until the prefill instance's rate is measured (a heartbeat after steps that left prompts
+        # queued: a lone prompt's step is no measure of what a queue drains at), nothing is refused
         first = client.completions.create(model="llama", prompt=prompt, max_tokens=4, temperature=0)
         assert first.usage.completion_tokens == 4
         prefill = next(v for v in running.client.instances.values() if v.role.value == "prefill")
+        time.sleep(2 * config.router.heartbeat_s)
+        assert prefill.prefill_rate is None, "a rate measured without a queue"
+        warm = [[(t + 7 * i) % 1000 for t in prompt] for i in range(8)]  # at once: more than one step's budget
+
+        async def warm_up():
+            aclient = openai.AsyncOpenAI(base_url=running.url, api_key="none", max_retries=0, timeout=120)
+            try:
+                await asyncio.gather(*(aclient.completions.create(model="llama", prompt=p, max_tokens=2) for p in warm))
+            finally:
+                await aclient.close()
+
+        asyncio.run(warm_up())
         deadline = time.monotonic() + 10
         while prefill.prefill_rate is None and time.monotonic() < deadline:
             time.sleep(0.1)
