@@ -242,8 +242,8 @@ def _transfer_runs(args, engine, transport, worker, q_to_decode, q_from_decode, 
 
 def _gather_device_us(engine, index, groups) -> dict:
     """Device time of one request's stacked gathers (every group once): torch's `index_select` over bf16
-    elements, over 16-byte words, and the engine's `gather_blocks` (a Triton copy of whole blocks),
-    medians of 5. HBM's own limit for the same bytes (read once, written once) is beside them."""
+    elements, over 16-byte words, and the engine's `gather_blocks` (the words, with its views and
+    checks), medians of 5."""
     from cluster.engine.kv_blocks import gather_blocks
 
     if engine.device.type != "cuda":

@@ -7,8 +7,7 @@ first 1P1D requests waited 2.4-3.8 s for their first token, and under load a dec
 
   (1) a prefill of two prompts of unequal lengths: the prefill launch, norms with and without a
       residual, rotary, the KV store (every slot is -1: no KV is written);
-  (2) the decode launch at each KV split count the backend may pick up to max_model_len;
-  (3) the KV hand-over's block copy (kv_blocks.py), gather and scatter.
+  (2) the decode launch at each KV split count the backend may pick up to max_model_len.
 
 All ranks of an instance run it at the same point (a TP forward all-reduces), and the experts'
 load counters count none of its rows. What it cannot cover is kept from varying: the attention
@@ -56,10 +55,5 @@ def warm_up(runner, max_model_len: int) -> None:
     layer = next(iter(runner.model.model.layers.values())).self_attn
     k_cache, v_cache = runner.kv_caches[runner.first_kv_layer]
     runner.backend.warm_up(layer.num_heads, k_cache, v_cache, runner.max_blocks_per_seq * runner.block_size)
-    # (3) the KV hand-over's block copy, both ways: block 0 of the first layers, gathered and written back
-    first = runner.block_index([0])
-    runner.write_kv_layers(runner.first_kv_layer, first, runner.read_kv_layers(runner.first_kv_layer,
-                                                                              runner.first_kv_layer + 1, first))
-    runner.write_kv(runner.first_kv_layer, first, runner.read_kv(runner.first_kv_layer, first))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
