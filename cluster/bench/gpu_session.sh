@@ -69,12 +69,12 @@ for item in "$@"; do
                rates=4,8,12,16,24,32,48; [[ $item == serve:* ]] && rates=${item#serve:}
                need_llama; run_item serve python3 -m cluster.bench.serve --model /tmp/llama8b \
                  --rates "$rates" --num-requests 800 --duration-s 15 --low-duration-s 10 --out-dir serve ;;
-    serve-admit|serve-admit:*) # the same past saturation with admission on (api.max_queue_wait_s 0.25 of the 0.4 s TTFT
-               # target, max_decode_step_ms 30 of the 40 ms TPOT one): goodput should hold at capacity where
-               # run 5's fell to 1% (1P1D) and 70% (colocated) at 48 req/s
+    serve-admit|serve-admit:*) # the same past saturation with admission on (api.max_queue_wait_s 0.1: the 0.4 s TTFT
+               # target less a prefill step of four 2k prompts, ~0.21 s, and the hand-over; max_decode_step_ms
+               # 30 of the 40 ms TPOT one): goodput should hold near capacity past saturation
                rates=16,24,32,48,64; [[ $item == serve-admit:* ]] && rates=${item#serve-admit:}
                need_llama; run_item serve-admit python3 -m cluster.bench.serve --model /tmp/llama8b \
-                 --rates "$rates" --num-requests 800 --duration-s 15 --low-duration-s 10 --max-queue-wait-s 0.25 \
+                 --rates "$rates" --num-requests 800 --duration-s 15 --low-duration-s 10 --max-queue-wait-s 0.1 \
                  --max-decode-step-ms 30 --out-dir serve-admit ;;
     *)         echo "unknown item $item" ;;
   esac

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-_WORDS = (torch.complex128, torch.int64, torch.int32, torch.int16, torch.uint8)
+_WORDS = ((torch.complex128, 16), (torch.int64, 8), (torch.int32, 4), (torch.int16, 2), (torch.uint8, 1))
 
 
 def _blocks(t: torch.Tensor, dim: int) -> torch.Tensor | None:
@@ -26,11 +26,10 @@ def _blocks(t: torch.Tensor, dim: int) -> torch.Tensor | None:
 def _as_words(flat: torch.Tensor, widest: tuple = _WORDS) -> torch.Tensor:
     """`flat` ([..., blocks, values], each block contiguous) as [..., blocks, words]: the widest word of
     `widest` that divides a block and its start (itself if none does)."""
-    nbytes = flat.shape[-1] * flat.element_size()
-    for word in widest:
-        size = torch.empty((), dtype=word).element_size()
-        if nbytes % size == 0 and (flat.storage_offset() * flat.element_size()) % size == 0 and all(
-                (stride * flat.element_size()) % size == 0 for stride in flat.stride()[:-1]):
+    itemsize = flat.element_size()
+    nbytes, offset, strides = flat.shape[-1] * itemsize, flat.storage_offset() * itemsize, flat.stride()[:-1]
+    for word, size in widest:
+        if size > itemsize and nbytes % size == 0 and offset % size == 0 and all(s * itemsize % size == 0 for s in strides):
             return flat.view(word)
     return flat
 

@@ -91,11 +91,14 @@ class InstanceActor:
         self.step_time_s = 0.0  # summed wall time of model steps since the last stats() call
         self.num_timed_steps = 0
         self.decode_time_s, self.num_decode_steps = 0.0, 0  # the same, of the steps that prefilled nothing
-        # the steps that prefilled with prompts still queued after them, since the last stats() call: their
-        # prompt tokens and wall time, the rate admission divides the queue by (a mixed step's decodes
-        # count as prefill time, so a rate under load errs low: it rejects early rather than late)
+        # the prefill rate admission divides a queue by: prompt tokens scheduled over the wall time between
+        # two stats() calls, measured only if every step of that window left prompts queued (the rate a
+        # queue drains at, a mixed instance's decodes included). Not per step: with async scheduling a
+        # step's call waits for the step before, so a prompt step after a decode step read as 10x the
+        # GPU's FLOP/s (2xH200); a lone prompt's step runs at a fraction of a queue's rate
         self.num_prefill_tokens = 0
-        self.prefill_time_s = 0.0
+        self.window_start_s = time.perf_counter()
+        self.window_saturated = True
         # stalls, the worst since the last stats() call: the longest model step, the longest wait
         # between two model steps while requests were running (commands, landing KV, emitting), and
         # the time the loop spent on commands (reserve, submit, abort, ...) between steps
@@ -183,8 +186,10 @@ class InstanceActor:
         stats["mean_decode_step_ms"] = self.decode_time_s / self.num_decode_steps * 1e3 if self.num_decode_steps else None
         self.decode_time_s, self.num_decode_steps = 0.0, 0
         # drained like it: prompt tokens per second of those steps (None: none ran)
-        stats["prefill_tokens_per_s"] = self.num_prefill_tokens / self.prefill_time_s if self.prefill_time_s > 0 else None
-        self.num_prefill_tokens, self.prefill_time_s = 0, 0.0
+        now, saturated = time.perf_counter(), self.window_saturated
+        elapsed = now - self.window_start_s
+        stats["prefill_tokens_per_s"] = self.num_prefill_tokens / elapsed if saturated and self.num_prefill_tokens else None
+        self.num_prefill_tokens, self.window_start_s, self.window_saturated = 0, now, True
         stats["max_step_ms"], stats["max_step_gap_ms"], stats["commands_ms"] = (
             self.max_step_s * 1e3, self.max_gap_s * 1e3, self.commands_s * 1e3)
         stats["max_gc_ms"] = self.gc_pauses.take_max_ms()
@@ -253,6 +258,7 @@ class InstanceActor:
 
     def _step(self) -> list[TokenDelta]:
         if not (self._busy() or self._waiting_on_network()):
+            self.window_saturated = False  # idle: no queue
             return []
         self.num_steps += 1
         prefilled = self.engine.scheduler.num_prefill_tokens
@@ -260,12 +266,9 @@ class InstanceActor:
         deltas = self.worker.step() if self.worker is not None else self.engine.step()
         t1 = time.perf_counter()
         prefilled = self.engine.scheduler.num_prefill_tokens - prefilled
-        if prefilled and self.engine.scheduler.has_queued_prompts():
-            # the rate of steps that ended with prompts still queued: what a queue drains at. A lone
-            # prompt's step runs at a fraction of it (fixed costs over few tokens; 2,100 against 14,000
-            # tokens/s on the CPU proxy), and admission priced a burst at that rate
-            self.num_prefill_tokens += prefilled
-            self.prefill_time_s += t1 - t0
+        self.num_prefill_tokens += prefilled
+        if not self.engine.scheduler.has_queued_prompts():
+            self.window_saturated = False  # (a lone prompt's step ran at a sixth of a queue's rate on the CPU proxy)
         if deltas:  # steps that ran the model (not the idle polls of a transfer)
             self.step_time_s += t1 - t0
             self.num_timed_steps += 1

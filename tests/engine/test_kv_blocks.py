@@ -27,13 +27,13 @@ def test_blocks_move_bit_for_bit(device, dtype):
         scatter_blocks(mine, dim, index, src)
         theirs.view(torch.uint8).index_copy_(dim, index, src.view(torch.uint8))  # torch's has no fp8 copy on CPU
         assert torch.equal(mine.view(torch.uint8), theirs.view(torch.uint8))
-    assert _as_words(stack[1:4].flatten(3)).dtype == torch.complex128  # a contiguous stack: flatten is a view  # 8x fewer elements for bf16
+    assert _as_words(stack[1:4].flatten(3)).dtype == torch.complex128  # 8x fewer elements for bf16
 
 
 def test_a_narrowed_source_and_odd_block_sizes():
     cache = torch.randn(2, 9, 3, 1, 3)  # a block of 9 floats: 36 bytes, 4-byte words
     index = torch.tensor([8, 2])
-    assert _as_words(cache.flatten(2)).dtype == torch.int32
+    assert _as_words(cache.flatten(2)).dtype == torch.float32  # no wider word divides it: as it is
     assert torch.equal(gather_blocks(cache, 1, index), cache.index_select(1, index))
     wide = torch.randn(2, 2, 3, 2, 3)
     narrowed = wide.narrow(-2, 1, 1)  # a tp rank's share of the heads: not contiguous

@@ -36,7 +36,7 @@ def test_a_burst_past_the_queue_wait_limit_gets_429_and_every_admitted_request_c
         prefill = next(v for v in running.client.instances.values() if v.role.value == "prefill")
         time.sleep(2 * config.router.heartbeat_s)
         assert prefill.prefill_rate is None, "a rate measured without a queue"
-        warm = [[(t + 7 * i) % 1000 for t in prompt] for i in range(8)]  # at once: more than one step's budget
+        warm = [[(t + 7 * i) % 1000 for t in prompt] for i in range(24)]  # at once: queued for whole heartbeats
 
         async def warm_up():
             aclient = openai.AsyncOpenAI(base_url=running.url, api_key="none", max_retries=0, timeout=120)
