@@ -56,6 +56,7 @@ class ClusterClient(EngineClient):
         self.link_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.tasks: list[asyncio.Task] = []
         self.poll_tasks: dict[str, asyncio.Task] = {}
+        self.confirming: set[asyncio.Task] = set()  # confirmations on their way to prefill instances
         self.num_pending = 0
 
     # -- membership ----------------------------------------------------------------
@@ -157,7 +158,7 @@ class ClusterClient(EngineClient):
             await self._abort_leg(leg)
 
     async def close(self) -> None:
-        for task in self.tasks + list(self.poll_tasks.values()):
+        for task in self.tasks + list(self.poll_tasks.values()) + list(self.confirming):
             task.cancel()
 
     # -- (1)-(3) dispatch -------------------------------------------------------------------
@@ -384,7 +385,12 @@ class ClusterClient(EngineClient):
             leg.fail(f"retry failed: {exc}")
 
     async def _confirm(self, leg: Leg) -> None:
-        await self._tell(leg.prefill_id, "confirm", leg.leg_id)
+        """Tell prefill it may free its copy, without holding up this decode instance's deltas: awaited
+        in line, each confirmation waited for a prefill step (0.2 s for four 2k prompts on 2xH200) and
+        the streams behind it stalled by as much (1P1D ITL p99 0.8 s at 24 req/s)."""
+        task = asyncio.get_running_loop().create_task(self._tell(leg.prefill_id, "confirm", leg.leg_id))
+        self.confirming.add(task)
+        task.add_done_callback(self.confirming.discard)
 
     async def _abort_leg(self, leg: Leg) -> None:
         if not leg.done:  # wake the request's consumer, if it is still waiting
