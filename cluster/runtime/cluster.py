@@ -125,7 +125,11 @@ class ClusterClient(EngineClient):
         try:
             for leg in legs:
                 self.legs[leg.leg_id] = leg
-            await asyncio.gather(*(self._dispatch(leg) for leg in legs))
+            # placed and counted now, before anything yields: a burst's next request is admitted against
+            # a queue that holds this one (counted inside the tasks, a burst of 48 on one event-loop turn
+            # all passed admission)
+            placed = [self._place(leg) for leg in legs]
+            await asyncio.gather(*(self._dispatch(leg, target) for leg, target in zip(legs, placed)))
             remaining = len(legs) if self.config.disaggregated else params.n
             while remaining:
                 delta = await queue.get()
@@ -162,19 +166,24 @@ class ClusterClient(EngineClient):
             task.cancel()
 
     # -- (1)-(3) dispatch -------------------------------------------------------------------
-    async def _dispatch(self, leg: Leg) -> None:
+    def _place(self, leg: Leg) -> InstanceView:
+        """The instance that prefills `leg` (mixed: runs it), its prompt counted there at once: the next
+        request's placement and admission (a burst arrives between two heartbeats) see it queued."""
         spec = leg.spec
         hits = self._prefix_hits(spec.prompt_token_ids)
+        pick = self.router.pick_prefill if self.config.disaggregated else self.router.pick_mixed
+        target = pick(self.pool(Role.PREFILL if self.config.disaggregated else Role.MIXED), hits, len(spec.prompt_token_ids))
+        target.dispatched(len(spec.prompt_token_ids))
+        return target
+
+    async def _dispatch(self, leg: Leg, prefill: InstanceView | None = None) -> None:
+        """Run `leg` on `prefill` (placed by `_place`; None: place it now)."""
+        spec = leg.spec
+        prefill = prefill or self._place(leg)
         if not self.config.disaggregated:
-            target = self.router.pick_mixed(self.pool(Role.MIXED), hits, len(spec.prompt_token_ids))
-            leg.decode_id = target.instance_id
-            target.dispatched(len(spec.prompt_token_ids))
-            await target.handle.submit.remote(spec)
+            leg.decode_id = prefill.instance_id
+            await prefill.handle.submit.remote(spec)
             return
-        prefill = self.router.pick_prefill(self.pool(Role.PREFILL), hits, len(spec.prompt_token_ids))
-        # counted on the prefill instance now, before this coroutine first yields: the next request's
-        # placement and admission (a burst arrives between two heartbeats) see it queued there
-        prefill.dispatched(len(spec.prompt_token_ids))
         ranked = list(self.router.rank_decode(self.pool(Role.DECODE), len(spec.prompt_token_ids)))
         if ranked and await self._prefill_while_reserving(leg, prefill, ranked[0]):
             return

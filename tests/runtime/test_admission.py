@@ -25,7 +25,9 @@ def test_a_burst_past_the_queue_wait_limit_gets_429_and_every_admitted_request_c
     import openai
 
     config = cluster_config(tiny_model, prefill=1, decode=1, num_blocks=8192)  # room for the whole burst on decode
-    running = RunningCluster(replace(config, api=replace(config.api, max_queue_wait_s=LIMIT_S)))
+    # heartbeats every 0.25 s: the warm-up below keeps prompts queued through whole windows of them
+    running = RunningCluster(replace(config, api=replace(config.api, max_queue_wait_s=LIMIT_S),
+                                     router=replace(config.router, heartbeat_s=0.25)))
     try:
         client = openai.OpenAI(base_url=running.url, api_key="none", max_retries=0, timeout=60)
         prompt = [10 + i % 900 for i in range(1500)]
@@ -36,7 +38,7 @@ def test_a_burst_past_the_queue_wait_limit_gets_429_and_every_admitted_request_c
         prefill = next(v for v in running.client.instances.values() if v.role.value == "prefill")
         time.sleep(2 * config.router.heartbeat_s)
         assert prefill.prefill_rate is None, "a rate measured without a queue"
-        warm = [[(t + 7 * i) % 1000 for t in prompt] for i in range(24)]  # at once: queued for whole heartbeats
+        warm = [[(t + 7 * i) % 1000 for t in prompt] for i in range(32)]  # at once: queued for whole heartbeats
 
         async def warm_up():
             aclient = openai.AsyncOpenAI(base_url=running.url, api_key="none", max_retries=0, timeout=120)
