@@ -34,6 +34,7 @@ from cluster.runtime.client import EngineClient, ModelInfo, Overloaded
 from cluster.runtime.instance import STALL_KEYS, RequestSpec
 from cluster.runtime.heartbeat import Heartbeat
 from cluster.runtime.leg import Leg, journal_finish, journal_start
+from cluster.runtime.links import KVLinks
 from cluster.store.base import InstanceInfo
 from cluster.types import FinishReason, Role, SamplingParams, TokenDelta
 
@@ -52,8 +53,7 @@ class ClusterClient(EngineClient):
         self.legs: dict[str, Leg] = {}
         self.transfer_ids = itertools.count(1)
         self.renames = itertools.count(1)
-        self.links: set[tuple[str, str]] = set()
-        self.link_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.links = KVLinks()
         self.tasks: list[asyncio.Task] = []
         self.poll_tasks: dict[str, asyncio.Task] = {}
         self.confirming: set[asyncio.Task] = set()  # confirmations on their way to prefill instances
@@ -71,23 +71,7 @@ class ClusterClient(EngineClient):
         self.store.register_instance(InstanceInfo(instance_id, role, info["link_address"] or instance_id,
                                                   num_blocks=info["num_blocks"], block_size=info["block_size"],
                                                   started_at=time.time()), self.config.router.instance_ttl_s)
-        self._prewarm_links(view)
-
-    def _prewarm_links(self, view: InstanceView) -> None:
-        """Link a joining prefill (decode) instance to every live decode (prefill) one now, in the
-        background, so that no request waits for a link's set-up (an NCCL communicator takes a
-        good part of a second). A pre-warm that fails is made again by the first dispatch that
-        needs the link (`_ensure_link`)."""
-        if view.role == Role.PREFILL:
-            pairs = [(view, decode) for decode in self.pool(Role.DECODE)]
-        elif view.role == Role.DECODE:
-            pairs = [(prefill, view) for prefill in self.pool(Role.PREFILL)]
-        else:
-            return
-        for prefill, decode in pairs:
-            task = asyncio.create_task(self._ensure_link(prefill, decode))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: never "never retrieved"
-            self.tasks.append(task)
+        self.links.prewarm(view, self.pool)
 
     async def start(self) -> None:
         self.tasks.append(asyncio.create_task(Heartbeat(self).run()))
@@ -164,6 +148,7 @@ class ClusterClient(EngineClient):
     async def close(self) -> None:
         for task in self.tasks + list(self.poll_tasks.values()) + list(self.confirming):
             task.cancel()
+        self.links.cancel()
 
     # -- (1)-(3) dispatch -------------------------------------------------------------------
     def _place(self, leg: Leg) -> InstanceView:
@@ -195,7 +180,7 @@ class ClusterClient(EngineClient):
             for decode in ranked[1:]:
                 leg.decode_id = decode.instance_id  # a client gone during the reserve aborts it there
                 try:
-                    await self._ensure_link(prefill, decode)
+                    await self.links.ensure(prefill, decode)
                     if await decode.handle.reserve.remote(spec, prefill.instance_id, transfer_id):
                         break
                 except ValueError:
@@ -223,7 +208,7 @@ class ClusterClient(EngineClient):
         spec = leg.spec
         transfer_id = next(self.transfer_ids)
         try:
-            await self._ensure_link(prefill, decode)
+            await self.links.ensure(prefill, decode)
         except Exception as exc:
             await self._instance_died(decode, f"link failed: {type(exc).__name__}: {exc}")
             return False
@@ -266,18 +251,6 @@ class ClusterClient(EngineClient):
         leg.prefill_id, leg.decode_id = prefill.instance_id, decode.instance_id
         decode.dispatched(len(leg.spec.prompt_token_ids))
         journal_start(self.store, leg)
-
-    async def _ensure_link(self, prefill: InstanceView, decode: InstanceView) -> None:
-        key = (prefill.instance_id, decode.instance_id)
-        if key in self.links:
-            return
-        lock = self.link_locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            if key in self.links:
-                return
-            await asyncio.gather(decode.handle.connect.remote(prefill.instance_id, decode.link_address, True),
-                                 prefill.handle.connect.remote(decode.instance_id, decode.link_address, False))
-            self.links.add(key)
 
     def _prefix_hits(self, prompt_token_ids: list[int]) -> dict[str, int]:
         block_size = next((v.block_size for v in self.instances.values()), 16)
@@ -359,11 +332,7 @@ class ClusterClient(EngineClient):
         view.alive = False
         log.warning("instance %s died: %s", view.instance_id, why.splitlines()[-1] if why else why)
         self.store.deregister_instance(view.instance_id)
-        for key in [k for k in self.links if view.instance_id in k]:
-            self.links.discard(key)
-            other = key[1] if key[0] == view.instance_id else key[0]
-            if other in self.instances and self.instances[other].alive:
-                await self.instances[other].handle.disconnect.remote(view.instance_id)
+        await self.links.drop(view.instance_id, self.instances)
         # a leg still being placed (`reserving`) is left to `_prefill_while_reserving`, which sees the
         # failure in its own answers: restarting it here too would place it twice
         for leg in [l for l in self.legs.values() if not l.done and not l.reserving]:

@@ -50,10 +50,10 @@ def _links_ready(cluster, timeout_s: float = 30.0) -> set:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         pairs = {(p.instance_id, d.instance_id) for p in client.pool(Role.PREFILL) for d in client.pool(Role.DECODE)}
-        if pairs <= client.links:
+        if pairs <= client.links.pairs:
             return pairs
         time.sleep(0.1)
-    raise AssertionError(f"links {client.links} do not cover {pairs}")
+    raise AssertionError(f"links {client.links.pairs} do not cover {pairs}")
 
 
 def test_links_are_made_before_any_request(cluster):

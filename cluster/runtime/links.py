@@ -1,0 +1,59 @@
+"""The router's side of the KV links: which prefill-decode pairs are linked, made on demand.
+
+  (1) `prewarm`: a joining prefill (decode) instance is linked to every live decode (prefill) one
+      at once, in the background, so that no request waits for a link's set-up (an NCCL
+      communicator takes a good part of a second); a pre-warm that fails is made again by
+      (2) `ensure`: the first dispatch that needs the link makes it (both sides connect at
+      once, the decode side listening), one at a time per pair;
+  (3) `drop`: a dead instance's links are forgotten and its live peers disconnect from it.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from cluster.disagg.router import InstanceView
+from cluster.types import Role
+
+
+class KVLinks:
+    def __init__(self):
+        self.pairs: set[tuple[str, str]] = set()  # (prefill id, decode id) linked
+        self.locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.tasks: list[asyncio.Task] = []
+
+    def prewarm(self, view: InstanceView, pool) -> None:
+        """(1) `pool(role)`: the live instances of a role."""
+        if view.role == Role.PREFILL:
+            pairs = [(view, decode) for decode in pool(Role.DECODE)]
+        elif view.role == Role.DECODE:
+            pairs = [(prefill, view) for prefill in pool(Role.PREFILL)]
+        else:
+            return
+        for prefill, decode in pairs:
+            task = asyncio.create_task(self.ensure(prefill, decode))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: never "never retrieved"
+            self.tasks.append(task)
+
+    async def ensure(self, prefill: InstanceView, decode: InstanceView) -> None:
+        """(2)"""
+        key = (prefill.instance_id, decode.instance_id)
+        if key in self.pairs:
+            return
+        async with self.locks.setdefault(key, asyncio.Lock()):
+            if key in self.pairs:
+                return
+            await asyncio.gather(decode.handle.connect.remote(prefill.instance_id, decode.link_address, True),
+                                 prefill.handle.connect.remote(decode.instance_id, decode.link_address, False))
+            self.pairs.add(key)
+
+    async def drop(self, dead_id: str, instances: dict[str, InstanceView]) -> None:
+        """(3)"""
+        for key in [k for k in self.pairs if dead_id in k]:
+            self.pairs.discard(key)
+            other = instances.get(key[1] if key[0] == dead_id else key[0])
+            if other is not None and other.alive:
+                await other.handle.disconnect.remote(dead_id)
+
+    def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()
