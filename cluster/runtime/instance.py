@@ -97,6 +97,7 @@ class InstanceActor:
         # step's call waits for the step before, so a prompt step after a decode step read as 10x the
         # GPU's FLOP/s (2xH200); a lone prompt's step runs at a fraction of a queue's rate
         self.num_prefill_tokens = 0
+        self.num_inbox_tokens = 0  # prompt tokens submitted that the loop has not taken yet
         self.window_start_s = time.perf_counter()
         self.window_saturated = True
         # stalls, the worst since the last stats() call: the longest model step, the longest wait
@@ -148,11 +149,27 @@ class InstanceActor:
             self.transport.disconnect(peer_id)
 
     def submit(self, spec: RequestSpec) -> None:
-        self._call(lambda: self.engine.add_request(spec.request_id, spec.prompt_token_ids, spec.params, spec.prompt))
+        self._admit(spec, lambda: self.engine.add_request(spec.request_id, spec.prompt_token_ids, spec.params,
+                                                          spec.prompt))
 
     def submit_prefill(self, spec: RequestSpec, peer_id: str, transfer_id: int) -> None:
-        self._call(lambda: self.worker.submit(spec.request_id, spec.prompt_token_ids, spec.params, peer_id,
-                                              transfer_id, spec.prompt))
+        self._admit(spec, lambda: self.worker.submit(spec.request_id, spec.prompt_token_ids, spec.params, peer_id,
+                                                     transfer_id, spec.prompt))
+
+    def _admit(self, spec: RequestSpec, add) -> None:
+        """`add` a prompt on the loop. Until the loop takes it (after the step in progress: 0.2 s for a
+        prefill of four 2k prompts on an H200) it counts among the queued prompt tokens the heartbeat
+        reports; else the router, which forgets what it dispatched at each heartbeat, would not see it."""
+        num_tokens = len(spec.prompt_token_ids)
+        with self.cond:
+            self.num_inbox_tokens += num_tokens
+
+        def take():
+            with self.cond:
+                self.num_inbox_tokens -= num_tokens
+            add()
+
+        self._call(take)
 
     def reserve(self, spec: RequestSpec, peer_id: str, transfer_id: int) -> bool:
         return self._call(lambda: self.worker.reserve(spec.request_id, spec.prompt_token_ids, spec.params, peer_id,
@@ -182,7 +199,7 @@ class InstanceActor:
         waiting = list(self.engine.scheduler.waiting)
         # what those prompts will compute: less the prefix each would find cached (a resent prompt
         # computes one block, and counted in full it made the queue look seconds long)
-        stats["num_queued_prefill_tokens"] = sum(
+        stats["num_queued_prefill_tokens"] = self.num_inbox_tokens + sum(
             s.num_uncomputed - (0 if s.num_computed_tokens else self.engine.kv.num_cached_prefix_tokens(s)) for s in waiting)
         stats["num_steps"] = self.num_steps
         # drained: the mean wall time of this instance's model steps since the last heartbeat

@@ -82,3 +82,31 @@ def test_a_confirmation_does_not_wait_for_the_step_in_progress(checkpoint_dir):
     finally:
         actor.shutdown()
         actor.loop.join(10)
+
+
+def test_a_prompt_the_loop_has_not_taken_yet_counts_as_queued(checkpoint_dir):
+    """A prompt submitted during a long step waits in the instance's inbox until the step ends; the
+    heartbeat counts it among the queued prompt tokens (the router forgets at each heartbeat what it
+    dispatched since the last one, and admission would not see it anywhere)."""
+    import threading
+
+    cfg = EngineConfig(model=ModelConfig(path=checkpoint_dir("llama")), cache=CacheConfig(num_blocks=64))
+    actor = InstanceActor("mixed-0", Role.MIXED, cfg, DisaggConfig())
+    try:
+        busy = threading.Thread(target=actor._call, args=(lambda: time.sleep(1.5),), daemon=True)
+        busy.start()
+        time.sleep(0.2)
+        params = SamplingParams(temperature=0.0, max_tokens=2)
+        submit = threading.Thread(target=actor.submit, args=(RequestSpec("r0", list(range(5, 45)), params),), daemon=True)
+        submit.start()
+        time.sleep(0.2)
+        assert actor.stats()["num_queued_prefill_tokens"] == 40  # in the inbox, behind the busy loop
+        busy.join(5)
+        submit.join(5)
+        deadline = time.monotonic() + 30
+        while actor.engine.has_unfinished() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert actor.stats()["num_queued_prefill_tokens"] == 0 and actor.num_inbox_tokens == 0
+    finally:
+        actor.shutdown()
+        actor.loop.join(10)
