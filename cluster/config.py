@@ -284,9 +284,15 @@ class PoolConfig:
     pp: int = 1  # pipeline stages per instance
     num_cpus_per_rank: float = 0.5  # Ray CPUs per rank actor (CPU deployments; fractions share cores)
     num_gpus_per_rank: float = 0.0  # Ray GPUs per rank actor (1 on GPU deployments)
+    # this pool's token budget per step (None: engine.scheduler's). A prefill pool's prompt gets its
+    # first token when its whole step ends: at 8,192 tokens a step of four 2k prompts took 0.21 s on an
+    # H200, at 2,048 one prompt's takes a quarter of that, and the GEMMs are as busy at either size
+    max_num_batched_tokens: int | None = None
 
     def __post_init__(self) -> None:
         _require(isinstance(self.instances, int) and self.instances >= 0, "PoolConfig", "instances", self.instances, "must be an integer >= 0")
+        if self.max_num_batched_tokens is not None:
+            _positive_int("PoolConfig", "max_num_batched_tokens", self.max_num_batched_tokens)
         _positive_int("PoolConfig", "tp", self.tp)
         _positive_int("PoolConfig", "pp", self.pp)
         _require(self.num_cpus_per_rank >= 0, "PoolConfig", "num_cpus_per_rank", self.num_cpus_per_rank, "must be >= 0")

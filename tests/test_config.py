@@ -34,6 +34,7 @@ def test_nested_keys_override_only_what_they_name():
      "ParallelConfig.pp_batches_in_flight=1"),
     ({"api": {"max_queue_wait_s": "fast"}}, "ApiConfig.max_queue_wait_s='fast'"),
     ({"api": {"max_decode_step_ms": -5}}, "ApiConfig.max_decode_step_ms=-5"),
+    ({"prefill": {"max_num_batched_tokens": 0}}, "ClusterConfig.prefill: PoolConfig.max_num_batched_tokens=0"),
 ])
 def test_bad_values_name_the_field(data, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
@@ -43,6 +44,16 @@ def test_bad_values_name_the_field(data, message):
 def test_pools_may_have_any_layout():
     config = from_dict(ClusterConfig, {"prefill": {"tp": 2, "pp": 2}, "decode": {"tp": 4, "pp": 1}})
     assert (config.prefill.tp, config.prefill.pp, config.decode.tp) == (2, 2, 4)
+
+
+def test_a_pool_may_set_its_own_step_budget():
+    from cluster.runtime.launcher import _engine_config
+
+    config = from_dict(ClusterConfig, {"prefill": {"max_num_batched_tokens": 2048, "tp": 2},
+                                       "engine": {"scheduler": {"max_num_batched_tokens": 8192}}})
+    prefill, decode = _engine_config(config.engine, config.prefill), _engine_config(config.engine, config.decode)
+    assert prefill.scheduler.max_num_batched_tokens == 2048 and prefill.parallel.tensor_parallel_size == 2
+    assert decode.scheduler.max_num_batched_tokens == 8192 and decode.scheduler == config.engine.scheduler
 
 
 def test_bad_yaml(tmp_path):

@@ -74,7 +74,7 @@ for item in "$@"; do
                # 30 of the 40 ms TPOT one): goodput should hold near capacity past saturation
                rates=16,24,32,48,64; [[ $item == serve-admit:* ]] && rates=${item#serve-admit:}
                need_llama; run_item serve-admit python3 -m cluster.bench.serve --model /tmp/llama8b \
-                 --rates "$rates" --num-requests 800 --duration-s 15 --low-duration-s 10 --max-queue-wait-s 0.1 \
+                 --rates "$rates" --num-requests 800 --duration-s 15 --low-duration-s 10 --max-queue-wait-s 0.1 --prefill-max-num-batched-tokens 2048 \
                  --max-decode-step-ms 30 --out-dir serve-admit ;;
     *)         echo "unknown item $item" ;;
   esac

@@ -40,6 +40,8 @@ def _config(args, name: str, port: int) -> dict:
               "cache": {"gpu_memory_fraction": 0.85},
               "scheduler": {"max_num_seqs": 256, "max_num_batched_tokens": args.max_num_batched_tokens}}
     pools = json.loads(json.dumps(DEPLOYMENTS[name]))
+    if args.prefill_max_num_batched_tokens and "prefill" in pools and pools["prefill"].get("instances"):
+        pools["prefill"]["max_num_batched_tokens"] = args.prefill_max_num_batched_tokens
     if args.device == "cpu":  # plumbing check on a machine without GPUs
         engine["runner"] = {"device": "cpu"}
         for pool in pools.values():
@@ -174,6 +176,8 @@ def main(argv=None) -> None:
     ap.add_argument("--slo-ttft-ms", type=float, default=400)
     ap.add_argument("--slo-tpot-ms", type=float, default=40)
     ap.add_argument("--duration-s", type=float, default=60)
+    ap.add_argument("--prefill-max-num-batched-tokens", type=int, default=0,
+                    help="1P1D: the prefill pool's own step budget (0: the engine's, --max-num-batched-tokens)")
     ap.add_argument("--low-duration-s", type=float, default=0, help="the low-rate run (ITL vs step time); 0: --duration-s")
     ap.add_argument("--max-queue-wait-s", type=float, default=0,
                     help="api.max_queue_wait_s of both deployments: refuse (429) what would queue longer; 0: off")
