@@ -24,7 +24,8 @@ class StagingRing:
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[int | None, torch.Tensor | None]:
         """(slot, a `shape` tensor in it); (None, None): allocate the message as before."""
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        for slot in [(self.next + i) % len(self.slots) for i in range(len(self.slots))] if nbytes <= self.slot_bytes else []:
+        in_turn = [(self.next + i) % len(self.slots) for i in range(len(self.slots))]
+        for slot in in_turn if nbytes <= self.slot_bytes else []:
             send = self.sends[slot]
             if send is not None and not send.is_completed():
                 continue  # still on the wire: passed over, not waited for

@@ -156,8 +156,10 @@ class ClusterClient(EngineClient):
         request's placement and admission (a burst arrives between two heartbeats) see it queued."""
         spec = leg.spec
         hits = self._prefix_hits(spec.prompt_token_ids)
-        pick = self.router.pick_prefill if self.config.disaggregated else self.router.pick_mixed
-        target = pick(self.pool(Role.PREFILL if self.config.disaggregated else Role.MIXED), hits, len(spec.prompt_token_ids))
+        if self.config.disaggregated:
+            target = self.router.pick_prefill(self.pool(Role.PREFILL), hits, len(spec.prompt_token_ids))
+        else:
+            target = self.router.pick_mixed(self.pool(Role.MIXED), hits, len(spec.prompt_token_ids))
         target.dispatched(len(spec.prompt_token_ids))
         return target
 

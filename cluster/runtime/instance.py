@@ -156,6 +156,10 @@ class InstanceActor:
         self._admit(spec, lambda: self.worker.submit(spec.request_id, spec.prompt_token_ids, spec.params, peer_id,
                                                      transfer_id, spec.prompt))
 
+    def _to_compute(self, seq) -> int:
+        """The prompt tokens a waiting `seq` will compute: less the prefix it would find cached now."""
+        return seq.num_uncomputed - (0 if seq.num_computed_tokens else self.engine.kv.num_cached_prefix_tokens(seq))
+
     def _admit(self, spec: RequestSpec, add) -> None:
         """`add` a prompt on the loop. Until the loop takes it (after the step in progress: 0.2 s for a
         prefill of four 2k prompts on an H200) it counts among the queued prompt tokens the heartbeat
@@ -199,8 +203,7 @@ class InstanceActor:
         waiting = list(self.engine.scheduler.waiting)
         # what those prompts will compute: less the prefix each would find cached (a resent prompt
         # computes one block, and counted in full it made the queue look seconds long)
-        stats["num_queued_prefill_tokens"] = self.num_inbox_tokens + sum(
-            s.num_uncomputed - (0 if s.num_computed_tokens else self.engine.kv.num_cached_prefix_tokens(s)) for s in waiting)
+        stats["num_queued_prefill_tokens"] = self.num_inbox_tokens + sum(self._to_compute(s) for s in waiting)
         stats["num_steps"] = self.num_steps
         # drained: the mean wall time of this instance's model steps since the last heartbeat
         stats["mean_step_ms"] = self.step_time_s / self.num_timed_steps * 1e3 if self.num_timed_steps else None
