@@ -176,6 +176,23 @@ def _host_split(transfer: dict) -> str:
             f"{sum(run['gather_device_us']):.0f} us")
 
 
+def _worst_lines(serve: dict, names: list[str]) -> list[str]:
+    """Per deployment, the worst each instance saw during the sweep (heartbeat samples): its step, its
+    wait between steps, admission's estimated wait, the transfers a prefill held for confirmation."""
+    from cluster.bench.serve import worst as worst_of
+
+    keys = (("max_step_ms", "step {:.0f} ms"), ("max_step_gap_ms", "gap {:.0f} ms"), ("max_land_ms", "landing {:.0f} ms"),
+            ("estimated_wait_s", "est. wait {:.2f} s"), ("num_held_transfers", "held {:.0f}"), ("num_running", "running {:.0f}"))
+    out = []
+    for n in names:
+        worst = worst_of(serve[n].get("stalls", {}).get("sweep") or [])
+        cells = [f"{instance} " + ", ".join(fmt.format(figures[k]) for k, fmt in keys if figures.get(k) is not None)
+                 for instance, figures in sorted(worst.items())]
+        if cells:
+            out.append(f"- {n}, worst per instance during the sweep: " + "; ".join(cells))
+    return out
+
+
 def _serve_lines(serve: dict | None) -> list[str]:
     out: list[str] = []
     if serve:
@@ -193,6 +210,7 @@ def _serve_lines(serve: dict | None) -> list[str]:
             if pair:
                 out.append(f"- {n}: HTTP ITL {pair[0]:.2f} ms vs decode step {pair[1]:.2f} ms "
                            f"({100 * abs(pair[0] / pair[1] - 1):.1f}% apart)")
+        out += _worst_lines(serve, names)
     else:
         out.append("- not run")
     return out

@@ -39,3 +39,17 @@ def test_the_hardware_limits_come_first(tmp_path):
         {"device": "NVIDIA H200", "hbm_gb_s": 4275.7, "bf16_tflops": 794.2, "spec": {"hbm_gb_s": 4800, "bf16_tflops": 989}}))
     text = render(load([str(tmp_path)]))
     assert text.startswith("## Hardware limits") and "NVIDIA H200: HBM 4276 GB/s, bf16 matmul 794 TFLOP/s" in text
+
+
+def test_this_sessions_serving_and_transfer_figures(tmp_path):
+    """The sixth session's files (docs/): the transfer's host split, the gathers compared, and the worst
+    each instance saw during the admission sweep (the figures docs/benchmarks.md quotes)."""
+    work = tmp_path / "work"
+    (work / "serve-admit").mkdir(parents=True)
+    shutil.copy(os.path.join(DOCS, "disagg_bench_2xh200_run8.json"), work / "disagg.json")
+    shutil.copy(os.path.join(DOCS, "serve_admit_2xh200_run2.json"), work / "serve-admit" / "serve_summary.json")
+    text = render(load([str(work)]))
+    assert "index_select 698 us, index_select_16_byte_words 350 us" in text
+    assert "transfer_pregathered (5 messages): 234 GB/s = 65% of raw 359 GB/s" in text
+    assert "48.0 req/s: 1p1d: 0.67 (2%, 790); colocated: 14.61 (35%, 218)" in text
+    assert "prefill-0 step 221 ms, gap 2 ms, est. wait 0.34 s, held 225" in text
