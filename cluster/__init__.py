@@ -1,12 +1,16 @@
 """llm-cluster: a serving cluster for large language models.
 
 A request's path through the cluster:
-  (1) api/       an OpenAI-compatible HTTP server tokenizes, validates and admits it;
+  (1) api/       an OpenAI-compatible HTTP server tokenizes and validates it; runtime/admission.py
+                 refuses it (429) if it would queue past the configured wait or decode step;
   (2) disagg/    the router picks a prefill instance (queued tokens, prefix hits)
-                 and a decode instance (free KV blocks, batch size);
+                 and a decode instance (free KV blocks, batch size); runtime/links.py makes the
+                 pair's KV link on demand;
   (3) engine/    the prefill instance runs the prompt in chunks and returns the first token;
-  (4) disagg/    its KV streams layer by layer to blocks the decode instance reserved;
-  (5) engine/    the decode instance adds the request to its continuous batch;
+  (4) disagg/    its KV streams in groups of layers, gathered as whole blocks (engine/kv_blocks.py)
+                 into a staging ring (disagg/staging.py), to blocks the decode instance reserved;
+  (5) engine/    the decode instance adds the request to its continuous batch, and the router tells
+                 the prefill instance it may free its copy;
   (6) api/       tokens stream back to the client.
 Offline, `LLM` runs one engine in-process (stages 3 and 5 in one instance).
 """

@@ -6,9 +6,10 @@
       hook the model calls after every layer. A request's layers leave in groups of up to
       `GROUP_BYTES` (one gather and one post per group, not per layer: per-layer posts held
       a transfer to 15% of the link's bandwidth on 2xH200): once a group's last layer is
-      written, the group leaves (an async send) while the next layers compute. A multi-rank
-      instance instead gathers all heads from its ranks after the step and sends the same
-      groups then;
+      written, the group leaves (an async send) while the next layers compute. On a GPU a
+      group is gathered into a slot of a staging ring (staging.py), not a fresh tensor. A
+      multi-rank instance instead gathers all heads from its ranks after the step and sends
+      the same groups then;
   (3) after the step the first token is sampled and sent as the transfer's last
       message; the request's deltas (that first token) go back to the router;
   (4) `poll` frees a request's blocks once its sends are done and the decode side
