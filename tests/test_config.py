@@ -35,6 +35,7 @@ def test_nested_keys_override_only_what_they_name():
     ({"api": {"max_queue_wait_s": "fast"}}, "ApiConfig.max_queue_wait_s='fast'"),
     ({"api": {"max_decode_step_ms": -5}}, "ApiConfig.max_decode_step_ms=-5"),
     ({"prefill": {"max_num_batched_tokens": 0}}, "ClusterConfig.prefill: PoolConfig.max_num_batched_tokens=0"),
+    ({"api": {"keep_alive_s": 0}}, "ApiConfig.keep_alive_s=0"),
 ])
 def test_bad_values_name_the_field(data, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):

@@ -31,6 +31,7 @@ from cluster.api.protocol import (ChatChoiceLogprobs, ChatCompletionChoice, Chat
                                   ChatResponseMessage, CompletionChoice, CompletionLogprobs, CompletionRequest,
                                   CompletionResponse, ModelCard, ModelList)
 from cluster.api.stream import EngineCall, Run, TokenStrings, chat_sse, completion_sse
+from cluster.config import ApiConfig
 from cluster.metrics import CONTENT_TYPE, Metrics
 from cluster.runtime.client import EngineClient, Overloaded
 from cluster.types import SamplingParams, TokenLogprob
@@ -304,12 +305,14 @@ def build_app(client: EngineClient, metrics: Metrics, served_model_name: str) ->
     return app
 
 
-def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning"):
-    """A uvicorn.Server for `app` (run it with `.run()`, stop it with `.should_exit = True`)."""
+def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
+                keep_alive_s: float = ApiConfig.keep_alive_s):
+    """A uvicorn.Server for `app` (run it with `.run()`, stop it with `.should_exit = True`); idle
+    connections stay open `keep_alive_s` (ApiConfig.keep_alive_s says why)."""
     import uvicorn
 
     return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
-                                         timeout_graceful_shutdown=2))
+                                         timeout_graceful_shutdown=2, timeout_keep_alive=keep_alive_s))
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:

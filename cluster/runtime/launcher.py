@@ -174,7 +174,8 @@ async def serve_cluster(config: ClusterConfig) -> None:
     print(f"starting llm-cluster: model {config.engine.model.path}", file=sys.stderr, flush=True)
     await cluster.start()
     freeze_startup_objects()  # the router and the HTTP streams run here: no full collection walks start-up's objects
-    server = uvicorn.Server(uvicorn.Config(cluster.app(), host=config.api.host, port=config.api.port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(cluster.app(), host=config.api.host, port=config.api.port, log_level="warning",
+                                           timeout_keep_alive=config.api.keep_alive_s))
     pools = ", ".join(f"{r.value}={len(cluster.client.pool(r))}" for r in Role if cluster.client.pool(r))
     print(f"llm-cluster is up ({pools}).\n  OpenAI API: http://{config.api.host}:{config.api.port}/v1   "
           f"model: {cluster.client.info().name}\n  e.g. OpenAI(base_url='http://{config.api.host}:{config.api.port}/v1', "
