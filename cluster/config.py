@@ -24,6 +24,10 @@ def _positive_int(owner: str, name: str, value: object) -> None:
     _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, owner, name, value, "must be an integer >= 1")
 
 
+def _is_positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which checkpoint an instance serves and in what precision."""
@@ -338,12 +342,11 @@ class ApiConfig:
 
     def __post_init__(self) -> None:
         _require(isinstance(self.port, int) and 0 <= self.port < 65536, "ApiConfig", "port", self.port, "must be a port number")
-        _require(isinstance(self.keep_alive_s, (int, float)) and not isinstance(self.keep_alive_s, bool)
-                 and self.keep_alive_s > 0, "ApiConfig", "keep_alive_s", self.keep_alive_s, "must be > 0 seconds")
+        _require(_is_positive_number(self.keep_alive_s), "ApiConfig", "keep_alive_s", self.keep_alive_s, "must be > 0 seconds")
         _positive_int("ApiConfig", "max_pending", self.max_pending)
         for name, unit in (("max_queue_wait_s", "seconds"), ("max_decode_step_ms", "milliseconds")):
             limit = getattr(self, name)
-            _require(limit is None or (isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0),
+            _require(limit is None or _is_positive_number(limit),
                      "ApiConfig", name, limit, f"must be a number of {unit} > 0 (or unset)")
 
 

@@ -40,9 +40,8 @@ class InstanceView:
     alive: bool = True
     link_address: str | None = None
     kv_bytes_reported: int = 0  # prefill: bytes already counted in the metrics
-    prefill_rate: float | None = None  # prompt tokens/s of its prefilling steps: the median of recent heartbeats'
     refreshed_s: float = 0.0  # time.monotonic() of the last heartbeat's stats
-    rates: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RATE_WINDOW))
+    rates: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RATE_WINDOW))  # prefill tokens/s
 
     def refresh(self, load: dict, now_s: float | None = None) -> None:
         self.load = load
@@ -50,9 +49,14 @@ class InstanceView:
         self.dispatched_tokens = 0
         self.dispatched_requests = 0
         rate = load.get("prefill_tokens_per_s")
-        if rate:  # a heartbeat with no prefill keeps the last rate
+        if rate:  # a heartbeat with no prefill keeps the last rates
             self.rates.append(rate)
-            self.prefill_rate = statistics.median(self.rates)
+
+    @property
+    def prefill_rate(self) -> float | None:
+        """Prompt tokens/s this instance prefills a queue at: the median of its recent heartbeats' rates
+        (None until one was measured)."""
+        return statistics.median(self.rates) if self.rates else None
 
     def queued_prefill_tokens(self) -> int:
         """Prompt tokens waiting here: the last heartbeat's queue and what was dispatched since."""
