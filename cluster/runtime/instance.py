@@ -156,10 +156,6 @@ class InstanceActor:
         self._admit(spec, lambda: self.worker.submit(spec.request_id, spec.prompt_token_ids, spec.params, peer_id,
                                                      transfer_id, spec.prompt))
 
-    def _to_compute(self, seq) -> int:
-        """The prompt tokens a waiting `seq` will compute: less the prefix it would find cached now."""
-        return seq.num_uncomputed - (0 if seq.num_computed_tokens else self.engine.kv.num_cached_prefix_tokens(seq))
-
     def _admit(self, spec: RequestSpec, add) -> None:
         """`add` a prompt on the loop. Until the loop takes it (after the step in progress: 0.2 s for a
         prefill of four 2k prompts on an H200) it counts among the queued prompt tokens the heartbeat
@@ -211,10 +207,11 @@ class InstanceActor:
         # a colocated instance's decode-only steps: what its streams' inter-token latency is set against
         stats["mean_decode_step_ms"] = self.decode_time_s / self.num_decode_steps * 1e3 if self.num_decode_steps else None
         self.decode_time_s, self.num_decode_steps = 0.0, 0
-        # drained like it: prompt tokens per second of those steps (None: none ran)
-        now, saturated = time.perf_counter(), self.window_saturated
-        elapsed = now - self.window_start_s
-        stats["prefill_tokens_per_s"] = self.num_prefill_tokens / elapsed if saturated and self.num_prefill_tokens else None
+        # the window since the last call: prompt tokens scheduled over its wall time, if prompts stayed
+        # queued through all of it (None: they did not, or none ran)
+        now = time.perf_counter()
+        stats["prefill_tokens_per_s"] = (self.num_prefill_tokens / (now - self.window_start_s)
+                                         if self.window_saturated and self.num_prefill_tokens else None)
         self.num_prefill_tokens, self.window_start_s, self.window_saturated = 0, now, True
         stats["max_step_ms"], stats["max_step_gap_ms"], stats["commands_ms"] = (
             self.max_step_s * 1e3, self.max_gap_s * 1e3, self.commands_s * 1e3)
@@ -229,6 +226,10 @@ class InstanceActor:
             stats["transfer_latencies_s"], self.worker.transfer_latencies_s = self.worker.transfer_latencies_s, []
             stats["max_land_ms"], self.worker.max_land_s = self.worker.max_land_s * 1e3, 0.0
         return stats
+
+    def _to_compute(self, seq) -> int:
+        """The prompt tokens a waiting `seq` will compute: less the prefix it would find cached now."""
+        return seq.num_uncomputed - (0 if seq.num_computed_tokens else self.engine.kv.num_cached_prefix_tokens(seq))
 
     def ping(self) -> str:
         if self.error:
