@@ -56,7 +56,6 @@ class PrefillWorker:
         self.num_layers = engine.arch.num_layers
         self.multi_rank = engine.config.parallel.world_size > 1
         self.kv_dtype = cache_dtype(engine.runner)
-        self.kv_itemsize = torch.empty((), dtype=self.kv_dtype).element_size()
         self.groups: dict[int, list[tuple[int, int]]] = {}  # this step: seq id -> its messages' layer ranges
         self.leaving: dict[int, list[tuple]] = {}  # one rank, this step: layer id -> (seq, plan, index, start, end) it ends
         self.bytes_sent = 0
@@ -121,7 +120,7 @@ class PrefillWorker:
 
     def _groups(self, seq) -> list[tuple[int, int]]:
         """[start, end) layer ranges of the stacked messages of `seq`'s KV."""
-        layer_bytes = max(1, torch.Size(self._kv_shape(seq)).numel() * self.kv_itemsize)
+        layer_bytes = max(1, torch.Size(self._kv_shape(seq)).numel() * self.kv_dtype.itemsize)
         per_group = max(1, GROUP_BYTES // layer_bytes)
         return [(start, min(start + per_group, self.num_layers)) for start in range(0, self.num_layers, per_group)]
 

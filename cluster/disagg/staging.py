@@ -23,7 +23,7 @@ class StagingRing:
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[int | None, torch.Tensor | None]:
         """(slot, a `shape` tensor in it); (None, None): allocate the message as before."""
-        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
         in_turn = [(self.next + i) % len(self.slots) for i in range(len(self.slots))]
         for slot in in_turn if nbytes <= self.slot_bytes else []:
             send = self.sends[slot]

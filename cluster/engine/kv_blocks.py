@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-_WORDS = ((torch.complex128, 16), (torch.int64, 8), (torch.int32, 4), (torch.int16, 2), (torch.uint8, 1))
+_WORDS = (torch.complex128, torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
 def _blocks(t: torch.Tensor, dim: int) -> torch.Tensor | None:
@@ -28,7 +28,8 @@ def _as_words(flat: torch.Tensor, widest: tuple = _WORDS) -> torch.Tensor:
     `widest` that divides a block and its start (itself if none does)."""
     itemsize = flat.element_size()
     nbytes, offset, strides = flat.shape[-1] * itemsize, flat.storage_offset() * itemsize, flat.stride()[:-1]
-    for word, size in widest:
+    for word in widest:
+        size = word.itemsize
         if size > itemsize and nbytes % size == 0 and offset % size == 0 and all(s * itemsize % size == 0 for s in strides):
             return flat.view(word)
     return flat

@@ -271,4 +271,3 @@ def allocate_kv(model, num_blocks: int, block_size: int, device: torch.device, d
     attn = model.model.layers[str(layer_ids[0])].self_attn
     shape = (len(layer_ids), 2, num_blocks, block_size, attn.num_kv_heads, model.cfg.head_dim)
     return torch.zeros(shape, dtype=dtype, device=device), layer_ids[0]
-
