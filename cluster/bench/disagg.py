@@ -26,6 +26,7 @@ import torch
 import torch.multiprocessing as mp
 from torch._C._distributed_c10d import BroadcastOptions
 
+from cluster.bench.sender_probes import POST_US, event_pair, gather_device_us, time_posts
 from cluster.config import CacheConfig, DisaggConfig, EngineConfig, ModelConfig, SchedulerConfig
 from cluster.types import Role, SamplingParams
 
@@ -163,8 +164,8 @@ def prefill_main(args, q_to_decode, q_from_decode, results):
     # announces a step's messages before the step computes, so the decode side has posted its receives;
     # `transfer_pregathered`: also gathered, and the device synchronised, before the clock starts: the
     # transport's own part, posting to landing, with no gather under it)
-    results["gather_device_us"] = _gather_device_us(engine, index, worker._groups(seq))
-    _time_posts(link)
+    results["gather_device_us"] = gather_device_us(engine, index, worker._groups(seq))
+    time_posts(link)
     stacked_groups = worker._groups(seq)
     for base_tid, (name, groups, pregather, ahead) in enumerate(
             (("transfer_only", [(layer, layer + 1) for layer in range(engine.arch.num_layers)], False, False),
@@ -199,7 +200,7 @@ def _transfer_runs(args, engine, transport, worker, q_to_decode, q_from_decode, 
         if ahead:
             transport.announce("D", manifest)
             time.sleep(0.002)
-        pairs = [_event_pair(engine.device) for _ in groups]  # made before the clock: only records inside it
+        pairs = [event_pair(engine.device) for _ in groups]  # made before the clock: only records inside it
         _sync()
         t0 = time.monotonic()
         if not ahead:
@@ -238,58 +239,6 @@ def _transfer_runs(args, engine, transport, worker, q_to_decode, q_from_decode, 
                      "post_us": list(POST_US), "gather_device_us": [a.elapsed_time(b) * 1e3 for a, b in gathers]})
         POST_US.clear()
     return runs[1:]  # the first pays for allocations
-
-
-def _gather_device_us(engine, index, groups) -> dict:
-    """Device time of one request's stacked gathers (every group once): torch's `index_select` over bf16
-    elements, over 16-byte words, and the engine's `gather_blocks` (the words, with its views and
-    checks), medians of 5."""
-    from cluster.engine.kv_blocks import gather_blocks
-
-    if engine.device.type != "cuda":
-        return {}
-    stack, first = engine.runner.kv_stack, engine.runner.first_kv_layer
-    words = stack.view(*stack.shape[:3], -1).view(torch.complex128)
-    ways = {"index_select": lambda a, b: stack[a - first:b - first].index_select(2, index),
-            "index_select_16_byte_words": lambda a, b: words[a - first:b - first].index_select(2, index),
-            "gather_blocks": lambda a, b: gather_blocks(stack[a - first:b - first], 2, index)}
-    out = {}
-    for name, gather in ways.items():
-        times = []
-        for _ in range(6):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for a, b in groups:
-                gather(a, b)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        out[name] = sorted(times[1:])[2]
-    return out
-
-
-POST_US: list[float] = []  # host time of each `Link.post` of the run (the NCCL broadcast's launch)
-
-
-def _event_pair(device) -> list:
-    """Two CUDA events to put around one gather (its device time); none on CPU."""
-    if device.type != "cuda":
-        return []
-    return [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)]
-
-
-def _time_posts(link) -> None:
-    """Stamp the host time of each of `link`'s posts into POST_US (the bench's own wrapper)."""
-    post = link.post
-
-    def timed(tensor, sending):
-        t = time.monotonic()
-        try:
-            return post(tensor, sending)
-        finally:
-            POST_US.append((time.monotonic() - t) * 1e6)
-
-    link.post = timed
 
 
 def decode_main(args, q_to_decode, q_from_decode, results):

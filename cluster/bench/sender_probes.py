@@ -1,0 +1,65 @@
+"""What `bench.disagg` measures of the KV sender beside each transfer: where its host time goes and
+how long its gathers take on the device.
+
+  gather_device_us   one request's stacked gathers timed on the device, three ways (torch's
+                     index_select over bf16 elements, over 16-byte words, the engine's gather_blocks);
+  event_pair         two CUDA events to put around one gather inside a timed transfer;
+  time_posts         wraps a link's `post` so each NCCL launch's host time lands in POST_US.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def gather_device_us(engine, index, groups) -> dict:
+    """Device time of one request's stacked gathers (every group once): torch's `index_select` over bf16
+    elements, over 16-byte words, and the engine's `gather_blocks` (the words, with its views and
+    checks), medians of 5."""
+    from cluster.engine.kv_blocks import gather_blocks
+
+    if engine.device.type != "cuda":
+        return {}
+    stack, first = engine.runner.kv_stack, engine.runner.first_kv_layer
+    words = stack.view(*stack.shape[:3], -1).view(torch.complex128)
+    ways = {"index_select": lambda a, b: stack[a - first:b - first].index_select(2, index),
+            "index_select_16_byte_words": lambda a, b: words[a - first:b - first].index_select(2, index),
+            "gather_blocks": lambda a, b: gather_blocks(stack[a - first:b - first], 2, index)}
+    out = {}
+    for name, gather in ways.items():
+        times = []
+        for _ in range(6):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for a, b in groups:
+                gather(a, b)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        out[name] = sorted(times[1:])[2]
+    return out
+
+
+POST_US: list[float] = []  # host time of each `Link.post` of the run (the NCCL broadcast's launch)
+
+
+def event_pair(device) -> list:
+    """Two CUDA events to put around one gather (its device time); none on CPU."""
+    if device.type != "cuda":
+        return []
+    return [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)]
+
+
+def time_posts(link) -> None:
+    """Stamp the host time of each of `link`'s posts into POST_US (the bench's own wrapper)."""
+    post = link.post
+
+    def timed(tensor, sending):
+        t = time.monotonic()
+        try:
+            return post(tensor, sending)
+        finally:
+            POST_US.append((time.monotonic() - t) * 1e6)
+
+    link.post = timed
