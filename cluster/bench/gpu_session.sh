@@ -16,6 +16,9 @@
 #   disagg     bench.disagg: KV transfer per layer and stacked vs raw NCCL, TTFT 1P1D vs colocated (≈2 min)
 #   serve      bench.serve: 1P1D vs two colocated replicas through HTTP up to saturation (≈7 min);
 #              serve:R1,R2,... at those request rates
+#   serve1:R1,R2,...  one GPU: bench.serve's colocated-1 (one mixed instance) at those rates, with a step
+#              budget of 8192 tokens (the two-GPU sweeps' colocated) and of 2048 (examples/colocated.yaml) (≈6 min)
+#   sender-host  one GPU: bench.sender_host, the KV sender's host time per gather and post (≈1.5 min)
 #   serve-admit  the sweep past saturation with admission on (queue wait, decode step) (≈6 min);
 #              serve-admit:R1,R2,... at those request rates
 set -uo pipefail
@@ -69,6 +72,13 @@ for item in "$@"; do
                rates=4,8,12,16,24,32,48; [[ $item == serve:* ]] && rates=${item#serve:}
                need_llama; run_item serve python3 -m cluster.bench.serve --model /tmp/llama8b \
                  --rates "$rates" --num-requests 800 --duration-s 15 --low-duration-s 10 --out-dir serve ;;
+    serve1:*)  need_llama
+               for budget in 8192 2048; do
+                 run_item "serve1-$budget" python3 -m cluster.bench.serve --model /tmp/llama8b --deployments colocated-1 \
+                   --rates "${item#serve1:}" --num-requests 400 --duration-s 15 --low-duration-s 8 \
+                   --max-num-batched-tokens "$budget" --out-dir "serve1-$budget"
+               done ;;
+    sender-host) need_llama; run_item sender-host python3 -m cluster.bench.sender_host --model /tmp/llama8b --out sender_host.json ;;
     serve-admit|serve-admit:*) # the same past saturation with admission on (api.max_queue_wait_s 0.1: the 0.4 s TTFT
                # target less a prefill step of four 2k prompts, ~0.21 s, and the hand-over; max_decode_step_ms
                # 30 of the 40 ms TPOT one): goodput should hold near capacity past saturation

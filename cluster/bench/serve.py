@@ -3,7 +3,7 @@
     python -m cluster.bench.serve --model DIR --rates 1,2,4 --out-dir serve_results
 
 For each deployment (`1p1d`: one prefill + one decode instance, one GPU each;
-`colocated`: two mixed instances, one GPU each):
+`colocated`: two mixed instances, one GPU each; `colocated-1`: one mixed instance, one GPU):
   (1) `llm-cluster up --config <generated yaml>` in a subprocess, waited on until ready;
   (2) `llm-cluster bench` sweeps the request rates (Poisson arrivals, prefill-heavy:
       `--input-len` in / `--output-len` out) and reports goodput under the TTFT/TPOT SLOs;
@@ -31,6 +31,9 @@ DEPLOYMENTS = {
              "decode": {"instances": 1, "num_gpus_per_rank": 1, "num_cpus_per_rank": 2}},
     "colocated": {"prefill": {"instances": 0}, "decode": {"instances": 0},
                   "mixed": {"instances": 2, "num_gpus_per_rank": 1, "num_cpus_per_rank": 2}},
+    # one mixed instance on one GPU: what a colocated replica holds alone (on a one-GPU machine)
+    "colocated-1": {"prefill": {"instances": 0}, "decode": {"instances": 0},
+                    "mixed": {"instances": 1, "num_gpus_per_rank": 1, "num_cpus_per_rank": 2}},
 }
 
 

@@ -29,7 +29,8 @@ def _jsonl(path: str) -> list[dict]:
 
 def load(dirs: list[str]) -> dict:
     """Every result file found in `dirs` (a later folder's file of the same kind adds its records)."""
-    found: dict = {"parallel": [], "disagg": None, "serve": None, "serve-admit": None, "gpu_tests": [], "hardware": None}
+    found: dict = {"parallel": [], "disagg": None, "serve": None, "serve-admit": None, "gpu_tests": [], "hardware": None,
+                   "serve_one_gpu": {}, "sender_host": None}
     for d in dirs:
         for name in ("parallel.jsonl", "pp.jsonl", "moe.jsonl"):
             if os.path.exists(os.path.join(d, name)):
@@ -44,6 +45,13 @@ def load(dirs: list[str]) -> dict:
             if os.path.exists(os.path.join(d, kind, "serve_summary.json")):
                 with open(os.path.join(d, kind, "serve_summary.json")) as f:
                     found[kind] = json.load(f)
+        for kind in sorted(os.listdir(d)) if os.path.isdir(d) else []:  # serve1-BUDGET: one GPU, per step budget
+            if kind.startswith("serve1-") and os.path.exists(os.path.join(d, kind, "serve_summary.json")):
+                with open(os.path.join(d, kind, "serve_summary.json")) as f:
+                    found["serve_one_gpu"][kind] = json.load(f)
+        if os.path.exists(os.path.join(d, "sender_host.json")):
+            with open(os.path.join(d, "sender_host.json")) as f:
+                found["sender_host"] = json.load(f)
         if os.path.exists(os.path.join(d, "gpu-tests.log")):
             with open(os.path.join(d, "gpu-tests.log")) as f:
                 found["gpu_tests"] += [line.strip() for line in f if " passed" in line or " failed" in line
@@ -160,7 +168,27 @@ def render(found: dict) -> str:
     for kind, title in (("serve", ""), ("serve-admit", ", admission on (queue wait, decode step)")):
         out += ["", f"## Serving{title}: goodput (req/s, share meeting SLOs, ITL p99 ms) per rate", ""]
         out += _serve_lines(found[kind])
+    for kind, serve in found["serve_one_gpu"].items():
+        out += ["", f"## Serving on one GPU, {kind}: goodput (req/s, share meeting SLOs, ITL p99 ms) per rate", ""]
+        out += _serve_lines(serve)
+    out += ["", "## KV sender's host time on one GPU (bench.sender_host; median / p90 us per call)", ""]
+    out += _sender_host_lines(found["sender_host"])
     return "\n".join(out) + "\n"
+
+
+def _sender_host_lines(found: dict | None) -> list[str]:
+    if not found:
+        return ["- not run"]
+    cases = [k for k, v in found.items() if isinstance(v, dict) and "median_us" in v]
+    out = [f"- {k}: {found[k]['median_us']:.0f} / {found[k]['p90_us']:.0f}" for k in cases]
+    step = found.get("in_prefill") or {}
+    if step:
+        out.append(f"- inside a prefill step: gather launch {step['gather_launch']['median_us']:.0f} / "
+                   f"{step['gather_launch']['p90_us']:.0f}, post {step['post']['median_us']:.0f}; step "
+                   f"{step['step_ms_streamed']:.1f} ms streamed vs {step['step_ms_plain']:.1f} ms plain")
+    out += [f"- host op {row['op']}: {row['calls']} calls, self {row['self_cpu_us']:.0f} us"
+            for row in (found.get("profile") or [])[:6]]
+    return out
 
 
 def _host_split(transfer: dict) -> str:

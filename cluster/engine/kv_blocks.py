@@ -43,18 +43,18 @@ def gather_blocks(cache: torch.Tensor, dim: int, index: torch.Tensor, out: torch
         out = torch.empty(shape, dtype=cache.dtype, device=cache.device)
     elif tuple(out.shape) != shape or out.dtype != cache.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {cache.dtype}{list(shape)}, got {out.dtype}{list(out.shape)}")
-    flat = _blocks(cache, dim)
-    if flat is None:
+    flat, flat_out = _blocks(cache, dim), _blocks(out, dim)
+    if flat is None or flat_out is None:  # (no blocks at all: the view of an empty `out` is ambiguous)
         return torch.index_select(cache, dim, index, out=out)
-    torch.index_select(_as_words(flat), dim, index, out=_as_words(_blocks(out, dim)))
+    torch.index_select(_as_words(flat), dim, index, out=_as_words(flat_out))
     return out
 
 
 def scatter_blocks(cache: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor) -> None:
     """`src` into `cache`'s blocks `index` along `dim`, in place (`gather_blocks` backwards)."""
     src = src.to(cache.device, cache.dtype).contiguous()
-    flat = _blocks(cache, dim)
-    if flat is None:
+    flat, flat_src = _blocks(cache, dim), _blocks(src, dim)
+    if flat is None or flat_src is None:
         cache.index_copy_(dim, index, src)
         return
-    _as_words(flat).index_copy_(dim, index, _as_words(_blocks(src, dim)))
+    _as_words(flat).index_copy_(dim, index, _as_words(flat_src))

@@ -54,3 +54,13 @@ def test_blocks_not_contiguous_are_written_in_place():
     scatter_blocks(cache, 1, index, src)
     assert torch.equal(full[:, index][:, :, :, ::2], src) and full[:, :, :, 1::2].abs().sum() == 0
     assert torch.equal(gather_blocks(cache, 1, index), src)
+
+
+def test_no_blocks_at_all():
+    """A gather or scatter of zero blocks is empty, not a crash (an empty block's view is ambiguous)."""
+    cache = torch.randn(3, 2, 6, 4, 2, 8)
+    index = torch.tensor([], dtype=torch.int64)
+    assert gather_blocks(cache, 2, index).shape == (3, 2, 0, 4, 2, 8)
+    before = cache.clone()
+    scatter_blocks(cache, 2, index, torch.empty(3, 2, 0, 4, 2, 8))
+    assert torch.equal(cache, before)
