@@ -1,0 +1,137 @@
+"""The cluster's knobs: its pools, router, API, state store, and the YAML file `llm-cluster up` reads."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cluster.config.engine import DisaggConfig, EngineConfig
+from cluster.config.fields import ConfigError, _is_positive_number, _positive_int, _require, from_dict
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One pool of identical instances (prefill, decode, or mixed)."""
+
+    instances: int = 0  # instances started at launch (the autoscaler may change it later)
+    tp: int = 1  # tensor-parallel ranks per instance
+    pp: int = 1  # pipeline stages per instance
+    num_cpus_per_rank: float = 0.5  # Ray CPUs per rank actor (CPU deployments; fractions share cores)
+    num_gpus_per_rank: float = 0.0  # Ray GPUs per rank actor (1 on GPU deployments)
+    # this pool's token budget per step (None: engine.scheduler's). A prefill pool's prompt gets its
+    # first token when its whole step ends: at 8,192 tokens a step of four 2k prompts took 0.21 s on an
+    # H200, at 2,048 one prompt's takes a quarter of that, and the GEMMs are as busy at either size
+    max_num_batched_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.instances, int) and self.instances >= 0, "PoolConfig", "instances", self.instances, "must be an integer >= 0")
+        if self.max_num_batched_tokens is not None:
+            _positive_int("PoolConfig", "max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive_int("PoolConfig", "tp", self.tp)
+        _positive_int("PoolConfig", "pp", self.pp)
+        _require(self.num_cpus_per_rank >= 0, "PoolConfig", "num_cpus_per_rank", self.num_cpus_per_rank, "must be >= 0")
+        _require(self.num_gpus_per_rank >= 0, "PoolConfig", "num_gpus_per_rank", self.num_gpus_per_rank, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How requests are placed on instances."""
+
+    policy: str = "load"  # load: queued prefill tokens + prefix overlap / free blocks + batch | round_robin
+    prefix_weight_tokens: float = 1.0  # a prefix-cache hit of one token is worth this many queued tokens
+    heartbeat_s: float = 1.0  # instances report load this often
+    instance_ttl_s: float = 5.0  # an instance silent for this long is dead
+
+    def __post_init__(self) -> None:
+        _require(self.policy in ("load", "round_robin"), "RouterConfig", "policy", self.policy, "must be load or round_robin")
+        _require(self.heartbeat_s > 0, "RouterConfig", "heartbeat_s", self.heartbeat_s, "must be > 0")
+        _require(self.instance_ttl_s > self.heartbeat_s, "RouterConfig", "instance_ttl_s", self.instance_ttl_s, "must exceed heartbeat_s")
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """The OpenAI-compatible HTTP server."""
+
+    host: str = "127.0.0.1"  # bind address (0.0.0.0 only inside a container/pod)
+    port: int = 8000
+    max_pending: int = 256  # requests admitted at once; beyond it 429 with Retry-After
+    # a request that would wait longer than this before its prefill starts (the prompt tokens queued on
+    # the least loaded prefill or mixed instance, over that instance's measured prefill rate) gets 429
+    # with Retry-After at once, instead of a TTFT past its SLO; set it to the TTFT target less a
+    # prompt's prefill time. None: max_pending alone bounds admission
+    max_queue_wait_s: float | None = None
+    # a request is refused (429) while every decode (or mixed) instance's mean step time since its last
+    # heartbeat exceeds this: one more stream would slow them all past their TPOT target (set it a
+    # little under that target). None: no limit
+    max_decode_step_ms: float | None = None
+    served_model_name: str | None = None  # /v1/models id; None: the checkpoint directory's name
+    # how long an idle client connection stays open (uvicorn's default is 5 s): a client that pools
+    # connections may send on one just as the server closes it, and gets "Server disconnected" with no
+    # response (once in 706 requests on 2xH200); longer than clients keep idle ones makes that rare
+    keep_alive_s: float = 75.0
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.port, int) and 0 <= self.port < 65536, "ApiConfig", "port", self.port, "must be a port number")
+        _require(_is_positive_number(self.keep_alive_s), "ApiConfig", "keep_alive_s", self.keep_alive_s, "must be > 0 seconds")
+        _positive_int("ApiConfig", "max_pending", self.max_pending)
+        for name, unit in (("max_queue_wait_s", "seconds"), ("max_decode_step_ms", "milliseconds")):
+            limit = getattr(self, name)
+            _require(limit is None or _is_positive_number(limit),
+                     "ApiConfig", name, limit, f"must be a number of {unit} > 0 (or unset)")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Cluster state: in memory by default, Redis when redis_url is set."""
+
+    redis_url: str | None = None  # redis://host:port/db; None: in-memory (one process)
+    namespace: str = "llm_cluster:"
+
+    def __post_init__(self) -> None:
+        _require(self.redis_url is None or self.redis_url.startswith(("redis://", "rediss://", "memory://")),
+                 "StoreConfig", "redis_url", self.redis_url, "must be redis://host:port/db (or unset)")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Everything `llm-cluster up` starts."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    prefill: PoolConfig = field(default_factory=lambda: PoolConfig(instances=1))
+    decode: PoolConfig = field(default_factory=lambda: PoolConfig(instances=1))
+    mixed: PoolConfig = field(default_factory=PoolConfig)
+    disagg: DisaggConfig = field(default_factory=DisaggConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    ray_address: str | None = None  # None: start a local Ray on loopback; "auto" or an address: join it
+
+    def __post_init__(self) -> None:
+        disagg = self.prefill.instances > 0 or self.decode.instances > 0
+        if disagg and (self.prefill.instances == 0 or self.decode.instances == 0):
+            raise ConfigError("ClusterConfig: a disaggregated deployment needs prefill.instances >= 1 and decode.instances >= 1")
+        if not disagg and self.mixed.instances == 0:
+            raise ConfigError("ClusterConfig: no instances: set mixed.instances, or prefill and decode instances")
+        # the KV hand-over gathers a prefill instance's shards (heads over tp, layers over pp) to its
+        # rank 0 and scatters them from a decode instance's rank 0 (engine/kv_handover.py): the pools
+        # may have any tp x pp each
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.prefill.instances > 0
+
+
+def load_cluster_config(path: str | None, overrides: dict | None = None) -> ClusterConfig:
+    """Read YAML (unknown keys and bad values are errors naming the field)."""
+    data: dict = {}
+    if path:
+        import yaml
+
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for key, value in (overrides or {}).items():
+        data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.__setitem__(key, value)
+    return from_dict(ClusterConfig, data)
