@@ -6,8 +6,10 @@
     decode:  most free KV blocks among those with room for the prompt, fewest running;
   round_robin: cycles, for comparison.
 
-The router keeps a local tally of what it dispatched since the last heartbeat, so a burst
-between two heartbeats spreads instead of piling onto the instance that looked idlest.
+The router keeps a local tally of what it dispatched since the last heartbeat asked for an
+instance's stats, so a burst between two heartbeats spreads instead of piling onto the instance
+that looked idlest. A dispatch made while a heartbeat's request was on its way may be in those
+stats or not; it stays counted until the next one (counted twice for a beat at worst, never lost).
 """
 from __future__ import annotations
 
@@ -35,19 +37,21 @@ class InstanceView:
     block_size: int = 16
     num_blocks: int = 0
     load: dict = field(default_factory=dict)  # last heartbeat's engine stats
-    dispatched_tokens: int = 0  # prompt tokens sent since that heartbeat
-    dispatched_requests: int = 0
+    sent: collections.deque = field(default_factory=collections.deque)  # (time.monotonic(), prompt tokens) per dispatch
     alive: bool = True
     link_address: str | None = None
     kv_bytes_reported: int = 0  # prefill: bytes already counted in the metrics
     refreshed_s: float = 0.0  # time.monotonic() of the last heartbeat's stats
     rates: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RATE_WINDOW))  # prefill tokens/s
 
-    def refresh(self, load: dict, now_s: float | None = None) -> None:
+    def refresh(self, load: dict, now_s: float | None = None, asked_s: float | None = None) -> None:
+        """The stats `load`, asked for at `asked_s` (None: now). Dispatches from before that are in them;
+        later ones may not be, so they stay counted."""
         self.load = load
         self.refreshed_s = time.monotonic() if now_s is None else now_s
-        self.dispatched_tokens = 0
-        self.dispatched_requests = 0
+        asked_s = self.refreshed_s if asked_s is None else asked_s
+        while self.sent and self.sent[0][0] < asked_s:
+            self.sent.popleft()
         rate = load.get("prefill_tokens_per_s")
         if rate:  # a heartbeat with no prefill keeps the last rates
             self.rates.append(rate)
@@ -73,10 +77,18 @@ class InstanceView:
         elapsed_s = max(0.0, (time.monotonic() if now_s is None else now_s) - self.refreshed_s)
         return max(0.0, self.queued_prefill_tokens() / self.prefill_rate - elapsed_s)
 
-    def dispatched(self, num_prompt_tokens: int) -> None:
-        """A request was sent here: counted in its load until the next heartbeat's stats include it."""
-        self.dispatched_tokens += num_prompt_tokens
-        self.dispatched_requests += 1
+    def dispatched(self, num_prompt_tokens: int, now_s: float | None = None) -> None:
+        """A request was sent here: counted in its load until a heartbeat asked for later stats."""
+        self.sent.append((time.monotonic() if now_s is None else now_s, num_prompt_tokens))
+
+    @property
+    def dispatched_tokens(self) -> int:
+        """Prompt tokens sent here that the last heartbeat's stats may not include."""
+        return sum(tokens for _, tokens in self.sent)
+
+    @property
+    def dispatched_requests(self) -> int:
+        return len(self.sent)
 
 
 class Router:

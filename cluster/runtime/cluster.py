@@ -65,7 +65,8 @@ class ClusterClient(EngineClient):
         info = await handle.info.remote()
         view = InstanceView(instance_id, role, handle, info["block_size"], info["num_blocks"])
         view.link_address = info["link_address"]
-        view.refresh(await handle.stats.remote())
+        asked_s = time.monotonic()
+        view.refresh(await handle.stats.remote(), asked_s=asked_s)
         self.instances[instance_id] = view
         self.poll_tasks[instance_id] = asyncio.create_task(self._poll(view))
         self.store.register_instance(InstanceInfo(instance_id, role, info["link_address"] or instance_id,

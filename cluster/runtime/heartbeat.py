@@ -35,13 +35,14 @@ class Heartbeat:
         client = self.client
         ttl_s = client.config.router.instance_ttl_s
         for view in [v for v in client.instances.values() if v.alive]:
+            asked_s = time.monotonic()  # dispatches from now on may miss these stats: they stay counted
             try:
                 stats = await asyncio.wait_for(view.handle.stats.remote(), ttl_s)
                 hashes = await view.handle.prefix_hashes.remote()
             except Exception as exc:
                 await client._instance_died(view, f"heartbeat failed: {type(exc).__name__}: {exc}")
                 continue
-            view.refresh(stats)
+            view.refresh(stats, asked_s=asked_s)
             load = InstanceLoad(stats["num_running"], stats["num_waiting"], stats["num_queued_prefill_tokens"],
                                 stats["num_free_blocks"], min(1.0, stats["kv_usage"]), time.time())
             client.store.heartbeat(view.instance_id, load, ttl_s)
