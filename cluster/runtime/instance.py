@@ -286,6 +286,7 @@ class InstanceActor:
     def _step(self) -> list[TokenDelta]:
         if not (self._busy() or self._waiting_on_network()):
             self.window_saturated = False  # idle: no queue
+            self.last_step_end = None  # nor a stall: the next step's wait for work is not counted as one
             return []
         self.num_steps += 1
         prefilled = self.engine.scheduler.num_prefill_tokens

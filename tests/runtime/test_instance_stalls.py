@@ -43,6 +43,33 @@ def test_stall_figures_cover_the_steps_since_the_last_heartbeat(checkpoint_dir):
         gc.unfreeze()
 
 
+def test_idle_time_between_two_bursts_is_not_a_stall(checkpoint_dir):
+    """The wait between steps counts only while work is in hand: a request after a second of idleness
+    is no 1 s stall (a one-GPU sweep read 2.0-2.4 s 'gaps' at each rate's start: the idle time before it)."""
+    cfg = EngineConfig(model=ModelConfig(path=checkpoint_dir("llama")), cache=CacheConfig(num_blocks=64))
+    actor = InstanceActor("mixed-0", Role.MIXED, cfg, DisaggConfig())
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+    def serve(request_id: str) -> None:
+        actor.submit(RequestSpec(request_id, [5, 6, 7, 8], params))
+        tokens, deadline = 0, time.monotonic() + 60
+        while tokens < 4 and time.monotonic() < deadline:
+            deltas, _, error = actor.next_deltas(0.5)
+            assert error is None
+            tokens += sum(len(d.token_ids) for d in deltas)
+
+    try:
+        serve("r0")
+        actor.stats()
+        time.sleep(1.0)  # idle
+        serve("r1")
+        assert actor.stats()["max_step_gap_ms"] < 500
+    finally:
+        actor.shutdown()
+        actor.loop.join(10)
+        gc.unfreeze()
+
+
 def test_freezing_start_up_objects_shortens_full_collections():
     """A full collection walks every tracked object: in a process that imported torch that is most
     of the pause; frozen, they are not walked. GcPauses times each collection."""
