@@ -30,7 +30,7 @@ def _jsonl(path: str) -> list[dict]:
 def load(dirs: list[str]) -> dict:
     """Every result file found in `dirs` (a later folder's file of the same kind adds its records)."""
     found: dict = {"parallel": [], "disagg": None, "serve": None, "serve-admit": None, "gpu_tests": [], "hardware": None,
-                   "serve_one_gpu": {}, "sender_host": None}
+                   "serve_one_gpu": {}, "sender_host": None, "prefill_budget": None}
     for d in dirs:
         for name in ("parallel.jsonl", "pp.jsonl", "moe.jsonl"):
             if os.path.exists(os.path.join(d, name)):
@@ -46,9 +46,12 @@ def load(dirs: list[str]) -> dict:
                 with open(os.path.join(d, kind, "serve_summary.json")) as f:
                     found[kind] = json.load(f)
         for kind in sorted(os.listdir(d)) if os.path.isdir(d) else []:  # serve1-BUDGET: one GPU, per step budget
-            if kind.startswith("serve1-") and os.path.exists(os.path.join(d, kind, "serve_summary.json")):
+            if kind.startswith("serve1") and os.path.exists(os.path.join(d, kind, "serve_summary.json")):
                 with open(os.path.join(d, kind, "serve_summary.json")) as f:
                     found["serve_one_gpu"][kind] = json.load(f)
+        if os.path.exists(os.path.join(d, "prefill_budget.json")):
+            with open(os.path.join(d, "prefill_budget.json")) as f:
+                found["prefill_budget"] = json.load(f)
         if os.path.exists(os.path.join(d, "sender_host.json")):
             with open(os.path.join(d, "sender_host.json")) as f:
                 found["sender_host"] = json.load(f)
@@ -173,6 +176,11 @@ def render(found: dict) -> str:
         out += _serve_lines(serve)
     out += ["", "## KV sender's host time on one GPU (bench.sender_host; median / p90 us per call)", ""]
     out += _sender_host_lines(found["sender_host"])
+    out += ["", "## A prefill engine's step budget on one GPU (bench.prefill_budget)", ""]
+    budget = found["prefill_budget"]
+    out += [f"- {r['budget_tokens']} tokens a step: {r['prompt_tokens_per_s']:.0f} prompt tokens/s, step {r['step_ms']:.1f} ms; "
+            f"a burst of {r['burst_prompts']}: TTFT median {r['ttft_median_ms']:.0f} ms, p90 {r['ttft_p90_ms']:.0f} ms; "
+            f"lone prompt {r['lone_ttft_ms']:.1f} ms" for r in (budget or {}).get("rows", [])] or ["- not run"]
     return "\n".join(out) + "\n"
 
 
