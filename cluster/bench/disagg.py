@@ -167,12 +167,18 @@ def prefill_main(args, q_to_decode, q_from_decode, results):
     results["gather_device_us"] = gather_device_us(engine, index, worker._groups(seq))
     time_posts(link)
     stacked_groups = worker._groups(seq)
-    for base_tid, (name, groups, pregather, ahead) in enumerate(
-            (("transfer_only", [(layer, layer + 1) for layer in range(engine.arch.num_layers)], False, False),
-             ("transfer_stacked", stacked_groups, False, False), ("transfer_announced", stacked_groups, False, True),
-             ("transfer_pregathered", stacked_groups, True, True)), start=1):
+    # (`transfer_stacked_caller_polls`: as stacked, with no thread polling the NCCL sends: the transport's
+    # `caller_polls_sends`, whether the waiter thread is what slows the sender's host)
+    for base_tid, (name, groups, pregather, ahead, caller_polls) in enumerate(
+            (("transfer_only", [(layer, layer + 1) for layer in range(engine.arch.num_layers)], False, False, False),
+             ("transfer_stacked", stacked_groups, False, False, False),
+             ("transfer_announced", stacked_groups, False, True, False),
+             ("transfer_pregathered", stacked_groups, True, True, False),
+             ("transfer_stacked_caller_polls", stacked_groups, False, False, True)), start=1):
+        transport.caller_polls_sends = caller_polls
         runs = _transfer_runs(args, engine, transport, worker, q_to_decode, q_from_decode, prompt, index, shape, first,
                               groups, base_tid=base_tid * 1000, pregather=pregather, ahead=ahead)
+        transport.caller_polls_sends = False
         landed = sorted(r["landed_ms"] for r in runs)[len(runs) // 2]
         joined = sorted(r["joined_ms"] for r in runs)[len(runs) // 2]
         results[name] = {"bytes": nbytes, "messages": len(groups) + 1, "runs": runs, "landed_ms_median": landed,
@@ -232,6 +238,7 @@ def _transfer_runs(args, engine, transport, worker, q_to_decode, q_from_decode, 
         transport.send_layer("D", tid, count - 1, count, first)
         posted = time.monotonic()
         stamps = q_from_decode.get()
+        transport.send_state(tid)  # (caller-polled sends are counted when asked)
         sent = transport.trackers[tid].done_s if tid in transport.trackers else None
         runs.append({"posted_ms": (posted - t0) * 1e3, "sent_ms": (sent - t0) * 1e3 if sent else None,
                      "landed_ms": (stamps["landed_s"] - t0) * 1e3, "joined_ms": (stamps["joined_s"] - t0) * 1e3,

@@ -213,3 +213,39 @@ def test_a_sender_may_stack_consecutive_layers_in_one_message():
     assert _poll(decode.recv_state, 32) == TransferState.FAILED and "ended after 2 of the 3" in decode.error(32)
     assert _poll(decode.recv_state, 33) == TransferState.FAILED and "stacked" in decode.error(33)
     proc.join(timeout=10)
+
+
+class _NcclWork:
+    """Stands in for an NCCL send's work handle (NCCL cannot run on this CPU machine): done when told."""
+
+    def __init__(self):
+        self.done = False
+
+    def is_completed(self) -> bool:
+        return self.done
+
+
+def test_caller_polled_nccl_sends_complete_in_order_and_fail_their_link_past_the_deadline():
+    """With `caller_polls_sends` the NCCL payloads are counted by whoever asks `send_state` (no
+    second thread polls them): a transfer is done once all its sends are, in posting order, and a
+    send past its deadline fails the link and every transfer on it."""
+    from cluster.disagg.transfer.link import Link
+
+    transport = TorchDistTransport("P", backend="gloo", caller_polls_sends=True)
+    link = transport.links["D"] = Link("D", group=None, control=None, my_rank=1, backend="nccl",
+                                       device=torch.device("cpu"))
+    works = [_NcclWork() for _ in range(3)]
+    first = transport._sender(1, "D", 2)
+    second = transport._sender(2, "D", 1)
+    far = time.monotonic() + 60
+    for tracker, work in ((first, works[0]), (first, works[1]), (second, works[2])):
+        link.posted.append((tracker, work, "nccl", None, far))
+    assert transport.send_state(1) == TransferState.WAITING
+    works[0].done = works[2].done = True  # the third is done, but counted only after the second
+    assert transport.send_state(1) == TransferState.WAITING and transport.send_state(2) == TransferState.WAITING
+    works[1].done = True
+    assert transport.send_state(1) == TransferState.DONE and transport.send_state(2) == TransferState.DONE
+    late = transport._sender(3, "D", 1)
+    link.posted.append((late, _NcclWork(), "nccl", None, time.monotonic() - 1))  # past its deadline
+    assert transport.send_state(3) == TransferState.FAILED
+    assert link.closed and "deadline" in link.error and not link.posted

@@ -47,6 +47,7 @@ class Link:
     direction: str | None = None  # "send" or "recv": fixed by the first use (KV flows one way per link)
     announced: collections.deque = field(default_factory=collections.deque)  # sender: headers not yet sent
     sent: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # sender: posted sends, in order, to wait on
+    posted: collections.deque = field(default_factory=collections.deque)  # sender: NCCL sends the caller polls
 
     @property
     def peer_rank(self) -> int:

@@ -28,7 +28,10 @@ gets links without restarting anyone:
       tag (FIFO per peer);
   (4) sender side, one waiter thread per link waits on its sends in the order they were
       posted and turns them into a polled per-transfer state (gloo's handles only complete
-      inside wait(); NCCL's are polled with a backoff, so few wake-ups take the GIL);
+      inside wait(); NCCL's are polled with a backoff, so few wake-ups take the GIL). With
+      `caller_polls_sends`, NCCL payloads are not handed to that thread: whoever asks
+      `send_state` (the engine's loop) looks at them, so no second thread touches the GIL or
+      the CUDA driver while the prefill launches its step (the waiter keeps the gloo manifests);
   (5) a dead peer shows up as an error on the link (gloo: its closed socket) or as a
       transfer timing out; the transfer FAILS and the caller recomputes; `disconnect`
       aborts the group and fails what was in flight on it.
@@ -55,10 +58,14 @@ FORGOTTEN_KEPT = 4096  # transfer ids given up on whose late messages are droppe
 
 class TorchDistTransport(KVTransport):
     def __init__(self, endpoint_id: str, host: str = "127.0.0.1", backend: str = "gloo", timeout_s: float = 10.0,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, caller_polls_sends: bool = False):
         """`device`: the engine's GPU for NCCL links (default: the creating thread's current device;
-        `connect` may run on another thread, whose current device is GPU 0)."""
+        `connect` may run on another thread, whose current device is GPU 0). `caller_polls_sends`: (4)."""
         self.endpoint_id = endpoint_id
+        # On 2xH200 (2026-11-30) the sender's host took 250-600 us per gather launch and 60-100 per NCCL
+        # post, where one GPU without a link takes 62 and 8 (2026-12-01): whether the waiter thread's
+        # polls are why is what this switch measures (bench.disagg runs both)
+        self.caller_polls_sends = caller_polls_sends
         self.device = device if device is not None else (
             torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu"))
         self.host = host
@@ -135,6 +142,7 @@ class TorchDistTransport(KVTransport):
     def _close(self, link: Link, why: str) -> None:
         link.closed = True
         link.sent.put(None)
+        link.posted.clear()
         link.error = link.error or why
         self._fail_peer(link.peer_id, why)
         pending = link.current
@@ -200,12 +208,34 @@ class TorchDistTransport(KVTransport):
         with tracker.cond:
             if tracker.state == TransferState.WAITING:
                 tracker.state = TransferState.TRANSFERRING
-        link.sent.put((tracker, work, link.backend, kv, time.monotonic() + self._send_timeout_s()))
+        item = (tracker, work, link.backend, kv, time.monotonic() + self._send_timeout_s())
+        if self.caller_polls_sends and link.backend == "nccl":
+            link.posted.append(item)  # looked at by `send_state`, on the caller's thread
+        else:
+            link.sent.put(item)
         return work
 
     def send_state(self, transfer_id) -> TransferState:
+        if self.caller_polls_sends:
+            self._reap_sends()
         t = self.trackers.get(transfer_id)
         return t.state if t else TransferState.WAITING
+
+    def _reap_sends(self) -> None:
+        """`caller_polls_sends`: count every link's NCCL sends done so far (they complete in the order
+        they were posted); a send past its deadline fails its link, as the waiter thread would."""
+        now = time.monotonic()
+        for link in list(self.links.values()):
+            while link.posted and not link.closed:
+                tracker, work, _kind, _tensor, deadline = link.posted[0]
+                if work.is_completed():
+                    link.posted.popleft()
+                    self._sent_one(tracker)
+                elif now > deadline:
+                    link.error = f"link to {link.peer_id} failed: an NCCL send not completed by its deadline"
+                    self._close(link, link.error)
+                else:
+                    break
 
     # -- receiver ------------------------------------------------------------------
     def expect(self, peer_id, transfer_id, specs, device) -> None:
@@ -265,10 +295,15 @@ class TorchDistTransport(KVTransport):
                     self._close(link, link.error)
                 return
             if tracker is not None:
-                with tracker.cond:
-                    tracker.num_done += 1
-                    if tracker.num_done >= tracker.num_expected and tracker.state != TransferState.FAILED:
-                        tracker.state, tracker.done_s = TransferState.DONE, time.monotonic()
+                self._sent_one(tracker)
+
+    @staticmethod
+    def _sent_one(tracker: Tracker) -> None:
+        """One of the transfer's messages is on the other side."""
+        with tracker.cond:
+            tracker.num_done += 1
+            if tracker.num_done >= tracker.num_expected and tracker.state != TransferState.FAILED:
+                tracker.state, tracker.done_s = TransferState.DONE, time.monotonic()
 
     def _send_timeout_s(self) -> float:
         return self.timeout.total_seconds() * 3
