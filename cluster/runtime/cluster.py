@@ -65,6 +65,8 @@ class ClusterClient(EngineClient):
         info = await handle.info.remote()
         view = InstanceView(instance_id, role, handle, info["block_size"], info["num_blocks"])
         view.link_address = info["link_address"]
+        if info.get("prefill_tokens_per_s"):  # timed at its start: admission has a rate before any queue
+            view.rates.append(info["prefill_tokens_per_s"])
         asked_s = time.monotonic()
         view.refresh(await handle.stats.remote(), asked_s=asked_s)
         self.instances[instance_id] = view

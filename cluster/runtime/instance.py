@@ -20,6 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 from cluster.config import DisaggConfig, EngineConfig
+from cluster.runtime.admission import measure_prefill_rate
 from cluster.runtime.gc_pauses import GcPauses, freeze_startup_objects
 from cluster.types import FinishReason, Role, SamplingParams, TokenDelta
 
@@ -79,6 +80,9 @@ class InstanceActor:
         self.engine = Engine(engine_config, role=role, tokenizer=tokenizer, progress=False)
         self.worker = None
         self.transport = None
+        # admission's prefill rate until this instance has had a queue to measure (admission.py)
+        self.prefill_rate_at_start = None if role == Role.DECODE else measure_prefill_rate(
+            self.engine, runs=2 if self.engine.device.type == "cuda" else 1)
         if role != Role.MIXED:
             self._make_worker(disagg)
         self.inbox: queue.Queue = queue.Queue()
@@ -136,6 +140,7 @@ class InstanceActor:
         e = self.engine
         return {"instance_id": self.instance_id, "role": self.role.value, "num_blocks": e.kv.num_blocks,
                 "block_size": e.kv.block_size, "max_model_len": e.max_model_len,
+                "prefill_tokens_per_s": self.prefill_rate_at_start,
                 "link_address": self.transport.listen() if self.transport else None}
 
     def connect(self, peer_id: str, address: str, is_master: bool) -> bool:
