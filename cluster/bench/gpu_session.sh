@@ -18,7 +18,8 @@
 #              serve:R1,R2,... at those request rates
 #   serve1:R1,R2,...  one GPU: bench.serve's colocated-1 (one mixed instance) at those rates, with a step
 #              budget of 8192 tokens (the two-GPU sweeps' colocated) and of 2048 (examples/colocated.yaml) (≈6 min)
-#   serve1-admit:R1,R2,...  one GPU: colocated-1 at 8192 tokens a step with admission on (as serve-admit) (≈4 min)
+#   serve1-admit:R1,R2,...[:BUDGET]  one GPU: colocated-1 with admission on (as serve-admit), BUDGET tokens a
+#              step (default 8192) (≈3 min)
 #   prefill-budget  one GPU: bench.prefill_budget, prompt tokens/s and first-token times per step budget (≈2 min)
 #   sender-host  one GPU: bench.sender_host, the KV sender's host time per gather and post (≈1.5 min)
 #   serve-admit  the sweep past saturation with admission on (queue wait, decode step) (≈6 min);
@@ -80,9 +81,12 @@ for item in "$@"; do
                    --rates "${item#serve1:}" --num-requests 400 --duration-s 15 --low-duration-s 8 \
                    --max-num-batched-tokens "$budget" --out-dir "serve1-$budget"
                done ;;
-    serve1-admit:*) need_llama; run_item serve1-admit python3 -m cluster.bench.serve --model /tmp/llama8b \
-                 --deployments colocated-1 --rates "${item#serve1-admit:}" --num-requests 600 --duration-s 15 --low-duration-s 8 \
-                 --max-queue-wait-s 0.1 --max-decode-step-ms 30 --out-dir serve1-admit ;;
+    serve1-admit:*) need_llama; rest=${item#serve1-admit:}; rates=${rest%%:*}; budget=8192
+               [[ $rest == *:* ]] && budget=${rest#*:}
+               run_item "serve1-admit-$budget" python3 -m cluster.bench.serve --model /tmp/llama8b \
+                 --deployments colocated-1 --rates "$rates" --num-requests 600 --duration-s 15 --low-duration-s 8 \
+                 --max-num-batched-tokens "$budget" --max-queue-wait-s 0.1 --max-decode-step-ms 30 \
+                 --out-dir "serve1-admit-$budget" ;;
     prefill-budget) need_llama; run_item prefill-budget python3 -m cluster.bench.prefill_budget --model /tmp/llama8b \
                  --out prefill_budget.json ;;
     sender-host) need_llama; run_item sender-host python3 -m cluster.bench.sender_host --model /tmp/llama8b --out sender_host.json ;;

@@ -58,9 +58,9 @@ class ApiConfig:
     # with Retry-After at once, instead of a TTFT past its SLO; set it to the TTFT target less a
     # prompt's prefill time. None: max_pending alone bounds admission
     max_queue_wait_s: float | None = None
-    # a request is refused (429) while every decode (or mixed) instance's mean step time since its last
-    # heartbeat exceeds this: one more stream would slow them all past their TPOT target (set it a
-    # little under that target). None: no limit
+    # requests are refused (429) as every decode (or mixed) instance's mean step time since its last
+    # heartbeat nears this: none under 3/4 of it, all over it, a share in proportion between (one more
+    # stream would slow them all past their TPOT target; set it a little under that target). None: no limit
     max_decode_step_ms: float | None = None
     served_model_name: str | None = None  # /v1/models id; None: the checkpoint directory's name
     # how long an idle client connection stays open (uvicorn's default is 5 s): a client that pools

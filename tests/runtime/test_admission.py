@@ -139,3 +139,29 @@ def test_decode_step_is_the_fastest_over_the_pool_and_zero_for_an_idle_instance(
     assert decode_step_ms([a, b]) == 30.0
     b.refresh({"mean_step_ms": None})  # no step since its last heartbeat: idle, a stream starts at once
     assert decode_step_ms([a, b]) == 0.0 and decode_step_ms([]) is None
+
+
+def test_the_decode_step_limit_refuses_a_share_that_rises_to_all_at_the_limit():
+    """Not all-or-nothing: each heartbeat's step time would flip the next second between refusing every
+    request and admitting a burst (one H200, colocated: whole seconds refused at 16 req/s)."""
+    import random
+
+    from cluster.config import ApiConfig
+    from cluster.runtime.admission import admit, refusal_share
+    from cluster.runtime.client import Overloaded
+
+    assert refusal_share(20.0, 40.0) == 0.0 and refusal_share(30.0, 40.0) == 0.0
+    assert refusal_share(35.0, 40.0) == 0.5 and refusal_share(40.0, 40.0) == 1.0 and refusal_share(90.0, 40.0) == 1.0
+    decode = InstanceView("d0", Role.DECODE, None)
+    api = ApiConfig(max_decode_step_ms=40.0)
+    draw = random.Random(7).random
+    for step_ms, low, high in ((25.0, 0, 0), (35.0, 400, 600), (45.0, 1000, 1000)):
+        decode.refresh({"mean_step_ms": step_ms})
+        refused = 0
+        for _ in range(1000):
+            try:
+                admit(api, [], [decode], draw)
+            except Overloaded as exc:
+                assert "max_decode_step_ms" in str(exc)
+                refused += 1
+        assert low <= refused <= high, (step_ms, refused)
