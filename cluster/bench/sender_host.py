@@ -108,6 +108,30 @@ class _KeepingTransport:
         self.kept = {k: v for k, v in self.kept.items() if k[0] != transfer_id}
 
 
+def _submitted(repeats: int, submit, done):
+    """Yields once per run (`repeats` + 1, the first a warm-up) after `submit(i)`; `done(i)` after each."""
+    for i in range(repeats + 1):
+        submit(i)
+        yield i
+        done(i)
+
+
+def _first_token_ms(step) -> float:
+    """Wall time of `step()` calls until one returns deltas (the prompt's first token)."""
+    _sync()
+    t = time.perf_counter()
+    while not step():
+        pass
+    _sync()
+    return (time.perf_counter() - t) * 1e3
+
+
+def _confirmed(worker, request_id: str) -> None:
+    worker.confirm(request_id)
+    while worker.plans:
+        worker.poll()
+
+
 def _in_prefill(args, engine, prompt: list[int], params) -> dict:
     """A prefill step of `prompt` streamed through PrefillWorker (its gathers inside the forward), beside
     the same step without streaming."""
@@ -126,29 +150,12 @@ def _in_prefill(args, engine, prompt: list[int], params) -> dict:
             gather_us.append((time.perf_counter() - t) * 1e6)
 
     engine.runner.read_kv_layers = timed_read
-    streamed, plain = [], []
-    for i in range(args.repeats + 1):
-        worker.submit(f"s{i}", prompt, params, "D", transfer_id=i + 1)
-        _sync()
-        t = time.perf_counter()
-        while not worker.step():
-            pass
-        _sync()
-        streamed.append((time.perf_counter() - t) * 1e3)
-        worker.confirm(f"s{i}")
-        while worker.plans:
-            worker.poll()
+    streamed = [_first_token_ms(worker.step) for _ in _submitted(args.repeats, lambda i: worker.submit(
+        f"s{i}", prompt, params, "D", transfer_id=i + 1), lambda i: _confirmed(worker, f"s{i}"))]
     engine.runner.read_kv_layers = read
     engine.kv_stream = None
-    for i in range(args.repeats + 1):
-        engine.add_request(f"p{i}", prompt, params)
-        _sync()
-        t = time.perf_counter()
-        while not engine.step():
-            pass
-        _sync()
-        plain.append((time.perf_counter() - t) * 1e3)
-        engine.release(f"p{i}")
+    plain = [_first_token_ms(engine.step) for _ in _submitted(args.repeats, lambda i: engine.add_request(
+        f"p{i}", prompt, params), lambda i: engine.release(f"p{i}"))]
     return {"gather_launch": _stats(gather_us), "post": _stats(transport.post_us),
             "step_ms_streamed": sorted(streamed[1:])[len(streamed[1:]) // 2],
             "step_ms_plain": sorted(plain[1:])[len(plain[1:]) // 2]}
