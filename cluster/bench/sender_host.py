@@ -17,7 +17,12 @@ each case:
                        that keeps each message (no network): the host time of each group's gather and
                        post inside the step's forward, and the step's wall time beside the same step
                        without streaming;
-  (6) `profile`        torch.profiler's host ops of four group gathers: which op holds the host.
+  (6) `profile`        torch.profiler's host ops of four group gathers: which op holds the host;
+  (7) `nccl_*`         each group gathered and then posted as the transport posts it (a broadcast on
+                       an NCCL group: here a one-rank group, no peer on one GPU, so ProcessGroupNCCL's
+                       host side and threads but no transfer), its sends waited on by a thread as the
+                       link's waiter does (its first look after 1 ms, or 50 us as until 2026-11-30) or
+                       by nobody (`caller_polls_sends`): the gather's and the post's host time each.
 """
 from __future__ import annotations
 
@@ -84,6 +89,16 @@ class _Neighbour:
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join()
+
+
+class _Slot:
+    """A staging slot handed to the NCCL cases: told which send reads it."""
+
+    def __init__(self, ring, slot):
+        self.ring, self.slot = ring, slot
+
+    def sent(self, work) -> None:
+        self.ring.sent(self.slot, work)
 
 
 class _KeepingTransport:
@@ -172,6 +187,55 @@ def _profile(gather_all) -> list[dict]:
     return [{"op": e.key, "calls": e.count, "self_cpu_us": e.self_cpu_time_total, "cpu_us": e.cpu_time_total} for e in rows]
 
 
+def _nccl_cases(gather_into, groups: list, calls: int) -> dict:
+    """(7): gather then post each group, with the sends waited on by a thread (first look `pause`,
+    doubling to 4 ms) or by nobody."""
+    import datetime
+    import queue
+
+    import torch.distributed as dist
+    from torch._C._distributed_c10d import BroadcastOptions
+
+    from cluster.parallel.groups import _nccl
+
+    group, _, _ = _nccl(dist.PrefixStore("sender-host", dist.HashStore()), 0, 1, datetime.timedelta(seconds=60),
+                        "127.0.0.1", True)
+    opts = BroadcastOptions()
+    opts.rootRank = 0
+    out = {}
+    for name, pause in (("nccl_no_waiter", None), ("nccl_waiter_1ms", 1e-3), ("nccl_waiter_50us", 50e-6)):
+        sends: queue.SimpleQueue = queue.SimpleQueue()
+
+        def waiter():
+            while (work := sends.get()) is not None:
+                wait = pause
+                while not work.is_completed():
+                    time.sleep(wait)
+                    wait = min(wait * 2, 4e-3)
+
+        thread = threading.Thread(target=waiter, daemon=True) if pause else None
+        if thread:
+            thread.start()
+        gather_us, post_us = [], []
+        _sync()
+        for call in range(calls):
+            t0 = time.perf_counter()
+            slot, buf = gather_into(groups[call % len(groups)])
+            t1 = time.perf_counter()
+            work = group.broadcast([buf], opts)
+            post_us.append((time.perf_counter() - t1) * 1e6)
+            gather_us.append((t1 - t0) * 1e6)
+            slot.sent(work)
+            if thread:
+                sends.put(work)
+        _sync()
+        if thread:
+            sends.put(None)
+            thread.join()
+        out[f"{name}_gather"], out[f"{name}_post"] = _stats(gather_us[1:]), _stats(post_us[1:])
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -229,6 +293,15 @@ def main(argv=None) -> None:
         with _Neighbour(pause):
             out[f"gather_group_{name}"] = _host_us(gather_group, args.calls)
     out["profile"] = _profile(lambda: [gather_group() for _ in groups]) if args.device == "cuda" else []
+    if args.device == "cuda":
+
+        def gather_into(group):
+            start, end = group
+            slot, buf = ring.take((end - start, *one_layer), runner.kv_stack.dtype)
+            runner.read_kv_layers(start, end, index, buf)
+            return _Slot(ring, slot), buf
+
+        out.update(_nccl_cases(gather_into, groups, args.calls))
     print(json.dumps(out, indent=1))
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
