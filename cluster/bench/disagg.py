@@ -167,18 +167,18 @@ def prefill_main(args, q_to_decode, q_from_decode, results):
     results["gather_device_us"] = gather_device_us(engine, index, worker._groups(seq))
     time_posts(link)
     stacked_groups = worker._groups(seq)
-    # (`transfer_stacked_caller_polls`: as stacked, with no thread polling the NCCL sends: the transport's
-    # `caller_polls_sends`, whether the waiter thread is what slows the sender's host)
+    # (`transfer_stacked_waiter_thread`: as stacked, with the NCCL sends waited on by the link's waiter
+    # thread, as until 2026-12-01, not counted by the caller: `caller_polls_sends=False`)
     for base_tid, (name, groups, pregather, ahead, caller_polls) in enumerate(
-            (("transfer_only", [(layer, layer + 1) for layer in range(engine.arch.num_layers)], False, False, False),
-             ("transfer_stacked", stacked_groups, False, False, False),
-             ("transfer_announced", stacked_groups, False, True, False),
-             ("transfer_pregathered", stacked_groups, True, True, False),
-             ("transfer_stacked_caller_polls", stacked_groups, False, False, True)), start=1):
+            (("transfer_only", [(layer, layer + 1) for layer in range(engine.arch.num_layers)], False, False, True),
+             ("transfer_stacked", stacked_groups, False, False, True),
+             ("transfer_announced", stacked_groups, False, True, True),
+             ("transfer_pregathered", stacked_groups, True, True, True),
+             ("transfer_stacked_waiter_thread", stacked_groups, False, False, False)), start=1):
         transport.caller_polls_sends = caller_polls
         runs = _transfer_runs(args, engine, transport, worker, q_to_decode, q_from_decode, prompt, index, shape, first,
                               groups, base_tid=base_tid * 1000, pregather=pregather, ahead=ahead)
-        transport.caller_polls_sends = False
+        transport.caller_polls_sends = True
         landed = sorted(r["landed_ms"] for r in runs)[len(runs) // 2]
         joined = sorted(r["joined_ms"] for r in runs)[len(runs) // 2]
         results[name] = {"bytes": nbytes, "messages": len(groups) + 1, "runs": runs, "landed_ms_median": landed,

@@ -108,8 +108,7 @@ def wait_send(work, kind: str, deadline: float) -> None:
     polled with a backoff, so a waiting thread wakes up, and takes the GIL from the engine's loop,
     rarely. Nothing waits on a send's completion but the release of the prefill's copy, which also
     waits for the decode side's confirmation (milliseconds later), so the first look is 1 ms on.
-    (At 50 us, the sender's host spent 250-600 us per gather launch and 60-100 per post on 2xH200;
-    whether this thread's wake-ups were why is not yet measured.)"""
+    (NCCL sends come here only with `caller_polls_sends=False`: torchdist.py (4) says why.)"""
     if kind == "gloo":
         work.wait()
         return

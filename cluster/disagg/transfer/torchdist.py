@@ -26,12 +26,14 @@ gets links without restarting anyone:
       a broadcast rooted at the sender (the pair's own communicator, opened at connect;
       unbatched send/recv would make a second one lazily); on gloo a send/recv with one
       tag (FIFO per peer);
-  (4) sender side, one waiter thread per link waits on its sends in the order they were
-      posted and turns them into a polled per-transfer state (gloo's handles only complete
-      inside wait(); NCCL's are polled with a backoff, so few wake-ups take the GIL). With
-      `caller_polls_sends`, NCCL payloads are not handed to that thread: whoever asks
-      `send_state` (the engine's loop) looks at them, so no second thread touches the GIL or
-      the CUDA driver while the prefill launches its step (the waiter keeps the gloo manifests);
+  (4) sender side: NCCL payload sends are counted done by whoever asks `send_state` (the
+      engine's loop polls its transfers every step), looking at each link's sends in the order
+      they were posted (they complete in that order). Gloo's handles only complete inside
+      wait(), so gloo sends, and every link's manifests, go to one waiter thread per link that
+      blocks in wait() with the GIL released. NCCL sends went to that thread too until
+      2026-12-01 (`caller_polls_sends=False` still does that): on one H200 a thread waiting on a
+      one-rank NCCL group's sends doubled the host time of the gather before each post (112 ->
+      228 us) and of the post itself (28 -> 54 us), as each send woke it to take the GIL;
   (5) a dead peer shows up as an error on the link (gloo: its closed socket) or as a
       transfer timing out; the transfer FAILS and the caller recomputes; `disconnect`
       aborts the group and fails what was in flight on it.
@@ -58,13 +60,11 @@ FORGOTTEN_KEPT = 4096  # transfer ids given up on whose late messages are droppe
 
 class TorchDistTransport(KVTransport):
     def __init__(self, endpoint_id: str, host: str = "127.0.0.1", backend: str = "gloo", timeout_s: float = 10.0,
-                 device: torch.device | None = None, caller_polls_sends: bool = False):
+                 device: torch.device | None = None, caller_polls_sends: bool = True):
         """`device`: the engine's GPU for NCCL links (default: the creating thread's current device;
         `connect` may run on another thread, whose current device is GPU 0). `caller_polls_sends`: (4)."""
         self.endpoint_id = endpoint_id
-        # On 2xH200 (2026-11-30) the sender's host took 250-600 us per gather launch and 60-100 per NCCL
-        # post, where one GPU without a link takes 62 and 8 (2026-12-01): whether the waiter thread's
-        # polls are why is what this switch measures (bench.disagg runs both)
+        # (4); False: the waiter thread waits on NCCL sends too (bench.disagg measures both on two GPUs)
         self.caller_polls_sends = caller_polls_sends
         self.device = device if device is not None else (
             torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu"))
@@ -226,10 +226,16 @@ class TorchDistTransport(KVTransport):
         they were posted); a send past its deadline fails its link, as the waiter thread would."""
         now = time.monotonic()
         for link in list(self.links.values()):
-            while link.posted and not link.closed:
-                tracker, work, _kind, _tensor, deadline = link.posted[0]
+            while not link.closed:
+                try:  # (`_close` on another thread may empty it meanwhile)
+                    tracker, work, _kind, _tensor, deadline = link.posted[0]
+                except IndexError:
+                    break
                 if work.is_completed():
-                    link.posted.popleft()
+                    try:
+                        link.posted.popleft()
+                    except IndexError:
+                        break
                     self._sent_one(tracker)
                 elif now > deadline:
                     link.error = f"link to {link.peer_id} failed: an NCCL send not completed by its deadline"
