@@ -53,7 +53,8 @@ def admit(api: ApiConfig, prefill_pool: list[InstanceView], decode_pool: list[In
     if api.max_decode_step_ms is not None:
         step_ms = decode_step_ms(decode_pool)
         if step_ms is not None and draw() < refusal_share(step_ms, api.max_decode_step_ms):
-            raise Overloaded(f"decode steps take {step_ms:.1f} ms, over api.max_decode_step_ms={api.max_decode_step_ms} ms",
+            raise Overloaded(f"decode steps take {step_ms:.1f} ms against api.max_decode_step_ms={api.max_decode_step_ms} ms "
+                             f"(a share of requests is refused from {SHARE_FROM:.0%} of it, all over it)",
                              retry_after_s=1.0, reason="decode_step")
 
 
