@@ -15,6 +15,8 @@ CHECKPOINTS = {
                       "original_max_position_embeddings": 256},
     ),
     "llama_4_layers": dict(arch="llama", num_layers=4),  # two stages that can differ (balanced: 1 + 3)
+    # heads wider than hidden / num_heads (the shape of one tensor-parallel rank of Llama-3-8B: 16 x 128 vs 4096)
+    "llama_head_dim": dict(arch="llama", head_dim=32),
     "mistral": dict(arch="mistral"),
     "qwen2": dict(arch="qwen2"),
     "qwen3": dict(arch="qwen3"),

@@ -12,6 +12,8 @@
 #   pp         bench.parallel pp: PP=2 with two batches in the stages vs one (≈1 min)
 #   parallel   bench.parallel allreduce,dense,pp: async scheduling on/off, NCCL priority and CTAs, PP batches (≈10 min)
 #   tp-pp      parallel without the normal-priority TP=2 engine and the even PP partition (≈5 min)
+#   shard      one GPU: bench.parallel shard: TP=1 beside one TP=2 rank's part of the model, decode and prefill,
+#              with each one's top kernels per decode step (≈4 min)
 #   moe        bench.parallel moe: EP=2 vs TP=2 (graphs and eager), 8 layers (≈4 min)
 #   disagg     bench.disagg: KV transfer per layer and stacked vs raw NCCL, TTFT 1P1D vs colocated (≈2 min)
 #   serve      bench.serve: 1P1D vs two colocated replicas through HTTP up to saturation (≈7 min);
@@ -67,6 +69,8 @@ for item in "$@"; do
                  --llama-dir /tmp/llama8b --steps 8 --tp2-nccl-ctas 8 --pp-partitions balanced --out parallel.jsonl ;;
     pp)        need_llama; run_item pp python3 -m cluster.bench.parallel --parts pp --llama-dir /tmp/llama8b --steps 8 \
                  --profile --out pp.jsonl ;;
+    shard)     need_llama; run_item shard python3 -m cluster.bench.parallel --parts shard --llama-dir /tmp/llama8b \
+                 --steps 8 --profile --out shard.jsonl ;;
     moe)       run_item moe python3 -m cluster.bench.parallel --parts moe --moe-layers 8 --steps 8 --out moe.jsonl ;;
     disagg)    need_llama; run_item disagg python3 -m cluster.bench.disagg --model /tmp/llama8b --out disagg.json ;;
     serve|serve:*)

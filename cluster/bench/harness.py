@@ -32,13 +32,15 @@ def emit(args, record: dict) -> None:
 
 
 # -- checkpoints ---------------------------------------------------------------------------
-def ensure_llama8b(path: str, args) -> str:
+def ensure_llama8b(path: str, args, rank_of_tp: int = 1) -> str:
+    """The Llama-3-8B-shaped checkpoint; `rank_of_tp` > 1: the part one rank of that TP size holds."""
     if not os.path.isdir(path):
         from cluster.models.make import make_llama3_8b_shape, make_model
 
         if args.smoke:
-            return make_model("llama", path, num_layers=4, max_position_embeddings=8192, progress=False)
-        make_llama3_8b_shape(path)
+            return make_model("llama", path, num_layers=4, num_heads=4 // rank_of_tp, num_kv_heads=max(1, 2 // rank_of_tp),
+                              head_dim=16, max_position_embeddings=8192, progress=False)
+        make_llama3_8b_shape(path, rank_of_tp=rank_of_tp)
         release_memory()
     return path
 
@@ -148,8 +150,9 @@ def drain(engine) -> None:
         engine.step()
 
 
-def decode_sweep(engine, args, tp: int, variants: dict[str, dict]) -> list[dict]:
-    """Decode step time per batch size; variants (name -> executor flags) alternate on the same batch."""
+def decode_sweep(engine, args, tp: int, variants: dict[str, dict], label: dict | None = None) -> list[dict]:
+    """Decode step time per batch size; variants (name -> executor flags) alternate on the same batch.
+    `label`'s fields go into the profile records (`--profile`)."""
     rows = []
     for batch in args.batches:
         windows = len(variants) * 2
@@ -163,7 +166,7 @@ def decode_sweep(engine, args, tp: int, variants: dict[str, dict]) -> list[dict]
                 measured[name].append(time_steps(engine, args.steps))
         engine.async_scheduling = True  # the default, whatever variant ran last
         if args.profile:
-            emit(args, {"part": "profile", "batch": batch, "tp": tp, **profile_steps(engine, args.device)})
+            emit(args, {"part": "profile", "batch": batch, "tp": tp, **(label or {}), **profile_steps(engine, args.device)})
         drain(engine)
         for name, values in measured.items():
             step_ms = min(values)

@@ -18,6 +18,10 @@ Every result is one JSON line, printed and appended to `--out`. Parts:
   moe        Qwen3-30B-A3B-shaped random checkpoint (`--moe-layers` deep, 128 experts, top-8):
              decode throughput at batch 64 and 256, EP=2 (all-to-all; overlap off/on) vs
              TP=2 (experts split by intermediate dim; grouped GEMM);
+  shard      one GPU: the dense checkpoint at TP=1 beside the part one TP=2 rank holds (16 heads and 4 KV
+             heads of 128, half the MLP, half the vocabulary), as a model of its own: decode steps and the
+             prefill of `--prefill-len` tokens. Their ratio is what TP=2 / TP=1 would be with free
+             collectives, and a TP=2 step on two GPUs less the shard's step is what its collectives cost;
   pp         PP=2 on the dense checkpoint at batch 256: throughput with 2 and 4 micro-batches,
              async sends on/off, decode graphs on/off (each stage replays its layers per
              micro-batch), and the bubble (each stage's idle share of the step) measured.
@@ -25,6 +29,7 @@ Every result is one JSON line, printed and appended to `--out`. Parts:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -122,6 +127,34 @@ def _overlap_summary(args, rows: list[dict], allreduce_us: dict[int, float], num
                     "share_of_allreduce_hidden": (off - on) / comm_ms if comm_ms else None})
 
 
+def part_shard(args) -> None:
+    """The full model and one TP=2 rank's shard of it, each at TP=1 in a process of its own, then their ratios."""
+    paths = {"full": ensure_llama8b(args.llama_dir, args), "tp2_rank": ensure_llama8b(args.llama_dir + "-tp2-rank", args, 2)}
+    for model, path in paths.items():
+        in_fresh_process(_shard_way, args, model, path)
+    with open(args.out) as f:
+        rows = [r for r in map(json.loads, filter(str.strip, f)) if r.get("part") == "shard" and "model" in r]
+    steps = {(r["model"], r.get("phase"), r.get("batch")): r.get("step_ms", r.get("ms")) for r in rows}
+    for phase, batch in sorted({(p, b) for _, p, b in steps}, key=str):
+        full, rank = steps.get(("full", phase, batch)), steps.get(("tp2_rank", phase, batch))
+        if full and rank:
+            emit(args, {"part": "shard", "phase": f"{phase}_ratio", "batch": batch, "full_ms": full, "tp2_rank_ms": rank,
+                        "tp2_rank_over_full": rank / full})
+
+
+def _shard_way(args, model: str, path: str) -> None:
+    engine = make_engine(path, args)
+    try:
+        for row in decode_sweep(engine, args, 1, {"single": {}}, label={"model": model}):
+            emit(args, {"part": "shard", "model": model, "phase": "decode", **row})
+        for row in prefill_time(engine, args, {"single": {}}):
+            emit(args, {"part": "shard", "model": model, "phase": "prefill", **row})
+    finally:
+        engine.shutdown()
+        del engine
+        release_memory()
+
+
 def part_moe(args) -> None:
     from cluster.parallel.experts import expert_mlp, grouped_mm_available
 
@@ -217,7 +250,7 @@ def _pp_partition(args, partition: str) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="allreduce,dense,moe,pp", help="comma list of allreduce, dense, moe, pp")
+    ap.add_argument("--parts", default="allreduce,dense,moe,pp", help="comma list of allreduce, dense, shard, moe, pp")
     ap.add_argument("--llama-dir", default="/tmp/llm-cluster-bench/llama3-8b")
     ap.add_argument("--moe-dir", default="")
     ap.add_argument("--moe-layers", type=int, default=24, help="Qwen3-30B-A3B has 48; fewer keep the run short")
@@ -250,7 +283,8 @@ def main(argv=None) -> None:
     emit(args, {"part": "setup", "gpus": torch.cuda.device_count(), "device": device_name, "torch": torch.__version__,
                 "parts": parts, "args": {k: v for k, v in vars(args).items() if k != "out"}})
     allreduce_us = part_allreduce(args) if "allreduce" in parts else {}
-    for name, run in (("dense", lambda: part_dense(args, allreduce_us)), ("moe", lambda: part_moe(args)), ("pp", lambda: part_pp(args))):
+    for name, run in (("dense", lambda: part_dense(args, allreduce_us)), ("shard", lambda: part_shard(args)),
+                      ("moe", lambda: part_moe(args)), ("pp", lambda: part_pp(args))):
         if name in parts:
             t0 = time.time()
             try:

@@ -32,7 +32,7 @@ def load(dirs: list[str]) -> dict:
     found: dict = {"parallel": [], "disagg": None, "serve": None, "serve-admit": None, "gpu_tests": [], "hardware": None,
                    "serve_one_gpu": {}, "sender_host": None, "prefill_budget": None}
     for d in dirs:
-        for name in ("parallel.jsonl", "pp.jsonl", "moe.jsonl"):
+        for name in ("parallel.jsonl", "pp.jsonl", "moe.jsonl", "shard.jsonl"):
             if os.path.exists(os.path.join(d, name)):
                 found["parallel"] += _jsonl(os.path.join(d, name))
         if os.path.exists(os.path.join(d, "hardware.json")) and os.path.getsize(os.path.join(d, "hardware.json")):
@@ -142,6 +142,10 @@ def render(found: dict) -> str:
             "| batch | TP=1 ms | TP=2 ms | TP=2/TP=1 | sync |", "| --- | --- | --- | --- | --- |"]
     out += [f"| {r['batch']} | {_num(r['tp1_ms'])} | {_num(r['tp2_ms'])} | {_num(r['ratio'])} | {_num(r['ratio_sync'])} |"
             for r in tp_ratios(records)] or ["| not run | | | | |"]
+    out += ["", "## One TP=2 rank's part of the model on one GPU, no collectives (bench.parallel shard)", ""]
+    out += [f"- {r['phase'].replace('_ratio', '')}{'' if r['batch'] is None else ', batch ' + str(r['batch'])}: full "
+            f"{r['full_ms']:.2f} ms, TP=2 rank {r['tp2_rank_ms']:.2f} ms = {r['tp2_rank_over_full']:.2f} x"
+            for r in records if r.get("part") == "shard" and "tp2_rank_over_full" in r] or ["- not run"]
     out += ["", "## Prefill overlap (target: hides >= 50% of its all-reduce)", ""]
     out += [f"- {r.get('allreduce', 'engine')}: off {r['off_ms']:.1f} ms, on {r['on_ms']:.1f} ms, all-reduce "
             f"{r['allreduce_ms_per_step']:.1f} ms: hides {100 * r['share_of_allreduce_hidden']:.0f}%"

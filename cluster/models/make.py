@@ -126,6 +126,7 @@ class ModelSpec:
     max_shard_size: str | None  # e.g. "5GB"; None: one model.safetensors
     initializer_range: float | None  # None: the fan-in scheme of the module docstring
     tokenizer_vocab_size: int
+    head_dim: int | None  # None: hidden_size / num_heads
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -134,15 +135,16 @@ class ModelSpec:
 
 def _arch_kwargs(spec: ModelSpec) -> dict[str, object]:
     """Step 2: the config fields that differ between archs."""
-    head_dim = spec.hidden_size // spec.num_heads
+    head_dim = spec.head_dim or spec.hidden_size // spec.num_heads
     moe = {"num_experts": spec.num_experts, "num_experts_per_tok": spec.num_experts_per_tok,
            "moe_intermediate_size": spec.moe_intermediate_size or spec.intermediate_size,
            "decoder_sparse_step": 1, "mlp_only_layers": []}
     shared_size = spec.shared_expert_intermediate_size or spec.intermediate_size
+    explicit = {"head_dim": head_dim} if spec.head_dim else {}
     return {
-        "llama": {},
-        "mistral": {"sliding_window": None},
-        "qwen2": {},
+        "llama": explicit,
+        "mistral": {"sliding_window": None, **explicit},
+        "qwen2": explicit,
         "qwen3": {"head_dim": head_dim},
         "mixtral": {"num_local_experts": spec.num_experts, "num_experts_per_tok": spec.num_experts_per_tok,
                     "sliding_window": None, "router_jitter_noise": 0.0},
@@ -278,7 +280,7 @@ def make_model(arch: str, out_dir: str, *, num_layers: int = 2, hidden_size: int
                tie_word_embeddings: bool = False, rope_theta: float = 10000.0, rope_scaling: dict | None = None,
                seed: int = 0, dtype: str = "float32", device: str = "cpu", max_shard_size: str | None = None,
                initializer_range: float | None = None, tokenizer_vocab_size: int = 1024,
-               progress: bool = True) -> str:
+               head_dim: int | None = None, progress: bool = True) -> str:
     """Make a random `arch` checkpoint at `out_dir` (steps in the module docstring); returns its path.
 
     Raises ValueError for an unknown arch and FileExistsError if `out_dir` exists and is not empty.
@@ -299,10 +301,16 @@ def make_model(arch: str, out_dir: str, *, num_layers: int = 2, hidden_size: int
     return out_dir
 
 
-def make_llama3_8b_shape(out_dir: str, num_layers: int = 32, device: str = "cuda") -> str:
-    """A random checkpoint of Llama-3-8B's shape (bf16) for the GPU benchmarks; fewer layers for short runs."""
-    return make_model("llama", out_dir, num_layers=num_layers, hidden_size=4096, num_heads=32, num_kv_heads=8,
-                      intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+def make_llama3_8b_shape(out_dir: str, num_layers: int = 32, device: str = "cuda", rank_of_tp: int = 1) -> str:
+    """A random checkpoint of Llama-3-8B's shape (bf16) for the GPU benchmarks; fewer layers for short runs.
+
+    `rank_of_tp` > 1: the part one rank of that tensor-parallel size holds (heads, KV heads, MLP width and
+    vocabulary divided, head_dim kept at 128), so one GPU times a TP rank's compute without its collectives.
+    """
+    tp = rank_of_tp
+    return make_model("llama", out_dir, num_layers=num_layers, hidden_size=4096, num_heads=32 // tp,
+                      num_kv_heads=max(1, 8 // tp), head_dim=128, intermediate_size=14336 // tp,
+                      vocab_size=128256 // tp, max_position_embeddings=8192, rope_theta=500000.0,
                       dtype="bfloat16", device=device, max_shard_size="5GB", progress=False)
 
 

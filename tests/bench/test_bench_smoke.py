@@ -45,7 +45,7 @@ def test_bench_parallel_profiles_the_pipeline(tmp_path):
 
 def test_bench_parallel_runs_every_part(tmp_path):
     out = tmp_path / "par.jsonl"
-    _run(["cluster.bench.parallel", "--smoke", "--parts", "dense,moe,pp", "--llama-dir", str(tmp_path / "llama"),
+    _run(["cluster.bench.parallel", "--smoke", "--parts", "dense,shard,moe,pp", "--llama-dir", str(tmp_path / "llama"),
           "--moe-dir", str(tmp_path / "moe"), "--batches", "1,4", "--moe-batches", "4", "--pp-batch", "8",
           "--context", "16", "--steps", "2", "--prefill-len", "32", "--max-model-len", "256",
           "--tp2-normal-priority", "--tp2-nccl-ctas", "8", "--out", str(out)], tmp_path)
@@ -58,7 +58,9 @@ def test_bench_parallel_runs_every_part(tmp_path):
         assert wanted in variants, wanted
     pp = {r["variant"]: r for r in records if r["part"] == "pp" and "variant" in r}
     assert {"two_batches_m1", "three_batches_m1", "one_batch_m2"} <= set(pp) and all(r["tokens_per_s"] > 0 for r in pp.values())
-    assert {r["allreduce"] for r in records if r.get("phase") == "decode"} == {"none", "engine", "engine_normal_priority", "engine_ctas8"}
+    ratios = {(r["phase"], r["batch"]) for r in records if r["part"] == "shard" and "tp2_rank_over_full" in r}
+    assert ratios == {("decode_ratio", 1), ("decode_ratio", 4), ("prefill_ratio", None)}, ratios
+    assert {r["allreduce"] for r in records if r.get("phase") == "decode" and r["part"] == "dense"} == {"none", "engine", "engine_normal_priority", "engine_ctas8"}
 
 
 def test_bench_host_and_disagg_run(tmp_path):

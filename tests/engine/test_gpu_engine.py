@@ -18,7 +18,7 @@ def _need_cuda():
         pytest.skip("GPU TESTS NOT RUN: no CUDA device; run `make test-gpu` on the GPU machine")
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3_moe"])
+@pytest.mark.parametrize("name", ["llama", "llama_head_dim", "qwen3_moe"])
 def test_cuda_graph_engine_matches_transformers(checkpoint_dir, name):
     from cluster import LLM, SamplingParams
 
