@@ -18,6 +18,7 @@ a KV link made on demand by our transport (NCCL, one group for the pair):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -28,6 +29,7 @@ from torch._C._distributed_c10d import BroadcastOptions
 
 from cluster.bench.sender_probes import POST_US, event_pair, gather_device_us, time_posts
 from cluster.config import CacheConfig, DisaggConfig, EngineConfig, ModelConfig, SchedulerConfig
+from cluster.disagg.transfer.base import TransferState
 from cluster.types import Role, SamplingParams
 
 
@@ -167,85 +169,94 @@ def prefill_main(args, q_to_decode, q_from_decode, results):
     results["gather_device_us"] = gather_device_us(engine, index, worker._groups(seq))
     time_posts(link)
     stacked_groups = worker._groups(seq)
-    # (`transfer_stacked_waiter_thread`: as stacked, with the NCCL sends waited on by the link's waiter
-    # thread, as until 2026-12-01, not counted by the caller: `caller_polls_sends=False`)
-    for base_tid, (name, groups, pregather, ahead, caller_polls) in enumerate(
-            (("transfer_only", [(layer, layer + 1) for layer in range(engine.arch.num_layers)], False, False, True),
-             ("transfer_stacked", stacked_groups, False, False, True),
-             ("transfer_announced", stacked_groups, False, True, True),
-             ("transfer_pregathered", stacked_groups, True, True, True),
-             ("transfer_stacked_waiter_thread", stacked_groups, False, False, False)), start=1):
-        transport.caller_polls_sends = caller_polls
-        runs = _transfer_runs(args, engine, transport, worker, q_to_decode, q_from_decode, prompt, index, shape, first,
-                              groups, base_tid=base_tid * 1000, pregather=pregather, ahead=ahead)
-        transport.caller_polls_sends = True
-        landed = sorted(r["landed_ms"] for r in runs)[len(runs) // 2]
-        joined = sorted(r["joined_ms"] for r in runs)[len(runs) // 2]
-        results[name] = {"bytes": nbytes, "messages": len(groups) + 1, "runs": runs, "landed_ms_median": landed,
+    # the sender's two ways of counting NCCL sends done (torchdist.py (4)): `transfer_stacked` runs the
+    # transport's default, the `_waiter_thread` and `_caller_polls` variants each way explicitly
+    default_polls = transport.caller_polls_sends
+    variants = (("transfer_only", [(layer, layer + 1) for layer in range(engine.arch.num_layers)], False, False, default_polls),
+                ("transfer_stacked", stacked_groups, False, False, default_polls),
+                ("transfer_announced", stacked_groups, False, True, default_polls),
+                ("transfer_pregathered", stacked_groups, True, True, default_polls),
+                ("transfer_stacked_waiter_thread", stacked_groups, False, False, False),
+                ("transfer_stacked_caller_polls", stacked_groups, False, False, True))
+    # round by round, one transfer of each variant a round, the order turned each round: in one variant
+    # after another (2026-12-01) a later variant may have been faster for coming later
+    runs: dict[str, list[dict]] = {name: [] for name, *_ in variants}
+    tids = itertools.count(1000)
+    for rnd in range(args.repeats + 1):  # round 0 warms each variant up (allocations) and is not kept
+        for name, groups, pregather, ahead, caller_polls in variants[rnd % len(variants):] + variants[:rnd % len(variants)]:
+            transport.caller_polls_sends = caller_polls
+            run = _transfer_run(args, engine, transport, worker, q_to_decode, q_from_decode, prompt, index, shape,
+                                first, groups, next(tids), pregather=pregather, ahead=ahead)
+            if rnd:
+                runs[name].append(run)
+    transport.caller_polls_sends = default_polls
+    for name, groups, *_ in variants:
+        landed = sorted(r["landed_ms"] for r in runs[name])[len(runs[name]) // 2]
+        joined = sorted(r["joined_ms"] for r in runs[name])[len(runs[name]) // 2]
+        results[name] = {"bytes": nbytes, "messages": len(groups) + 1, "runs": runs[name], "landed_ms_median": landed,
                          "joined_ms_median": joined, "gb_s": nbytes / (landed / 1e3) / 1e9,
                          "gb_s_to_joined": nbytes / (joined / 1e3) / 1e9}
     _say("prefill", "transfer-only done")
     q_to_decode.put(("stop", 0, None))
 
 
-def _transfer_runs(args, engine, transport, worker, q_to_decode, q_from_decode, prompt, index, shape, first, groups,
-                   base_tid: int, pregather: bool = False, ahead: bool = False) -> list[dict]:
-    """One request's KV, every layer, `--repeats` times back to back, sent as `groups` (layer ranges
-    stacked into one message each), then the first token; both sides stamp each run. `pregather`:
-    the messages are gathered before the clock starts; `ahead`: announced 2 ms before it."""
+def _transfer_run(args, engine, transport, worker, q_to_decode, q_from_decode, prompt, index, shape, first, groups,
+                  tid: int, pregather: bool = False, ahead: bool = False) -> dict:
+    """One request's KV, every layer, sent as `groups` (layer ranges stacked into one message each), then
+    the first token; both sides stamp it. `pregather`: the messages are gathered before the clock starts;
+    `ahead`: announced 2 ms before it."""
     count = len(groups) + 1
     stacked = any(end - start > 1 for start, end in groups)
-    runs = []
-    for r in range(args.repeats + 1):
-        tid = base_tid + r
-        q_to_decode.put(("expect", tid, prompt))
-        assert q_from_decode.get() == "reserved"
-        ready = [engine.runner.read_kv_layers(start, end, index) for start, end in groups] if pregather else None
-        manifest = [(tid, i, count, (end - start, *shape) if stacked else shape, worker.kv_dtype)
-                    for i, (start, end) in enumerate(groups)] + [(tid, count - 1, count, (1,), torch.int64)]
-        if ahead:
-            transport.announce("D", manifest)
-            time.sleep(0.002)
-        pairs = [event_pair(engine.device) for _ in groups]  # made before the clock: only records inside it
-        _sync()
-        t0 = time.monotonic()
-        if not ahead:
-            transport.announce("D", manifest)
-        announced = time.monotonic()
-        read_us, send_us, gathers = [], [], []  # where the sender's host time goes, message by message
-        for i, (start, end) in enumerate(groups):
-            t1 = time.monotonic()
-            events = pairs[i]
-            if events:
-                events[0].record()
-            slot = None
-            if ready is not None:
-                kv = ready[i]
-            elif stacked:  # as PrefillWorker._send_layer: into a staging slot on a GPU
-                slot, out = worker.staging.take((end - start, *shape), worker.kv_dtype) if worker.staging else (None, None)
-                kv = engine.runner.read_kv_layers(start, end, index, out)
-            else:
-                kv = engine.runner.read_kv(start, index)
-            if events:
-                events[1].record()
-                gathers.append(events)
-            t2 = time.monotonic()
-            work = transport.send_layer("D", tid, i, count, kv)
-            if worker.staging is not None:
-                worker.staging.sent(slot, work)
-            read_us.append((t2 - t1) * 1e6)
-            send_us.append((time.monotonic() - t2) * 1e6)
-        transport.send_layer("D", tid, count - 1, count, first)
-        posted = time.monotonic()
-        stamps = q_from_decode.get()
-        transport.send_state(tid)  # (caller-polled sends are counted when asked)
-        sent = transport.trackers[tid].done_s if tid in transport.trackers else None
-        runs.append({"posted_ms": (posted - t0) * 1e3, "sent_ms": (sent - t0) * 1e3 if sent else None,
-                     "landed_ms": (stamps["landed_s"] - t0) * 1e3, "joined_ms": (stamps["joined_s"] - t0) * 1e3,
-                     "announce_us": (announced - t0) * 1e6, "read_us": read_us, "send_us": send_us,
-                     "post_us": list(POST_US), "gather_device_us": [a.elapsed_time(b) * 1e3 for a, b in gathers]})
-        POST_US.clear()
-    return runs[1:]  # the first pays for allocations
+    q_to_decode.put(("expect", tid, prompt))
+    assert q_from_decode.get() == "reserved"
+    ready = [engine.runner.read_kv_layers(start, end, index) for start, end in groups] if pregather else None
+    manifest = [(tid, i, count, (end - start, *shape) if stacked else shape, worker.kv_dtype)
+                for i, (start, end) in enumerate(groups)] + [(tid, count - 1, count, (1,), torch.int64)]
+    if ahead:
+        transport.announce("D", manifest)
+        time.sleep(0.002)
+    pairs = [event_pair(engine.device) for _ in groups]  # made before the clock: only records inside it
+    _sync()
+    t0 = time.monotonic()
+    if not ahead:
+        transport.announce("D", manifest)
+    announced = time.monotonic()
+    read_us, send_us, gathers = [], [], []  # where the sender's host time goes, message by message
+    for i, (start, end) in enumerate(groups):
+        t1 = time.monotonic()
+        events = pairs[i]
+        if events:
+            events[0].record()
+        slot = None
+        if ready is not None:
+            kv = ready[i]
+        elif stacked:  # as PrefillWorker._send_layer: into a staging slot on a GPU
+            slot, out = worker.staging.take((end - start, *shape), worker.kv_dtype) if worker.staging else (None, None)
+            kv = engine.runner.read_kv_layers(start, end, index, out)
+        else:
+            kv = engine.runner.read_kv(start, index)
+        if events:
+            events[1].record()
+            gathers.append(events)
+        t2 = time.monotonic()
+        work = transport.send_layer("D", tid, i, count, kv)
+        if worker.staging is not None:
+            worker.staging.sent(slot, work)
+        read_us.append((t2 - t1) * 1e6)
+        send_us.append((time.monotonic() - t2) * 1e6)
+    transport.send_layer("D", tid, count - 1, count, first)
+    posted = time.monotonic()
+    stamps = q_from_decode.get()
+    deadline = time.monotonic() + 10
+    while transport.send_state(tid) not in (TransferState.DONE, TransferState.FAILED) and time.monotonic() < deadline:
+        time.sleep(1e-4)  # every send counted done (caller-polled sends are counted when asked)
+    sent = transport.trackers[tid].done_s if tid in transport.trackers else None
+    run = {"posted_ms": (posted - t0) * 1e3, "sent_ms": (sent - t0) * 1e3 if sent else None,
+           "landed_ms": (stamps["landed_s"] - t0) * 1e3, "joined_ms": (stamps["joined_s"] - t0) * 1e3,
+           "announce_us": (announced - t0) * 1e6, "read_us": read_us, "send_us": send_us,
+           "post_us": list(POST_US), "gather_device_us": [a.elapsed_time(b) * 1e3 for a, b in gathers]}
+    POST_US.clear()
+    return run
 
 
 def decode_main(args, q_to_decode, q_from_decode, results):

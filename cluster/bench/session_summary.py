@@ -164,7 +164,7 @@ def render(found: dict) -> str:
             out.append("- one request's gathers on the device: " + ", ".join(
                 f"{name} {us:.0f} us" for name, us in disagg["gather_device_us"].items()))
         for name in ("transfer_only", "transfer_stacked", "transfer_announced", "transfer_pregathered",
-                     "transfer_stacked_waiter_thread"):
+                     "transfer_stacked_waiter_thread", "transfer_stacked_caller_polls"):
             if name in disagg:
                 t = disagg[name]
                 out.append(f"- {name} ({t['messages']} messages): {t['gb_s']:.0f} GB/s = {100 * t['gb_s'] / raw:.0f}% "

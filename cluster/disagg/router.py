@@ -77,6 +77,12 @@ class InstanceView:
         elapsed_s = max(0.0, (time.monotonic() if now_s is None else now_s) - self.refreshed_s)
         return max(0.0, self.queued_prefill_tokens() / self.prefill_rate - elapsed_s)
 
+    def snapshot(self, keys: tuple[str, ...]) -> dict:
+        """What admission and placement see of this instance (for /health): `keys` of its last heartbeat's
+        stats, its smoothed prefill rate and its estimated queue wait."""
+        return {"role": self.role.value, "alive": self.alive, **{k: self.load.get(k) for k in keys},
+                "prefill_rate": self.prefill_rate, "estimated_wait_s": self.estimated_wait_s()}
+
     def dispatched(self, num_prompt_tokens: int, now_s: float | None = None) -> None:
         """A request was sent here: counted in its load until a heartbeat asked for later stats."""
         self.sent.append((time.monotonic() if now_s is None else now_s, num_prompt_tokens))

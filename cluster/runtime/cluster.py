@@ -94,10 +94,7 @@ class ClusterClient(EngineClient):
             raise RuntimeError("no live mixed instance")
         keys = ("mean_step_ms", "mean_decode_step_ms", "num_running", "num_waiting", "num_queued_prefill_tokens",
                 "prefill_tokens_per_s", "num_held_transfers", *STALL_KEYS)
-        # what admission sees of each instance: its smoothed prefill rate and estimated queue wait
-        instances = {v.instance_id: {"role": v.role.value, "alive": v.alive, **{k: v.load.get(k) for k in keys},
-                                     "prefill_rate": v.prefill_rate, "estimated_wait_s": v.estimated_wait_s()}
-                     for v in self.instances.values()}
+        instances = {v.instance_id: v.snapshot(keys) for v in self.instances.values()}
         return {"status": "ok", "pools": pools, "in_flight": self.num_pending, "instances": instances}
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -246,8 +243,7 @@ class ClusterClient(EngineClient):
     def _rename(self, leg: Leg) -> None:
         """A new id for the leg (`<base>~r<k>`): whatever the instances still send under the old one is dropped."""
         self.legs.pop(leg.leg_id, None)
-        leg.leg_id = f"{leg.leg_id.split('~')[0]}~r{next(self.renames)}"
-        leg.spec = replace(leg.spec, request_id=leg.leg_id)
+        leg.renamed(f"{leg.leg_id.split('~')[0]}~r{next(self.renames)}")
         self.legs[leg.leg_id] = leg
 
     def _admitted(self, leg: Leg, prefill: InstanceView, decode: InstanceView) -> None:
@@ -320,15 +316,9 @@ class ClusterClient(EngineClient):
         self._emit(leg, delta)
 
     def _emit(self, leg: Leg, delta: TokenDelta) -> None:
-        if leg.done:
-            return
-        leg.output_ids.extend(delta.token_ids)
-        if delta.finish_reason is not None:
-            leg.finished_indices.add(delta.index)
-            if len(leg.finished_indices) >= (1 if self.config.disaggregated else leg.spec.params.n):
-                leg.done = True
-                journal_finish(self.store, leg)
-        leg.queue.put_nowait(replace(delta, index=leg.index) if self.config.disaggregated else delta)
+        disagg = self.config.disaggregated  # a leg per completion; a mixed-pool leg carries all n
+        if leg.emit(delta, 1 if disagg else leg.spec.params.n, as_index=disagg):
+            journal_finish(self.store, leg)
 
     # -- (5) failures ---------------------------------------------------------------------------
     async def _instance_died(self, view: InstanceView, why: str) -> None:
@@ -352,15 +342,8 @@ class ClusterClient(EngineClient):
         if several or leg.retries >= MAX_RETRIES or not self.pool(Role.DECODE if self.config.disaggregated else Role.MIXED):
             leg.fail(f"instance failed and no retry was possible: {why[-200:]}")
             return
-        p = leg.spec.params
-        emitted = len(leg.output_ids)
-        params = replace(p, max_tokens=None if p.max_tokens is None else p.max_tokens - emitted,
-                         min_tokens=max(0, p.min_tokens - emitted))
-        leg.spec = RequestSpec(f"{leg.leg_id.split('~')[0]}~{leg.retries + 1}", leg.spec.prompt_token_ids + leg.output_ids,
-                               params, None)
         self.legs.pop(leg.leg_id, None)
-        leg.leg_id, leg.retries = leg.spec.request_id, leg.retries + 1
-        leg.first_token, leg.held, leg.expect_prefill_token, leg.confirmed = None, [], True, False
+        leg.resume()
         self.legs[leg.leg_id] = leg
         try:
             await self._dispatch(leg)

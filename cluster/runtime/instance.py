@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from cluster.config import DisaggConfig, EngineConfig
 from cluster.runtime.admission import measure_prefill_rate
 from cluster.runtime.gc_pauses import GcPauses, freeze_startup_objects
+from cluster.runtime.step_meter import StepMeter
 from cluster.types import FinishReason, Role, SamplingParams, TokenDelta
 
 
@@ -91,24 +92,8 @@ class InstanceActor:
         self.cond = threading.Condition()
         self.error: str | None = None
         self.stopped = False
-        self.num_steps = 0
-        self.step_time_s = 0.0  # summed wall time of model steps since the last stats() call
-        self.num_timed_steps = 0
-        self.decode_time_s, self.num_decode_steps = 0.0, 0  # the same, of the steps that prefilled nothing
-        # the prefill rate admission divides a queue by: prompt tokens scheduled over the wall time between
-        # two stats() calls, measured only if every step of that window left prompts queued (the rate a
-        # queue drains at, a mixed instance's decodes included). Not per step: with async scheduling a
-        # step's call waits for the step before, so a prompt step after a decode step read as 10x the
-        # GPU's FLOP/s (2xH200); a lone prompt's step runs at a fraction of a queue's rate
-        self.num_prefill_tokens = 0
+        self.meter = StepMeter()
         self.num_inbox_tokens = 0  # prompt tokens submitted that the loop has not taken yet
-        self.window_start_s = time.perf_counter()
-        self.window_saturated = True
-        # stalls, the worst since the last stats() call: the longest model step, the longest wait
-        # between two model steps while requests were running (commands, landing KV, emitting), and
-        # the time the loop spent on commands (reserve, submit, abort, ...) between steps
-        self.max_step_s = self.max_gap_s = self.commands_s = 0.0
-        self.last_step_end: float | None = None
         self.gc_pauses = GcPauses()
         self.num_frozen = freeze_startup_objects()  # what start-up made, no full collection walks it again
         self.loop = threading.Thread(target=self._loop, daemon=True, name=f"step-loop-{instance_id}")
@@ -205,23 +190,8 @@ class InstanceActor:
         # what those prompts will compute: less the prefix each would find cached (a resent prompt
         # computes one block, and counted in full it made the queue look seconds long)
         stats["num_queued_prefill_tokens"] = self.num_inbox_tokens + sum(self._to_compute(s) for s in waiting)
-        stats["num_steps"] = self.num_steps
-        # drained: the mean wall time of this instance's model steps since the last heartbeat
-        stats["mean_step_ms"] = self.step_time_s / self.num_timed_steps * 1e3 if self.num_timed_steps else None
-        self.step_time_s, self.num_timed_steps = 0.0, 0
-        # a colocated instance's decode-only steps: what its streams' inter-token latency is set against
-        stats["mean_decode_step_ms"] = self.decode_time_s / self.num_decode_steps * 1e3 if self.num_decode_steps else None
-        self.decode_time_s, self.num_decode_steps = 0.0, 0
-        # the window since the last call: prompt tokens scheduled over its wall time, if prompts stayed
-        # queued through all of it (None: they did not, or none ran)
-        now = time.perf_counter()
-        stats["prefill_tokens_per_s"] = (self.num_prefill_tokens / (now - self.window_start_s)
-                                         if self.window_saturated and self.num_prefill_tokens else None)
-        self.num_prefill_tokens, self.window_start_s, self.window_saturated = 0, now, True
-        stats["max_step_ms"], stats["max_step_gap_ms"], stats["commands_ms"] = (
-            self.max_step_s * 1e3, self.max_gap_s * 1e3, self.commands_s * 1e3)
+        stats.update(self.meter.drain())  # step times, the prefill rate of a saturated window, stalls
         stats["max_gc_ms"] = self.gc_pauses.take_max_ms()
-        self.max_step_s = self.max_gap_s = self.commands_s = 0.0
         if self.role == Role.PREFILL:
             stats["kv_bytes_sent"] = self.worker.bytes_sent
             stats["num_held_transfers"] = len(self.worker.plans)  # prefilled, KV kept until the decode side confirms
@@ -290,30 +260,14 @@ class InstanceActor:
 
     def _step(self) -> list[TokenDelta]:
         if not (self._busy() or self._waiting_on_network()):
-            self.window_saturated = False  # idle: no queue
-            self.last_step_end = None  # nor a stall: the next step's wait for work is not counted as one
+            self.meter.idle()
             return []
-        self.num_steps += 1
         prefilled = self.engine.scheduler.num_prefill_tokens
         t0 = time.perf_counter()
         deltas = self.worker.step() if self.worker is not None else self.engine.step()
         t1 = time.perf_counter()
-        prefilled = self.engine.scheduler.num_prefill_tokens - prefilled
-        self.num_prefill_tokens += prefilled
-        if not self.engine.scheduler.has_queued_prompts():
-            self.window_saturated = False  # (a lone prompt's step ran at a sixth of a queue's rate on the CPU proxy)
-        if deltas:  # steps that ran the model (not the idle polls of a transfer)
-            self.step_time_s += t1 - t0
-            self.num_timed_steps += 1
-            if not prefilled:
-                self.decode_time_s += t1 - t0
-                self.num_decode_steps += 1
-            self.max_step_s = max(self.max_step_s, t1 - t0)
-            if self.last_step_end is not None:
-                self.max_gap_s = max(self.max_gap_s, t0 - self.last_step_end)
-            self.last_step_end = t1
-        elif not self._busy():
-            self.last_step_end = None  # idle: the next step's wait is not a stall
+        self.meter.record(t0, t1, self.engine.scheduler.num_prefill_tokens - prefilled, ran_model=bool(deltas),
+                          prompts_queued=self.engine.scheduler.has_queued_prompts(), busy=self._busy())
         return deltas
 
     def _busy(self) -> bool:
@@ -333,7 +287,7 @@ class InstanceActor:
                 fn, args, fut = self.inbox.get_nowait()
             except queue.Empty:
                 if ran:
-                    self.commands_s += time.perf_counter() - t0
+                    self.meter.add_commands(time.perf_counter() - t0)
                 return
             ran = True
             try:

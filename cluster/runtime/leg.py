@@ -7,7 +7,7 @@ queue (the client's stream) and gets a new id (`~<retry>`).
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cluster.runtime.instance import RequestSpec, error_delta
 from cluster.types import TokenDelta
@@ -33,6 +33,41 @@ class Leg:
     finished_indices: set = field(default_factory=set)  # completions of this leg that have ended
     reserving: bool = False  # being placed (a decode reservation not answered yet): its first token waits
     early_first: TokenDelta | None = None  # prefill's first token, held while `reserving`
+    origin: RequestSpec | None = None  # the spec as the client asked it (None: `spec`); retries resume from it
+
+    def __post_init__(self) -> None:
+        self.origin = self.origin or self.spec
+
+    def renamed(self, new_id: str) -> None:
+        """Go on under `new_id`: whatever the instances still send under the old id is not this leg's."""
+        self.leg_id = new_id
+        self.spec = replace(self.spec, request_id=new_id)
+
+    def resume(self) -> None:
+        """Start again elsewhere (a retry): the prompt is the client's prompt plus every token the client
+        already has, the limits count those tokens as spent, and the id says which retry this is. From the
+        origin, not the last retry's spec: that one holds the tokens before its start already, and a second
+        retry built on it repeated them in the prompt and spent them twice."""
+        p, emitted = self.origin.params, len(self.output_ids)
+        params = replace(p, max_tokens=None if p.max_tokens is None else p.max_tokens - emitted,
+                         min_tokens=max(0, p.min_tokens - emitted))
+        self.retries += 1
+        self.spec = RequestSpec(f"{self.leg_id.split('~')[0]}~{self.retries}", self.origin.prompt_token_ids + self.output_ids,
+                                params, None)
+        self.leg_id = self.spec.request_id
+        self.first_token, self.held, self.expect_prefill_token, self.confirmed = None, [], True, False
+
+    def emit(self, delta: TokenDelta, completions: int, as_index: bool) -> bool:
+        """Pass `delta` to the client's stream (with this leg's index when `as_index`); True when that ended
+        the leg's last open completion of `completions`."""
+        if self.done:
+            return False
+        self.output_ids.extend(delta.token_ids)
+        if delta.finish_reason is not None:
+            self.finished_indices.add(delta.index)
+            self.done = len(self.finished_indices) >= completions
+        self.queue.put_nowait(replace(delta, index=self.index) if as_index else delta)
+        return self.done
 
     def fail(self, message: str) -> None:
         """End every completion of this leg that has not ended, with an error the client sees."""

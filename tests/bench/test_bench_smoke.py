@@ -75,8 +75,9 @@ def test_bench_host_and_disagg_run(tmp_path):
           "--out", str(out)], tmp_path)
     with open(out) as f:
         result = json.load(f)
-    for name in ("transfer_only", "transfer_stacked"):
-        assert result[name]["gb_s"] > 0
+    for name in ("transfer_only", "transfer_stacked", "transfer_announced", "transfer_pregathered",
+                 "transfer_stacked_waiter_thread", "transfer_stacked_caller_polls"):
+        assert result[name]["gb_s"] > 0 and len(result[name]["runs"]) == 2, name  # the warm-up round not kept
     assert result["transfer_stacked"]["messages"] < result["transfer_only"]["messages"]
     assert result["ttft_1p1d_ms_median"] > 0 and result["ttft_colocated_ms_median"] > 0
 

@@ -1,0 +1,80 @@
+"""What an instance's step loop measures between two heartbeats (`InstanceActor.stats` drains it).
+
+  step times     the mean wall time of the steps that ran the model, and of those that prefilled
+                 nothing (a colocated instance's decode steps: what its streams' inter-token latency is
+                 set against);
+  prefill rate   prompt tokens scheduled over the window's wall time, counted only if every step of
+                 the window left prompts queued: the rate a queue drains at, a mixed instance's decodes
+                 included. Not per step: with async scheduling a step's call waits for the step before,
+                 so a prompt step after a decode step read as 10x the GPU's FLOP/s (2xH200), and a lone
+                 prompt's step runs at a fraction of a queue's rate (a sixth on the CPU proxy);
+  stalls         the longest model step, the longest wait between two model steps while requests were
+                 running (commands, landing KV, emitting), and the time spent on commands between steps.
+                 Idle time is not a stall: the loop forgets its last step's end when it goes idle (the
+                 sixth session's "1.1 s gaps" were each sweep's idle start counted as one).
+
+The loop thread records and a Ray thread drains, without a lock: a heartbeat that drains mid-step may
+split that step's figures between two windows. They are advice to admission and the router, not counts.
+"""
+from __future__ import annotations
+
+import time
+
+
+class StepMeter:
+    def __init__(self):
+        self.num_steps = 0
+        self.step_time_s, self.num_timed_steps = 0.0, 0
+        self.decode_time_s, self.num_decode_steps = 0.0, 0
+        self.num_prefill_tokens = 0
+        self.window_start_s = time.perf_counter()
+        self.window_saturated = True
+        self.max_step_s = self.max_gap_s = self.commands_s = 0.0
+        self.last_step_end: float | None = None
+
+    def idle(self) -> None:
+        """Nothing to run: no queue this window, and the wait for the next work is not a stall."""
+        self.window_saturated = False
+        self.last_step_end = None
+
+    def record(self, t0: float, t1: float, num_prefilled: int, ran_model: bool, prompts_queued: bool, busy: bool) -> None:
+        """One step from `t0` to `t1` (perf_counter seconds) that scheduled `num_prefilled` prompt tokens;
+        `ran_model`: it produced deltas (not a transfer's idle poll); after it, `prompts_queued` and `busy`."""
+        self.num_steps += 1
+        self.num_prefill_tokens += num_prefilled
+        if not prompts_queued:
+            self.window_saturated = False
+        if ran_model:
+            self.step_time_s += t1 - t0
+            self.num_timed_steps += 1
+            if not num_prefilled:
+                self.decode_time_s += t1 - t0
+                self.num_decode_steps += 1
+            self.max_step_s = max(self.max_step_s, t1 - t0)
+            if self.last_step_end is not None:
+                self.max_gap_s = max(self.max_gap_s, t0 - self.last_step_end)
+            self.last_step_end = t1
+        elif not busy:
+            self.last_step_end = None
+
+    def add_commands(self, seconds: float) -> None:
+        self.commands_s += seconds
+
+    def drain(self, now_s: float | None = None) -> dict:
+        """The figures since the last drain (None where no step counted), and a new window from now."""
+        now = time.perf_counter() if now_s is None else now_s
+        stats = {
+            "num_steps": self.num_steps,
+            "mean_step_ms": self.step_time_s / self.num_timed_steps * 1e3 if self.num_timed_steps else None,
+            "mean_decode_step_ms": self.decode_time_s / self.num_decode_steps * 1e3 if self.num_decode_steps else None,
+            "prefill_tokens_per_s": (self.num_prefill_tokens / (now - self.window_start_s)
+                                     if self.window_saturated and self.num_prefill_tokens and now > self.window_start_s
+                                     else None),
+            "max_step_ms": self.max_step_s * 1e3, "max_step_gap_ms": self.max_gap_s * 1e3,
+            "commands_ms": self.commands_s * 1e3,
+        }
+        self.step_time_s, self.num_timed_steps = 0.0, 0
+        self.decode_time_s, self.num_decode_steps = 0.0, 0
+        self.num_prefill_tokens, self.window_start_s, self.window_saturated = 0, now, True
+        self.max_step_s = self.max_gap_s = self.commands_s = 0.0
+        return stats

@@ -1,0 +1,56 @@
+"""Leg: a completion's state as the cluster moves it (renames, retries, its stream's end)."""
+from __future__ import annotations
+
+import asyncio
+
+from cluster.runtime.instance import RequestSpec
+from cluster.runtime.leg import Leg
+from cluster.types import FinishReason, SamplingParams, TokenDelta
+
+
+def _leg(n: int = 1, max_tokens: int | None = 10, min_tokens: int = 4) -> Leg:
+    spec = RequestSpec("r#0", [1, 2, 3], SamplingParams(n=n, max_tokens=max_tokens, min_tokens=min_tokens))
+    return Leg("r#0", 0, spec, asyncio.Queue())
+
+
+def test_resume_continues_from_the_tokens_the_client_has():
+    leg = _leg()
+    leg.emit(TokenDelta("r#0", 0, [7, 8, 9], ""), completions=1, as_index=True)
+    leg.first_token, leg.confirmed, leg.expect_prefill_token = 7, True, False
+    leg.resume()
+    assert leg.leg_id == leg.spec.request_id == "r#0~1" and leg.retries == 1
+    assert leg.spec.prompt_token_ids == [1, 2, 3, 7, 8, 9]
+    assert (leg.spec.params.max_tokens, leg.spec.params.min_tokens) == (7, 1)
+    assert (leg.first_token, leg.confirmed, leg.expect_prefill_token) == (None, False, True)
+    leg.emit(TokenDelta("r#0~1", 0, [6], ""), completions=1, as_index=True)
+    leg.resume()  # a second retry: from the client's prompt, not the first retry's (it held 7, 8, 9 already)
+    assert leg.leg_id == "r#0~2" and leg.spec.prompt_token_ids == [1, 2, 3, 7, 8, 9, 6]
+    assert (leg.spec.params.max_tokens, leg.spec.params.min_tokens) == (6, 0)
+
+
+def test_resume_without_a_token_limit_keeps_none():
+    leg = _leg(max_tokens=None, min_tokens=0)
+    leg.emit(TokenDelta("r#0", 0, [5], ""), completions=1, as_index=True)
+    leg.resume()
+    assert leg.spec.params.max_tokens is None and leg.spec.params.min_tokens == 0
+
+
+def test_renamed_drops_the_old_id_everywhere():
+    leg = _leg()
+    leg.renamed("r#0~r3")
+    assert leg.leg_id == leg.spec.request_id == "r#0~r3"
+
+
+def test_emit_ends_the_leg_when_its_last_completion_ends():
+    leg = _leg(n=2)
+    assert not leg.emit(TokenDelta("r", 0, [1], "", finish_reason=FinishReason.LENGTH), completions=2, as_index=False)
+    assert leg.emit(TokenDelta("r", 1, [2], "", finish_reason=FinishReason.STOP), completions=2, as_index=False)
+    assert not leg.emit(TokenDelta("r", 1, [3], ""), completions=2, as_index=False)  # after the end: dropped
+    got = [leg.queue.get_nowait() for _ in range(leg.queue.qsize())]
+    assert [d.index for d in got] == [0, 1] and leg.output_ids == [1, 2]
+
+
+def test_emit_relabels_a_disaggregated_legs_index():
+    leg = Leg("r#3", 3, RequestSpec("r#3", [1], SamplingParams()), asyncio.Queue())
+    leg.emit(TokenDelta("r#3", 0, [4], ""), completions=1, as_index=True)
+    assert leg.queue.get_nowait().index == 3
