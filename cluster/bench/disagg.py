@@ -179,7 +179,8 @@ def prefill_main(args, q_to_decode, q_from_decode, results):
                 ("transfer_stacked_waiter_thread", stacked_groups, False, False, False),
                 ("transfer_stacked_caller_polls", stacked_groups, False, False, True))
     # round by round, one transfer of each variant a round, the order turned each round: in one variant
-    # after another (2026-12-01) a later variant may have been faster for coming later
+    # after another, the variant timed last measured 50% of raw NCCL against the first's 37%; interleaved, in
+    # the next run, their order reversed (2xH200, 2026-12-01 runs 9 and 10)
     runs: dict[str, list[dict]] = {name: [] for name, *_ in variants}
     tids = itertools.count(1000)
     for rnd in range(args.repeats + 1):  # round 0 warms each variant up (allocations) and is not kept

@@ -26,16 +26,18 @@ gets links without restarting anyone:
       a broadcast rooted at the sender (the pair's own communicator, opened at connect;
       unbatched send/recv would make a second one lazily); on gloo a send/recv with one
       tag (FIFO per peer);
-  (4) sender side: one waiter thread per link waits on its sends in the order they were posted
-      (they complete in that order) and counts each transfer's messages done: gloo's blocking in
-      wait() with the GIL released, NCCL's polled from 1 ms with a backoff. `caller_polls_sends`
-      instead counts NCCL sends on whoever asks `send_state` (the engine's loop asks every step).
-      The two disagree by GPU count: on one H200 (a one-rank NCCL group, no peer) the waiter thread
-      doubled the host time of the gather before each post (112 -> 228 us) and of the post itself
-      (28 -> 54 us); on 2xH200 with a real peer (2026-12-01, one run, five transfers each) the
-      waiter thread moved a request's KV at 50% of raw NCCL and caller polling at 37%, its gathers
-      launching in 110-120 us after the first against 190-270. The transfer is what counts, so the
-      waiter thread is the default; `bench.disagg` times both, interleaved;
+  (4) sender side: NCCL payload sends are counted done by whoever asks `send_state` (the
+      engine's loop polls its transfers every step), looking at each link's sends in the order
+      they were posted (they complete in that order). Gloo's handles only complete inside
+      wait(), so gloo sends, and every link's manifests, go to one waiter thread per link that
+      blocks in wait() with the GIL released; `caller_polls_sends=False` sends NCCL's there too
+      (polled from 1 ms with a backoff). Measured both ways: on one H200 (a one-rank group) the
+      waiter thread doubled the host time of the gather before each post (112 -> 228 us) and of
+      the post (28 -> 54 us). On 2xH200 with the variants interleaved round by round, a request's
+      KV moved at 54% of raw NCCL caller-polled and 48% with the waiter thread (landed 1.31-1.45
+      against 1.43-1.69 ms, five transfers each; 2026-12-01 run 10). Run 9 had said the opposite
+      (37% against 50%), with the waiter-thread variant timed last, after the others had warmed
+      the link: the reason `bench.disagg` now interleaves;
   (5) a dead peer shows up as an error on the link (gloo: its closed socket) or as a
       transfer timing out; the transfer FAILS and the caller recomputes; `disconnect`
       aborts the group and fails what was in flight on it.
@@ -62,7 +64,7 @@ FORGOTTEN_KEPT = 4096  # transfer ids given up on whose late messages are droppe
 
 class TorchDistTransport(KVTransport):
     def __init__(self, endpoint_id: str, host: str = "127.0.0.1", backend: str = "gloo", timeout_s: float = 10.0,
-                 device: torch.device | None = None, caller_polls_sends: bool = False):
+                 device: torch.device | None = None, caller_polls_sends: bool = True):
         """`device`: the engine's GPU for NCCL links (default: the creating thread's current device;
         `connect` may run on another thread, whose current device is GPU 0). `caller_polls_sends`: (4)."""
         self.endpoint_id = endpoint_id
