@@ -288,37 +288,17 @@ class ClusterClient(EngineClient):
 
     async def _on_delta(self, view: InstanceView, delta: TokenDelta) -> None:
         leg = self.legs.get(delta.request_id)
-        if leg is None or leg.done:
+        if leg is None:
             return
-        if view.role == Role.PREFILL:
-            if leg.reserving:  # decode has not taken the request yet: the token waits (or is dropped)
-                leg.early_first = delta
-                return
-            if not leg.expect_prefill_token or leg.first_token is not None:
-                return  # decode already went on without it
-            leg.first_token = delta.token_ids[0] if delta.token_ids else None
-            self._emit(leg, delta)
-            held, leg.held = leg.held, []
-            for later in held:
-                self._emit(leg, later)
-            if held and not leg.confirmed:  # decode ran ahead of this poll: its KV had landed
-                leg.confirmed = True
-                await self._confirm(leg)
-            if delta.finish_reason is not None:  # the first token already ended it
-                await self._abort_remote(leg.decode_id, leg.leg_id)
-            return
-        if self.config.disaggregated and leg.expect_prefill_token and leg.first_token is None:
-            leg.held.append(delta)
-            return
-        if self.config.disaggregated and not leg.confirmed and leg.prefill_id in self.instances:
-            leg.confirmed = True  # decode produced a token: the KV landed, prefill may free its copy
-            await self._confirm(leg)
-        self._emit(leg, delta)
-
-    def _emit(self, leg: Leg, delta: TokenDelta) -> None:
         disagg = self.config.disaggregated  # a leg per completion; a mixed-pool leg carries all n
-        if leg.emit(delta, 1 if disagg else leg.spec.params.n, as_index=disagg):
+        out = leg.deliver(delta, from_prefill=view.role == Role.PREFILL, disaggregated=disagg,
+                          completions=1 if disagg else leg.spec.params.n, prefill_listed=leg.prefill_id in self.instances)
+        if out.finished:
             journal_finish(self.store, leg)
+        if out.confirm:
+            self._confirm(leg)
+        if out.abort_decode:
+            await self._abort_remote(leg.decode_id, leg.leg_id)
 
     # -- (5) failures ---------------------------------------------------------------------------
     async def _instance_died(self, view: InstanceView, why: str) -> None:
@@ -350,7 +330,7 @@ class ClusterClient(EngineClient):
         except Exception as exc:
             leg.fail(f"retry failed: {exc}")
 
-    async def _confirm(self, leg: Leg) -> None:
+    def _confirm(self, leg: Leg) -> None:
         """Tell prefill it may free its copy, without holding up this decode instance's deltas: awaited
         in line, each confirmation waited for a prefill step (0.2 s for four 2k prompts on 2xH200) and
         the streams behind it stalled by as much (1P1D ITL p99 0.8 s at 24 req/s)."""

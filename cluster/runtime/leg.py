@@ -14,6 +14,15 @@ from cluster.types import TokenDelta
 
 
 @dataclass
+class Delivery:
+    """What the cluster must do after a leg took a delta (`Leg.deliver`)."""
+
+    finished: bool = False  # the leg's last completion ended: its journal entry goes
+    confirm: bool = False  # decode produced after the KV landed: prefill may free its copy
+    abort_decode: bool = False  # prefill's first token already ended the leg: decode stops
+
+
+@dataclass
 class Leg:
     """One completion of a request as it moves through the pools."""
 
@@ -56,6 +65,39 @@ class Leg:
                                 params, None)
         self.leg_id = self.spec.request_id
         self.first_token, self.held, self.expect_prefill_token, self.confirmed = None, [], True, False
+
+    def deliver(self, delta: TokenDelta, from_prefill: bool, disaggregated: bool, completions: int,
+                prefill_listed: bool) -> Delivery:
+        """Take a delta from the leg's prefill or decode instance and pass on what the client should see:
+          - prefill's first token waits while the leg is being placed (`reserving`: decode has not taken
+            the request yet) and is dropped once decode went on without it (it recomputed);
+          - decode's tokens wait (`held`) until prefill's first token has gone out, then follow it;
+          - decode's first token shows the KV landed: prefill is told to free its copy (once), unless
+            prefill is no longer listed (`prefill_listed`: it died, and its copy with it)."""
+        out = Delivery()
+        if self.done:
+            return out
+        if from_prefill:
+            if self.reserving:
+                self.early_first = delta
+                return out
+            if not self.expect_prefill_token or self.first_token is not None:
+                return out  # decode already went on without it
+            self.first_token = delta.token_ids[0] if delta.token_ids else None
+            held, self.held = self.held, []
+            for each in (delta, *held):
+                out.finished |= self.emit(each, completions, as_index=disaggregated)
+            if held and not self.confirmed:  # decode ran ahead of this delta: its KV had landed
+                self.confirmed = out.confirm = True
+            out.abort_decode = delta.finish_reason is not None
+            return out
+        if disaggregated and self.expect_prefill_token and self.first_token is None:
+            self.held.append(delta)
+            return out
+        if disaggregated and not self.confirmed and prefill_listed:
+            self.confirmed = out.confirm = True
+        out.finished = self.emit(delta, completions, as_index=disaggregated)
+        return out
 
     def emit(self, delta: TokenDelta, completions: int, as_index: bool) -> bool:
         """Pass `delta` to the client's stream (with this leg's index when `as_index`); True when that ended

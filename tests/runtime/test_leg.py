@@ -54,3 +54,52 @@ def test_emit_relabels_a_disaggregated_legs_index():
     leg = Leg("r#3", 3, RequestSpec("r#3", [1], SamplingParams()), asyncio.Queue())
     leg.emit(TokenDelta("r#3", 0, [4], ""), completions=1, as_index=True)
     assert leg.queue.get_nowait().index == 3
+
+
+def _deliver(leg: Leg, delta: TokenDelta, from_prefill: bool, prefill_listed: bool = True):
+    return leg.deliver(delta, from_prefill=from_prefill, disaggregated=True, completions=1, prefill_listed=prefill_listed)
+
+
+def _stream(leg: Leg) -> list[int]:
+    return [t for _ in range(leg.queue.qsize()) for t in leg.queue.get_nowait().token_ids]
+
+
+def test_decode_tokens_wait_for_prefills_first_token_and_then_confirm_the_transfer():
+    leg = _leg()
+    assert _deliver(leg, TokenDelta("r#0", 0, [11], ""), from_prefill=False) == _deliver(
+        leg, TokenDelta("r#0", 0, [12], ""), from_prefill=False)  # both held, nothing to do
+    assert _stream(leg) == []
+    out = _deliver(leg, TokenDelta("r#0", 0, [10], ""), from_prefill=True)
+    assert out.confirm and not out.finished and not out.abort_decode
+    assert _stream(leg) == [10, 11, 12] and leg.first_token == 10
+    assert not _deliver(leg, TokenDelta("r#0", 0, [13], ""), from_prefill=False).confirm  # confirmed once
+    assert _stream(leg) == [13]
+
+
+def test_first_decode_token_after_prefills_confirms_unless_prefill_is_gone():
+    leg = _leg()
+    assert not _deliver(leg, TokenDelta("r#0", 0, [10], ""), from_prefill=True).confirm  # nothing held yet
+    assert _deliver(leg, TokenDelta("r#0", 0, [11], ""), from_prefill=False).confirm
+    gone = _leg()
+    _deliver(gone, TokenDelta("r#0", 0, [10], ""), from_prefill=True)
+    assert not _deliver(gone, TokenDelta("r#0", 0, [11], ""), from_prefill=False, prefill_listed=False).confirm
+
+
+def test_prefills_token_waits_while_reserving_and_is_dropped_once_decode_recomputed():
+    leg = _leg()
+    leg.reserving = True
+    first = TokenDelta("r#0", 0, [10], "")
+    _deliver(leg, first, from_prefill=True)
+    assert leg.early_first is first and _stream(leg) == []
+    recomputed = _leg()
+    recomputed.expect_prefill_token = False  # the transfer failed: decode recomputes and emits the first token
+    _deliver(recomputed, TokenDelta("r#0", 0, [10], ""), from_prefill=False)
+    _deliver(recomputed, TokenDelta("r#0", 0, [99], ""), from_prefill=True)  # prefill's, late: dropped
+    assert _stream(recomputed) == [10]
+
+
+def test_a_first_token_that_ends_the_leg_stops_decode():
+    leg = _leg()
+    out = _deliver(leg, TokenDelta("r#0", 0, [10], "", finish_reason=FinishReason.STOP), from_prefill=True)
+    assert out.finished and out.abort_decode and leg.done
+    assert _deliver(leg, TokenDelta("r#0", 0, [11], ""), from_prefill=False) == type(out)()  # after the end: nothing
