@@ -11,7 +11,7 @@ a KV link made on demand by our transport (NCCL, one group for the pair):
       message of all the KV and against the same per-layer messages sent raw (`transfer_only`:
       one layer a message, how the prefill streamed before); and the same with the layers
       stacked into messages of up to 64 MiB, one gather each (`transfer_stacked`: how a
-      prefill streams its KV now, and a multi-rank prefill sends its gathered KV);
+      prefill streams its KV now, one rank or several);
   (3) TTFT of one `--prompt-len` prompt with layer-wise streaming to decode (1P1D) vs the
       same engine without a transfer (colocated), and time to the second token on decode.
 """
@@ -160,8 +160,8 @@ def prefill_main(args, q_to_decode, q_from_decode, results):
     shape = tuple(engine.runner.read_kv(0, index).shape)
     first = torch.tensor([seq.token_ids[-1]], device=engine.device)
     nbytes = layer_bytes * engine.arch.num_layers
-    # per layer: as a one-rank prefill streams it; stacked: as a multi-rank prefill sends its gathered
-    # KV after the step (PrefillWorker._groups: up to GROUP_BYTES a message)
+    # per layer: as the prefill streamed before 2026-11-30; stacked: as it streams now, in groups of layers
+    # (PrefillWorker._groups: up to GROUP_BYTES a message), one rank or several
     # (`transfer_announced`: the stacked messages announced 2 ms before the clock starts, as a prefill
     # announces a step's messages before the step computes, so the decode side has posted its receives;
     # `transfer_pregathered`: also gathered, and the device synchronised, before the clock starts: the

@@ -7,9 +7,10 @@
       `GROUP_BYTES` (one gather and one post per group, not per layer: per-layer posts held
       a transfer to 15% of the link's bandwidth on 2xH200): once a group's last layer is
       written, the group leaves (an async send) while the next layers compute. On a GPU a
-      group is gathered into a slot of a staging ring (staging.py), not a fresh tensor. A
-      multi-rank instance instead gathers all heads from its ranks after the step and sends
-      the same groups then;
+      group is gathered into a slot of a staging ring (staging.py), not a fresh tensor. An
+      instance of several tp ranks streams the same groups: its ranks gather their head shards
+      to rank 0 as each group is written (engine/kv_handover.py, `LayerStreams`). A pipelined
+      instance gathers all layers from its stages after the step and sends the groups then;
   (3) after the step the first token is sampled and sent as the transfer's last
       message; the request's deltas (that first token) go back to the router;
   (4) `poll` frees a request's blocks once its sends are done and the decode side
@@ -26,7 +27,7 @@ from cluster.config import DisaggConfig
 from cluster.disagg.staging import StagingRing
 from cluster.disagg.transfer.base import KVTransport, TransferState
 from cluster.engine.engine import Engine
-from cluster.engine.kv_handover import cache_dtype, full_kv_shape
+from cluster.engine.kv_handover import LayerStreams, cache_dtype, full_kv_shape
 from cluster.platform import to_device_async
 from cluster.types import FinishReason, SamplingParams, TokenDelta
 
@@ -55,6 +56,8 @@ class PrefillWorker:
         engine.kv_stream = self
         self.num_layers = engine.arch.num_layers
         self.multi_rank = engine.config.parallel.world_size > 1
+        # several ranks of one stage stream as they compute; a pipeline's stages gather after the step
+        self.gathers_after = self.multi_rank and engine.config.parallel.pipeline_parallel_size > 1
         self.kv_dtype = cache_dtype(engine.runner)
         self.groups: dict[int, list[tuple[int, int]]] = {}  # this step: seq id -> its messages' layer ranges
         self.leaving: dict[int, list[tuple]] = {}  # one rank, this step: layer id -> (seq, plan, index, start, end) it ends
@@ -80,24 +83,26 @@ class PrefillWorker:
             plan.started_s = time.monotonic()
         self.groups = {seq.seq_id: self._groups(seq) for seq, _ in self.sending}
         self.leaving = {}
-        if not self.multi_rank:  # each group leaves when its last layer is written, in request order
+        if not self.gathers_after:  # each group leaves when its last layer is written, in request order
             for seq, plan in self.sending:
                 for index, (start, end) in enumerate(self.groups[seq.seq_id]):
                     self.leaving.setdefault(end - 1, []).append((seq, plan, index, start, end))
         self._announce()
-        # one rank: each group of layers leaves as soon as its last layer is written; several ranks:
-        # all groups after the step, gathered from the ranks' head shards (the decode side may have
-        # another tp size)
-        return self._send_layer if self.sending and not self.multi_rank else None
+        if not self.sending or self.gathers_after:
+            return None  # (a pipeline: all groups after the step, `_send_gathered`)
+        if self.multi_rank:  # the ranks gather each group's head shards to rank 0 as it is written
+            return LayerStreams([(seq, self._num_blocks(seq), self._layers_per_message(seq)) for seq, _ in self.sending],
+                                self._send_streamed)
+        return self._send_layer
 
     def _announce(self) -> None:
         """Tell each decode peer, before the step runs, every message it will get from this step and
-        in which order: by the layer that ends each group, across requests (one rank: a group leaves
-        as its last layer is written), request-major (several ranks: gathered after the step), then
-        each request's first token."""
+        in which order: by the layer that ends each group, across requests (a group leaves as its last
+        layer is written), request-major (a pipeline: gathered after the step), then each request's
+        first token."""
         if not self.sending:
             return
-        if self.multi_rank:  # request-major: gathered after the step
+        if self.gathers_after:  # request-major: gathered after the step
             order = [(seq, plan, index, start, end) for seq, plan in self.sending
                      for index, (start, end) in enumerate(self.groups[seq.seq_id])]
         else:  # as `_send_layer` sends them: by the layer that ends each group
@@ -124,6 +129,10 @@ class PrefillWorker:
         per_group = max(1, GROUP_BYTES // layer_bytes)
         return [(start, min(start + per_group, self.num_layers)) for start in range(0, self.num_layers, per_group)]
 
+    def _layers_per_message(self, seq) -> int:
+        start, end = self.groups[seq.seq_id][0]
+        return end - start
+
     def _kv_shape(self, seq) -> tuple[int, ...]:
         """One layer of `seq`'s prompt KV, all heads."""
         return full_kv_shape(self.engine.arch, self._num_blocks(seq), self.engine.kv.block_size)
@@ -138,6 +147,12 @@ class PrefillWorker:
             kv = self.engine.runner.read_kv_layers(start, end, self.block_index[seq.seq_id], out)  # one gather
             self.bytes_sent += kv.numel() * kv.element_size()
             self._sent(slot, self.transport.send_layer(plan.peer_id, plan.transfer_id, index, self._num_messages(seq), kv))
+
+    def _send_streamed(self, stream: int, index: int, kv: torch.Tensor) -> None:
+        """Rank 0 of several: message `index` of the step's `stream`-th transfer, gathered from the ranks."""
+        seq, plan = self.sending[stream]
+        self.bytes_sent += kv.numel() * kv.element_size()
+        self.transport.send_layer(plan.peer_id, plan.transfer_id, index, self._num_messages(seq), kv)
 
     def _slot(self, num_layers: int, seq) -> tuple[int | None, torch.Tensor | None]:
         """Where a message of `num_layers` layers of `seq`'s KV is gathered: a staging slot on a GPU
@@ -164,7 +179,7 @@ class PrefillWorker:
 
     def step(self) -> list[TokenDelta]:
         deltas = self.engine.step()
-        if self.multi_rank:
+        if self.gathers_after:
             self._send_gathered()
         by_request = {delta.request_id: delta for delta in deltas}
         for seq, plan in self.sending:  # the announced order

@@ -49,7 +49,7 @@ import torch
 
 from cluster.config import EngineConfig
 from cluster.engine.kv_budget import num_kv_blocks
-from cluster.engine.kv_handover import per_layer
+from cluster.engine.kv_handover import LayerStreams, per_layer
 from cluster.engine.runner import ModelRunner, PendingStep, StepResult
 from cluster.engine.step_plan import Command, pack, plan_step
 from cluster.engine.worker import StepFlags, Worker, worker_main
@@ -192,9 +192,13 @@ class MultiProcExecutor(Executor):
 
     # -- (3) one step --------------------------------------------------------------------
     def execute(self, sched, on_layer_done=None) -> StepResult:
-        if on_layer_done is not None:
-            raise NotImplementedError("per-layer KV streaming from a multi-rank instance is not supported yet")
-        return self._run(sched, share_tokens=False).result()
+        """`on_layer_done`: a prefill's `LayerStreams` (several ranks, one stage): the KV it names leaves
+        in groups of layers during the step, gathered from the ranks as each group is written."""
+        if on_layer_done is not None and not isinstance(on_layer_done, LayerStreams):
+            raise TypeError("an instance of several ranks streams KV through LayerStreams, not a per-layer callback")
+        if on_layer_done is not None and self.config.parallel.pipeline_parallel_size > 1:
+            raise ValueError("a pipelined instance gathers its KV after the step (gather_kv), it does not stream it")
+        return self._run(sched, share_tokens=False, streams=on_layer_done).result()
 
     def launch(self, sched) -> PendingStep:
         return self._run(sched, share_tokens=True)
@@ -223,20 +227,26 @@ class MultiProcExecutor(Executor):
         except RuntimeError as exc:  # gloo / NCCL report a dead or stuck peer as RuntimeError (DistError)
             raise self._fail(exc) from exc
 
-    def _run(self, sched, share_tokens: bool) -> PendingStep:
-        return self.finish(self._forward(sched, share_tokens, deferred=False))
+    def _run(self, sched, share_tokens: bool, streams: LayerStreams | None = None) -> PendingStep:
+        return self.finish(self._forward(sched, share_tokens, deferred=False, streams=streams))
 
-    def _forward(self, sched, share_tokens: bool, deferred: bool) -> tuple:
+    def _forward(self, sched, share_tokens: bool, deferred: bool, streams: LayerStreams | None = None) -> tuple:
         self._check_alive()
         plan = plan_step(sched, self.config.cache.block_size)
+        if streams is not None:  # every rank learns which rows' KV leaves; rank 0's worker hands it to the sink
+            row_of = {item.seq.seq_id: row for row, item in enumerate(sched.scheduled)}
+            plan.streams = [(row_of[seq.seq_id], num_blocks, per_group) for seq, num_blocks, per_group in streams.entries]
         flags = replace(self.flags, share_tokens=share_tokens and bool(plan.logits_indices), deferred=deferred)
         header, payload = pack(plan, Command.STEP, flags.encode(), self.num_microbatches)
         batch = self.runner.sampling_batch(plan.sampling_seqs)  # as of now: `finish` may come after `advance`
+        self.worker.kv_sink = streams.sink if streams is not None else None
         try:
             self._tell(header, payload)
             return plan, flags, self.worker.forward(plan, flags, self.num_microbatches), batch
         except RuntimeError as exc:  # gloo / NCCL report a dead or stuck peer as RuntimeError (DistError)
             raise self._fail(exc) from exc
+        finally:
+            self.worker.kv_sink = None
 
     def _tell(self, header: torch.Tensor, payload: torch.Tensor | None = None) -> None:
         """The other ranks get (header, payload): through the step channel, or the host group when

@@ -11,8 +11,17 @@ the ranks (a decode instance's sink), so that instances of any tp x pp layout ca
 
 Every rank of the instance calls these at once (executor.py broadcasts the command); the
 messages of step (2) go in layer order, stage by stage, so gloo and NCCL pair them alike.
+
+A prefill instance of one stage and several tp ranks streams instead (`stream_hook`): the step's
+plan names the rows whose prompt KV leaves (`LayerStreams` on the driver, `StepPlan.streams` on the
+wire), and every rank gathers each group of layers to rank 0 once the group's last layer is written,
+while the next layers compute; rank 0 hands the group to the prefill's sender. After the step, as
+above, is for pipelined prefill instances only.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -29,19 +38,61 @@ def per_layer(messages: list[torch.Tensor]) -> list[torch.Tensor]:
     return layers
 
 
+@dataclass
+class LayerStreams:
+    """What a prefill instance of several ranks streams in one step: per transfer, in send order,
+    (sequence, prompt blocks, layers a message); and `sink(stream, group, kv)`, which takes each group
+    of layers with every KV head on rank 0, [layers, 2, blocks, block_size, heads, dim]."""
+
+    entries: list[tuple]
+    sink: Callable[[int, int, torch.Tensor], None]
+
+
+def stream_hook(worker, plan) -> Callable[[int], None] | None:
+    """The layer hook of a step whose plan names KV streams (None if it names none). When a group's last
+    layer is written, every rank reads that group's layers of the row's prompt blocks and gathers its
+    heads to tp rank 0, which hands the group to `worker.kv_sink`. All ranks run the same gathers in
+    the same order, the order the prefill announced: by the layer that ends each group, then by stream."""
+    if not plan.streams:
+        return None
+    num_layers = worker.arch.num_layers
+    leaving: dict[int, list[tuple[int, int, int, int]]] = {}
+    blocks = {}
+    for stream, (row, num_blocks, per_group) in enumerate(plan.streams):
+        blocks[stream] = worker.runner.block_index(plan.block_tables[row, :num_blocks].tolist())
+        for group, start in enumerate(range(0, num_layers, per_group)):
+            end = min(start + per_group, num_layers)
+            leaving.setdefault(end - 1, []).append((stream, group, start, end))
+
+    def on_layer_done(layer_id: int) -> None:
+        for stream, group, start, end in leaving.get(layer_id, ()):
+            kv = gather_heads(worker, worker.runner.read_kv_layers(start, end, blocks[stream]))
+            if kv is not None and worker.kv_sink is not None:
+                worker.kv_sink(stream, group, kv)
+
+    return on_layer_done
+
+
+def gather_heads(worker, kv: torch.Tensor) -> torch.Tensor | None:
+    """`kv` [..., this rank's KV heads, dim] with every KV head, on tp rank 0 (None on the others)."""
+    tp = worker.groups.tp
+    gathered = tp.gather_last_dim_to_first(kv.transpose(-1, -2))  # heads last for the gather
+    if gathered is None:
+        return None
+    full = gathered.transpose(-1, -2)
+    replicas = max(1, tp.size // worker.arch.num_kv_heads)  # tp > kv heads: ranks hold copies
+    return (full[..., ::replicas, :] if replicas > 1 else full).contiguous()
+
+
 def gather_kv(worker, block_ids: list[int]) -> list[torch.Tensor] | None:
     """On world rank 0: every layer's KV of `block_ids`, [2, blocks, block_size, heads, dim]; None elsewhere."""
-    tp, pipe, arch = worker.groups.tp, worker.groups.pipe, worker.arch
+    tp, pipe = worker.groups.tp, worker.groups.pipe
     index = worker.runner.block_index(block_ids)
     mine = {}
     for layer_id in worker.layer_range:
-        kv = worker.runner.read_kv(layer_id, index)
-        gathered = tp.gather_last_dim_to_first(kv.transpose(-1, -2))  # heads last for the gather
-        if gathered is None:
-            continue
-        full = gathered.transpose(-1, -2)
-        replicas = max(1, tp.size // arch.num_kv_heads)  # tp > kv heads: ranks hold copies
-        mine[layer_id] = (full[..., ::replicas, :] if replicas > 1 else full).contiguous()
+        full = gather_heads(worker, worker.runner.read_kv(layer_id, index))
+        if full is not None:
+            mine[layer_id] = full
     if tp.rank != 0:
         return None
     if not pipe.is_first:
@@ -51,7 +102,7 @@ def gather_kv(worker, block_ids: list[int]) -> list[torch.Tensor] | None:
     for stage in range(1, pipe.num_stages):
         for layer_id in worker.stage_ranges[stage]:
             mine[layer_id] = pipe.recv_from(stage, _full_kv_buffer(worker, len(block_ids)), KV_TAG + layer_id).wait()
-    return [mine[layer_id] for layer_id in range(arch.num_layers)]
+    return [mine[layer_id] for layer_id in range(worker.arch.num_layers)]
 
 
 def scatter_kv(worker, block_ids: list[int], layers: list[torch.Tensor] | None) -> None:

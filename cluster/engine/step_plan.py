@@ -14,10 +14,14 @@
           cut at 4 | s0[0:4] || s0[4:5]  s1  s2                 |
                      part 0     part 1 (s0 continues at position 4)
 
+  (5) a prefill instance of several ranks also names the rows whose prompt KV leaves during
+      the step (`streams`: row, prompt blocks, layers a message): every rank gathers those
+      groups of layers to rank 0 as they are written (worker.py, `_stream_hook`).
+
 Wire layout (all int64):
-    header   [command, flags, num_tokens, num_seqs, table_width, num_sampling, num_microbatches, 0]
+    header   [command, flags, num_tokens, num_seqs, table_width, num_sampling, num_microbatches, num_streams]
     payload  input_ids[T] positions[T] slot_mapping[T] query_start_loc[S+1] seq_lens[S]
-             block_tables[S*W] logits_indices[N]
+             block_tables[S*W] logits_indices[N] streams[3*M]
 """
 from __future__ import annotations
 
@@ -49,6 +53,8 @@ class StepPlan:
     block_tables: np.ndarray  # int32 [num_seqs, width]
     logits_indices: list[int]  # rows whose hidden state samples, in sampling order
     sampling_seqs: list = field(default_factory=list)  # the Sequences of those rows (driver only)
+    # rows whose prompt KV streams out in this step: (row, prompt blocks, layers a message), in send order
+    streams: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -124,24 +130,27 @@ def pack(plan: StepPlan | None, command: Command, flags: int = 0, num_microbatch
     tables = plan.block_tables
     parts = [plan.input_ids, plan.positions, plan.slot_mapping, plan.query_start_loc, plan.seq_lens]
     payload = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]
-                             + [tables.astype(np.int64).ravel(), np.asarray(plan.logits_indices, dtype=np.int64)])
-    header = [int(command), flags, plan.num_tokens, plan.num_seqs, tables.shape[1], len(plan.logits_indices), num_microbatches, 0]
+                             + [tables.astype(np.int64).ravel(), np.asarray(plan.logits_indices, dtype=np.int64),
+                                np.asarray(plan.streams, dtype=np.int64).reshape(-1)])
+    header = [int(command), flags, plan.num_tokens, plan.num_seqs, tables.shape[1], len(plan.logits_indices), num_microbatches,
+              len(plan.streams)]
     return torch.tensor(header, dtype=torch.int64), torch.from_numpy(payload)
 
 
 def payload_size(header: torch.Tensor) -> int:
-    _, _, num_tokens, num_seqs, width, num_sampling, _, _ = header.tolist()
-    return 3 * num_tokens + (num_seqs + 1) + num_seqs + num_seqs * width + num_sampling if num_seqs else 0
+    _, _, num_tokens, num_seqs, width, num_sampling, _, num_streams = header.tolist()
+    return 3 * num_tokens + (num_seqs + 1) + num_seqs + num_seqs * width + num_sampling + 3 * num_streams if num_seqs else 0
 
 
 def unpack(header: torch.Tensor, payload: torch.Tensor) -> StepPlan:
-    _, _, num_tokens, num_seqs, width, num_sampling, _, _ = header.tolist()
+    _, _, num_tokens, num_seqs, width, num_sampling, _, num_streams = header.tolist()
     data = payload.numpy()
-    sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, num_seqs * width, num_sampling]
+    sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, num_seqs * width, num_sampling, 3 * num_streams]
     pieces, start = [], 0
     for size in sizes:
         pieces.append(data[start : start + size])
         start += size
-    ids, positions, slots, query_start, seq_lens, tables, logits = pieces
+    ids, positions, slots, query_start, seq_lens, tables, logits, streams = pieces
     return StepPlan(ids.tolist(), positions.tolist(), slots.tolist(), query_start.tolist(), seq_lens.tolist(),
-                    tables.astype(np.int32).reshape(num_seqs, width), logits.tolist())
+                    tables.astype(np.int32).reshape(num_seqs, width), logits.tolist(),
+                    streams=[tuple(row) for row in streams.reshape(-1, 3).tolist()])

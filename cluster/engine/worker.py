@@ -127,6 +127,7 @@ class Worker:
         self.runner.embeds_ids = groups.pipe.is_first
         self.timer = BusyTimer(device)
         self.num_split_steps = 0  # steps run as two overlapping micro-batches, or through the pipeline in several
+        self.kv_sink = None  # the driver of a prefill instance: takes each streamed KV group (kv_handover.py)
 
     @torch.inference_mode()
     def gather_kv(self, block_ids: list[int]) -> list[torch.Tensor] | None:
@@ -145,14 +146,18 @@ class Worker:
         are waited for (and turned into logits) only in `finish`."""
         if self.num_stages > 1:
             return self._pipelined(plan, flags, num_microbatches), flags
+        streaming = kv_handover.stream_hook(self, plan)  # a prefill's KV groups, gathered as they are written
         if self._splits(plan, flags):
-            return self._overlapped(plan, flags), flags
+            logits = self._overlapped(plan, flags)
+            for layer_id in range(self.arch.num_layers) if streaming else ():  # split: after both halves
+                streaming(layer_id)
+            return logits, flags
         with self.timer.busy(flags.measure):
             inputs = self.runner.upload(plan)
             if flags.eager:
-                hidden = self.model(inputs.input_ids, inputs.positions, self._attn(inputs))
+                hidden = self.model(inputs.input_ids, inputs.positions, self._attn(inputs, streaming))
             else:
-                hidden = self.runner.forward(inputs)
+                hidden = self.runner.forward(inputs, streaming)
             rows = hidden[inputs.logits_indices]
             return (self.model.compute_logits(rows) if plan.logits_indices else None), flags
 
@@ -176,8 +181,8 @@ class Worker:
         wanted = (flags.overlap_tp and self.groups.tp.size > 1) or (flags.overlap_ep and self.groups.ep.size > 1)
         return wanted and plan.num_tokens >= max(2, self.config.parallel.overlap_min_tokens)
 
-    def _attn(self, inputs) -> AttnInputs:
-        return AttnInputs(self.runner.backend, inputs.meta, self.runner.kv_caches)
+    def _attn(self, inputs, on_layer_done=None) -> AttnInputs:
+        return AttnInputs(self.runner.backend, inputs.meta, self.runner.kv_caches, on_layer_done)
 
     def _overlapped(self, plan: StepPlan, flags: StepFlags) -> torch.Tensor | None:
         self.num_split_steps += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from cluster.config import CacheConfig, DisaggConfig, EngineConfig, ModelConfig, SchedulerConfig
 from cluster.disagg.decode import DecodeWorker
@@ -175,6 +176,50 @@ def test_prefill_tp2_to_decode_tp1_reshards_kv_heads(checkpoint_dir):
         prefill, decode = _pair(model_dir, prefill_engine=tp2)
         got = _serve(prefill, decode, prompts)
         assert got == expected
+    finally:
+        tp2.executor.shutdown()
+
+
+@pytest.mark.parametrize("group_bytes, overlap", [(None, False), (1, False), (1, True)])
+def test_prefill_tp2_streams_its_kv_groups_during_the_step(checkpoint_dir, monkeypatch, group_bytes, overlap):
+    """A 2-rank prefill instance (real processes, gloo) streams: each group of layers is gathered from
+    both ranks and posted while the step computes (inside the forward, its sink set), in the order
+    announced, one layer a message or the whole KV in one; the tokens match one engine's. With the
+    tp overlap on, the step runs as two micro-batches and the groups leave after both."""
+    from cluster.config import ParallelConfig
+
+    import cluster.disagg.prefill as prefill_module
+
+    if group_bytes is not None:
+        monkeypatch.setattr(prefill_module, "GROUP_BYTES", group_bytes)
+    model_dir = checkpoint_dir("qwen2")
+    rng = random.Random(4)
+    prompts = [[rng.randrange(900) for _ in range(n)] for n in (7, 33, 70)]
+    expected = _expected(model_dir, prompts)
+    parallel = ParallelConfig(tensor_parallel_size=2, overlap_tp_comm=overlap, overlap_min_tokens=2)
+    tp2 = Engine(EngineConfig(model=ModelConfig(path=model_dir), cache=CacheConfig(num_blocks=200), parallel=parallel),
+                 role=Role.PREFILL, progress=False)
+    try:
+        prefill, decode = _pair(model_dir, prefill_engine=tp2)
+        send, announce = prefill.transport.send_layer, prefill.transport.announce
+        posted, announced, during_step = [], [], []
+
+        def recording_send(peer_id, transfer_id, index, count, kv):
+            posted.append((transfer_id, index))
+            during_step.append(getattr(tp2.executor.worker, "kv_sink", None) is not None or kv.dtype == torch.int64)
+            return send(peer_id, transfer_id, index, count, kv)
+
+        def recording_announce(peer_id, messages):
+            announced.extend((m[0], m[1]) for m in messages)
+            announce(peer_id, messages)
+
+        prefill.transport.send_layer, prefill.transport.announce = recording_send, recording_announce
+        assert _serve(prefill, decode, prompts) == expected
+        assert posted == announced and all(during_step)  # KV from the forward's hook; the first token after
+        num_layers = tp2.arch.num_layers
+        per_transfer = 2 if group_bytes is None else num_layers + 1  # KV messages, then the first token
+        assert len(posted) == len(prompts) * per_transfer
+        assert (tp2.executor.worker.num_split_steps > 0) == overlap
     finally:
         tp2.executor.shutdown()
 

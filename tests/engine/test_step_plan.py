@@ -43,6 +43,11 @@ def test_pack_round_trip():
     back = unpack(header, torch.from_numpy(payload.numpy().copy()))
     for name in ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "logits_indices"):
         assert getattr(back, name) == getattr(plan, name), name
-    assert np.array_equal(back.block_tables, plan.block_tables)
+    assert np.array_equal(back.block_tables, plan.block_tables) and back.streams == []
+    plan.streams = [(2, 1, 4), (0, 2, 1)]  # rows whose prompt KV leaves in this step
+    header, payload = pack(plan, Command.STEP)
+    assert int(header[7]) == 2 and payload_size(header) == payload.numel()
+    back = unpack(header, torch.from_numpy(payload.numpy().copy()))
+    assert back.streams == [(2, 1, 4), (0, 2, 1)] and back.logits_indices == plan.logits_indices
     header, payload = pack(None, Command.SHUTDOWN)
     assert payload is None and payload_size(header) == 0
