@@ -65,6 +65,33 @@ def test_decode_killed_mid_stream_is_retried_and_others_untouched(tiny_model, re
         running.stop()
 
 
+def test_a_request_whose_decode_dies_twice_continues_where_it_stopped_both_times(tiny_model, reference):
+    """Two retries of one request (MAX_RETRIES = 2), each from the client's prompt and every token it
+    already has: the stream ends as one engine's (a second retry built on the first's prompt repeated
+    its tokens and spent them twice against max_tokens)."""
+    running = RunningCluster(cluster_config(tiny_model, prefill=1, decode=3))
+    try:
+        client = running.client
+        prompt = list(range(10, 40))
+        killed: list[str] = []
+
+        async def scenario():
+            async def kill_at(num_tokens):
+                if num_tokens in (20, 60) and len(killed) < (1 if num_tokens == 20 else 2):
+                    leg = next(iter(client.legs.values()))
+                    killed.append(leg.decode_id)
+                    running.cluster.kill_instance(leg.decode_id)
+
+            return await asyncio.wait_for(_collect(client, "twice", prompt, LONG, kill_at), timeout=120)
+
+        tokens, reasons, errors = running.run(scenario(), timeout_s=150)
+        assert len(killed) == 2 and len(set(killed)) == 2, killed
+        assert reasons == [FinishReason.LENGTH], errors
+        assert tokens == reference.generate([prompt], LONG)[0].outputs[0].token_ids
+    finally:
+        running.stop()
+
+
 def test_prefill_killed_mid_request_recomputes_on_decode(tiny_model, reference):
     running = RunningCluster(cluster_config(tiny_model, prefill=2, decode=1, transfer_timeout_s=3.0))
     try:
