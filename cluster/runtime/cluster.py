@@ -322,6 +322,7 @@ class ClusterClient(EngineClient):
         if several or leg.retries >= MAX_RETRIES or not self.pool(Role.DECODE if self.config.disaggregated else Role.MIXED):
             leg.fail(f"instance failed and no retry was possible: {why[-200:]}")
             return
+        journal_finish(self.store, leg)  # its entry names the dead instance; the retry journals its own
         self.legs.pop(leg.leg_id, None)
         leg.resume()
         self.legs[leg.leg_id] = leg
