@@ -21,7 +21,7 @@ Benchmarks and tests also call:
 
 `MultiProcExecutor` makes an instance of `tp * pp` ranks on one host:
   (1) it serves the rendezvous store and spawns ranks 1..N-1 (torch.multiprocessing,
-      spawn); the driver process itself is rank 0;
+      spawn; engine/ranks.py); the driver process itself is rank 0;
   (2) every rank builds its groups and its Worker (engine/worker.py); start-up runs on
       a helper thread while this one watches the ranks, so a rank that dies while
       loading fails the start at once, with its error;
@@ -37,10 +37,7 @@ Benchmarks and tests also call:
 """
 from __future__ import annotations
 
-import os
-import signal
 import threading
-import time
 from abc import ABC, abstractmethod
 from dataclasses import replace
 
@@ -51,15 +48,14 @@ from cluster.config import EngineConfig
 from cluster.engine.kv_budget import num_kv_blocks
 from cluster.engine.kv_handover import LayerStreams, per_layer
 from cluster.engine.runner import ModelRunner, PendingStep, StepResult
+from cluster.engine.ranks import RankProcesses
 from cluster.engine.step_plan import Command, pack, plan_step
-from cluster.engine.worker import StepFlags, Worker, worker_main
+from cluster.engine.worker import StepFlags, Worker
 from cluster.models.registry import build_model
 from cluster.parallel import step_channel
 from cluster.parallel.groups import build_groups, serve_store
 from cluster.parallel.step_channel import StepChannel
 
-JOIN_TIMEOUT_S = 5.0
-MAX_ERROR_CHARS = 300
 FAILURE_GRACE_S = 2.0  # after a collective error, how long to wait for the dead rank's exit code
 
 
@@ -144,13 +140,8 @@ class MultiProcExecutor(Executor):
         self.num_threads = torch.get_num_threads()  # CPU ranks share the cores while the instance lives
         self.store = serve_store(parallel.master_addr, parallel.master_port, parallel.world_size, parallel.collective_timeout_s)
         self.channel = StepChannel.create(parallel.world_size - 1) if step_channel.supported() else None
-        context = torch.multiprocessing.get_context("spawn")
-        self.procs = [context.Process(target=worker_main, name=f"llm-cluster-rank{rank}", daemon=True,
-                                      args=(rank, config, self.store.port, os.getpid(), max_model_len,
-                                            self.channel.spec() if self.channel else None))
-                      for rank in range(1, parallel.world_size)]
-        for proc in self.procs:
-            proc.start()
+        self.ranks = RankProcesses(config, self.store, max_model_len, self.channel.spec() if self.channel else None)
+        self.procs = self.ranks.procs
         try:
             self._start(platform, dtype, max_model_len, eos_token_ids, progress)
         finally:
@@ -308,32 +299,11 @@ class MultiProcExecutor(Executor):
 
     # -- (4) liveness -------------------------------------------------------------------
     def _dead_ranks(self, wait_s: float = 0.0) -> str:
-        """'' if every rank lives, else which died and why (waiting up to wait_s for the exit to show)."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            dead = [(rank, proc) for rank, proc in enumerate(self.procs, start=1) if proc.exitcode is not None]
-            if dead or time.monotonic() >= deadline:
-                break
-            time.sleep(0.05)
-        # a rank that was killed or exited on its own comes first: the others' errors are mostly its echo
-        reasons = sorted((self._why(rank, proc.exitcode), rank, proc.pid) for rank, proc in dead)
-        return "; ".join(f"rank {rank} (pid {pid}) {why}" for (_, why), rank, pid in reasons)
-
-    def _why(self, rank: int, exitcode: int) -> tuple[int, str]:
-        """(how likely the root cause: 0 most, text)."""
-        if exitcode < 0:
-            return 0, f"was killed by {signal.Signals(-exitcode).name}"
-        key = f"error/{rank}"
-        try:
-            if self.store.check([key]):
-                return 2, f"failed: {self.store.get(key).decode()[:MAX_ERROR_CHARS]}"
-        except Exception:  # the store itself may be unusable by now
-            pass
-        return 1, f"exited with code {exitcode}"
+        return self.ranks.dead(wait_s)
 
     def _watch(self) -> None:
         while not self._stop_watch.wait(self.config.parallel.liveness_poll_s):
-            if any(proc.exitcode is not None for proc in self.procs):
+            if self.ranks.any_exited():
                 self.failure = self.failure or f"instance failed: {self._dead_ranks()}"
                 self.worker.groups.abort()
                 return
@@ -363,18 +333,12 @@ class MultiProcExecutor(Executor):
                 self._tell(header)
             except RuntimeError:
                 pass
-        deadline = time.monotonic() + JOIN_TIMEOUT_S
-        for proc in self.procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
+        self.ranks.join()
         self._kill_all()
         self.worker.groups.abort()  # NCCL: drop the communicators now rather than in a destructor
 
     def _kill_all(self) -> None:
-        for proc in self.procs:
-            if proc.exitcode is None:
-                proc.kill()
-        for proc in self.procs:
-            proc.join(JOIN_TIMEOUT_S)
+        self.ranks.kill()
         torch.set_num_threads(self.num_threads)
 
 
