@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from cluster.models import fused
-from cluster.parallel.groups import TPGroup
+from cluster.parallel.handles import TPGroup
 from cluster.parallel.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, default_loader
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from cluster.models.hf_config import ArchConfig
 from cluster.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding
 from cluster.models.moe import SparseMoE
-from cluster.parallel.groups import TPGroup
+from cluster.parallel.handles import TPGroup
 from cluster.parallel.linear import ParallelLMHead, VocabParallelEmbedding
 from cluster.parallel.overlap import OverlapFlags, interleave
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from cluster.models.layers import GatedMLP
 from cluster.parallel.experts import AllToAllDispatcher, combine_topk, expert_counts, expert_mlp
-from cluster.parallel.groups import TPGroup
+from cluster.parallel.handles import TPGroup
 from cluster.parallel.linear import ReplicatedLinear, copy_checked, narrow
 from cluster.parallel.overlap import NO_OVERLAP, OverlapFlags, all_reduce_steps, run_sync
 

@@ -8,7 +8,7 @@ import torch
 from cluster.models.hf_config import ArchConfig, load_arch_config
 from cluster.models.llama import CausalLM
 from cluster.models.loader import load_weights
-from cluster.parallel.groups import TPGroup
+from cluster.parallel.handles import TPGroup
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cluster.parallel.groups import TPGroup
+from cluster.parallel.handles import TPGroup
 
 
 def expert_counts(flat_ids: torch.Tensor, num_experts: int, weights: torch.Tensor | None = None) -> torch.Tensor:

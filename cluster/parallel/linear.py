@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cluster.parallel.groups import TPGroup
+from cluster.parallel.handles import TPGroup
 from cluster.parallel.overlap import all_reduce_steps
 
 

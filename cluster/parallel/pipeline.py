@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from cluster.parallel.groups import Pending, PipeGroup
+from cluster.parallel.handles import Pending, PipeGroup
 
 
 def stage_ranges(arch, num_stages: int, partition: str = "balanced") -> list[range]:

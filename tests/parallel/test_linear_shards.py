@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from cluster.models.moe import StackedExperts
 from cluster.models.registry import build_model
-from cluster.parallel.groups import TPGroup
+from cluster.parallel.handles import TPGroup
 from cluster.parallel.linear import (ColumnParallelLinear, MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
                                      RowParallelLinear, VocabParallelEmbedding)
 

@@ -47,7 +47,7 @@ def test_grouped_gemm_matches_the_expert_loop():
 
 def _experts(num_experts=6, hidden=16, inter=8):
     from cluster.models.moe import StackedExperts
-    from cluster.parallel.groups import TPGroup
+    from cluster.parallel.handles import TPGroup
 
     experts = StackedExperts(num_experts, hidden, inter, TPGroup.single(), TPGroup.single())
     gen = torch.Generator().manual_seed(1)
