@@ -180,8 +180,11 @@ def test_prefill_tp2_to_decode_tp1_reshards_kv_heads(checkpoint_dir):
         tp2.executor.shutdown()
 
 
-@pytest.mark.parametrize("group_bytes, overlap", [(None, False), (1, False), (1, True)])
-def test_prefill_tp2_streams_its_kv_groups_during_the_step(checkpoint_dir, monkeypatch, group_bytes, overlap):
+@pytest.mark.parametrize("model, group_bytes, overlap", [
+    ("qwen2", None, False), ("qwen2", 1, False), ("qwen2", 1, True),
+    ("llama_tied_mqa_rope3_sharded", 1, False),  # one KV head: both ranks hold it, rank 0 sends one copy
+])
+def test_prefill_tp2_streams_its_kv_groups_during_the_step(checkpoint_dir, monkeypatch, model, group_bytes, overlap):
     """A 2-rank prefill instance (real processes, gloo) streams: each group of layers is gathered from
     both ranks and posted while the step computes (inside the forward, its sink set), in the order
     announced, one layer a message or the whole KV in one; the tokens match one engine's. With the
@@ -192,7 +195,7 @@ def test_prefill_tp2_streams_its_kv_groups_during_the_step(checkpoint_dir, monke
 
     if group_bytes is not None:
         monkeypatch.setattr(prefill_module, "GROUP_BYTES", group_bytes)
-    model_dir = checkpoint_dir("qwen2")
+    model_dir = checkpoint_dir(model)
     rng = random.Random(4)
     prompts = [[rng.randrange(900) for _ in range(n)] for n in (7, 33, 70)]
     expected = _expected(model_dir, prompts)
