@@ -16,8 +16,11 @@ install:
 install-test:
 	$(PIP) install -q "$(TORCH_PIN)"
 	$(PIP) install -q -e ".[test]"
-	@# a real redis-server for the state-store tests (Debian's package)
+	@# a real redis-server for the state-store tests and a real Prometheus that scrapes the cluster in
+	@# them (Debian's packages; RUNLEVEL=1: installed, not started as services)
 	command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
+	command -v prometheus >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
+	  $(SUDO) env RUNLEVEL=1 apt-get install -y -q --no-install-recommends prometheus; }
 
 up: install
 	llm-cluster up

@@ -89,6 +89,78 @@ def test_hostile_requests_get_4xx_and_cluster_still_serves(up):
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
 
 
+def _prometheus_query(port: int, query: str) -> list[dict]:
+    import urllib.parse
+    import urllib.request
+
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body = json.load(response)
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def test_a_real_prometheus_scrapes_the_cluster(up, tmp_path):
+    """Prometheus (Debian's package, installed by `make test`) on 127.0.0.1 scrapes `/metrics` of the
+    running cluster every second: the series a dashboard reads are there, with their labels."""
+    import shutil
+    import urllib.parse
+
+    import openai
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("prometheus is not installed: run `make test` (it installs it), "
+                    "or `apt-get install -y prometheus`", pytrace=False)
+    _, url = up
+    api_port = urllib.parse.urlsplit(url).port
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "llm-cluster", "metrics_path": "/metrics",
+                            "static_configs": [{"targets": [f"127.0.0.1:{api_port}"]}]}]}))
+    log = open(tmp_path / "prometheus.log", "wb")
+    proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], stdout=log, stderr=log)
+    try:
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        for i in range(4):
+            client.completions.create(model=model, prompt=f"scraped {i}", max_tokens=4, extra_body={"ignore_eos": True})
+        wanted = {
+            "scraped": 'up{job="llm-cluster"} == 1',
+            "ttft": f'llm_cluster_time_to_first_token_seconds_count{{model="{model}"}} >= 4',
+            "kv usage per instance": "llm_cluster_kv_cache_usage_ratio",
+            "pools": "llm_cluster_pool_size",
+            "p50 ttft": "histogram_quantile(0.5, sum by (le) (llm_cluster_time_to_first_token_seconds_bucket))",
+        }
+        found: dict[str, list] = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(found) < len(wanted):  # bounded: a minute at most
+            for name, query in wanted.items():
+                try:
+                    result = _prometheus_query(port, query)
+                except OSError:  # not listening yet
+                    result = []
+                if result:
+                    found[name] = result
+            time.sleep(0.5)
+        assert set(found) == set(wanted), (set(wanted) - set(found), (tmp_path / "prometheus.log").read_text()[-2000:])
+        instances = {(r["metric"]["pool"], r["metric"]["instance"]) for r in found["kv usage per instance"]}
+        assert {pool for pool, _ in instances} == {"prefill", "decode"} and all(i for _, i in instances)
+        sizes = {r["metric"]["pool"]: float(r["value"][1]) for r in found["pools"]}
+        assert {pool: size for pool, size in sizes.items() if size} == {"prefill": 1.0, "decode": 1.0}, sizes
+        assert 0 < float(found["p50 ttft"][0]["value"][1]) < 60
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
 def test_ctrl_c_shuts_down_cleanly(up):
     proc, _ = up
     proc.send_signal(signal.SIGINT)
