@@ -3,14 +3,16 @@
 All names start with `llm_cluster_`; label names are shared: `model` (the served
 model name), `pool` (prefill | decode | mixed | local ...), `instance` (an engine
 instance id within its pool). Latencies are histograms in seconds; dashboards take
-`histogram_quantile(q, rate(..._bucket[$__rate_interval]))`.
+`histogram_quantile(q, rate(..._bucket[$__rate_interval]))` (examples/grafana/llm-cluster-slo.json,
+whose every query tests/runtime/test_up.py runs against a real Prometheus scraping a cluster).
+A labelled counter's series exists from an instance's first stats on, at 0, so rate() has data.
 
 | metric                                         | type      | labels                          | set by |
 | ---------------------------------------------- | --------- | ------------------------------- | ------ |
 | llm_cluster_time_to_first_token_seconds        | histogram | model                           | api: request start -> first token |
 | llm_cluster_inter_token_latency_seconds        | histogram | model                           | api: gap between tokens of one completion |
 | llm_cluster_e2e_request_latency_seconds        | histogram | model                           | api: request start -> last token |
-| llm_cluster_request_queue_time_seconds         | histogram | model, pool, instance           | runtime: submitted -> first scheduled |
+| llm_cluster_request_queue_time_seconds         | histogram | model, pool, instance           | runtime: submitted to an instance -> first scheduled |
 | llm_cluster_prompt_tokens_total                | counter   | model                           | api: prompt tokens of finished requests |
 | llm_cluster_generation_tokens_total            | counter   | model                           | api: tokens streamed back |
 | llm_cluster_requests_finished_total            | counter   | model, finish_reason            | api: one per completion (stop/length/abort/error) |
@@ -144,8 +146,9 @@ class Metrics:
                 # a total that went down means the engine restarted: all of it is new
                 growth = total - last if total >= last else total
                 self._totals[(*labels, key)] = total
+                child = getattr(self, attr).labels(*labels)  # the series exists from its first 0 on: rate() works
                 if growth > 0:
-                    getattr(self, attr).labels(*labels).inc(growth)
+                    child.inc(growth)
 
     def remove_instance(self, pool: str, instance: str, *, model: str) -> None:
         """An instance left its pool: drop its series so dashboards stop showing it."""

@@ -65,3 +65,5 @@ class Heartbeat:
             view.kv_bytes_reported = sent
         for seconds in stats.get("transfer_latencies_s", []):
             metrics.kv_transfer_latency.labels(model, pool, view.instance_id).observe(seconds)
+        for seconds in stats.get("queue_times_s", []):
+            metrics.observe_queue_time(pool, view.instance_id, seconds, model=model)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from cluster.config import DisaggConfig, EngineConfig
 from cluster.runtime.admission import measure_prefill_rate
 from cluster.runtime.gc_pauses import GcPauses, freeze_startup_objects
-from cluster.runtime.step_meter import StepMeter
+from cluster.runtime.step_meter import QueueTimes, StepMeter
 from cluster.types import FinishReason, Role, SamplingParams, TokenDelta
 
 
@@ -93,6 +93,7 @@ class InstanceActor:
         self.error: str | None = None
         self.stopped = False
         self.meter = StepMeter()
+        self.queue_times = QueueTimes()  # submitted -> first scheduled, per request
         self.num_inbox_tokens = 0  # prompt tokens submitted that the loop has not taken yet
         self.gc_pauses = GcPauses()
         self.num_frozen = freeze_startup_objects()  # what start-up made, no full collection walks it again
@@ -150,7 +151,7 @@ class InstanceActor:
         """`add` a prompt on the loop. Until the loop takes it (after the step in progress: 0.2 s for a
         prefill of four 2k prompts on an H200) it counts among the queued prompt tokens the heartbeat
         reports; else the router, which forgets what it dispatched at each heartbeat, would not see it."""
-        num_tokens = len(spec.prompt_token_ids)
+        num_tokens, submitted_s = len(spec.prompt_token_ids), time.monotonic()
         with self.cond:
             self.num_inbox_tokens += num_tokens
 
@@ -158,6 +159,7 @@ class InstanceActor:
             with self.cond:
                 self.num_inbox_tokens -= num_tokens
             add()
+            self.queue_times.submitted(spec.request_id, submitted_s)
 
         self._call(take)
 
@@ -191,6 +193,7 @@ class InstanceActor:
         # computes one block, and counted in full it made the queue look seconds long)
         stats["num_queued_prefill_tokens"] = self.num_inbox_tokens + sum(self._to_compute(s) for s in waiting)
         stats.update(self.meter.drain())  # step times, the prefill rate of a saturated window, stalls
+        stats["queue_times_s"] = self.queue_times.drain()
         stats["max_gc_ms"] = self.gc_pauses.take_max_ms()
         if self.role == Role.PREFILL:
             stats["kv_bytes_sent"] = self.worker.bytes_sent
@@ -268,6 +271,7 @@ class InstanceActor:
         t1 = time.perf_counter()
         self.meter.record(t0, t1, self.engine.scheduler.num_prefill_tokens - prefilled, ran_model=bool(deltas),
                           prompts_queued=self.engine.scheduler.has_queued_prompts(), busy=self._busy())
+        self.queue_times.check(self.engine.requests, t1)
         return deltas
 
     def _busy(self) -> bool:

@@ -13,12 +13,19 @@
                  Idle time is not a stall: the loop forgets its last step's end when it goes idle (the
                  sixth session's "1.1 s gaps" were each sweep's idle start counted as one).
 
-The loop thread records and a Ray thread drains, without a lock: a heartbeat that drains mid-step may
+`QueueTimes` keeps the other figure the heartbeat drains: each request's wait from its submission to
+the first step that scheduled it (the queue-time histogram of cluster/metrics.py).
+
+The loop thread records and a Ray thread drains StepMeter without a lock: a heartbeat that drains mid-step may
 split that step's figures between two windows. They are advice to admission and the router, not counts.
 """
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Mapping
+
+from cluster.engine.sequence import SeqStatus
 
 
 class StepMeter:
@@ -78,3 +85,33 @@ class StepMeter:
         self.num_prefill_tokens, self.window_start_s, self.window_saturated = 0, now, True
         self.max_step_s = self.max_gap_s = self.commands_s = 0.0
         return stats
+
+
+class QueueTimes:
+    """Seconds from each request's submission to the first step that scheduled it. The loop thread
+    notes and checks, a Ray thread drains."""
+
+    def __init__(self):
+        self.since: dict[str, float] = {}  # request id -> submitted at (time.monotonic()), not yet scheduled
+        self.done: list[float] = []
+        self.lock = threading.Lock()
+
+    def submitted(self, request_id: str, at_s: float) -> None:
+        self.since[request_id] = at_s
+
+    def check(self, requests: Mapping, now_s: float) -> None:
+        """After a step: the requests it scheduled for the first time are done waiting (a request that
+        went away, aborted, is dropped)."""
+        for request_id, at_s in list(self.since.items()):
+            state = requests.get(request_id)
+            if state is not None and all(seq.status == SeqStatus.WAITING for seq in state.seqs):
+                continue
+            del self.since[request_id]
+            if state is not None:
+                with self.lock:
+                    self.done.append(now_s - at_s)
+
+    def drain(self) -> list[float]:
+        with self.lock:
+            done, self.done = self.done, []
+        return done

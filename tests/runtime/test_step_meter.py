@@ -49,3 +49,27 @@ def test_a_transfer_poll_that_ran_no_model_ends_the_gap_once_idle():
     meter.record(0.02, 0.021, num_prefilled=0, ran_model=False, prompts_queued=False, busy=False)
     meter.record(5.0, 5.01, num_prefilled=0, ran_model=True, prompts_queued=False, busy=True)
     assert meter.drain(now_s=6.0)["max_step_gap_ms"] == 0
+
+
+def test_queue_time_ends_at_the_first_step_that_schedules_the_request():
+    from types import SimpleNamespace
+
+    from cluster.engine.sequence import SeqStatus
+    from cluster.runtime.step_meter import QueueTimes
+
+    def request(*statuses):
+        return SimpleNamespace(seqs=[SimpleNamespace(status=s) for s in statuses])
+
+    times = QueueTimes()
+    times.submitted("a", 10.0)
+    times.submitted("b", 10.5)
+    times.submitted("gone", 10.0)
+    requests = {"a": request(SeqStatus.WAITING), "b": request(SeqStatus.WAITING)}  # "gone" was aborted
+    times.check(requests, 11.0)
+    assert times.drain() == [] and set(times.since) == {"a", "b"}
+    requests["a"] = request(SeqStatus.RUNNING, SeqStatus.WAITING)  # n > 1: its first sequence runs
+    times.check(requests, 12.0)
+    requests["b"] = request(SeqStatus.FINISHED)  # prefilled and done within one step
+    times.check(requests, 12.5)
+    assert times.drain() == [pytest.approx(2.0), pytest.approx(2.0)] and times.since == {}
+    assert times.drain() == []
