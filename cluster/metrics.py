@@ -2,20 +2,24 @@
 
 All names start with `llm_cluster_`; label names are shared: `model` (the served
 model name), `pool` (prefill | decode | mixed | local ...), `instance` (an engine
-instance id within its pool). Latencies are histograms in seconds; dashboards take
+instance id within its pool). The API's per-request series are labelled with the instance
+that made the token they time (a 1P1D request's TTFT with its prefill instance, its
+inter-token gaps with its decode instance); "" for pool and instance where none did (a
+request aborted before its first token). Refusals happen before any instance is picked:
+they carry `model` and `reason` only. Latencies are histograms in seconds; dashboards take
 `histogram_quantile(q, rate(..._bucket[$__rate_interval]))` (examples/grafana/llm-cluster-slo.json,
 whose every query tests/runtime/test_up.py runs against a real Prometheus scraping a cluster).
 A labelled counter's series exists from an instance's first stats on, at 0, so rate() has data.
 
 | metric                                         | type      | labels                          | set by |
 | ---------------------------------------------- | --------- | ------------------------------- | ------ |
-| llm_cluster_time_to_first_token_seconds        | histogram | model                           | api: request start -> first token |
-| llm_cluster_inter_token_latency_seconds        | histogram | model                           | api: gap between tokens of one completion |
-| llm_cluster_e2e_request_latency_seconds        | histogram | model                           | api: request start -> last token |
+| llm_cluster_time_to_first_token_seconds        | histogram | model, pool, instance           | api: request start -> first token (its maker) |
+| llm_cluster_inter_token_latency_seconds        | histogram | model, pool, instance           | api: gap between tokens of one completion (the later one's maker) |
+| llm_cluster_e2e_request_latency_seconds        | histogram | model, pool, instance           | api: request start -> last token (its maker) |
 | llm_cluster_request_queue_time_seconds         | histogram | model, pool, instance           | runtime: submitted to an instance -> first scheduled |
-| llm_cluster_prompt_tokens_total                | counter   | model                           | api: prompt tokens of finished requests |
-| llm_cluster_generation_tokens_total            | counter   | model                           | api: tokens streamed back |
-| llm_cluster_requests_finished_total            | counter   | model, finish_reason            | api: one per completion (stop/length/abort/error) |
+| llm_cluster_prompt_tokens_total                | counter   | model, pool, instance           | api: prompt tokens of finished requests (first token's maker) |
+| llm_cluster_generation_tokens_total            | counter   | model, pool, instance           | api: tokens streamed back (each one's maker) |
+| llm_cluster_requests_finished_total            | counter   | model, pool, instance, finish_reason | api: one per completion (stop/length/abort/error) |
 | llm_cluster_requests_rejected_total            | counter   | model, reason                   | api: invalid, overloaded, unavailable, not_found |
 | llm_cluster_prefix_cache_queried_tokens_total  | counter   | model, pool, instance           | runtime: prompt tokens looked up in the prefix cache |
 | llm_cluster_prefix_cache_hit_tokens_total      | counter   | model, pool, instance           | runtime: of those, tokens found |
@@ -30,7 +34,7 @@ A labelled counter's series exists from an instance's first stats on, at 0, so r
 Usage:
   1. `Metrics()` makes its own `CollectorRegistry` (several servers or tests in one
      process never collide); pass `registry=` to share one.
-  2. The API calls `observe_request` once per engine request and `reject` per refusal.
+  2. The API calls `observe_request` once per engine request (a `RequestRecord`) and `reject` per refusal.
   3. Runtimes call `observe_queue_time` and `set_engine_stats(pool, instance, stats, model=...)`
      with an engine's `stats()` dict; cumulative totals in it (preemptions, prefix-cache
      tokens) become counter increments here.
@@ -39,7 +43,8 @@ Usage:
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -50,6 +55,22 @@ TRANSFER_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025
                       1.0, 2.5, 5.0, 10.0)
 MODEL_LABELS = ("model",)
 INSTANCE_LABELS = ("model", "pool", "instance")
+Where = tuple[str, str]  # (pool, instance) of the instance that made a token
+NOWHERE: Where = ("", "")
+
+
+@dataclass
+class RequestRecord:
+    """One engine request as the API saw it end: its times, and which instance made which tokens."""
+
+    e2e_s: float
+    num_prompt_tokens: int
+    first: Where = NOWHERE  # made its first token: TTFT and the prompt tokens are counted there
+    last: Where = NOWHERE  # made its last: E2E is counted there
+    ttft_s: float | None = None
+    gaps: list[tuple[float, Where]] = field(default_factory=list)  # inter-token gaps, by the later token's maker
+    generated: dict[Where, int] = field(default_factory=dict)  # tokens, by maker
+    finish_reasons: list[tuple[str, Where]] = field(default_factory=list)  # one per completion
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # engine stats key (a running total) -> counter attribute it advances
@@ -84,14 +105,15 @@ class Metrics:
         def gauge(name: str, doc: str, labels=INSTANCE_LABELS) -> Gauge:
             return Gauge(PREFIX + name, doc, labels, registry=r)
 
-        self.ttft = hist("time_to_first_token_seconds", "Request start to first token.")
-        self.itl = hist("inter_token_latency_seconds", "Time between consecutive tokens of one completion.")
-        self.e2e = hist("e2e_request_latency_seconds", "Request start to last token.")
+        self.ttft = hist("time_to_first_token_seconds", "Request start to first token.", INSTANCE_LABELS)
+        self.itl = hist("inter_token_latency_seconds", "Time between consecutive tokens of one completion.",
+                        INSTANCE_LABELS)
+        self.e2e = hist("e2e_request_latency_seconds", "Request start to last token.", INSTANCE_LABELS)
         self.queue_time = hist("request_queue_time_seconds", "Submission to first scheduled step.", INSTANCE_LABELS)
-        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of processed requests.")
-        self.generation_tokens = counter("generation_tokens", "Generated tokens.")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of processed requests.", INSTANCE_LABELS)
+        self.generation_tokens = counter("generation_tokens", "Generated tokens.", INSTANCE_LABELS)
         self.requests_finished = counter("requests_finished", "Finished completions by finish reason.",
-                                         ("model", "finish_reason"))
+                                         (*INSTANCE_LABELS, "finish_reason"))
         self.requests_rejected = counter("requests_rejected", "Requests refused before generation, by reason.",
                                          ("model", "reason"))
         self.prefix_queried_tokens = counter("prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache.",
@@ -108,20 +130,18 @@ class Metrics:
         self.pool_size = gauge("pool_size", "Instances in the pool.", ("model", "pool"))
 
     # -- api -------------------------------------------------------------------
-    def observe_request(self, model: str, *, e2e_s: float, num_prompt_tokens: int, num_generation_tokens: int,
-                        finish_reasons: Iterable[str], ttft_s: float | None = None,
-                        itl_s: Iterable[float] = ()) -> None:
+    def observe_request(self, model: str, record: RequestRecord) -> None:
         """One engine request ended (all of its completions)."""
-        if ttft_s is not None:
-            self.ttft.labels(model).observe(ttft_s)
-        itl = self.itl.labels(model)
-        for gap_s in itl_s:
-            itl.observe(gap_s)
-        self.e2e.labels(model).observe(e2e_s)
-        self.prompt_tokens.labels(model).inc(num_prompt_tokens)
-        self.generation_tokens.labels(model).inc(num_generation_tokens)
-        for reason in finish_reasons:
-            self.requests_finished.labels(model, reason).inc()
+        if record.ttft_s is not None:
+            self.ttft.labels(model, *record.first).observe(record.ttft_s)
+        for gap_s, where in record.gaps:
+            self.itl.labels(model, *where).observe(gap_s)
+        self.e2e.labels(model, *record.last).observe(record.e2e_s)
+        self.prompt_tokens.labels(model, *record.first).inc(record.num_prompt_tokens)
+        for where, count in record.generated.items():
+            self.generation_tokens.labels(model, *where).inc(count)
+        for reason, where in record.finish_reasons:
+            self.requests_finished.labels(model, *where, reason).inc()
 
     def reject(self, model: str, reason: str) -> None:
         """A request was refused (reason: invalid, overloaded, unavailable, not_found, too_long ...)."""

@@ -140,3 +140,5 @@ class TokenDelta:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    pool: str = ""  # who made it (the metrics' labels): its instance's pool and id; "" if none did (an abort)
+    instance: str = ""

@@ -24,7 +24,7 @@ from cluster.api.errors import error_body
 from cluster.api.protocol import (ChatChoiceLogprobs, ChatCompletionChunk, ChatLogprob, ChatStreamChoice,
                                   CompletionChoice, CompletionLogprobs, CompletionResponse, DeltaMessage,
                                   PromptTokensDetails, TopLogprob, UsageInfo)
-from cluster.metrics import Metrics
+from cluster.metrics import NOWHERE, Metrics, RequestRecord, Where
 from cluster.runtime.client import EngineClient
 from cluster.types import SamplingParams, TokenDelta, TokenLogprob
 
@@ -46,24 +46,29 @@ class EngineCall:
     start_s: float = field(default_factory=time.monotonic)
     first_s: float | None = None
     last_s: dict[int, float] = field(default_factory=dict)  # per completion index
-    gaps_s: list[float] = field(default_factory=list)
-    finish_reasons: dict[int, str] = field(default_factory=dict)
+    first: Where = NOWHERE  # the instance that made the first token
+    last: Where = NOWHERE  # ... and the last
+    gaps: list[tuple[float, Where]] = field(default_factory=list)
+    generated: dict[Where, int] = field(default_factory=dict)
+    finish_reasons: dict[int, tuple[str, Where]] = field(default_factory=dict)
     num_generated: int = 0
     num_cached_tokens: int = 0
     rejected: bool = False
     recorded: bool = False
 
     def on_delta(self, delta: TokenDelta, now: float) -> None:
+        where = (delta.pool, delta.instance)
         if delta.token_ids:
             if self.first_s is None:
-                self.first_s = now
+                self.first_s, self.first = now, where
             if delta.index in self.last_s:
-                self.gaps_s.append(now - self.last_s[delta.index])
-            self.last_s[delta.index] = now
+                self.gaps.append((now - self.last_s[delta.index], where))
+            self.last_s[delta.index], self.last = now, where
             self.num_generated += len(delta.token_ids)
+            self.generated[where] = self.generated.get(where, 0) + len(delta.token_ids)
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
         if delta.finish_reason is not None:
-            self.finish_reasons[delta.index] = delta.finish_reason.value
+            self.finish_reasons[delta.index] = (delta.finish_reason.value, where)
 
     @property
     def finished(self) -> bool:
@@ -73,12 +78,12 @@ class EngineCall:
         if self.recorded:
             return
         self.recorded = True
-        reasons = [self.finish_reasons.get(i, "abort") for i in range(self.params.n)]
         end_s = max(self.last_s.values(), default=time.monotonic())
-        metrics.observe_request(model, e2e_s=end_s - self.start_s, num_prompt_tokens=len(self.prompt_token_ids),
-                                num_generation_tokens=self.num_generated, finish_reasons=reasons,
-                                ttft_s=None if self.first_s is None else self.first_s - self.start_s,
-                                itl_s=self.gaps_s)
+        metrics.observe_request(model, RequestRecord(
+            e2e_s=end_s - self.start_s, num_prompt_tokens=len(self.prompt_token_ids), first=self.first, last=self.last,
+            ttft_s=None if self.first_s is None else self.first_s - self.start_s, gaps=self.gaps,
+            generated=self.generated,
+            finish_reasons=[self.finish_reasons.get(i, ("abort", self.last)) for i in range(self.params.n)]))
 
 
 class Run:

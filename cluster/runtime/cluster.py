@@ -290,6 +290,7 @@ class ClusterClient(EngineClient):
         leg = self.legs.get(delta.request_id)
         if leg is None:
             return
+        delta = replace(delta, pool=view.role.value, instance=view.instance_id)  # the metrics' labels
         disagg = self.config.disaggregated  # a leg per completion; a mixed-pool leg carries all n
         out = leg.deliver(delta, from_prefill=view.role == Role.PREFILL, disaggregated=disagg,
                           completions=1 if disagg else leg.spec.params.n, prefill_listed=leg.prefill_id in self.instances)

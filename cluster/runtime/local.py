@@ -22,7 +22,7 @@ import asyncio
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cluster.config import EngineConfig
 from cluster.engine.engine import Engine, EngineOverloaded
@@ -154,7 +154,7 @@ class LocalEngineClient(EngineClient):
                 if delta.finish_reason is not None:
                     num_open -= 1
                     done = num_open == 0
-                yield delta
+                yield replace(delta, pool=self.config.pool, instance=self.config.instance)  # the metrics' labels
         finally:
             if not done:  # the consumer left early (client disconnect, cancellation)
                 self._post(_Abort(request_id))

@@ -75,8 +75,9 @@ class Served:
                 for family in text_string_to_metric_families(text) for s in family.samples}
 
     def value(self, name: str, **labels) -> float:
-        want = tuple(sorted({"model": MODEL, **labels}.items()))
-        return self.samples().get((name, want), 0.0)
+        """The sum of `name`'s series whose labels include `labels` (and this model), e.g. over instances."""
+        want = {"model": MODEL, **labels}.items()
+        return sum(v for (n, have), v in self.samples().items() if n == name and want <= dict(have).items())
 
     def wait_idle(self, timeout_s: float = 5.0) -> dict:
         """Until nothing runs or waits and every KV block is free again."""
@@ -265,8 +266,9 @@ def test_models_health_and_metrics(served):
     assert served.value("llm_cluster_requests_finished_total", finish_reason="length") > 0
     assert served.value("llm_cluster_requests_rejected_total", reason="model_not_found") >= 1
     assert served.value("llm_cluster_prompt_tokens_total") > 0
-    assert served.value("llm_cluster_time_to_first_token_seconds_count") > 0
     instance = {"pool": "local", "instance": "0"}
+    assert served.value("llm_cluster_time_to_first_token_seconds_count", **instance) > 0  # labelled by its maker
+    assert served.value("llm_cluster_generation_tokens_total", **instance) >= 4
     assert served.value("llm_cluster_request_queue_time_seconds_count", **instance) > 0
     assert served.value("llm_cluster_prefix_cache_queried_tokens_total", **instance) > 0
 

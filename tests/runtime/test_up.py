@@ -166,7 +166,9 @@ def test_a_real_prometheus_scrapes_the_cluster(up, tmp_path):
             client.completions.create(model=model, prompt=f"scraped {i}", max_tokens=4, extra_body={"ignore_eos": True})
         wanted = {
             "scraped": 'up{job="llm-cluster"} == 1',
-            "ttft": f'llm_cluster_time_to_first_token_seconds_count{{model="{model}"}} >= 4',
+            # a 1P1D request's first token is its prefill instance's, the tokens after it its decode instance's
+            "ttft": f'sum(llm_cluster_time_to_first_token_seconds_count{{model="{model}", pool="prefill"}}) >= 4',
+            "itl": f'sum(llm_cluster_inter_token_latency_seconds_count{{model="{model}", pool="decode"}}) >= 12',
             "kv usage per instance": "llm_cluster_kv_cache_usage_ratio",
             "pools": "llm_cluster_pool_size",
             "p50 ttft": "histogram_quantile(0.5, sum by (le) (llm_cluster_time_to_first_token_seconds_bucket))",
