@@ -251,7 +251,7 @@ def _transfer_run(args, engine, transport, worker, q_to_decode, q_from_decode, p
     deadline = time.monotonic() + 10
     while transport.send_state(tid) not in (TransferState.DONE, TransferState.FAILED) and time.monotonic() < deadline:
         time.sleep(1e-4)  # every send counted done (caller-polled sends are counted when asked)
-    sent = transport.trackers[tid].done_s if tid in transport.trackers else None
+    sent = transport.book.trackers[tid].done_s if tid in transport.book.trackers else None
     run = {"posted_ms": (posted - t0) * 1e3, "sent_ms": (sent - t0) * 1e3 if sent else None,
            "landed_ms": (stamps["landed_s"] - t0) * 1e3, "joined_ms": (stamps["joined_s"] - t0) * 1e3,
            "announce_us": (announced - t0) * 1e6, "read_us": read_us, "send_us": send_us,
@@ -287,7 +287,7 @@ def decode_main(args, q_to_decode, q_from_decode, results):
         assert worker.reserve(rid, prompt, params, "P", transfer_id=tid)
         t0 = time.perf_counter()
         q_from_decode.put("reserved")
-        tracker = transport.trackers.get(tid)  # `poll` takes it from the transport once it lands
+        tracker = transport.book.trackers.get(tid)  # `poll` takes it from the transport once it lands
         while rid in worker.pending:
             worker.poll()
             time.sleep(0.0002)  # a busy loop would hold the GIL the link's receiver thread needs

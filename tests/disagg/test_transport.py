@@ -165,14 +165,14 @@ def test_messages_before_their_expect_wait_for_it_and_are_checked_against_it():
     decode.expect("prefill-3", 19, [(SHAPE, torch.float32)] * LAYERS, cpu)
     assert _poll(decode.recv_state, 19) == TransferState.DONE
     assert result_q.get(timeout=10) == ["done", "done", "done"]  # all of 20 and 21 landed, unexpected
-    assert set(decode.early) == {20, 21}
+    assert set(decode.book.early) == {20, 21}
     decode.expect("prefill-3", 20, [(SHAPE, torch.float32)] * LAYERS, cpu)
     assert _poll(decode.recv_state, 20) == TransferState.DONE
     layers = decode.take(20)
     assert all(torch.equal(layers[i], _layer(20, i)) for i in range(LAYERS))
     decode.expect("prefill-3", 21, [((3, 3), torch.float32)] * LAYERS, cpu)  # not what came
     assert _poll(decode.recv_state, 21) == TransferState.FAILED and "expected" in decode.error(21)
-    assert not decode.early
+    assert not decode.book.early
     proc.join(timeout=10)
 
 
@@ -235,8 +235,8 @@ def test_caller_polled_nccl_sends_complete_in_order_and_fail_their_link_past_the
     link = transport.links["D"] = Link("D", group=None, control=None, my_rank=1, backend="nccl",
                                        device=torch.device("cpu"))
     works = [_NcclWork() for _ in range(3)]
-    first = transport._sender(1, "D", 2)
-    second = transport._sender(2, "D", 1)
+    first = transport.book.sender(1, "D", 2)
+    second = transport.book.sender(2, "D", 1)
     far = time.monotonic() + 60
     for tracker, work in ((first, works[0]), (first, works[1]), (second, works[2])):
         link.posted.append((tracker, work, "nccl", None, far))
@@ -245,7 +245,7 @@ def test_caller_polled_nccl_sends_complete_in_order_and_fail_their_link_past_the
     assert transport.send_state(1) == TransferState.WAITING and transport.send_state(2) == TransferState.WAITING
     works[1].done = True
     assert transport.send_state(1) == TransferState.DONE and transport.send_state(2) == TransferState.DONE
-    late = transport._sender(3, "D", 1)
+    late = transport.book.sender(3, "D", 1)
     link.posted.append((late, _NcclWork(), "nccl", None, time.monotonic() - 1))  # past its deadline
     assert transport.send_state(3) == TransferState.FAILED
     assert link.closed and "deadline" in link.error and not link.posted

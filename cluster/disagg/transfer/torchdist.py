@@ -38,13 +38,14 @@ gets links without restarting anyone:
       against 1.43-1.69 ms, five transfers each; 2026-12-01 run 10). Run 9 had said the opposite
       (37% against 50%), with the waiter-thread variant timed last, after the others had warmed
       the link: the reason `bench.disagg` now interleaves;
-  (5) a dead peer shows up as an error on the link (gloo: its closed socket) or as a
+  (5) every transfer's state (trackers, the early arrivals, the ids given up on) is kept by a
+      `TransferBook` (book.py), which the links' threads and the engine's thread share;
+  (6) a dead peer shows up as an error on the link (gloo: its closed socket) or as a
       transfer timing out; the transfer FAILS and the caller recomputes; `disconnect`
       aborts the group and fails what was in flight on it.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import datetime
 import threading
@@ -54,13 +55,11 @@ import torch
 from torch._C._distributed_c10d import AllreduceOptions
 
 from cluster.disagg.transfer.base import KVTransport, TransferState
-from cluster.disagg.transfer.link import (HEADER_LEN, LINK_GROUP_TIMEOUT_S, Link, Tracker, check_layout, decode_header,
-                                          encode_header, normal_specs, short_of, small_on_host, wait_send)
+from cluster.disagg.transfer.book import TransferBook
+from cluster.disagg.transfer.link import (HEADER_LEN, LINK_GROUP_TIMEOUT_S, Link, decode_header, encode_header,
+                                          small_on_host, wait_send)
 from cluster.parallel.groups import dial_store, pair_group, serve_store
 from cluster.platform import bind_thread
-
-FORGOTTEN_KEPT = 4096  # transfer ids given up on whose late messages are dropped, not kept waiting
-
 
 class TorchDistTransport(KVTransport):
     def __init__(self, endpoint_id: str, host: str = "127.0.0.1", backend: str = "gloo", timeout_s: float = 10.0,
@@ -78,13 +77,8 @@ class TorchDistTransport(KVTransport):
         self.store = None
         self.links: dict[str, Link] = {}
         self.epochs: dict[str, int] = {}
-        self.trackers: dict[int, Tracker] = {}
-        # receiver: transfers whose messages came before their `expect` (the router starts a prefill
-        # while the decode side reserves): they wait here, in the link's buffers, until `expect`
-        # takes them, or are dropped after the timeout
-        self.early: dict[int, Tracker] = {}
-        self.forgotten: collections.deque = collections.deque(maxlen=FORGOTTEN_KEPT)  # ids given up on
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the links
+        self.book = TransferBook(timeout_s, self._notify)  # every transfer's state (book.py)
         self.bytes_received = 0
 
     # -- links -----------------------------------------------------------------
@@ -159,10 +153,11 @@ class TorchDistTransport(KVTransport):
             link.group.abort()
 
     def _fail_peer(self, peer_id: str, why: str) -> None:
-        with self.lock:
-            trackers = [t for t in [*self.trackers.values(), *self.early.values()] if t.peer_id == peer_id]
-        for t in trackers:
-            self._fail(t, why)
+        self.book.fail_peer(peer_id, why)
+
+    def _notify(self) -> None:
+        if self.on_ready is not None:
+            self.on_ready()
 
     def close(self) -> None:
         for peer_id in list(self.links):
@@ -190,10 +185,10 @@ class TorchDistTransport(KVTransport):
     def send_layer(self, peer_id, transfer_id, layer_id, num_layers, kv):
         """Post one message; it must be the next one announced (or it is announced alone now). Returns
         the send's work (NCCL: its wait() orders the current stream after it), None if it failed."""
-        tracker = self._sender(transfer_id, peer_id, num_layers)
+        tracker = self.book.sender(transfer_id, peer_id, num_layers)
         link = self.links.get(peer_id)
         if link is None or link.closed:
-            self._fail(tracker, f"no link to {peer_id}" if link is None else link.error)
+            self.book.fail(tracker, f"no link to {peer_id}" if link is None else link.error)
             return None
         kv = kv.contiguous()
         try:
@@ -205,7 +200,7 @@ class TorchDistTransport(KVTransport):
                                    f"the one announced next {announced}; the link is out of step")
             work = link.post(kv, sending=True)
         except (RuntimeError, ValueError) as exc:
-            self._fail(tracker, str(exc))
+            self.book.fail(tracker, str(exc))
             if "out of step" in str(exc):
                 self._close(link, str(exc))
             return None
@@ -222,8 +217,7 @@ class TorchDistTransport(KVTransport):
     def send_state(self, transfer_id) -> TransferState:
         if self.caller_polls_sends:
             self._reap_sends()
-        t = self.trackers.get(transfer_id)
-        return t.state if t else TransferState.WAITING
+        return self.book.state(transfer_id)
 
     def _reap_sends(self) -> None:
         """`caller_polls_sends`: count every link's NCCL sends done so far (they complete in the order
@@ -240,7 +234,7 @@ class TorchDistTransport(KVTransport):
                         link.posted.popleft()
                     except IndexError:
                         break
-                    self._sent_one(tracker)
+                    self.book.sent_one(tracker)
                 elif now > deadline:
                     link.error = f"link to {link.peer_id} failed: an NCCL send not completed by its deadline"
                     self._close(link, link.error)
@@ -249,43 +243,27 @@ class TorchDistTransport(KVTransport):
 
     # -- receiver ------------------------------------------------------------------
     def expect(self, peer_id, transfer_id, specs, device) -> None:
-        with self.lock:
-            tracker = self.early.pop(transfer_id, None)
-            if tracker is None:  # how many messages carry them: the sender's first header says
-                tracker = Tracker(peer_id, None, specs=normal_specs(specs))
-            self.trackers[transfer_id] = tracker
-            link = self.links.get(peer_id)
-        if tracker.specs is None:
-            self._adopt(tracker, transfer_id, normal_specs(specs))
+        tracker = self.book.expect(peer_id, transfer_id, specs)
+        link = self.links.get(peer_id)
         if link is None or link.closed:
-            self._fail(tracker, f"no link to {peer_id}" if link is None else link.error)
+            self.book.fail(tracker, f"no link to {peer_id}" if link is None else link.error)
             return
         try:
             self._use(link, "recv")
         except RuntimeError as exc:
-            self._fail(tracker, str(exc))
+            self.book.fail(tracker, str(exc))
 
     def recv_state(self, transfer_id) -> TransferState:
         return self.send_state(transfer_id)
 
     def take(self, transfer_id) -> list[torch.Tensor]:
-        tracker = self.trackers.pop(transfer_id)
-        if tracker.state != TransferState.DONE:
-            raise RuntimeError(f"transfer {transfer_id} is {tracker.state.value}, not done")
-        for buf in tracker.buffers:
-            if buf.is_cuda:  # allocated on the receiver thread's stream, read on the caller's: the
-                buf.record_stream(torch.cuda.current_stream(buf.device))  # memory is not reused under it
-        return tracker.buffers
+        return self.book.take(transfer_id)
 
     def forget(self, transfer_id) -> None:
-        with self.lock:
-            self.trackers.pop(transfer_id, None)
-            self.early.pop(transfer_id, None)
-            self.forgotten.append(transfer_id)  # its messages still coming land in scratch
+        self.book.forget(transfer_id)
 
     def error(self, transfer_id) -> str | None:
-        t = self.trackers.get(transfer_id)
-        return t.error if t else None
+        return self.book.error(transfer_id)
 
     def _send_waiter(self, link: Link) -> None:
         """Sender side, one thread per link: wait on the link's sends in the order they were posted
@@ -305,15 +283,7 @@ class TorchDistTransport(KVTransport):
                     self._close(link, link.error)
                 return
             if tracker is not None:
-                self._sent_one(tracker)
-
-    @staticmethod
-    def _sent_one(tracker: Tracker) -> None:
-        """One of the transfer's messages is on the other side."""
-        with tracker.cond:
-            tracker.num_done += 1
-            if tracker.num_done >= tracker.num_expected and tracker.state != TransferState.FAILED:
-                tracker.state, tracker.done_s = TransferState.DONE, time.monotonic()
+                self.book.sent_one(tracker)
 
     def _send_timeout_s(self) -> float:
         return self.timeout.total_seconds() * 3
@@ -344,10 +314,10 @@ class TorchDistTransport(KVTransport):
         posted = []
         for header in headers:
             transfer_id, index, count, shape, dtype = decode_header(header)
-            tracker = self._receiving(link.peer_id, transfer_id, count)
-            error = self._announced(tracker, transfer_id, count, shape, dtype) if tracker is not None else None
+            tracker = self.book.receiving(link.peer_id, transfer_id, count)
+            error = self.book.announced(tracker, transfer_id, count, shape, dtype) if tracker is not None else None
             if error:
-                self._fail(tracker, error)
+                self.book.fail(tracker, error)
             payload = torch.empty(shape, dtype=dtype, device=link.device)  # scratch if nobody expects it
             link.current = link.post(payload, sending=False)
             posted.append((transfer_id, index, payload, link.current, tracker))
@@ -364,76 +334,5 @@ class TorchDistTransport(KVTransport):
             if tracker is not None:
                 for tid, idx, buf, _, _ in posted[: i + 1]:
                     if tid == transfer_id:
-                        self._landed(tracker, transfer_id, idx, small_on_host(buf))
+                        self.book.landed(tracker, transfer_id, idx, small_on_host(buf))
         link.current = None
-
-    def _receiving(self, peer_id: str, transfer_id: int, count: int) -> Tracker | None:
-        """The tracker a message of `transfer_id` lands in: the expected one, else one waiting for its
-        `expect` (made now; old ones nobody took are dropped); None for a transfer given up on."""
-        with self.lock:
-            tracker = self.trackers.get(transfer_id) or self.early.get(transfer_id)
-            if tracker is None and transfer_id not in self.forgotten:
-                too_old = time.monotonic() - self.timeout.total_seconds()
-                for stale in [tid for tid, t in self.early.items() if t.created_s < too_old]:
-                    del self.early[stale]
-                tracker = self.early[transfer_id] = Tracker(peer_id, count, buffers=[None] * count)
-        return tracker
-
-    def _announced(self, tracker: Tracker, transfer_id: int, count: int, shape, dtype) -> str | None:
-        """A header of `transfer_id` is in: note it, and check it against the transfer's `expect`
-        (if made yet). Why it does not fit; None if it does."""
-        with tracker.cond:
-            if tracker.num_expected is None:
-                tracker.num_expected, tracker.buffers = count, [None] * count
-            elif tracker.num_expected != count:
-                return f"transfer {transfer_id} is sent as {count} messages, its earlier ones said {tracker.num_expected}"
-            tracker.announced.append((tuple(shape), dtype))
-        return check_layout(tracker, transfer_id) if tracker.specs is not None else None
-
-    def _adopt(self, tracker: Tracker, transfer_id: int, specs: list) -> None:
-        """`expect` for a transfer whose first messages came before it: check what was announced, then keep it."""
-        with tracker.cond:
-            tracker.specs = specs
-        error = check_layout(tracker, transfer_id)
-        with tracker.cond:
-            if error is None and tracker.state == TransferState.DONE:
-                error = short_of(tracker, transfer_id)
-            if error:  # even if every message is in: it is not the KV this side reserved for
-                tracker.state, tracker.error = TransferState.FAILED, error
-            ended = tracker.state in (TransferState.DONE, TransferState.FAILED)
-        if ended and self.on_ready is not None:
-            self.on_ready()
-
-    def _landed(self, tracker: Tracker, transfer_id: int, index: int, payload: torch.Tensor) -> None:
-        with tracker.cond:
-            if tracker.state == TransferState.FAILED or tracker.buffers[index] is not None:
-                return
-            tracker.buffers[index] = payload
-            tracker.num_done += 1
-            short = short_of(tracker, transfer_id) if tracker.num_done >= tracker.num_expected else None
-            if short:
-                tracker.state, tracker.error = TransferState.FAILED, short
-            elif tracker.num_done >= tracker.num_expected:
-                tracker.state, tracker.done_s = TransferState.DONE, time.monotonic()
-            else:
-                tracker.state = TransferState.TRANSFERRING
-        if tracker.state in (TransferState.DONE, TransferState.FAILED) and self.on_ready is not None:
-            self.on_ready()
-
-    # -- sender's waiting ------------------------------------------------------------------
-    def _sender(self, transfer_id: int, peer_id: str, num_layers: int) -> Tracker:
-        with self.lock:
-            tracker = self.trackers.get(transfer_id)
-            if tracker is None:
-                tracker = self.trackers[transfer_id] = Tracker(peer_id, num_layers)
-        return tracker
-
-    def _fail(self, tracker: Tracker, message: str) -> None:
-        with tracker.cond:
-            failed_now = tracker.state not in (TransferState.DONE, TransferState.FAILED)
-            if tracker.state != TransferState.DONE:
-                tracker.state = TransferState.FAILED
-                tracker.error = message
-            tracker.cond.notify_all()
-        if failed_now and tracker.specs is not None and self.on_ready is not None:
-            self.on_ready()
