@@ -14,13 +14,13 @@ A disaggregated request's life (one "leg" per completion; n > 1 makes n legs):
   (5) a failed transfer -> decode recomputes (told the first token the client saw);
       a dead decode instance -> the leg restarts elsewhere from prompt + tokens so far;
       every leg ends in a finish reason or an error the client sees.
-Each instance is read by one long-poll task (all its deltas per call); a heartbeat task
-(heartbeat.py) refreshes loads, the store's registry and prefix index, and notices dead instances.
+Steps (1)-(3) are the `Dispatcher`'s (dispatch.py). Each instance is read by one long-poll task
+(all its deltas per call); a heartbeat task (heartbeat.py) refreshes loads, the store's registry and
+prefix index, and notices dead instances.
 """
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -28,12 +28,12 @@ from dataclasses import replace
 
 from cluster.config import ClusterConfig
 from cluster.disagg.router import InstanceView, Router
-from cluster.engine.kv_cache import prefix_hashes
 from cluster.runtime.admission import admit
+from cluster.runtime.dispatch import Dispatcher
 from cluster.runtime.client import EngineClient, ModelInfo, Overloaded
 from cluster.runtime.instance import STALL_KEYS, RequestSpec
 from cluster.runtime.heartbeat import Heartbeat
-from cluster.runtime.leg import Leg, journal_finish, journal_start
+from cluster.runtime.leg import Leg, journal_finish
 from cluster.runtime.links import KVLinks
 from cluster.store.base import InstanceInfo
 from cluster.types import FinishReason, Role, SamplingParams, TokenDelta
@@ -51,13 +51,12 @@ class ClusterClient(EngineClient):
         self.router = Router(config.router)
         self.instances: dict[str, InstanceView] = {}
         self.legs: dict[str, Leg] = {}
-        self.transfer_ids = itertools.count(1)
-        self.renames = itertools.count(1)
         self.links = KVLinks()
         self.tasks: list[asyncio.Task] = []
         self.poll_tasks: dict[str, asyncio.Task] = {}
         self.confirming: set[asyncio.Task] = set()  # confirmations on their way to prefill instances
         self.num_pending = 0
+        self.dispatcher = Dispatcher(self)
 
     # -- membership ----------------------------------------------------------------
     async def add_instance(self, instance_id: str, role: Role, handle) -> None:
@@ -112,8 +111,8 @@ class ClusterClient(EngineClient):
             # placed and counted now, before anything yields: a burst's next request is admitted against
             # a queue that holds this one (counted inside the tasks, a burst of 48 on one event-loop turn
             # all passed admission)
-            placed = [self._place(leg) for leg in legs]
-            await asyncio.gather(*(self._dispatch(leg, target) for leg, target in zip(legs, placed)))
+            placed = [self.dispatcher.place(leg) for leg in legs]
+            await asyncio.gather(*(self.dispatcher.dispatch(leg, target) for leg, target in zip(legs, placed)))
             remaining = len(legs) if self.config.disaggregated else params.n
             while remaining:
                 delta = await queue.get()
@@ -150,116 +149,6 @@ class ClusterClient(EngineClient):
             task.cancel()
         self.links.cancel()
 
-    # -- (1)-(3) dispatch -------------------------------------------------------------------
-    def _place(self, leg: Leg) -> InstanceView:
-        """The instance that prefills `leg` (mixed: runs it), its prompt counted there at once: the next
-        request's placement and admission (a burst arrives between two heartbeats) see it queued."""
-        spec = leg.spec
-        hits = self._prefix_hits(spec.prompt_token_ids)
-        if self.config.disaggregated:
-            target = self.router.pick_prefill(self.pool(Role.PREFILL), hits, len(spec.prompt_token_ids))
-        else:
-            target = self.router.pick_mixed(self.pool(Role.MIXED), hits, len(spec.prompt_token_ids))
-        target.dispatched(len(spec.prompt_token_ids))
-        return target
-
-    async def _dispatch(self, leg: Leg, prefill: InstanceView | None = None) -> None:
-        """Run `leg` on `prefill` (placed by `_place`; None: place it now)."""
-        spec = leg.spec
-        prefill = prefill or self._place(leg)
-        if not self.config.disaggregated:
-            leg.decode_id = prefill.instance_id
-            await prefill.handle.submit.remote(spec)
-            return
-        ranked = list(self.router.rank_decode(self.pool(Role.DECODE), len(spec.prompt_token_ids)))
-        if ranked and await self._prefill_while_reserving(leg, prefill, ranked[0]):
-            return
-        self._rename(leg)  # the aborted prefill's deltas may still come: they must not reach this leg
-        spec = leg.spec
-        transfer_id = next(self.transfer_ids)
-        leg.reserving = True  # placed here, not by `_instance_died` restarting it too
-        try:
-            for decode in ranked[1:]:
-                leg.decode_id = decode.instance_id  # a client gone during the reserve aborts it there
-                try:
-                    await self.links.ensure(prefill, decode)
-                    if await decode.handle.reserve.remote(spec, prefill.instance_id, transfer_id):
-                        break
-                except ValueError:
-                    raise  # the request itself is invalid: the client gets a 400
-                except Exception as exc:  # that decode instance (or the link to it) is gone: try the next
-                    await self._instance_died(decode, f"reserve failed: {type(exc).__name__}: {exc}")
-                leg.decode_id = None
-            else:
-                raise Overloaded("no decode instance has free KV blocks for this prompt", 2.0)
-        finally:
-            leg.reserving = False
-        self._admitted(leg, prefill, decode)
-        try:
-            await prefill.handle.submit_prefill.remote(spec, decode.instance_id, transfer_id)
-        except ValueError:
-            await self._abort_remote(decode.instance_id, leg.leg_id)
-            raise
-        except Exception as exc:  # prefill died: the decode side's transfer fails and it recomputes
-            await self._instance_died(prefill, f"submit failed: {type(exc).__name__}: {exc}")
-
-    async def _prefill_while_reserving(self, leg: Leg, prefill: InstanceView, decode: InstanceView) -> bool:
-        """(3) on the best-ranked decode instance: reserve and start the prefill at once, so the
-        reservation's round trip (a Ray call served between two decode steps) is not in TTFT.
-        False if that decode instance refused or failed (the prefill is aborted)."""
-        spec = leg.spec
-        transfer_id = next(self.transfer_ids)
-        try:
-            await self.links.ensure(prefill, decode)
-        except Exception as exc:
-            await self._instance_died(decode, f"link failed: {type(exc).__name__}: {exc}")
-            return False
-        leg.prefill_id, leg.decode_id = prefill.instance_id, decode.instance_id
-        leg.reserving = True  # the client sees no token before decode has taken the request
-        reserved, submitted = await asyncio.gather(
-            decode.handle.reserve.remote(spec, prefill.instance_id, transfer_id),
-            prefill.handle.submit_prefill.remote(spec, decode.instance_id, transfer_id), return_exceptions=True)
-        leg.reserving = False
-        early_first, leg.early_first = leg.early_first, None
-        invalid = next((r for r in (reserved, submitted) if isinstance(r, ValueError)), None)
-        if invalid is not None:  # the request itself is invalid: the client gets a 400
-            await self._abort_remote(decode.instance_id, leg.leg_id)
-            await self._abort_remote(prefill.instance_id, leg.leg_id)
-            leg.prefill_id = leg.decode_id = None
-            raise invalid
-        if reserved is True:
-            self._admitted(leg, prefill, decode)
-            if isinstance(submitted, BaseException):  # prefill died: decode's transfer fails and it recomputes
-                await self._instance_died(prefill, f"submit failed: {type(submitted).__name__}: {submitted}")
-            elif early_first is not None:
-                await self._on_delta(prefill, early_first)
-            return True
-        await self._abort_remote(prefill.instance_id, leg.leg_id)
-        leg.prefill_id = leg.decode_id = None
-        if isinstance(reserved, BaseException):  # that decode instance is gone
-            await self._instance_died(decode, f"reserve failed: {type(reserved).__name__}: {reserved}")
-        return False
-
-    def _rename(self, leg: Leg) -> None:
-        """A new id for the leg (`<base>~r<k>`): whatever the instances still send under the old one is dropped."""
-        self.legs.pop(leg.leg_id, None)
-        leg.renamed(f"{leg.leg_id.split('~')[0]}~r{next(self.renames)}")
-        self.legs[leg.leg_id] = leg
-
-    def _admitted(self, leg: Leg, prefill: InstanceView, decode: InstanceView) -> None:
-        """Decode took the leg: it is placed, decode counts its tokens (prefill did at its pick), the
-        journal says where."""
-        leg.prefill_id, leg.decode_id = prefill.instance_id, decode.instance_id
-        decode.dispatched(len(leg.spec.prompt_token_ids))
-        journal_start(self.store, leg)
-
-    def _prefix_hits(self, prompt_token_ids: list[int]) -> dict[str, int]:
-        block_size = next((v.block_size for v in self.instances.values()), 16)
-        try:
-            return self.store.match_prefix(prefix_hashes(prompt_token_ids, block_size))
-        except Exception:  # the prefix index is advice; placement works without it
-            return {}
-
     # -- (4) deltas ---------------------------------------------------------------------------
     async def _poll(self, view: InstanceView) -> None:
         while view.alive:
@@ -268,14 +157,14 @@ class ClusterClient(EngineClient):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # RayActorError: the instance process is gone
-                await self._instance_died(view, f"{type(exc).__name__}: {exc}")
+                await self.instance_died(view, f"{type(exc).__name__}: {exc}")
                 return
             if error:
-                await self._instance_died(view, error)
+                await self.instance_died(view, error)
                 return
             try:
                 for delta in deltas:
-                    await self._on_delta(view, delta)
+                    await self.on_delta(view, delta)
                 for kind, leg_id in events:
                     leg = self.legs.get(leg_id)
                     if kind == "transfer_failed" and leg is not None:
@@ -286,7 +175,7 @@ class ClusterClient(EngineClient):
             except Exception:  # one bad delta must not stop this instance's stream for everyone
                 log.exception("handling deltas of %s", view.instance_id)
 
-    async def _on_delta(self, view: InstanceView, delta: TokenDelta) -> None:
+    async def on_delta(self, view: InstanceView, delta: TokenDelta) -> None:
         leg = self.legs.get(delta.request_id)
         if leg is None:
             return
@@ -299,17 +188,17 @@ class ClusterClient(EngineClient):
         if out.confirm:
             self._confirm(leg)
         if out.abort_decode:
-            await self._abort_remote(leg.decode_id, leg.leg_id)
+            await self.abort_remote(leg.decode_id, leg.leg_id)
 
     # -- (5) failures ---------------------------------------------------------------------------
-    async def _instance_died(self, view: InstanceView, why: str) -> None:
+    async def instance_died(self, view: InstanceView, why: str) -> None:
         if not view.alive:
             return
         view.alive = False
         log.warning("instance %s died: %s", view.instance_id, why.splitlines()[-1] if why else why)
         self.store.deregister_instance(view.instance_id)
         await self.links.drop(view.instance_id, self.instances)
-        # a leg still being placed (`reserving`) is left to `_prefill_while_reserving`, which sees the
+        # a leg still being placed (`reserving`) is left to `Dispatcher.prefill_while_reserving`, which sees the
         # failure in its own answers: restarting it here too would place it twice
         for leg in [l for l in self.legs.values() if not l.done and not l.reserving]:
             if leg.decode_id == view.instance_id or (leg.prefill_id == view.instance_id and leg.first_token is None
@@ -328,7 +217,7 @@ class ClusterClient(EngineClient):
         leg.resume()
         self.legs[leg.leg_id] = leg
         try:
-            await self._dispatch(leg)
+            await self.dispatcher.dispatch(leg)
         except Exception as exc:
             leg.fail(f"retry failed: {exc}")
 
@@ -346,10 +235,10 @@ class ClusterClient(EngineClient):
         leg.done = True
         self.legs.pop(leg.leg_id, None)
         for instance_id in {leg.prefill_id, leg.decode_id} - {None}:
-            await self._abort_remote(instance_id, leg.leg_id)
+            await self.abort_remote(instance_id, leg.leg_id)
         journal_finish(self.store, leg)
 
-    async def _abort_remote(self, instance_id: str | None, leg_id: str) -> None:
+    async def abort_remote(self, instance_id: str | None, leg_id: str) -> None:
         await self._tell(instance_id, "abort", leg_id)
 
     async def _tell(self, instance_id: str | None, method: str, leg_id: str) -> None:

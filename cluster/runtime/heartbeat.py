@@ -1,6 +1,6 @@
 """The cluster's heartbeat: every `router.heartbeat_s`, each live instance's load and prefix
 blocks are read, the store's registry and prefix index refreshed, the metrics exported; an
-instance that does not answer within its TTL is declared dead (ClusterClient._instance_died).
+instance that does not answer within its TTL is declared dead (ClusterClient.instance_died).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class Heartbeat:
                 stats = await asyncio.wait_for(view.handle.stats.remote(), ttl_s)
                 hashes = await view.handle.prefix_hashes.remote()
             except Exception as exc:
-                await client._instance_died(view, f"heartbeat failed: {type(exc).__name__}: {exc}")
+                await client.instance_died(view, f"heartbeat failed: {type(exc).__name__}: {exc}")
                 continue
             view.refresh(stats, asked_s=asked_s)
             load = InstanceLoad(stats["num_running"], stats["num_waiting"], stats["num_queued_prefill_tokens"],
