@@ -11,13 +11,10 @@ import random
 import pytest
 import torch
 
-from cluster.config import CacheConfig, DisaggConfig, EngineConfig, ModelConfig, ParallelConfig, RunnerConfig
-from cluster.disagg.decode import DecodeWorker
-from cluster.disagg.prefill import PrefillWorker
-from cluster.disagg.transfer.loopback import LoopbackHub, LoopbackTransport
+from cluster.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, RunnerConfig
 from cluster.engine.engine import Engine
 from cluster.types import Role
-from tests.disagg.test_workers import PARAMS, _serve, run_to_end
+from tests.disagg.test_workers import PARAMS, _pair, _serve, run_to_end
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason=(
     "GPU TESTS NOT RUN: need 2 CUDA devices; run `make test-gpu` on a 2-GPU machine"))]
@@ -43,13 +40,7 @@ def test_tp2_prefill_streams_kv_over_nccl_to_a_one_gpu_decode(checkpoint_dir, mo
     single.shutdown()
     prefill_engine = _engine(model_dir, Role.PREFILL, tp=2)
     try:
-        hub = LoopbackHub()
-        p_t, d_t = LoopbackTransport(hub), LoopbackTransport(hub)
-        p_t.connect("D", d_t.listen(), False)
-        d_t.connect("P", p_t.listen(), True)
-        cfg = DisaggConfig(transport="loopback")
-        prefill = PrefillWorker(prefill_engine, p_t, cfg)
-        decode = DecodeWorker(_engine(model_dir, Role.DECODE), d_t, cfg)
+        prefill, decode = _pair(model_dir, prefill_engine=prefill_engine, decode_engine=_engine(model_dir, Role.DECODE))
         assert _serve(prefill, decode, prompts) == expected
         assert prefill.bytes_sent > 0
     finally:

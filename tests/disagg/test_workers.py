@@ -22,13 +22,14 @@ def _engine(model_dir, role, budget=8192):
     return Engine(cfg, role=role, progress=False)
 
 
-def _pair(model_dir, cfg=DisaggConfig(transport="loopback"), budget=8192, prefill_engine=None):
+def _pair(model_dir, cfg=DisaggConfig(transport="loopback"), budget=8192, prefill_engine=None, decode_engine=None):
+    """A prefill and a decode worker over one loopback link (engines made here unless given)."""
     hub = LoopbackHub()
     p_t, d_t = LoopbackTransport(hub), LoopbackTransport(hub)
     p_t.connect("D", d_t.listen(), False)
     d_t.connect("P", p_t.listen(), True)
     return (PrefillWorker(prefill_engine or _engine(model_dir, Role.PREFILL, budget), p_t, cfg),
-            DecodeWorker(_engine(model_dir, Role.DECODE), d_t, cfg))
+            DecodeWorker(decode_engine or _engine(model_dir, Role.DECODE), d_t, cfg))
 
 
 def _serve(prefill, decode, prompts) -> dict:
@@ -258,13 +259,7 @@ def test_kv_moves_between_instances_of_any_tp_x_pp(checkpoint_dir, model, prefil
         prefill_engine = engines[0] if engines else _engine(model_dir, Role.PREFILL, 8192)
         decode_engine = _parallel_engine(model_dir, Role.DECODE, *decode_layout)
         engines.append(decode_engine)
-        hub = LoopbackHub()
-        p_t, d_t = LoopbackTransport(hub), LoopbackTransport(hub)
-        p_t.connect("D", d_t.listen(), False)
-        d_t.connect("P", p_t.listen(), True)
-        cfg = DisaggConfig(transport="loopback")
-        prefill = PrefillWorker(prefill_engine, p_t, cfg)
-        decode = DecodeWorker(decode_engine, d_t, cfg)
+        prefill, decode = _pair(model_dir, prefill_engine=prefill_engine, decode_engine=decode_engine)
         assert _serve(prefill, decode, prompts) == expected
         assert decode.engine.kv.num_free_blocks == decode.engine.kv.num_blocks
     finally:

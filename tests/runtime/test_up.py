@@ -13,6 +13,7 @@ import urllib.request
 
 import pytest
 
+from tests.procs import stop
 from tests.runtime.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -187,11 +188,7 @@ def test_a_real_prometheus_scrapes_the_cluster(up, tmp_path):
         optional = {name for name in panels if name.startswith(("Requests refused", "Preemptions"))}
         assert set(panels) - optional <= set(answered), set(panels) - optional - set(answered)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, timeout_s=10)
         log.close()
 
 

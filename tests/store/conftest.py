@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from tests.procs import stop
+
 
 def free_port() -> int:
     """A port nothing listens on (bound, then released)."""
@@ -48,9 +50,4 @@ def redis_url(tmp_path_factory):
         yield url
     finally:
         client.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
