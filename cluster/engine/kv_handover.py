@@ -27,6 +27,7 @@ import torch
 
 
 KV_TAG = 1 << 20  # above any pipeline micro-batch tag
+SCATTER_RUN_BYTES = 64 << 20  # a decode instance hands its tp ranks the landed KV in broadcasts of up to this
 
 
 def per_layer(messages: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -119,11 +120,24 @@ def scatter_kv(worker, block_ids: list[int], layers: list[torch.Tensor] | None) 
         else:
             for layer_id in worker.layer_range:
                 local[layer_id] = pipe.recv_from(0, _full_kv_buffer(worker, len(block_ids)), KV_TAG + layer_id).wait()
-    for layer_id in worker.layer_range:
-        full = local[layer_id] if tp.rank == 0 else _full_kv_buffer(worker, len(block_ids))
+    qkv = worker.model.model.layers[str(worker.layer_range.start)].self_attn.qkv_proj  # every layer's heads alike
+    if tp.size == 1:
+        for layer_id in worker.layer_range:
+            worker.runner.write_kv(layer_id, index, local[layer_id])
+        return
+    # to the stage's tp ranks in runs of layers, one broadcast a run (not one a layer: 32 collectives
+    # per landed request sat between a decode instance's steps), each rank writing its heads of the run
+    shape = full_kv_shape(worker.arch, len(block_ids), worker.runner.block_size)
+    per_run = max(1, SCATTER_RUN_BYTES // (torch.Size(shape).numel() * cache_dtype(worker.runner).itemsize))
+    layers_here = list(worker.layer_range)
+    for at in range(0, len(layers_here), per_run):
+        run = layers_here[at : at + per_run]
+        if tp.rank == 0:
+            full = torch.stack([local[layer_id] for layer_id in run])
+        else:
+            full = torch.empty((len(run), *shape), dtype=cache_dtype(worker.runner), device=worker.device)
         tp.broadcast_from_first(full)
-        qkv = worker.model.model.layers[str(layer_id)].self_attn.qkv_proj
-        worker.runner.write_kv(layer_id, index, full.narrow(-2, qkv.kv_head_start, qkv.num_kv_heads))
+        worker.runner.write_kv_layers(run[0], index, full.narrow(-2, qkv.kv_head_start, qkv.num_kv_heads))
 
 
 def cache_dtype(runner) -> torch.dtype:
