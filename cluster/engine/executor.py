@@ -1,7 +1,9 @@
 """How an Engine's steps reach the devices: one process, or the ranks of a `tp x pp` instance.
 
 The Engine calls, from its step loop:
-  execute(sched, on_layer_done) -> StepResult   once per step: run the model, sample
+  execute(sched, on_layer_done) -> StepResult   once per step: run the model, sample (a prefill's KV
+                                                streams out: a per-layer callback on one process,
+                                                a `LayerStreams` on several ranks)
   launch(sched) -> PendingStep                  the same, without waiting for the tokens (async
                                                 scheduling: the next plan names them as placeholders)
   launch_forward(sched) / finish(forward)       launch in two halves, so that with pp > 1 the next
