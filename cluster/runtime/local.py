@@ -26,10 +26,10 @@ from dataclasses import dataclass, field, replace
 
 from cluster.config import EngineConfig
 from cluster.engine.engine import Engine, EngineOverloaded
-from cluster.engine.sequence import SeqStatus
 from cluster.metrics import Metrics
 from cluster.platform import bind_thread
 from cluster.runtime.client import EngineClient, ModelInfo, Overloaded
+from cluster.runtime.step_meter import QueueTimes
 from cluster.types import FinishReason, SamplingParams, TokenDelta
 
 _ADMITTED = object()  # first queue item of a request the engine accepted
@@ -62,7 +62,6 @@ class _Pending:
     loop: asyncio.AbstractEventLoop
     open_indices: set[int]  # completions without a finish reason yet
     submitted_s: float
-    scheduled: bool = False
 
 
 @dataclass
@@ -117,6 +116,7 @@ class LocalEngineClient(EngineClient):
         self._closing = False
         self._dead: str | None = None  # why the loop thread stopped, if it did on its own
         self._pending: dict[str, _Pending] = {}  # loop thread only
+        self._queue_times = QueueTimes()  # loop thread only
         self._busy = False  # loop thread only: the engine has unfinished work
         self._last_stats_s = 0.0
         self._stats: dict[str, float] = {}  # the latest snapshot, replaced whole by the loop thread
@@ -236,8 +236,8 @@ class LocalEngineClient(EngineClient):
                 self._fail_all(f"engine step failed: {exc!r}", out)
             else:
                 self._route(deltas, out)
+                self._note_scheduled(deltas)
         self._busy = self.engine.has_unfinished()
-        self._note_scheduled()
         out.flush()
         self._export_stats(force=not self._busy)
         return True
@@ -259,6 +259,7 @@ class LocalEngineClient(EngineClient):
             self._reject(command, exc, out)
         else:
             self._pending[command.request_id] = command.pending
+            self._queue_times.submitted(command.request_id, command.pending.submitted_s)
             out.put(command.pending, _ADMITTED)
 
     def _reject(self, command: _Add, exc: BaseException, out: _Outbox) -> None:
@@ -270,7 +271,6 @@ class LocalEngineClient(EngineClient):
             pending = self._pending.get(delta.request_id)
             if pending is None:
                 continue
-            self._mark_scheduled(delta.request_id, pending)
             out.put(pending, delta)
             if delta.finish_reason is not None:
                 pending.open_indices.discard(delta.index)
@@ -292,20 +292,12 @@ class LocalEngineClient(EngineClient):
         out.flush()
 
     # -- metrics (loop thread only) --------------------------------------------------------
-    def _note_scheduled(self) -> None:
-        for request_id, pending in self._pending.items():
-            if not pending.scheduled:
-                state = self.engine.requests.get(request_id)
-                if state is not None and any(s.status != SeqStatus.WAITING for s in state.seqs):
-                    self._mark_scheduled(request_id, pending)
-
-    def _mark_scheduled(self, request_id: str, pending: _Pending) -> None:
-        if pending.scheduled:
-            return
-        pending.scheduled = True
+    def _note_scheduled(self, deltas: list[TokenDelta]) -> None:
+        """The queue time of each request this step scheduled for the first time (step_meter.QueueTimes)."""
+        self._queue_times.check(self.engine.requests, time.monotonic(), {delta.request_id for delta in deltas})
         if self.metrics is not None:
-            self.metrics.observe_queue_time(self.config.pool, self.config.instance,
-                                            time.monotonic() - pending.submitted_s, model=self._info.name)
+            for seconds in self._queue_times.drain():
+                self.metrics.observe_queue_time(self.config.pool, self.config.instance, seconds, model=self._info.name)
 
     def _export_stats(self, force: bool) -> None:
         now = time.monotonic()

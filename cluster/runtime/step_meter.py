@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from cluster.engine.sequence import SeqStatus
 
@@ -99,15 +99,18 @@ class QueueTimes:
     def submitted(self, request_id: str, at_s: float) -> None:
         self.since[request_id] = at_s
 
-    def check(self, requests: Mapping, now_s: float) -> None:
-        """After a step: the requests it scheduled for the first time are done waiting (a request that
-        went away, aborted, is dropped)."""
+    def check(self, requests: Mapping, now_s: float, produced: Collection[str] = ()) -> None:
+        """After a step (`now_s`: time.monotonic()): the requests it scheduled for the first time are done
+        waiting, those it `produced` a delta for among them (one that ended in the step has left
+        `requests`); a request that went away without one (aborted) is dropped."""
         for request_id, at_s in list(self.since.items()):
             state = requests.get(request_id)
-            if state is not None and all(seq.status == SeqStatus.WAITING for seq in state.seqs):
+            scheduled = request_id in produced or (
+                state is not None and any(seq.status != SeqStatus.WAITING for seq in state.seqs))
+            if not scheduled and state is not None:
                 continue
             del self.since[request_id]
-            if state is not None:
+            if scheduled:
                 with self.lock:
                     self.done.append(now_s - at_s)
 

@@ -73,3 +73,6 @@ def test_queue_time_ends_at_the_first_step_that_schedules_the_request():
     times.check(requests, 12.5)
     assert times.drain() == [pytest.approx(2.0), pytest.approx(2.0)] and times.since == {}
     assert times.drain() == []
+    times.submitted("one-token", 20.0)  # scheduled, ended and dropped by the engine within one step
+    times.check({}, 20.25, produced={"one-token"})
+    assert times.drain() == [pytest.approx(0.25)]
