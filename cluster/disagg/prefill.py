@@ -27,7 +27,7 @@ from cluster.config import DisaggConfig
 from cluster.disagg.staging import StagingRing
 from cluster.disagg.transfer.base import KVTransport, TransferState
 from cluster.engine.engine import Engine
-from cluster.engine.kv_handover import LayerStreams, cache_dtype, full_kv_shape
+from cluster.engine.kv_handover import LayerStreams, cache_dtype, full_kv_shape, layer_groups
 from cluster.platform import to_device_async
 from cluster.types import FinishReason, SamplingParams, TokenDelta
 
@@ -126,8 +126,7 @@ class PrefillWorker:
     def _groups(self, seq) -> list[tuple[int, int]]:
         """[start, end) layer ranges of the stacked messages of `seq`'s KV."""
         layer_bytes = max(1, torch.Size(self._kv_shape(seq)).numel() * self.kv_dtype.itemsize)
-        per_group = max(1, GROUP_BYTES // layer_bytes)
-        return [(start, min(start + per_group, self.num_layers)) for start in range(0, self.num_layers, per_group)]
+        return layer_groups(self.num_layers, max(1, GROUP_BYTES // layer_bytes))
 
     def _layers_per_message(self, seq) -> int:
         start, end = self.groups[seq.seq_id][0]

@@ -49,6 +49,11 @@ class LayerStreams:
     sink: Callable[[int, int, torch.Tensor], None]
 
 
+def layer_groups(num_layers: int, per_group: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of `per_group` consecutive layers (the last may be shorter): a transfer's messages."""
+    return [(start, min(start + per_group, num_layers)) for start in range(0, num_layers, per_group)]
+
+
 def stream_hook(worker, plan) -> Callable[[int], None] | None:
     """The layer hook of a step whose plan names KV streams (None if it names none). When a group's last
     layer is written, every rank reads that group's layers of the row's prompt blocks and gathers its
@@ -61,8 +66,7 @@ def stream_hook(worker, plan) -> Callable[[int], None] | None:
     blocks = {}
     for stream, (row, num_blocks, per_group) in enumerate(plan.streams):
         blocks[stream] = worker.runner.block_index(plan.block_tables[row, :num_blocks].tolist())
-        for group, start in enumerate(range(0, num_layers, per_group)):
-            end = min(start + per_group, num_layers)
+        for group, (start, end) in enumerate(layer_groups(num_layers, per_group)):
             leaving.setdefault(end - 1, []).append((stream, group, start, end))
 
     def on_layer_done(layer_id: int) -> None:

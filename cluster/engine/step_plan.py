@@ -16,7 +16,7 @@
 
   (5) a prefill instance of several ranks also names the rows whose prompt KV leaves during
       the step (`streams`: row, prompt blocks, layers a message): every rank gathers those
-      groups of layers to rank 0 as they are written (worker.py, `_stream_hook`).
+      groups of layers to rank 0 as they are written (kv_handover.py, `stream_hook`).
 
 Wire layout (all int64):
     header   [command, flags, num_tokens, num_seqs, table_width, num_sampling, num_microbatches, num_streams]
