@@ -51,7 +51,6 @@ class EngineCall:
     gaps: list[tuple[float, Where]] = field(default_factory=list)
     generated: dict[Where, int] = field(default_factory=dict)
     finish_reasons: dict[int, tuple[str, Where]] = field(default_factory=dict)
-    num_generated: int = 0
     num_cached_tokens: int = 0
     rejected: bool = False
     recorded: bool = False
@@ -64,11 +63,14 @@ class EngineCall:
             if delta.index in self.last_s:
                 self.gaps.append((now - self.last_s[delta.index], where))
             self.last_s[delta.index], self.last = now, where
-            self.num_generated += len(delta.token_ids)
             self.generated[where] = self.generated.get(where, 0) + len(delta.token_ids)
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
         if delta.finish_reason is not None:
             self.finish_reasons[delta.index] = (delta.finish_reason.value, where)
+
+    @property
+    def num_generated(self) -> int:
+        return sum(self.generated.values())
 
     @property
     def finished(self) -> bool:
