@@ -137,11 +137,24 @@ def scatter_kv(worker, block_ids: list[int], layers: list[torch.Tensor] | None) 
     for at in range(0, len(layers_here), per_run):
         run = layers_here[at : at + per_run]
         if tp.rank == 0:
-            full = torch.stack([local[layer_id] for layer_id in run])
+            full = stacked([local[layer_id] for layer_id in run])
         else:
             full = torch.empty((len(run), *shape), dtype=cache_dtype(worker.runner), device=worker.device)
         tp.broadcast_from_first(full)
         worker.runner.write_kv_layers(run[0], index, full.narrow(-2, qkv.kv_head_start, qkv.num_kv_heads))
+
+
+def stacked(layers: list[torch.Tensor]) -> torch.Tensor:
+    """`layers` (equal shapes) as one [len(layers), ...] tensor: a view where they already lie back to back
+    in one tensor (the layers of one landed message, which the sender stacked as the run is cut), else
+    a copy (`torch.stack`)."""
+    first = layers[0]
+    step = first.numel() * first.element_size()
+    if all(t.is_contiguous() and t.shape == first.shape and t.dtype == first.dtype and t.device == first.device
+           and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+           and t.data_ptr() == first.data_ptr() + i * step for i, t in enumerate(layers)):
+        return first.as_strided((len(layers), *first.shape), (first.numel(), *first.stride()))
+    return torch.stack(layers)
 
 
 def cache_dtype(runner) -> torch.dtype:

@@ -63,6 +63,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_prefill_tokens = 0  # prompt tokens scheduled so far (chunks and whole prompts, not decodes)
+        # the request ids whose sequence the last `schedule` took off the queue for the first time (not
+        # after a preemption): what an instance's queue-time figure reads after each step
+        self.admitted: list[str] = []
 
     # -- admission -----------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -85,6 +88,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self.admitted = []
         budget = self.config.max_num_batched_tokens
         decodes = [s for s in self.running if s.num_uncomputed == 1]
         chunks = [s for s in self.running if s.num_uncomputed > 1 and not s.in_forward]
@@ -139,6 +143,8 @@ class Scheduler:
                 seq.num_computed_tokens = 0
                 break
             self.waiting.popleft()
+            if seq.status == SeqStatus.WAITING:
+                self.admitted.append(seq.request_id)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens + num_new == seq.num_tokens))

@@ -271,7 +271,7 @@ class InstanceActor:
         t1 = time.perf_counter()
         self.meter.record(t0, t1, self.engine.scheduler.num_prefill_tokens - prefilled, ran_model=bool(deltas),
                           prompts_queued=self.engine.scheduler.has_queued_prompts(), busy=self._busy())
-        self.queue_times.check(self.engine.requests, time.monotonic(), {delta.request_id for delta in deltas})
+        self.queue_times.check(self.engine.scheduler.admitted, time.monotonic(), self.engine.requests)
         return deltas
 
     def _busy(self) -> bool:

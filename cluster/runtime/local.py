@@ -236,7 +236,7 @@ class LocalEngineClient(EngineClient):
                 self._fail_all(f"engine step failed: {exc!r}", out)
             else:
                 self._route(deltas, out)
-                self._note_scheduled(deltas)
+                self._note_scheduled()
         self._busy = self.engine.has_unfinished()
         out.flush()
         self._export_stats(force=not self._busy)
@@ -292,9 +292,9 @@ class LocalEngineClient(EngineClient):
         out.flush()
 
     # -- metrics (loop thread only) --------------------------------------------------------
-    def _note_scheduled(self, deltas: list[TokenDelta]) -> None:
+    def _note_scheduled(self) -> None:
         """The queue time of each request this step scheduled for the first time (step_meter.QueueTimes)."""
-        self._queue_times.check(self.engine.requests, time.monotonic(), {delta.request_id for delta in deltas})
+        self._queue_times.check(self.engine.scheduler.admitted, time.monotonic(), self.engine.requests)
         if self.metrics is not None:
             for seconds in self._queue_times.drain():
                 self.metrics.observe_queue_time(self.config.pool, self.config.instance, seconds, model=self._info.name)

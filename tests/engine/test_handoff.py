@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import random
 
+import torch
+
 from cluster.config import CacheConfig, EngineConfig, ModelConfig
 from cluster.engine.engine import Engine
 from cluster.types import FinishReason, Role, SamplingParams
@@ -92,3 +94,19 @@ def test_lost_handoff_recomputes_on_decode(checkpoint_dir):
     _run(decode, got)
     assert got["r"] == expected["r"]
     assert decode.kv.num_free_blocks == decode.kv.num_blocks
+
+
+def test_layers_of_one_message_are_stacked_without_a_copy():
+    """A multi-rank decode instance broadcasts the landed KV in runs of layers: a run that is one landed
+    message's layers is that message (a view, no copy); layers that do not lie back to back are copied."""
+    from cluster.engine.kv_handover import per_layer, stacked
+
+    message = torch.randn(4, 2, 3, 4, 2, 8)  # [layers, K/V, blocks, block_size, heads, dim]
+    layers = per_layer([message])
+    run = stacked(layers[1:3])
+    assert run.data_ptr() == message[1].data_ptr() and torch.equal(run, message[1:3])
+    reordered = stacked([layers[2], layers[0]])  # not back to back: a copy, in the order given
+    assert reordered.data_ptr() not in (message[2].data_ptr(), message[0].data_ptr())
+    assert torch.equal(reordered, torch.stack([message[2], message[0]]))
+    separate = [torch.randn(2, 3, 4, 2, 8) for _ in range(2)]  # two messages of one layer each
+    assert torch.equal(stacked(separate), torch.stack(separate))

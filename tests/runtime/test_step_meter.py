@@ -52,27 +52,20 @@ def test_a_transfer_poll_that_ran_no_model_ends_the_gap_once_idle():
 
 
 def test_queue_time_ends_at_the_first_step_that_schedules_the_request():
-    from types import SimpleNamespace
-
-    from cluster.engine.sequence import SeqStatus
     from cluster.runtime.step_meter import QueueTimes
-
-    def request(*statuses):
-        return SimpleNamespace(seqs=[SimpleNamespace(status=s) for s in statuses])
 
     times = QueueTimes()
     times.submitted("a", 10.0)
     times.submitted("b", 10.5)
     times.submitted("gone", 10.0)
-    requests = {"a": request(SeqStatus.WAITING), "b": request(SeqStatus.WAITING)}  # "gone" was aborted
-    times.check(requests, 11.0)
-    assert times.drain() == [] and set(times.since) == {"a", "b"}
-    requests["a"] = request(SeqStatus.RUNNING, SeqStatus.WAITING)  # n > 1: its first sequence runs
-    times.check(requests, 12.0)
-    requests["b"] = request(SeqStatus.FINISHED)  # prefilled and done within one step
-    times.check(requests, 12.5)
-    assert times.drain() == [pytest.approx(2.0), pytest.approx(2.0)] and times.since == {}
+    requests = {"a": object(), "b": object()}  # "gone" was aborted while queued
+    times.check([], 11.0, requests)
+    assert times.drain() == [] and set(times.since) == {"a", "b", "gone"}
+    times.check(["a", "a"], 12.0, requests)  # n > 1: each sequence of "a" admitted; the first one counts
+    times.check(["b"], 12.5, {})  # prefilled and ended within the step that admitted it: gone already
+    assert times.drain() == [pytest.approx(2.0), pytest.approx(2.0)] and set(times.since) == {"gone"}
     assert times.drain() == []
-    times.submitted("one-token", 20.0)  # scheduled, ended and dropped by the engine within one step
-    times.check({}, 20.25, produced={"one-token"})
-    assert times.drain() == [pytest.approx(0.25)]
+    times.check(["preempted-and-readmitted"], 13.0, requests)  # never submitted here: nothing to count
+    for _ in range(QueueTimes.PRUNE_EVERY):
+        times.check([], 14.0, requests)
+    assert times.since == {} and times.drain() == []  # the aborted one is dropped, never counted
