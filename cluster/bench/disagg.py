@@ -223,8 +223,13 @@ def _transfer_run(args, engine, transport, worker, q_to_decode, q_from_decode, p
         transport.announce("D", manifest)
     announced = time.monotonic()
     read_us, send_us, gathers = [], [], []  # where the sender's host time goes, message by message
+    # ... and how much of it this thread spent on the CPU (the rest it waited: for the GIL, a lock, the
+    # driver), and how much CPU the process's other threads took meanwhile: on 2xH200 a gather's launch
+    # held the host 150-330 us where one H200 alone measured 76 (2026-12-01 run 10)
+    read_cpu_us, send_cpu_us = [], []
+    loop_cpu0, loop_thread0 = time.process_time(), time.thread_time()
     for i, (start, end) in enumerate(groups):
-        t1 = time.monotonic()
+        t1, c1 = time.monotonic(), time.thread_time()
         events = pairs[i]
         if events:
             events[0].record()
@@ -239,14 +244,17 @@ def _transfer_run(args, engine, transport, worker, q_to_decode, q_from_decode, p
         if events:
             events[1].record()
             gathers.append(events)
-        t2 = time.monotonic()
+        t2, c2 = time.monotonic(), time.thread_time()
         work = transport.send_layer("D", tid, i, count, kv)
         if worker.staging is not None:
             worker.staging.sent(slot, work)
         read_us.append((t2 - t1) * 1e6)
         send_us.append((time.monotonic() - t2) * 1e6)
+        read_cpu_us.append((c2 - c1) * 1e6)
+        send_cpu_us.append((time.thread_time() - c2) * 1e6)
     transport.send_layer("D", tid, count - 1, count, first)
     posted = time.monotonic()
+    others_cpu_us = ((time.process_time() - loop_cpu0) - (time.thread_time() - loop_thread0)) * 1e6
     stamps = q_from_decode.get()
     deadline = time.monotonic() + 10
     while transport.send_state(tid) not in (TransferState.DONE, TransferState.FAILED) and time.monotonic() < deadline:
@@ -254,10 +262,17 @@ def _transfer_run(args, engine, transport, worker, q_to_decode, q_from_decode, p
     sent = transport.book.trackers[tid].done_s if tid in transport.book.trackers else None
     run = {"posted_ms": (posted - t0) * 1e3, "sent_ms": (sent - t0) * 1e3 if sent else None,
            "landed_ms": (stamps["landed_s"] - t0) * 1e3, "joined_ms": (stamps["joined_s"] - t0) * 1e3,
+           # the decode side's receiver: the manifest in, and every receive it announced posted
+           "manifest_ms": _since_ms(stamps["manifest_s"], t0), "receives_posted_ms": _since_ms(stamps["receives_posted_s"], t0),
            "announce_us": (announced - t0) * 1e6, "read_us": read_us, "send_us": send_us,
+           "read_cpu_us": read_cpu_us, "send_cpu_us": send_cpu_us, "others_cpu_us": others_cpu_us,
            "post_us": list(POST_US), "gather_device_us": [a.elapsed_time(b) * 1e3 for a, b in gathers]}
     POST_US.clear()
     return run
+
+
+def _since_ms(stamp: float | None, t0: float) -> float | None:
+    return None if stamp is None else (stamp - t0) * 1e3
 
 
 def decode_main(args, q_to_decode, q_from_decode, results):
@@ -293,7 +308,8 @@ def decode_main(args, q_to_decode, q_from_decode, results):
             time.sleep(0.0002)  # a busy loop would hold the GIL the link's receiver thread needs
         if cmd == "expect":
             _sync()  # the scatter into the reserved blocks is done
-            q_from_decode.put({"landed_s": tracker.done_s, "joined_s": time.monotonic()})
+            q_from_decode.put({"landed_s": tracker.done_s, "joined_s": time.monotonic(),
+                               "manifest_s": tracker.manifest_s, "receives_posted_s": tracker.receives_posted_s})
             engine.abort(rid)
             continue
         q_from_decode.put("landed")

@@ -214,7 +214,19 @@ def _host_split(transfer: dict) -> str:
     posts = sum(run["post_us"][: len(run["send_us"])])
     return (f"; posted {run['posted_ms']:.2f} ms = announce {run['announce_us']:.0f} us, gathers {sum(run['read_us']):.0f}, "
             f"posts {posts:.0f}, rest of sends {sum(run['send_us']) - posts:.0f}; gathers on device "
-            f"{sum(run['gather_device_us']):.0f} us")
+            f"{sum(run['gather_device_us']):.0f} us" + _host_cpu(run))
+
+
+def _host_cpu(run: dict) -> str:
+    """Of the gathers' and sends' host time, what the sender's thread spent on the CPU (the rest it waited),
+    and the CPU its process's other threads took meanwhile (runs from 2026-12-01's ninth session on)."""
+    if "read_cpu_us" not in run:
+        return ""
+    ready = ""
+    if run.get("receives_posted_ms") is not None:
+        ready = f"; the receiver had the manifest at {run['manifest_ms']:.2f} ms, its receives posted at {run['receives_posted_ms']:.2f}"
+    return ready + (f"; on the CPU: gathers {sum(run['read_cpu_us']):.0f} of {sum(run['read_us']):.0f} us, sends "
+            f"{sum(run['send_cpu_us']):.0f} of {sum(run['send_us']):.0f}, other threads {run['others_cpu_us']:.0f}")
 
 
 def _worst_lines(serve: dict, names: list[str]) -> list[str]:

@@ -79,6 +79,14 @@ def test_bench_host_and_disagg_run(tmp_path):
                  "transfer_stacked_waiter_thread", "transfer_stacked_caller_polls"):
         assert result[name]["gb_s"] > 0 and len(result[name]["runs"]) == 2, name  # the warm-up round not kept
     assert result["transfer_stacked"]["messages"] < result["transfer_only"]["messages"]
+    run = result["transfer_stacked"]["runs"][0]  # the sender's host time, and how much of it was on the CPU
+    assert len(run["read_cpu_us"]) == len(run["read_us"]) == result["transfer_stacked"]["messages"] - 1
+    assert all(0 <= cpu <= wall * 1.05 + 50 for cpu, wall in zip(run["read_cpu_us"], run["read_us"]))
+    assert run["others_cpu_us"] > -2000  # (two clocks, of coarse resolution: a small negative is rounding)
+    assert 0 <= run["manifest_ms"] <= run["receives_posted_ms"] <= run["landed_ms"]  # (the announce starts the clock)
+    from cluster.bench.session_summary import _host_split
+
+    assert "on the CPU: gathers" in _host_split(result["transfer_stacked"])
     assert result["ttft_1p1d_ms_median"] > 0 and result["ttft_colocated_ms_median"] > 0
 
 

@@ -83,6 +83,10 @@ class Tracker:
     num_done: int = 0
     error: str | None = None
     done_s: float | None = None  # time.monotonic() when its last message completed
+    # receiver, time.monotonic(): its first manifest came in, and every receive that manifest announced
+    # was posted (how long the receiving side took to be ready: bench.disagg reads them)
+    manifest_s: float | None = None
+    receives_posted_s: float | None = None
     created_s: float = field(default_factory=time.monotonic)
     announced: list = field(default_factory=list)  # receiver: (shape, dtype) of each header seen, in order
     num_checked: int = 0  # receiver: announced headers matched against specs so far

@@ -311,7 +311,7 @@ class TorchDistTransport(KVTransport):
     def _receive_manifest(self, link: Link, headers: list[list[int]]) -> None:
         """Post a receive for every announced payload (the sender posts its sends as the layers are
         computed), then wait for them in order, landing each transfer as its last message arrives."""
-        posted = []
+        posted, arrived_s = [], time.monotonic()
         for header in headers:
             transfer_id, index, count, shape, dtype = decode_header(header)
             tracker = self.book.receiving(link.peer_id, transfer_id, count)
@@ -321,6 +321,10 @@ class TorchDistTransport(KVTransport):
             payload = torch.empty(shape, dtype=dtype, device=link.device)  # scratch if nobody expects it
             link.current = link.post(payload, sending=False)
             posted.append((transfer_id, index, payload, link.current, tracker))
+        receives_posted_s = time.monotonic()
+        for *_rest, tracker in posted:
+            if tracker is not None and tracker.manifest_s is None:
+                tracker.manifest_s, tracker.receives_posted_s = arrived_s, receives_posted_s
         last_of = {transfer_id: i for i, (transfer_id, *_rest) in enumerate(posted)}
         for i, (transfer_id, index, payload, work, tracker) in enumerate(posted):
             if link.closed:
