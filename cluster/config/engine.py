@@ -93,6 +93,10 @@ class ParallelConfig:
     overlap_ep_comm: bool = False  # the same two micro-batches hide MoE dispatch/combine behind expert compute
     overlap_min_tokens: int = 512  # steps with fewer tokens are not split (decode would read the weights twice)
     one_shot_all_reduce_max_bytes: int = 8 << 20  # CUDA: TP all-reduces up to this size go through peer memory, not NCCL; 0: off
+    # a row-parallel layer's all-reduce and the residual add + RMSNorm after it as one kernel (CUDA, through
+    # the one-shot all-reduce's peer memory: parallel/one_shot_norm.py); elsewhere the same deferral runs
+    # as the two. Off until measured on two GPUs
+    fuse_all_reduce_norm: bool = False
     # NCCL's streams at high priority: a collective's blocks are scheduled as soon as the compute
     # stream's kernels free SMs (overlap), not after every block already queued
     comm_high_priority: bool = True

@@ -14,7 +14,8 @@ from torch import nn
 
 from cluster.models import fused
 from cluster.parallel.handles import TPGroup
-from cluster.parallel.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, default_loader
+from cluster.parallel.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, Unreduced,
+                                     default_loader)
 
 
 class RMSNorm(nn.Module):
@@ -24,8 +25,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
         self.weight.weight_loader = default_loader
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """norm(x); with `residual`, (norm(x + residual), x + residual) -- the add fused on CUDA."""
+    def forward(self, x, residual: torch.Tensor | None = None):
+        """norm(x); with `residual`, (norm(x + residual), x + residual) -- the add fused on CUDA. `x` may be
+        a row-parallel layer's `Unreduced` partial sum: its all-reduce joins the add (one kernel where it can)."""
+        if isinstance(x, Unreduced):
+            return x.add_rms_norm(residual, self.weight, self.eps) if residual is not None else self.forward(x.reduced())
         if residual is None:
             return fused.rms_norm(x, self.weight, self.eps)
         return fused.fused_add_rms_norm(x, residual, self.weight, self.eps)

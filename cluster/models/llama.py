@@ -18,7 +18,7 @@ from cluster.models.hf_config import ArchConfig
 from cluster.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding
 from cluster.models.moe import SparseMoE
 from cluster.parallel.handles import TPGroup
-from cluster.parallel.linear import ParallelLMHead, VocabParallelEmbedding
+from cluster.parallel.linear import ParallelLMHead, VocabParallelEmbedding, reduced
 from cluster.parallel.overlap import OverlapFlags, interleave
 
 
@@ -32,10 +32,15 @@ class DecoderLayer(nn.Module):
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # with tp.fuse_norm the attention's and a dense MLP's all-reduce join the norm after them
+        self.self_attn.o_proj.defer_to_norm()
+        if isinstance(self.mlp, GatedMLP):
+            self.mlp.down_proj.defer_to_norm()
 
     def forward(self, positions, x, rotary, attn, residual=None):
         """Residual stream as in vLLM: returns (mlp out, residual), whose sum is the layer's output;
-        each norm adds the pending branch into the residual (one fused kernel on CUDA)."""
+        each norm adds the pending branch into the residual (one fused kernel on CUDA), and with
+        `tp.fuse_norm` the branch's all-reduce too (the mlp out may be `linear.Unreduced`)."""
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
@@ -91,7 +96,7 @@ class CausalLM(nn.Module):
         residual = None
         for layer in self.model.layers.values():
             x, residual = layer(positions, x, self.rotary, attn, residual)
-        return self.model.norm(x, residual)[0] if self.is_last_stage else x + residual
+        return self.model.norm(x, residual)[0] if self.is_last_stage else reduced(x) + residual
 
     def forward_microbatches(self, batches: list[tuple], overlap: OverlapFlags) -> list[torch.Tensor]:
         """Several (input_ids, positions, attn, hidden) micro-batches through this stage, taking turns

@@ -102,7 +102,8 @@ class InstanceGroups:
         if self.tp.rank == 0:
             self.store.set(key, uuid.uuid4().hex[:12])  # a fresh symm-mem group name per instance
         name = f"{self.name}/{self.store.get(key).decode()}"
-        one_shot, self.one_shot_error = agree_on(name, self.tp, self.host, self.store, device, dtype, max_bytes)
+        one_shot, self.one_shot_error = agree_on(name, self.tp, self.host, self.store, device, dtype, max_bytes,
+                                                 fuse_norm=self.tp.fuse_norm)
         if one_shot is not None:
             self.tp = replace(self.tp, one_shot=one_shot)
             if self.ep.size > 1:
@@ -184,7 +185,7 @@ def build_groups(world_rank: int, parallel, backend: str, store, instance_id: st
         forward = make(f"pipe{tp_rank}", column, backend)
         if stage in (0, pp - 1):
             back = make(f"back{tp_rank}", [column[0], column[-1]], backend)
-    tp_handle = TPGroup(tp_rank, tp, tp_group)
+    tp_handle = TPGroup(tp_rank, tp, tp_group, fuse_norm=parallel.fuse_all_reduce_norm and tp > 1)
     ep_handle = tp_handle if parallel.expert_parallel_size > 1 else TPGroup.single()
     return InstanceGroups(world_rank, tp_handle, ep_handle, PipeGroup(stage, pp, forward, back),
                           HostGroup(world_rank, tp * pp, host), backend, store, prefix + f"tp{stage}")

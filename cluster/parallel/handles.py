@@ -43,6 +43,9 @@ class TPGroup:
     size: int = 1
     group: object | None = None  # c10d ProcessGroup; None when size == 1
     one_shot: OneShotAllReduce | None = None  # small all-reduces through peer memory (CUDA), else NCCL
+    # row-parallel layers leave their all-reduce to the norm after them (linear.Unreduced), which fuses
+    # it with the residual add and the norm where the one-shot all-reduce can (ParallelConfig.fuse_all_reduce_norm)
+    fuse_norm: bool = False
 
     @staticmethod
     def single() -> "TPGroup":

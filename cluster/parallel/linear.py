@@ -9,13 +9,20 @@ reads only the rows/columns it keeps and never materialises the full weight.
   QKVParallelLinear      q | k | v stacked; KV heads split, replicated if tp > kv heads
   MergedColumnParallel   gate | up stacked (each split like a column linear)
   VocabParallelEmbedding rows of the vocab split; masked lookup + all-reduce
+
+With `TPGroup.fuse_norm`, the row-parallel layers a decoder layer marks (`defers_to_norm`) return their
+partial sum as `Unreduced`, and the RMSNorm after them reduces it together with its residual add: one
+kernel on CUDA (parallel/one_shot_norm.py), the all-reduce and `fused_add_rms_norm` elsewhere.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cluster.models import fused
 from cluster.parallel.handles import TPGroup
 from cluster.parallel.overlap import all_reduce_steps
 
@@ -121,6 +128,29 @@ class QKVParallelLinear(ColumnParallelLinear):
         copy_checked(dst, narrow(source, 0, start, dst.shape[0]))
 
 
+@dataclass
+class Unreduced:
+    """A row-parallel layer's partial sum whose all-reduce is left to the RMSNorm after it."""
+
+    partial: torch.Tensor
+    tp: TPGroup
+
+    def reduced(self) -> torch.Tensor:
+        return self.tp.all_reduce(self.partial)
+
+    def add_rms_norm(self, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(sum + residual), sum + residual): one kernel where the one-shot all-reduce takes it."""
+        one_shot = self.tp.one_shot
+        if one_shot is not None and one_shot.fits_norm(self.partial, residual):
+            return one_shot.add_rms_norm(self.partial, residual, weight, eps)
+        return fused.fused_add_rms_norm(self.reduced(), residual, weight, eps)
+
+
+def reduced(x: "torch.Tensor | Unreduced") -> torch.Tensor:
+    """`x` all-reduced now if its reduction was deferred."""
+    return x.reduced() if isinstance(x, Unreduced) else x
+
+
 class RowParallelLinear(nn.Module):
     """Input features split across ranks; partial sums are all-reduced (unless the caller defers it)."""
 
@@ -130,6 +160,7 @@ class RowParallelLinear(nn.Module):
             raise ValueError(f"input size {in_features} is not divisible by tensor parallel size {tp.size}")
         self.tp = tp
         self.reduce_results = reduce_results
+        self.defers_to_norm = False  # `forward` returns `Unreduced` (the decoder layer sets it: `defer_to_norm`)
         self.in_per_rank = in_features // tp.size
         self.weight = _param((out_features, self.in_per_rank), self._load)
         self.bias = _param((out_features,), default_loader) if bias else None
@@ -137,8 +168,15 @@ class RowParallelLinear(nn.Module):
     def _load(self, param, source, shard_id=None) -> None:
         copy_checked(param.data, narrow(source, 1, self.tp.rank * self.in_per_rank, self.in_per_rank))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def defer_to_norm(self) -> None:
+        """Leave the all-reduce to the RMSNorm this layer's output goes to (with `TPGroup.fuse_norm`)."""
+        if self.tp.fuse_norm and self.reduce_results and self.bias is None:
+            self.defers_to_norm = True
+
+    def forward(self, x: torch.Tensor) -> "torch.Tensor | Unreduced":
         out = F.linear(x, self.weight)
+        if self.defers_to_norm:
+            return Unreduced(out, self.tp)
         if self.reduce_results:
             out = self.tp.all_reduce(out)
         if self.bias is not None:

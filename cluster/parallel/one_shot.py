@@ -24,6 +24,11 @@
 
 For the hundreds of KB of a TP decode step it costs a few tens of microseconds where NCCL's
 ring costs more (docs/benchmarks.md has the figures); bigger messages stay on NCCL.
+
+  (5) with `ParallelConfig.fuse_all_reduce_norm`, the all-reduce of a row-parallel layer and the
+      residual add and RMSNorm after it run as one kernel (`add_rms_norm`, one_shot_norm.py) through
+      the same halves, with a flag array of its own per stream; `agree_on` checks it against the
+      unfused pair bit for bit and turns only it off if any rank fails.
 """
 from __future__ import annotations
 
@@ -40,9 +45,11 @@ rendezvous_done = 0
 
 
 def agree_on(name: str, tp, host, store, device: torch.device, dtype: torch.dtype,
-             max_bytes: int) -> tuple["OneShotAllReduce | None", str | None]:
+             max_bytes: int, fuse_norm: bool = False) -> tuple["OneShotAllReduce | None", str | None]:
     """(the one-shot all-reduce, None) if every rank of the tp group set it up and its sums match
-    NCCL's, else (None, why). Every rank of the instance calls it (the host group agrees)."""
+    NCCL's, else (None, why). Every rank of the instance calls it (the host group agrees). With
+    `fuse_norm` it also sets up (5), kept only if it matches the unfused pair on every rank (else the
+    all-reduce stays and `norm_error` says why)."""
     if host.min_int(rendezvous_done) != -host.min_int(-rendezvous_done):
         # every rank finds this out together (no rank starts a rendezvous the others skip)
         return None, ("ranks of this instance have made different numbers of symmetric-memory rendezvous "
@@ -61,9 +68,35 @@ def agree_on(name: str, tp, host, store, device: torch.device, dtype: torch.dtyp
                 raise RuntimeError(f"one-shot all-reduce of {rows}x8 differs from NCCL's")
     except Exception as exc:  # unsupported build, no peer access, ...: keep NCCL
         error = f"{type(exc).__name__}: {exc}"
-    if host.min_int(0 if error else 1):
-        return one_shot, None
-    return None, error or "a peer rank could not set it up"
+    if not host.min_int(0 if error else 1):
+        return None, error or "a peer rank could not set it up"
+    if fuse_norm:
+        norm_error = _check_norm(one_shot, tp, device, dtype)
+        if not host.min_int(0 if norm_error else 1):
+            one_shot.norm_flags = None
+            one_shot.norm_error = norm_error or "a peer rank could not set it up"
+    return one_shot, None
+
+
+def _check_norm(one_shot: "OneShotAllReduce", tp, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None if (5) gives the unfused pair's result bit for bit on this rank, else why not."""
+    from cluster.models import fused
+
+    try:
+        one_shot.attach_norm(device)
+        hidden = 512
+        for rows in (1, 7, 64):
+            gen = torch.Generator(device="cpu").manual_seed(rows)
+            partial = (torch.randn(rows, hidden, generator=gen) * (tp.rank + 1)).to(device, dtype)
+            residual = torch.randn(rows, hidden, generator=gen).to(device, dtype)
+            weight = torch.rand(hidden, generator=gen).to(device, dtype)
+            expect = fused.fused_add_rms_norm(one_shot(partial), residual, weight, 1e-6)
+            got = one_shot.add_rms_norm(partial, residual, weight, 1e-6)
+            if not all(torch.equal(a, b) for a, b in zip(got, expect)):
+                return f"the fused all-reduce + add + RMSNorm of {rows}x{hidden} differs from the unfused kernels"
+    except Exception as exc:  # no triton, a compile error, ...: keep the unfused pair
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 class OneShotAllReduce:
@@ -84,6 +117,31 @@ class OneShotAllReduce:
         self.main = _Halves(symm_mem, name, self.max_numel, dtype, device)  # the compute stream's
         self.side = _Halves(symm_mem, name, self.max_numel, dtype, device)  # the overlap's
         self.side_stream = torch.cuda.Stream(device)  # where an overlapped all-reduce runs
+        self.rank, self.size = rank, size
+        self.norm_flags: _Flags | None = None  # (5): set up by `attach_norm`
+        self.norm_error: str | None = None
+
+    def attach_norm(self, device: torch.device) -> None:
+        """(5): a flag array of its own (row x rank) for the fused all-reduce + add + RMSNorm, on the
+        compute stream (the overlap's side stream never runs it)."""
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.norm_flags = _Flags(symm_mem, self.name, self.max_numel, self.size, device)
+
+    def fits_norm(self, partial: torch.Tensor, residual: torch.Tensor) -> bool:
+        """(5) can take this pair: set up, the model's dtype, [rows, hidden] contiguous, rows within the flags."""
+        return (self.norm_flags is not None and self.fits(partial) and partial.dim() == 2
+                and partial.shape[0] <= self.norm_flags.rows and residual.shape == partial.shape
+                and residual.dtype == partial.dtype and residual.is_contiguous())
+
+    def add_rms_norm(self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(all-reduced `partial` + residual), all-reduced `partial` + residual), one kernel (5)."""
+        from cluster.parallel.one_shot_norm import all_reduce_add_rms_norm
+
+        _, pointers = self.main.next_with_pointers()
+        return all_reduce_add_rms_norm(partial, residual, weight, eps, pointers, self.norm_flags.pointers,
+                                       self.rank, self.size)
 
     def fits(self, x: torch.Tensor) -> bool:
         return x.dtype == self.dtype and x.numel() <= self.max_numel and x.is_contiguous()
@@ -117,10 +175,34 @@ class _Halves:
         self.halves = self.buffer.view(2, numel).unbind(0)
         self.turn = 0
 
+        # each half's address on every rank, as a device array (the fused kernel of (5) reads its peers' halves)
+        half_bytes = numel * self.buffer.element_size()
+        self.pointers = [torch.tensor([base + turn * half_bytes for base in self.handle.buffer_ptrs], dtype=torch.int64,
+                                      device=device) for turn in (0, 1)]
+
     def next(self) -> torch.Tensor:
-        half = self.halves[self.turn]
+        return self.next_with_pointers()[0]
+
+    def next_with_pointers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the next half, its address on every rank)."""
+        turn = self.turn
         self.turn ^= 1
-        return half
+        return self.halves[turn], self.pointers[turn]
+
+
+class _Flags:
+    """(5)'s barrier flags: int32 [rows, ranks] on every rank (symmetric), zero between calls. Zeroed and
+    synchronised before the rendezvous, so no peer can signal into it before it is clear."""
+
+    def __init__(self, symm_mem, name: str, max_numel: int, size: int, device: torch.device):
+        self.rows = max(1, max_numel // 256)  # rows of at least 256 values (a hidden size is larger)
+        self.buffer = symm_mem.empty(self.rows * size, dtype=torch.int32, device=device)
+        self.buffer.zero_()
+        torch.cuda.synchronize(device)
+        self.handle = symm_mem.rendezvous(self.buffer, name)
+        global rendezvous_done
+        rendezvous_done += 1
+        self.pointers = torch.tensor(list(self.handle.buffer_ptrs), dtype=torch.int64, device=device)
 
 
 class _StreamJoin:

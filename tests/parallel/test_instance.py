@@ -106,6 +106,10 @@ CASES = {
     "ep2": ("mixtral", dict(tensor_parallel_size=2, expert_parallel_size=2), dict(overlap_ep=True, overlap_tp=True)),
     "tp2-moe-shared-expert": ("qwen2_moe", dict(tensor_parallel_size=2), dict(overlap_tp=True)),
     "ep2-shared-expert": ("qwen2_moe", dict(tensor_parallel_size=2, expert_parallel_size=2), dict(overlap_ep=True)),
+    # the attention's and the dense MLP's all-reduce left to the norm after them (one kernel on CUDA; here the
+    # all-reduce and the add-and-norm); with overlap the split steps reduce in the layers as before
+    "tp2-fused-norm": ("llama", dict(tensor_parallel_size=2, fuse_all_reduce_norm=True), dict(overlap_tp=True)),
+    "tp2-moe-fused-norm": ("qwen2_moe", dict(tensor_parallel_size=2, fuse_all_reduce_norm=True), dict(overlap_tp=True)),
 }
 
 
@@ -119,6 +123,11 @@ def test_instance_matches_single_process(reference, case):
         worker = engine.executor.worker
         if case == "pp2-uneven-stages":
             assert [list(r) for r in worker.stage_ranges] == [[0], [1, 2, 3]]
+        layers = list(worker.model.model.layers.values())
+        fused_norm = sizes.get("fuse_all_reduce_norm", False)
+        assert all(layer.self_attn.o_proj.defers_to_norm == fused_norm for layer in layers)
+        assert all(getattr(layer.mlp, "down_proj", None) is None or layer.mlp.down_proj.defers_to_norm == fused_norm
+                   for layer in layers)  # (a MoE block reduces its own output)
         _assert_same(_run(engine, prompts, "off"), expected)
         if case == "pp2-three-batches":
             assert engine.executor.steps_in_flight == 3 and engine.max_steps_in_flight == 3
@@ -150,7 +159,10 @@ def test_tp2_pp2_through_the_llm_api(checkpoint_dir):
                 for o in llm.generate(prompts, PARAMS)]
 
     expected = outputs(LLM(**kwargs))
-    with LLM(**kwargs, tensor_parallel_size=2, pipeline_parallel_size=2) as llm:
+    # stage 0 hands stage 1 its hidden state with the last layer's all-reduce done (left to the norm
+    # inside a stage: ParallelConfig.fuse_all_reduce_norm)
+    with LLM(**kwargs, tensor_parallel_size=2, pipeline_parallel_size=2,
+             parallel_config=ParallelConfig(fuse_all_reduce_norm=True)) as llm:
         executor = llm.engine.executor
         executor.set_flags(measure=True)
         _assert_same(outputs(llm), expected)

@@ -1,0 +1,75 @@
+"""The fused all-reduce + residual add + RMSNorm kernel (parallel/one_shot_norm.py) on the CPU.
+
+The Triton interpreter runs the kernel's code, rank by rank: each rank is a forked process, and the ranks'
+buffers and flags are shared memory mapped at the same addresses in all of them (fork), so the kernel's
+pointers reach every rank's memory as peer pointers reach it over NVLink. The flag protocol meets across
+processes as across GPUs (each side writes a flag only in the state the other leaves alone, so the
+interpreter's compare-and-swap, atomic or not, is enough). What this checks: the sum in rank order, the
+add and the norm as `rms_norm_triton` computes them, bit for bit; flags back at zero after every call;
+the halves taking turns; a rank that comes late waited for. tests/parallel/test_one_shot_norm_gpu.py runs
+the compiled kernel on a GPU.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+
+import pytest
+import torch
+
+if torch.cuda.is_available():
+    pytest.skip("the interpreted kernel runs where there is no GPU (test_one_shot_norm_gpu.py runs it compiled)",
+                allow_module_level=True)
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
+triton = pytest.importorskip("triton")
+
+from cluster.models import fused_triton  # noqa: E402
+from cluster.parallel import one_shot_norm  # noqa: E402
+
+if isinstance(one_shot_norm._all_reduce_add_rms_norm_kernel, triton.runtime.jit.JITFunction):
+    pytest.fail("triton was imported before TRITON_INTERPRET=1 was set and there is no GPU", pytrace=False)
+
+EPS = 1e-5
+
+
+def _ranks(world: int, rows: int, hidden: int, late_rank: int | None, calls: int, seed: int = 0):
+    """Every rank's (normed, added) of its last call, and the flags after the calls; rank r > 0 runs in
+    a forked process, `late_rank` starts 0.3 s after the others."""
+    gen = torch.Generator().manual_seed(seed)
+    partials = [torch.randn(rows, hidden, generator=gen) * (rank + 1) for rank in range(world)]
+    residual, weight = torch.randn(rows, hidden, generator=gen), torch.rand(hidden, generator=gen)
+    buffers = [torch.zeros(2, rows * hidden).share_memory_() for _ in range(world)]
+    flags = [torch.zeros(rows * world, dtype=torch.int32).share_memory_() for _ in range(world)]
+    outs = [torch.zeros(2, rows, hidden).share_memory_() for _ in range(world)]
+    flag_pointers = torch.tensor([f.data_ptr() for f in flags], dtype=torch.int64)
+    halves = [torch.tensor([b[turn].data_ptr() for b in buffers], dtype=torch.int64) for turn in (0, 1)]
+
+    def run(rank: int) -> None:
+        if rank == late_rank:
+            time.sleep(0.3)
+        for call in range(calls):
+            normed, added = one_shot_norm.all_reduce_add_rms_norm(partials[rank], residual, weight, EPS,
+                                                                  halves[call % 2], flag_pointers, rank, world)
+        outs[rank][0].copy_(normed)
+        outs[rank][1].copy_(added)
+
+    fork = multiprocessing.get_context("fork")
+    procs = [fork.Process(target=run, args=(rank,), daemon=True) for rank in range(1, world)]
+    for proc in procs:
+        proc.start()
+    run(0)
+    for proc in procs:
+        proc.join(60)
+        assert proc.exitcode == 0, f"rank process exit code {proc.exitcode}"
+    expected = fused_triton.rms_norm_triton(sum(partials[1:], partials[0]), weight, EPS, residual=residual)
+    return outs, expected, flags
+
+
+@pytest.mark.parametrize("world, late_rank", [(1, None), (2, None), (2, 0), (2, 1), (4, 3)])
+def test_every_rank_gets_the_unfused_result_and_the_flags_reset(world, late_rank):
+    outs, (normed, added), flags = _ranks(world, rows=6, hidden=64, late_rank=late_rank, calls=3)
+    for rank in range(world):
+        assert torch.equal(outs[rank][1], added), rank
+        assert torch.equal(outs[rank][0], normed), rank
+    assert all(int(f.abs().sum()) == 0 for f in flags), "a flag left set"
