@@ -12,7 +12,8 @@
 #   pp         bench.parallel pp: PP=2 with two batches in the stages vs one (≈1 min)
 #   parallel   bench.parallel allreduce,dense,pp: async scheduling on/off, NCCL priority and CTAs, PP batches (≈10 min)
 #   tp-pp      parallel without the normal-priority TP=2 engine and the even PP partition (≈5 min)
-#   tp64       bench.parallel allreduce,dense at batch 64 only: TP=1 vs TP=2 and the prefill overlap (≈3 min)
+#   tp64       bench.parallel allreduce,dense at batch 64 only: TP=1 vs TP=2 (and with the all-reduce fused
+#              with the add and RMSNorm) and the prefill overlap (≈4 min)
 #   shard      one GPU: bench.parallel shard: TP=1 beside one TP=2 rank's part of the model, decode and prefill,
 #              with each one's top kernels per decode step (≈4 min)
 #   moe        bench.parallel moe: EP=2 vs TP=2 (graphs and eager), 8 layers (≈4 min)
@@ -71,7 +72,7 @@ for item in "$@"; do
     pp)        need_llama; run_item pp python3 -m cluster.bench.parallel --parts pp --llama-dir /tmp/llama8b --steps 8 \
                  --profile --out pp.jsonl ;;
     tp64)      need_llama; run_item parallel python3 -m cluster.bench.parallel --parts allreduce,dense --batches 64 \
-                 --llama-dir /tmp/llama8b --steps 8 --out parallel.jsonl ;;
+                 --llama-dir /tmp/llama8b --steps 8 --tp2-fused-norm --out parallel.jsonl ;;
     shard)     need_llama; run_item shard python3 -m cluster.bench.parallel --parts shard --llama-dir /tmp/llama8b \
                  --steps 8 --profile --out shard.jsonl ;;
     moe)       run_item moe python3 -m cluster.bench.parallel --parts moe --moe-layers 8 --steps 8 --out moe.jsonl ;;

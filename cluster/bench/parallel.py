@@ -65,6 +65,8 @@ def part_dense(args, allreduce_us: dict[int, float]) -> None:
     ways = [(1, "none"), (2, "engine")] + ([(2, "nccl")] if args.tp2_nccl else [])
     ways += [(2, "engine_normal_priority")] if args.tp2_normal_priority else []  # NCCL streams at normal priority
     ways += [(2, f"engine_ctas{args.tp2_nccl_ctas}")] if args.tp2_nccl_ctas else []  # NCCL on fewer SMs
+    # each all-reduce fused with the residual add and RMSNorm after it (parallel/one_shot_norm.py)
+    ways += [(2, "engine_fused_norm")] if args.tp2_fused_norm else []
     for tp, way in ways:
         in_fresh_process(_dense_way, args, tp, way, allreduce_us)
 
@@ -75,6 +77,7 @@ def _dense_way(args, tp: int, way: str, allreduce_us: dict[int, float]) -> None:
     extra = {"one_shot_all_reduce_max_bytes": 0} if way == "nccl" else {}
     extra |= {"comm_high_priority": False} if way == "engine_normal_priority" else {}
     extra |= {"nccl_max_ctas": args.tp2_nccl_ctas} if way.startswith("engine_ctas") else {}
+    extra |= {"fuse_all_reduce_norm": True} if way == "engine_fused_norm" else {}
     engine = make_engine(path, args, tensor_parallel_size=tp, **extra)
     info = {k: v for k, v in engine.executor.stats().items() if k.startswith("one_shot")} if tp > 1 else {}
     emit(args, {"part": "dense", "tp": tp, "allreduce": way, "engine_start_s": time.time() - t0, **info})
@@ -268,6 +271,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tp2-nccl", action="store_true", help="dense: also TP=2 with NCCL alone (no one-shot all-reduce)")
     ap.add_argument("--tp2-normal-priority", action="store_true",
                     help="dense: also TP=2 with NCCL's streams at normal priority (ParallelConfig.comm_high_priority off)")
+    ap.add_argument("--tp2-fused-norm", action="store_true",
+                    help="dense: also TP=2 with each all-reduce fused with the add and RMSNorm after it")
     ap.add_argument("--tp2-nccl-ctas", type=int, default=0,
                     help="dense: also TP=2 with NCCL on at most this many thread blocks (ParallelConfig.nccl_max_ctas)")
     ap.add_argument("--profile", action="store_true", help="also print the driver's top kernels per decode step")

@@ -70,8 +70,10 @@ def tp_ratios(records: list[dict]) -> list[dict]:
     for batch in sorted({key[1] for key in step}):
         one, one_sync = step.get((1, batch, "single", "none")), step.get((1, batch, "single_sync", "none"))
         two, two_sync = step.get((2, batch, "overlap_off", "engine")), step.get((2, batch, "overlap_off_sync", "engine"))
+        fused = step.get((2, batch, "overlap_off", "engine_fused_norm"))  # all-reduce + add + RMSNorm in one kernel
         rows.append({"batch": batch, "tp1_ms": one, "tp2_ms": two, "ratio": two / one if one and two else None,
-                     "ratio_sync": two_sync / one_sync if one_sync and two_sync else None})
+                     "ratio_sync": two_sync / one_sync if one_sync and two_sync else None,
+                     "tp2_fused_norm_ms": fused, "ratio_fused_norm": fused / one if one and fused else None})
     return rows
 
 
@@ -139,9 +141,11 @@ def render(found: dict) -> str:
     if found["gpu_tests"]:
         out += ["## GPU tests", *[f"    {line}" for line in found["gpu_tests"]], ""]
     out += ["## TP=2 / TP=1 decode step (target <= 0.6 at batch 64)", "",
-            "| batch | TP=1 ms | TP=2 ms | TP=2/TP=1 | sync |", "| --- | --- | --- | --- | --- |"]
-    out += [f"| {r['batch']} | {_num(r['tp1_ms'])} | {_num(r['tp2_ms'])} | {_num(r['ratio'])} | {_num(r['ratio_sync'])} |"
-            for r in tp_ratios(records)] or ["| not run | | | | |"]
+            "| batch | TP=1 ms | TP=2 ms | TP=2/TP=1 | sync | TP=2 fused norm ms | its ratio |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    out += [f"| {r['batch']} | {_num(r['tp1_ms'])} | {_num(r['tp2_ms'])} | {_num(r['ratio'])} | {_num(r['ratio_sync'])} "
+            f"| {_num(r['tp2_fused_norm_ms'])} | {_num(r['ratio_fused_norm'])} |"
+            for r in tp_ratios(records)] or ["| not run | | | | | | |"]
     out += ["", "## One TP=2 rank's part of the model on one GPU, no collectives (bench.parallel shard)", ""]
     out += [f"- {r['phase'].replace('_ratio', '')}{'' if r['batch'] is None else ', batch ' + str(r['batch'])}: full "
             f"{r['full_ms']:.2f} ms, TP=2 rank {r['tp2_rank_ms']:.2f} ms = {r['tp2_rank_over_full']:.2f} x"

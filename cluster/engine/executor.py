@@ -295,9 +295,13 @@ class MultiProcExecutor(Executor):
         arch = self.worker.arch
         experts = table[:, 3:].sum(0).view(arch.num_layers, -1)
         groups = self.worker.groups
+        one_shot = groups.tp.one_shot
         return {"busy_s": table[:, 0].tolist(), "num_measured_steps": int(table[0, 1]),
                 "tokens_per_expert": experts.long().tolist() if arch.num_experts else [],
-                "one_shot_all_reduce": groups.tp.one_shot is not None, "one_shot_error": groups.one_shot_error}
+                "one_shot_all_reduce": groups.tp.one_shot is not None, "one_shot_error": groups.one_shot_error,
+                # ParallelConfig.fuse_all_reduce_norm: the fused kernel runs (parallel/one_shot.py (5)), or why not
+                "one_shot_norm": one_shot is not None and one_shot.norm_flags is not None,
+                "one_shot_norm_error": one_shot.norm_error if one_shot is not None else None}
 
     # -- (4) liveness -------------------------------------------------------------------
     def _dead_ranks(self, wait_s: float = 0.0) -> str:

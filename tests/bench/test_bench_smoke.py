@@ -48,7 +48,7 @@ def test_bench_parallel_runs_every_part(tmp_path):
     _run(["cluster.bench.parallel", "--smoke", "--parts", "dense,shard,moe,pp", "--llama-dir", str(tmp_path / "llama"),
           "--moe-dir", str(tmp_path / "moe"), "--batches", "1,4", "--moe-batches", "4", "--pp-batch", "8",
           "--context", "16", "--steps", "2", "--prefill-len", "32", "--max-model-len", "256",
-          "--tp2-normal-priority", "--tp2-nccl-ctas", "8", "--out", str(out)], tmp_path)
+          "--tp2-normal-priority", "--tp2-nccl-ctas", "8", "--tp2-fused-norm", "--out", str(out)], tmp_path)
     records = _records(out)
     assert not [r for r in records if "error" in r], [r for r in records if "error" in r]
     variants = {(r["part"], r.get("layout", r.get("tp")), r["variant"]) for r in records if "variant" in r}
@@ -60,7 +60,8 @@ def test_bench_parallel_runs_every_part(tmp_path):
     assert {"two_batches_m1", "three_batches_m1", "one_batch_m2"} <= set(pp) and all(r["tokens_per_s"] > 0 for r in pp.values())
     ratios = {(r["phase"], r["batch"]) for r in records if r["part"] == "shard" and "tp2_rank_over_full" in r}
     assert ratios == {("decode_ratio", 1), ("decode_ratio", 4), ("prefill_ratio", None)}, ratios
-    assert {r["allreduce"] for r in records if r.get("phase") == "decode" and r["part"] == "dense"} == {"none", "engine", "engine_normal_priority", "engine_ctas8"}
+    assert {r["allreduce"] for r in records if r.get("phase") == "decode" and r["part"] == "dense"} == {"none", "engine", "engine_normal_priority", "engine_ctas8",
+                                                                                                       "engine_fused_norm"}
 
 
 def test_bench_host_and_disagg_run(tmp_path):
