@@ -26,6 +26,8 @@
 #              step (default 8192) (≈3 min)
 #   prefill-budget  one GPU: bench.prefill_budget, prompt tokens/s and first-token times per step budget (≈2 min)
 #   sender-host  one GPU: bench.sender_host, the KV sender's host time per gather and post (≈1.5 min)
+#   fused-norm   one GPU: the fused all-reduce + add + RMSNorm kernel with its ranks emulated on streams:
+#              its GPU tests, then bench.fused_norm (≈1 min)
 #   serve-admit  the sweep past saturation with admission on (queue wait, decode step) (≈6 min);
 #              serve-admit:R1,R2,... at those request rates
 set -uo pipefail
@@ -97,6 +99,11 @@ for item in "$@"; do
                  --out-dir "serve1-admit-$budget" ;;
     prefill-budget) need_llama; run_item prefill-budget python3 -m cluster.bench.prefill_budget --model /tmp/llama8b \
                  --out prefill_budget.json ;;
+    fused-norm) # one GPU, ranks emulated on streams: the fused all-reduce + add + RMSNorm kernel's tests (a hang in
+               # its flag handshake would spin for ever: 120 s at most), then its cost per call beside the norm alone
+               run_item fused-norm-tests timeout 120 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider \
+                 "$PWD/tests/parallel/test_one_shot_norm_gpu.py"
+               run_item fused-norm timeout 120 python3 -m cluster.bench.fused_norm --out fused_norm.jsonl ;;
     sender-host) need_llama; run_item sender-host python3 -m cluster.bench.sender_host --model /tmp/llama8b --out sender_host.json ;;
     serve-admit|serve-admit:*) # the same past saturation with admission on (api.max_queue_wait_s 0.1: the 0.4 s TTFT
                # target less a prefill step of four 2k prompts, ~0.21 s, and the hand-over; max_decode_step_ms

@@ -26,7 +26,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# `rank` is not specialised: every rank runs one binary (ranks emulated in one process on one GPU would
+# otherwise load a second module while the first rank's kernel spins, and module loading waits for it)
+@triton.jit(do_not_specialize=["rank"])
 def _all_reduce_add_rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, buffers_ptr, flags_ptr,
     rank, num_cols, eps,

@@ -18,40 +18,11 @@ if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("GPU TESTS NOT RUN: need CUDA and compiled (not interpreted) triton; "
                 "run `pytest -m gpu` on the GPU machine", allow_module_level=True)
 
+from cluster.bench.fused_norm import EmulatedRanks  # noqa: E402
+
 pytestmark = pytest.mark.gpu
 
 EPS = 1e-5
-
-
-class EmulatedRanks:
-    """`world` ranks' symmetric halves and flag arrays on one GPU, with each half's address per rank."""
-
-    def __init__(self, world: int, rows: int, hidden: int, dtype=torch.bfloat16):
-        device = torch.device("cuda")
-        self.world = world
-        self.buffers = [torch.zeros(2, rows * hidden, dtype=dtype, device=device) for _ in range(world)]
-        self.flags = [torch.zeros(rows * world, dtype=torch.int32, device=device) for _ in range(world)]
-        self.halves = [torch.tensor([b[turn].data_ptr() for b in self.buffers], dtype=torch.int64, device=device)
-                       for turn in (0, 1)]
-        self.flag_pointers = torch.tensor([f.data_ptr() for f in self.flags], dtype=torch.int64, device=device)
-        self.streams = [torch.cuda.Stream() for _ in range(world)]
-        self.turn = 0
-
-    def call(self, partials, residual, weight):
-        """Every rank's kernel at once, each on its own stream; [(normed, new residual)] per rank."""
-        from cluster.parallel.one_shot_norm import all_reduce_add_rms_norm
-
-        pointers, self.turn = self.halves[self.turn], self.turn ^ 1
-        main = torch.cuda.current_stream()
-        outs = []
-        for rank, stream in enumerate(self.streams):
-            stream.wait_stream(main)
-            with torch.cuda.stream(stream):
-                outs.append(all_reduce_add_rms_norm(partials[rank], residual, weight, EPS, pointers,
-                                                    self.flag_pointers, rank, self.world))
-        for stream in self.streams:
-            main.wait_stream(stream)
-        return outs
 
 
 def _wait(timeout_s: float = 20.0) -> None:
