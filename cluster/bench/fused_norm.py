@@ -33,6 +33,11 @@ class EmulatedRanks:
         self.flag_pointers = torch.tensor([f.data_ptr() for f in self.flags], dtype=torch.int64, device=device)
         self.streams = [torch.cuda.Stream() for _ in range(world)]
         self.turn = 0
+        for stream in self.streams:  # each stream's pool holds its outputs' memory before any rank spins (a
+            with torch.cuda.stream(stream):  # cudaMalloc while another rank's kernel waits could wait for it)
+                cached = [torch.empty(rows, hidden, dtype=dtype, device=device) for _ in range(4)]
+            del cached
+        torch.cuda.synchronize()
 
     def call(self, partials, residual, weight, eps: float = 1e-5):
         """Every rank's kernel at once, each on its own stream; [(normed, new residual)] per rank."""
