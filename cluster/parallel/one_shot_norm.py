@@ -42,6 +42,8 @@ def _all_reduce_add_rms_norm_kernel(
     x = tl.load(x_ptr + row * num_cols + cols, mask=mask, other=0.0)
     mine = tl.load(buffers_ptr + rank).to(tl.pointer_type(dtype))
     tl.store(mine + row * num_cols + cols, x, mask=mask)
+    res = tl.load(res_ptr + row * num_cols + cols, mask=mask, other=0.0)  # (read while the peers catch up)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     tl.debug_barrier()  # every thread's part of the row is written before the flag says so
     # (2) flags: [row, from rank] in each rank's array
     for peer in tl.static_range(WORLD):
@@ -56,18 +58,19 @@ def _all_reduce_add_rms_norm_kernel(
                 pass
     tl.debug_barrier()  # no thread reads a peer's row before its flag was seen
     # (3) the sum in rank order, then the add and the norm as the unfused kernels round them
+    # (this rank's own row from registers, not read back; every rank sums in the same order)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for r in tl.static_range(WORLD):
         slot = tl.load(buffers_ptr + r).to(tl.pointer_type(dtype))
-        acc += tl.load(slot + row * num_cols + cols, mask=mask, other=0.0, volatile=True).to(tl.float32)
+        peer = (cols * 0 + r) != rank
+        theirs = tl.load(slot + row * num_cols + cols, mask=mask & peer, other=0.0, volatile=True)
+        acc += tl.where(peer, theirs, x).to(tl.float32)
     reduced = acc.to(dtype)
-    res = tl.load(res_ptr + row * num_cols + cols, mask=mask, other=0.0)
     added = (reduced.to(tl.float32) + res.to(tl.float32)).to(dtype)
     tl.store(res_out_ptr + row * num_cols + cols, added, mask=mask)
     xf = added.to(tl.float32)
     mean_sq = tl.sum(xf * xf, axis=0) / num_cols
     normed = (xf * tl.rsqrt(mean_sq + eps)).to(dtype)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     out = w.to(tl.float32) * normed.to(tl.float32)
     tl.store(out_ptr + row * num_cols + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
