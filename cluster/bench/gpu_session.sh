@@ -26,6 +26,8 @@
 #              step (default 8192) (≈3 min)
 #   prefill-budget  one GPU: bench.prefill_budget, prompt tokens/s and first-token times per step budget (≈2 min)
 #   sender-host  one GPU: bench.sender_host, the KV sender's host time per gather and post (≈1.5 min)
+#   gemm       one GPU: bench.gemm, each decode projection (whole, one TP=2 rank's share) by cuBLAS, cuBLASLt and
+#              with its weight stored the other way, against HBM bandwidth (≈2 min)
 #   fused-norm   one GPU: the fused all-reduce + add + RMSNorm kernel with its ranks emulated on streams:
 #              its GPU tests, then bench.fused_norm (≈1 min)
 #   serve-admit  the sweep past saturation with admission on (queue wait, decode step) (≈6 min);
@@ -104,6 +106,10 @@ for item in "$@"; do
                run_item fused-norm-tests timeout 120 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider \
                  "$PWD/tests/parallel/test_one_shot_norm_gpu.py"
                run_item fused-norm timeout 120 python3 -m cluster.bench.fused_norm --out fused_norm.jsonl ;;
+    gemm)      # one GPU: the decode projections of Llama-3-8B whole and as a TP=2 rank's share, three ways, set
+               # against the HBM bandwidth measured above
+               hbm=$(python3 -c "import json; print(json.load(open('$out/work/hardware.json'))['hbm_gb_s'])" 2>/dev/null)
+               run_item gemm python3 -m cluster.bench.gemm ${hbm:+--hbm-gb-s "$hbm"} --out gemm.jsonl ;;
     sender-host) need_llama; run_item sender-host python3 -m cluster.bench.sender_host --model /tmp/llama8b --out sender_host.json ;;
     serve-admit|serve-admit:*) # the same past saturation with admission on (api.max_queue_wait_s 0.1: the 0.4 s TTFT
                # target less a prefill step of four 2k prompts, ~0.21 s, and the hand-over; max_decode_step_ms
