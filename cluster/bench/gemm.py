@@ -73,8 +73,6 @@ def measure(tp: int, name: str, shape: tuple[int, int], batch: int, hbm_gb_s: fl
         if hbm_gb_s:
             record["share_of_hbm"] = record["gb_s"] / hbm_gb_s
         out.append(record)
-    del weights, k_major
-    torch.cuda.empty_cache()
     return out
 
 
@@ -92,6 +90,7 @@ def main(argv=None) -> None:
                     if args.out:
                         with open(args.out, "a") as f:
                             f.write(json.dumps(record) + "\n")
+                torch.cuda.empty_cache()  # the weights of one shape go before the next's are made
 
 
 if __name__ == "__main__":
