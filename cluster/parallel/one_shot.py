@@ -32,6 +32,8 @@ ring costs more (docs/benchmarks.md has the figures); bigger messages stay on NC
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import _register_process_group
@@ -78,8 +80,30 @@ def agree_on(name: str, tp, host, store, device: torch.device, dtype: torch.dtyp
     return one_shot, None
 
 
+NORM_CHECK_TIMEOUT_S = 60.0  # (a peer may still be compiling the kernel when this rank launches it)
+
+
+class NormHandshakeStuck(RuntimeError):
+    """(5)'s check kernel never finished: its flag handshake with the peers is stuck on the device. The
+    kernel cannot be stopped, so the rank fails (its instance with it) rather than serving behind it."""
+
+
+def _wait_device(device: torch.device, timeout_s: float) -> None:
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(device))
+    deadline = time.monotonic() + timeout_s
+    while not done.query():
+        if time.monotonic() > deadline:
+            raise NormHandshakeStuck(
+                f"the fused all-reduce + add + RMSNorm kernel did not finish in {timeout_s:.0f} s: its flag "
+                "handshake with the peer ranks is stuck on the device; start the instance with "
+                "ParallelConfig.fuse_all_reduce_norm off")
+        time.sleep(1e-3)
+
+
 def _check_norm(one_shot: "OneShotAllReduce", tp, device: torch.device, dtype: torch.dtype) -> str | None:
-    """None if (5) gives the unfused pair's result bit for bit on this rank, else why not."""
+    """None if (5) gives the unfused pair's result bit for bit on this rank, else why not. Raises
+    NormHandshakeStuck if its kernel never finishes."""
     from cluster.models import fused
 
     try:
@@ -92,8 +116,11 @@ def _check_norm(one_shot: "OneShotAllReduce", tp, device: torch.device, dtype: t
             weight = torch.rand(hidden, generator=gen).to(device, dtype)
             expect = fused.fused_add_rms_norm(one_shot(partial), residual, weight, 1e-6)
             got = one_shot.add_rms_norm(partial, residual, weight, 1e-6)
+            _wait_device(device, NORM_CHECK_TIMEOUT_S)
             if not all(torch.equal(a, b) for a, b in zip(got, expect)):
                 return f"the fused all-reduce + add + RMSNorm of {rows}x{hidden} differs from the unfused kernels"
+    except NormHandshakeStuck:
+        raise
     except Exception as exc:  # no triton, a compile error, ...: keep the unfused pair
         return f"{type(exc).__name__}: {exc}"
     return None
