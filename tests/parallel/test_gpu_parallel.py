@@ -84,3 +84,45 @@ def test_a_second_tp_instance_in_one_process_stays_on_nccl_at_once(checkpoint_di
         _assert_same(_run(second, prompts, "second"), expected)
     finally:
         second.shutdown()
+
+
+def _fused_norm_instance(model_dir: str, prompts, results) -> None:
+    """In a fresh process (the first TP instance there, so its one-shot all-reduce is on): a TP=2 instance
+    with each all-reduce fused with the add and RMSNorm after it; its outputs with overlap off and on,
+    and its stats."""
+    engine = _engine(model_dir, device="cuda", **CASES["tp2-fused-norm"][1])
+    try:
+        results.put({"stats": engine.executor.stats(), "off": _run(engine, prompts, "off")})
+        engine.executor.set_flags(**CASES["tp2-fused-norm"][2])
+        results.put({"on": _run(engine, prompts, "on")})
+    finally:
+        engine.shutdown()
+
+
+@two_gpus
+def test_gpu_tp2_with_the_fused_all_reduce_norm_matches_one_gpu(checkpoint_dir):
+    """The fused kernel across two GPUs (parallel/one_shot_norm.py): checked against the unfused pair at
+    start on both ranks, then the instance's tokens and logprobs as one GPU's, overlap off and on."""
+    import multiprocessing
+
+    model_dir = checkpoint_dir("llama")
+    prompts = _prompts(model_dir)
+    single = _engine(model_dir, device="cuda")
+    expected = _run(single, prompts, "ref")
+    del single
+    spawn = multiprocessing.get_context("spawn")
+    results = spawn.Queue()
+    child = spawn.Process(target=_fused_norm_instance, args=(model_dir, prompts, results))
+    child.start()
+    try:
+        first = results.get(timeout=300)
+        stats = first["stats"]
+        assert stats["one_shot_all_reduce"], stats["one_shot_error"]
+        assert stats["one_shot_norm"], stats["one_shot_norm_error"]
+        _assert_same(first["off"], expected)
+        _assert_same(results.get(timeout=300)["on"], expected)
+    finally:
+        child.join(120)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
