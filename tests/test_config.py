@@ -5,9 +5,11 @@ from cluster.config import ClusterConfig, ConfigError, from_dict, load_cluster_c
 
 
 def test_examples_load():
-    for name in ("1p1d", "2p1d", "colocated", "1p1d-redis"):
+    for name in ("1p1d", "2p1d", "colocated", "1p1d-redis", "1p1d-tp2"):
         config = load_cluster_config(f"examples/{name}.yaml")
         assert config.disaggregated == (name != "colocated")
+    tp2 = load_cluster_config("examples/1p1d-tp2.yaml")
+    assert tp2.prefill.tp == tp2.decode.tp == 2 and tp2.engine.parallel.fuse_all_reduce_norm is False
 
 
 def test_nested_keys_override_only_what_they_name():
@@ -28,6 +30,7 @@ def test_nested_keys_override_only_what_they_name():
     ({"engine": {"runner": {"async_scheduling": "no"}}}, "engine.runner.async_scheduling = 'no': must be true or false"),
     ({"engine": {"parallel": {"comm_high_priority": 1}}}, "engine.parallel.comm_high_priority = 1: must be true or false"),
     ({"engine": {"parallel": {"nccl_max_ctas": 100}}}, "ParallelConfig.nccl_max_ctas=100"),
+    ({"engine": {"parallel": {"fuse_all_reduce_norm": "yes"}}}, "engine.parallel.fuse_all_reduce_norm = 'yes': must be true or false"),
     ({"engine": {"parallel": {"nccl_max_ctas": -1}}}, "ParallelConfig.nccl_max_ctas=-1"),
     ({"api": {"max_queue_wait_s": 0}}, "ApiConfig.max_queue_wait_s=0"),
     ({"engine": {"parallel": {"pipeline_parallel_size": 2, "pp_batches_in_flight": 1}}},
