@@ -39,7 +39,7 @@ class EmulatedRanks:
             del cached
         torch.cuda.synchronize()
 
-    def call(self, partials, residual, weight, eps: float = 1e-5):
+    def call(self, partials, residual, weight, eps: float = 1e-5, num_warps: int | None = None):
         """Every rank's kernel at once, each on its own stream; [(normed, new residual)] per rank."""
         from cluster.parallel.one_shot_norm import all_reduce_add_rms_norm
 
@@ -50,7 +50,7 @@ class EmulatedRanks:
             stream.wait_stream(main)
             with torch.cuda.stream(stream):
                 outs.append(all_reduce_add_rms_norm(partials[rank], residual, weight, eps, pointers,
-                                                    self.flag_pointers, rank, self.world))
+                                                    self.flag_pointers, rank, self.world, num_warps))
         for stream in self.streams:
             main.wait_stream(stream)
         return outs
@@ -74,7 +74,7 @@ def _graph_us_per_call(fn, replays: int = 20) -> float:
     return start.elapsed_time(end) * 1e3 / (replays * CALLS)
 
 
-def measure(rows: int, hidden: int, world: int = 2) -> dict:
+def measure(rows: int, hidden: int, world: int = 2, num_warps: int | None = None) -> dict:
     from cluster.models import fused
 
     gen = torch.Generator().manual_seed(0)
@@ -83,7 +83,8 @@ def measure(rows: int, hidden: int, world: int = 2) -> dict:
     weight = torch.rand(hidden, generator=gen).to("cuda", torch.bfloat16)
     ranks = EmulatedRanks(world, rows, hidden)
     return {"rows": rows, "hidden": hidden, "world": world, "message_kib": rows * hidden * 2 / 1024,
-            "fused_us_per_call": _graph_us_per_call(lambda: ranks.call(partials, residual, weight)),
+            "num_warps": num_warps or "default",
+            "fused_us_per_call": _graph_us_per_call(lambda: ranks.call(partials, residual, weight, num_warps=num_warps)),
             "add_rms_norm_alone_us_per_call": _graph_us_per_call(
                 lambda: fused.fused_add_rms_norm(partials[0], residual, weight, 1e-5))}
 
@@ -92,14 +93,16 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,64,256")
     ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--num-warps", default="default", help="warps per program to compare, e.g. default,4,16")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     for rows in (int(r) for r in args.rows.split(",")):
-        record = measure(rows, args.hidden)
-        print(json.dumps(record), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        for warps in args.num_warps.split(","):
+            record = measure(rows, args.hidden, num_warps=None if warps == "default" else int(warps))
+            print(json.dumps(record), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

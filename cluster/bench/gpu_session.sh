@@ -105,7 +105,8 @@ for item in "$@"; do
                # its flag handshake would spin for ever: 120 s at most), then its cost per call beside the norm alone
                run_item fused-norm-tests timeout 120 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider \
                  "$PWD/tests/parallel/test_one_shot_norm_gpu.py"
-               run_item fused-norm timeout 120 python3 -m cluster.bench.fused_norm --out fused_norm.jsonl ;;
+               run_item fused-norm timeout 150 python3 -m cluster.bench.fused_norm --num-warps default,4,16 \
+                 --out fused_norm.jsonl ;;
     gemm)      # one GPU: the decode projections of Llama-3-8B whole and as a TP=2 rank's share, three ways, set
                # against the HBM bandwidth measured above
                hbm=$(python3 -c "import json; print(json.load(open('$out/work/hardware.json'))['hbm_gb_s'])" 2>/dev/null)

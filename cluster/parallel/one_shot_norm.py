@@ -80,12 +80,13 @@ def _num_warps(block: int) -> int:
 
 
 def all_reduce_add_rms_norm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                            buffers: torch.Tensor, flags: torch.Tensor, rank: int, world: int
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+                            buffers: torch.Tensor, flags: torch.Tensor, rank: int, world: int,
+                            num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(sum over ranks of `partial` + residual), that sum + residual) for `partial` and `residual`
     [rows, hidden] (contiguous, one dtype). `buffers` and `flags`: int64 device arrays of every rank's
     buffer half (at least rows x hidden of the dtype) and flag array (at least rows x world int32, zero
-    between calls), in rank order. Every rank calls it with the same shapes, in the same order."""
+    between calls), in rank order. Every rank calls it with the same shapes, in the same order.
+    `num_warps`: a program's warps (default by the row's width; bench.fused_norm compares others)."""
     rows, num_cols = partial.shape
     out = torch.empty(partial.shape, dtype=torch.promote_types(partial.dtype, weight.dtype), device=partial.device)
     res_out = torch.empty_like(partial)
@@ -93,5 +94,5 @@ def all_reduce_add_rms_norm(partial: torch.Tensor, residual: torch.Tensor, weigh
         block = triton.next_power_of_2(num_cols)
         _all_reduce_add_rms_norm_kernel[(rows,)](
             partial, residual, weight, out, res_out, buffers, flags, rank, num_cols, eps,
-            WORLD=world, BLOCK=block, num_warps=_num_warps(block))
+            WORLD=world, BLOCK=block, num_warps=num_warps or _num_warps(block))
     return out, res_out
