@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cluster.bench.harness import graph_time_ms
 from cluster.engine.attention.base import AttentionMetadata
 
 
@@ -112,23 +113,6 @@ def _time_ms(fn, warmup: int, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _graph_time_ms(fn, repeats: int) -> float:
-    """Mean over back-to-back replays of a captured call: GPU time alone."""
-    fn()  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
 def _work(seqs, num_heads: int, num_kv_heads: int, head_dim: int, elem_bytes: int) -> tuple[int, int]:
     """(KV bytes read once per kv head, causal attention FLOPs)."""
     kv_bytes = sum(c + n for c, n in seqs) * num_kv_heads * head_dim * 2 * elem_bytes
@@ -162,7 +146,7 @@ def main() -> None:
             batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta, args.head_dim ** -0.5)
         eager_ms = _time_ms(fn, warmup=5, repeats=args.repeats)
         # torch_ref syncs on the host (slot checks), so it cannot be captured.
-        ms = _graph_time_ms(fn, repeats=args.repeats) if args.backend == "triton" else eager_ms
+        ms = graph_time_ms(fn, repeats=args.repeats) if args.backend == "triton" else eager_ms
         kv_bytes, flops = _work(seqs, args.num_heads, args.num_kv_heads, args.head_dim, 2)
         print(json.dumps({
             "case": name, "backend": args.backend, "gpu_us": round(ms * 1e3, 2),
@@ -189,7 +173,7 @@ def _split_sweep(args) -> None:
                 meta = type(meta)(meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.slot_mapping, 1, 4608, [], [])
                 fn = lambda: backend.forward(  # noqa: E731
                     batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, meta, args.head_dim ** -0.5)
-                ms = _graph_time_ms(fn, repeats=args.repeats)
+                ms = graph_time_ms(fn, repeats=args.repeats)
                 row[f"us_splits_{splits or 'auto'}"] = round(ms * 1e3, 2)
                 row[f"gb_s_splits_{splits or 'auto'}"] = round(kv_bytes / ms / 1e6, 1)
             print(json.dumps(row), flush=True)

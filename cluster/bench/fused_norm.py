@@ -17,6 +17,8 @@ import json
 
 import torch
 
+from cluster.bench.harness import graph_time_ms
+
 CALLS = 64  # a Llama-3-8B decode step's all-reduces
 
 
@@ -56,22 +58,9 @@ class EmulatedRanks:
         return outs
 
 
-def _graph_us_per_call(fn, replays: int = 20) -> float:
-    fn()  # compiled and loaded before capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / (replays * CALLS)
+def _us_per_call(fn) -> float:
+    """Device microseconds of one call of `fn`, inside a CUDA graph of CALLS calls."""
+    return graph_time_ms(lambda: [fn() for _ in range(CALLS)], repeats=20) * 1e3 / CALLS
 
 
 def measure(rows: int, hidden: int, world: int = 2, num_warps: int | None = None) -> dict:
@@ -84,8 +73,8 @@ def measure(rows: int, hidden: int, world: int = 2, num_warps: int | None = None
     ranks = EmulatedRanks(world, rows, hidden)
     return {"rows": rows, "hidden": hidden, "world": world, "message_kib": rows * hidden * 2 / 1024,
             "num_warps": num_warps or "default",
-            "fused_us_per_call": _graph_us_per_call(lambda: ranks.call(partials, residual, weight, num_warps=num_warps)),
-            "add_rms_norm_alone_us_per_call": _graph_us_per_call(
+            "fused_us_per_call": _us_per_call(lambda: ranks.call(partials, residual, weight, num_warps=num_warps)),
+            "add_rms_norm_alone_us_per_call": _us_per_call(
                 lambda: fused.fused_add_rms_norm(partials[0], residual, weight, 1e-5))}
 
 

@@ -19,6 +19,8 @@ import json
 import torch
 import torch.nn.functional as F
 
+from cluster.bench.harness import graph_time_ms
+
 LAYERS = 32
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 4096, 32, 8, 128, 14336
 
@@ -28,24 +30,6 @@ def projections(tp: int) -> dict[str, tuple[int, int]]:
     qkv = (HEADS + 2 * KV_HEADS) * HEAD_DIM
     return {"qkv": (HIDDEN, qkv // tp), "o": (HEADS * HEAD_DIM // tp, HIDDEN),
             "gate_up": (HIDDEN, 2 * INTERMEDIATE // tp), "down": (INTERMEDIATE // tp, HIDDEN)}
-
-
-def _graph_us(fn, replays: int = 10) -> float:
-    """Device microseconds of one call of `fn` (which runs LAYERS GEMMs), inside a CUDA graph."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / replays / LAYERS
 
 
 def measure(tp: int, name: str, shape: tuple[int, int], batch: int, hbm_gb_s: float | None) -> list[dict]:
@@ -58,11 +42,11 @@ def measure(tp: int, name: str, shape: tuple[int, int], batch: int, hbm_gb_s: fl
             "weight_k_major": lambda: [x @ w for w in k_major]}
     rows = []
     for way, fn in ways.items():
-        rows.append((way, _graph_us(fn)))
+        rows.append((way, graph_time_ms(fn, repeats=10) * 1e3 / LAYERS))
     previous = torch.backends.cuda.preferred_blas_library()
     try:
         torch.backends.cuda.preferred_blas_library("cublaslt")
-        rows.append(("cublaslt", _graph_us(lambda: [F.linear(x, w) for w in weights])))
+        rows.append(("cublaslt", graph_time_ms(lambda: [F.linear(x, w) for w in weights], repeats=10) * 1e3 / LAYERS))
     finally:
         torch.backends.cuda.preferred_blas_library(previous)
     weight_bytes = fan_in * fan_out * 2

@@ -6,7 +6,8 @@
   engines       `make_engine`, `fill` (a batch held at a context length), `use_variant` (executor
                 flags and async scheduling switched between timed windows), `drain`;
   timing        `time_steps`, `timed_tokens`, `decode_sweep`, `prefill_time`; `emit` prints each
-                result as one JSON line and appends it to `--out`.
+                result as one JSON line and appends it to `--out`; `graph_time_ms`: device time of a
+                captured call (the kernel benches use it too)
 """
 from __future__ import annotations
 
@@ -196,3 +197,22 @@ def prefill_time(engine, args, variants: dict[str, dict]) -> list[dict]:
                         **profile_steps(engine, args.device, num_steps=1)})
             drain(engine)
     return rows
+
+
+def graph_time_ms(fn, repeats: int) -> float:
+    """Mean device time of `fn` over back-to-back replays of it captured in a CUDA graph (compiled first,
+    outside the capture): GPU time alone, no launch from the host."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
