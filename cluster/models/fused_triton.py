@@ -25,6 +25,23 @@ BLOCK_SILU = 1024
 
 
 @triton.jit
+def add_rounded(x, r):
+    """x + r added in fp32 and rounded once to x's dtype, as torch does for a half-precision `x + r`."""
+    return (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
+def rms_norm_row(x, w, num_cols, eps):
+    """RMSNorm of the row `x` times `w`, in fp32 (the caller rounds it): as HF, `weight * x.to(dtype)`,
+    the normalised value rounded to x's dtype first. The plain kernel below and the all-reduce-fused
+    one (parallel/one_shot_norm.py) share it, so their results agree bit for bit."""
+    xf = x.to(tl.float32)
+    mean_sq = tl.sum(xf * xf, axis=0) / num_cols
+    normed = (xf * tl.rsqrt(mean_sq + eps)).to(x.dtype)
+    return w.to(tl.float32) * normed.to(tl.float32)
+
+
+@triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     stride_x_t, stride_x_h, stride_r_t, stride_o_t, stride_o_h, stride_ro_t,
@@ -37,16 +54,11 @@ def _rms_norm_kernel(
     mask = cols < num_cols
     x = tl.load(x_ptr + token * stride_x_t + head * stride_x_h + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        # Add in fp32 and round once, as torch does for a half-precision `x + residual`.
         r = tl.load(res_ptr + token * stride_r_t + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        x = add_rounded(x, r)
         tl.store(res_out_ptr + token * stride_ro_t + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    mean_sq = tl.sum(xf * xf, axis=0) / num_cols
-    # HF: `weight * x.to(dtype)` -- the normalised value is rounded to the input dtype first.
-    normed = (xf * tl.rsqrt(mean_sq + eps)).to(x_ptr.dtype.element_ty)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    out = w.to(tl.float32) * normed.to(tl.float32)
+    out = rms_norm_row(x, w, num_cols, eps)
     tl.store(out_ptr + token * stride_o_t + head * stride_o_h + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -102,7 +114,7 @@ def _silu_and_mul_kernel(gu_ptr, out_ptr, stride_gu_t, stride_o_t, num_cols, BLO
     tl.store(out_ptr + token * stride_o_t + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _norm_num_warps(block: int) -> int:
+def norm_num_warps(block: int) -> int:
     return 1 if block <= 256 else 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
@@ -144,7 +156,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
             out3.stride(0), out3.stride(1),
             res_out.stride(0) if res_out is not None else 0,
             num_cols, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_norm_num_warps(block),
+            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=norm_num_warps(block),
         )
     return out if residual is None else (out, res_out)
 

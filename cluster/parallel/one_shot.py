@@ -191,14 +191,25 @@ class OneShotAllReduce:
         return _StreamJoin(done), out
 
 
+def _symmetric(symm_mem, name: str, numel: int, dtype: torch.dtype, device: torch.device, zeroed: bool = False):
+    """(a symmetric allocation every rank of group `name` maps, its rendezvous handle), counted in
+    `rendezvous_done`. `zeroed`: cleared, and the clearing finished, before the rendezvous (after it a
+    peer may write into it)."""
+    global rendezvous_done
+    buffer = symm_mem.empty(numel, dtype=dtype, device=device)
+    if zeroed:
+        buffer.zero_()
+        torch.cuda.synchronize(device)
+    handle = symm_mem.rendezvous(buffer, name)
+    rendezvous_done += 1
+    return buffer, handle
+
+
 class _Halves:
     """One symmetric allocation (rendezvoused: every rank maps every rank's) used as two halves in turn."""
 
     def __init__(self, symm_mem, name: str, numel: int, dtype: torch.dtype, device: torch.device):
-        self.buffer = symm_mem.empty(2 * numel, dtype=dtype, device=device)
-        self.handle = symm_mem.rendezvous(self.buffer, name)
-        global rendezvous_done
-        rendezvous_done += 1
+        self.buffer, self.handle = _symmetric(symm_mem, name, 2 * numel, dtype, device)
         self.halves = self.buffer.view(2, numel).unbind(0)
         self.turn = 0
 
@@ -223,12 +234,7 @@ class _Flags:
 
     def __init__(self, symm_mem, name: str, max_numel: int, size: int, device: torch.device):
         self.rows = max(1, max_numel // 256)  # rows of at least 256 values (a hidden size is larger)
-        self.buffer = symm_mem.empty(self.rows * size, dtype=torch.int32, device=device)
-        self.buffer.zero_()
-        torch.cuda.synchronize(device)
-        self.handle = symm_mem.rendezvous(self.buffer, name)
-        global rendezvous_done
-        rendezvous_done += 1
+        self.buffer, self.handle = _symmetric(symm_mem, name, self.rows * size, torch.int32, device, zeroed=True)
         self.pointers = torch.tensor(list(self.handle.buffer_ptrs), dtype=torch.int64, device=device)
 
 

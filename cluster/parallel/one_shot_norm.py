@@ -11,8 +11,8 @@ graph on 2xH200) and the add-and-norm (about 2.2 us). Here one program per token
       consume each peer's flag in its own (1 -> 0, acquire). A row waits for the same row of its peers,
       never for another row, so rows never wait on each other and the grid may be any size;
   (3) sum the row over the ranks in rank order in fp32, round it to the model's dtype (what the
-      all-reduce returns), add the residual in fp32 and round (what `fused_add_rms_norm` stores), then
-      normalise exactly as `fused_triton._rms_norm_kernel` does: bit for bit the unfused pair's result.
+      all-reduce returns), then add the residual and normalise with the very functions
+      `fused_triton._rms_norm_kernel` uses (`add_rounded`, `rms_norm_row`): bit for bit the unfused pair.
 
 Buffers alternate between two halves per call (one_shot.py (4) says why: a rank that runs ahead may
 write its next partial while a slower peer still reads this one); the flags reset themselves, so the
@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from cluster.models.fused_triton import add_rounded, norm_num_warps, rms_norm_row
 
 
 # `rank` is not specialised: every rank runs one binary (ranks emulated in one process on one GPU would
@@ -62,21 +64,13 @@ def _all_reduce_add_rms_norm_kernel(
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for r in tl.static_range(WORLD):
         slot = tl.load(buffers_ptr + r).to(tl.pointer_type(dtype))
-        peer = (cols * 0 + r) != rank
-        theirs = tl.load(slot + row * num_cols + cols, mask=mask & peer, other=0.0, volatile=True)
-        acc += tl.where(peer, theirs, x).to(tl.float32)
-    reduced = acc.to(dtype)
-    added = (reduced.to(tl.float32) + res.to(tl.float32)).to(dtype)
+        remote = (cols * 0 + r) != rank
+        theirs = tl.load(slot + row * num_cols + cols, mask=mask & remote, other=0.0, volatile=True)
+        acc += tl.where(remote, theirs, x).to(tl.float32)
+    added = add_rounded(acc.to(dtype), res)
     tl.store(res_out_ptr + row * num_cols + cols, added, mask=mask)
-    xf = added.to(tl.float32)
-    mean_sq = tl.sum(xf * xf, axis=0) / num_cols
-    normed = (xf * tl.rsqrt(mean_sq + eps)).to(dtype)
-    out = w.to(tl.float32) * normed.to(tl.float32)
+    out = rms_norm_row(added, w, num_cols, eps)
     tl.store(out_ptr + row * num_cols + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def _num_warps(block: int) -> int:
-    return 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
 def all_reduce_add_rms_norm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -94,5 +88,5 @@ def all_reduce_add_rms_norm(partial: torch.Tensor, residual: torch.Tensor, weigh
         block = triton.next_power_of_2(num_cols)
         _all_reduce_add_rms_norm_kernel[(rows,)](
             partial, residual, weight, out, res_out, buffers, flags, rank, num_cols, eps,
-            WORLD=world, BLOCK=block, num_warps=num_warps or _num_warps(block))
+            WORLD=world, BLOCK=block, num_warps=num_warps or norm_num_warps(block))
     return out, res_out
