@@ -94,7 +94,6 @@ def test_hostile_requests_get_4xx_and_cluster_still_serves(up):
 
 
 def _prometheus_query(port: int, query: str) -> list[dict]:
-
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
     with urllib.request.urlopen(url, timeout=5) as response:
         body = json.load(response)
@@ -104,7 +103,8 @@ def _prometheus_query(port: int, query: str) -> list[dict]:
 
 def _until_answered(port: int, queries: dict[str, str], timeout_s: float) -> dict[str, list]:
     """name -> the query's result, for those that returned series before `timeout_s` (a malformed
-    query fails at once: Prometheus answers it with an error)."""
+    query fails at once: Prometheus answers it with an error; 503 is Prometheus starting up, asked again:
+    a fresh-clone CI run got it for the first query)."""
     found: dict[str, list] = {}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and len(found) < len(queries):  # bounded
@@ -112,7 +112,9 @@ def _until_answered(port: int, queries: dict[str, str], timeout_s: float) -> dic
             try:
                 result = _prometheus_query(port, query)
             except urllib.error.HTTPError as exc:
-                raise AssertionError(f"{name}: Prometheus refused {query!r}: {exc.read()[:300]!r}") from exc
+                if exc.code != 503:
+                    raise AssertionError(f"{name}: Prometheus refused {query!r}: {exc.read()[:300]!r}") from exc
+                result = []  # listening, not ready yet
             except OSError:  # not listening yet
                 result = []
             if result:
