@@ -12,7 +12,7 @@ A request's life:
       computed;
   (3) new tokens are detokenized incrementally; stop strings cut the text;
   (4) finished sequences free their blocks (a prefill-role sequence keeps them
-      until `release`, see `handoff.py`);
+      until `release`: its KV leaves through the engine's `KVSink`, kv_boundary.py);
   (5) each step returns the `TokenDelta`s it produced, which `LLM.generate`
       accumulates and the API streams.
 
@@ -41,9 +41,13 @@ import torch
 
 from cluster.config import EngineConfig
 from cluster.engine.executor import make_executor
+from cluster.engine.kv_boundary import KVBlocks, KVLayout, KVReservation, KVSink
 from cluster.engine.kv_cache import KVCacheManager
+from cluster.engine.kv_export import KVStreamer
+from cluster.engine.kv_handover import cache_dtype
 from cluster.engine.scheduler import Scheduler
 from cluster.engine.sequence import Sequence
+from cluster.engine.stats import EngineStats, StepStats
 from cluster.engine.stop import TextState
 from cluster.models.registry import arch_config
 from cluster.platform import current_platform
@@ -52,18 +56,6 @@ from cluster.types import FinishReason, Role, SamplingParams, TokenDelta
 
 class EngineOverloaded(RuntimeError):
     """The waiting queue is full: the caller should retry later (HTTP 429/503)."""
-
-
-@dataclass
-class KVHandoff:
-    """A prefilled request, as the decode side sees it: its tokens and where its KV is."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    first_token_id: int
-    block_ids: list[int]  # in the prefill engine; KV of tokens 0..num_tokens-1
-    num_tokens: int
-    block_size: int
 
 
 @dataclass
@@ -96,8 +88,9 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.kv, eos)
         self.async_scheduling = config.runner.async_scheduling and role != Role.PREFILL
         self.requests: dict[str, RequestState] = {}
-        # prefill role: streams each layer's KV as soon as it is written (disagg/prefill.py)
-        self.kv_stream = None
+        self.kv_layout = KVLayout(self.arch.num_layers, self.kv.block_size, self.arch.num_kv_heads,
+                                  self.arch.head_dim, cache_dtype(self.runner))
+        self.kv_out: KVStreamer | None = None  # prefill role: hands each message of KV to its sink as it is written
         self.forwarded: deque[_InFlight] = deque()  # async scheduling: launched steps not sampled yet (pp > 1)
         self.max_steps_in_flight = 0  # the most launched steps ever waiting at once (pp: batches in the stages)
         self.in_flight: _InFlight | None = None  # async scheduling: the sampled step not read back yet
@@ -185,8 +178,10 @@ class Engine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        hook = self.kv_stream.begin_step(sched) if self.kv_stream is not None else None
+        hook = self.kv_out.begin_step(sched) if self.kv_out is not None else None
         result = self.executor.execute(sched, hook)
+        if self.kv_out is not None:
+            self.kv_out.end_step()
         self.scheduler.update(sched, result.sampled)
         deltas = [self._emit(item.seq, item.seq.token_ids[-1], result.logprobs.get(item.seq.seq_id))
                   for item in sched.scheduled if item.samples]
@@ -243,14 +238,20 @@ class Engine:
                            seq.num_prompt_tokens, seq.num_cached_tokens)
         return delta
 
-    # -- prefill role: hand the KV over -------------------------------------------------
-    def prefilled(self, request_id: str) -> KVHandoff:
-        """What the decode side needs once a prefill-role request has its first token."""
+    # -- prefill role: hand the KV over (kv_boundary.py) ------------------------------------
+    def set_kv_sink(self, sink: KVSink) -> None:
+        """From now on the KV of each prompt that completes leaves through `sink`, message by message."""
+        parallel = self.config.parallel
+        self.kv_out = KVStreamer(sink, self.executor, self.kv_layout, parallel.world_size > 1,
+                                 parallel.pipeline_parallel_size > 1)
+
+    def export_kv(self, request_id: str) -> KVBlocks:
+        """A prefilled request's KV, read out of the cache (every layer, every KV head), and its first token."""
         seq = self.requests[request_id].seqs[0]
         if seq.finish_reason != FinishReason.PREFILLED:
             raise ValueError(f"request {request_id!r} has not finished its prefill (status {seq.status.value})")
-        return KVHandoff(request_id, list(seq.prompt_token_ids), seq.token_ids[-1], list(seq.block_ids),
-                         seq.num_prompt_tokens, self.kv.block_size)
+        layers = self.executor.gather_kv(seq.block_ids[: self.kv_layout.num_blocks(seq.num_prompt_tokens)])
+        return KVBlocks(request_id, list(seq.prompt_token_ids), seq.token_ids[-1], layers)
 
     def release(self, request_id: str) -> None:
         """The decode side confirmed (or the hand-over timed out, or the request went away): free the
@@ -260,7 +261,7 @@ class Engine:
 
     # -- decode role: admit a request whose KV arrives from elsewhere ----------------------
     def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                prompt: str | None = None) -> list[int] | None:
+                prompt: str | None = None) -> KVReservation | None:
         """Reserve blocks for the prompt's KV before any of it moves; None (nothing held) if the pool is short."""
         self.validate(request_id, prompt_token_ids, params)
         if params.n != 1:
@@ -270,7 +271,15 @@ class Engine:
             return None
         text = TextState(self.tokenizer, prompt_token_ids, params)
         self.requests[request_id] = RequestState(request_id, prompt, list(prompt_token_ids), [seq], [text])
-        return list(seq.block_ids)
+        return KVReservation(request_id, seq.num_prompt_tokens, self.kv_layout)
+
+    def import_kv(self, request_id: str, messages: list, first_token_id: int) -> None:
+        """The prompt's KV landed (one tensor a message, each one layer [2, blocks, ...] or several stacked
+        [k, 2, blocks, ...], in layer order): it goes into the reserved blocks of every rank, and the
+        request joins the running batch after its first token."""
+        seq = self.requests[request_id].seqs[0]
+        self.executor.scatter_kv(seq.block_ids[: self.kv_layout.num_blocks(seq.num_prompt_tokens)], messages)
+        self.commit(request_id, first_token_id)
 
     def commit(self, request_id: str, first_token_id: int) -> None:
         """All KV landed in the reserved blocks: the request joins the running batch after its first token."""
@@ -308,18 +317,34 @@ class Engine:
         """Stop the instance's other ranks (a single-process engine has none)."""
         self.executor.shutdown()
 
-    # -- stats -----------------------------------------------------------------------
-    def stats(self) -> dict[str, float]:
-        return {
-            "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
-            "kv_usage": self.kv.usage(),
-            "num_free_blocks": self.kv.num_free_blocks,
-            "prefix_hit_rate": self.kv.prefix_hit_rate(),
-            "num_prefix_queried_tokens": self.kv.pool.num_queries,
-            "num_prefix_hit_tokens": self.kv.pool.num_hits,
-            "num_preemptions": self.scheduler.num_preemptions,
-        }
+    # -- stats (read by the runtime; `stats` may be called from another thread while the loop steps) --
+    def stats(self) -> EngineStats:
+        waiting = list(self.scheduler.waiting)  # copied in one C-level call: a step may admit meanwhile
+        pool = self.kv.pool
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(waiting),
+            # what those prompts will compute: less the prefix each would find cached (a resent prompt
+            # computes one block, and counted in full it made the queue look seconds long)
+            num_queued_prefill_tokens=sum(self._to_compute(seq) for seq in waiting),
+            kv_usage=self.kv.usage(), num_free_blocks=self.kv.num_free_blocks, num_blocks=self.kv.num_blocks,
+            prefix_hit_rate=self.kv.prefix_hit_rate(), num_prefix_queried_tokens=pool.num_queries,
+            num_prefix_hit_tokens=pool.num_hits, num_preemptions=self.scheduler.num_preemptions)
+
+    def _to_compute(self, seq: Sequence) -> int:
+        return seq.num_uncomputed - (0 if seq.num_computed_tokens else self.kv.num_cached_prefix_tokens(seq))
+
+    def step_stats(self) -> StepStats:
+        """Counters a step loop reads after each step (step_meter.py)."""
+        return StepStats(self.scheduler.num_prefill_tokens, self.scheduler.has_queued_prompts(),
+                         tuple(self.scheduler.admitted))
+
+    def active_request_ids(self):
+        """The requests the engine holds (a live view)."""
+        return self.requests.keys()
+
+    def cached_prefix_hashes(self) -> list[int]:
+        """The hashes of the full blocks in the prefix cache, oldest first (the router's prefix index)."""
+        return list(self.kv.pool.cached)
 
 
 @dataclass

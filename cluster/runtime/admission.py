@@ -22,7 +22,7 @@ Past saturation a queue only grows, and every request admitted then misses its S
 Each refusal carries its limit as the reason the rejected-requests counter is labelled with.
 
 An instance that has not yet had a queue to measure is not unknown to it: `measure_prefill_rate`
-times one full step of prompts before the instance serves, and the router starts its rate window
+(engine/prefill_rate.py) times one full step of prompts before the instance serves, and the router starts its rate window
 with that. Without it the queue-wait limit stayed off until a heartbeat window had prompts queued
 at every step: on one H200 (2026-12-01) a colocated instance at 24 req/s never had one, its queue
 reached 26k tokens and half the admitted requests missed the TTFT target.
@@ -30,12 +30,10 @@ reached 26k tokens and half the admitted requests missed the TTFT target.
 from __future__ import annotations
 
 import random
-import time
 
 from cluster.config import ApiConfig
 from cluster.disagg.router import InstanceView
 from cluster.runtime.client import Overloaded
-from cluster.types import SamplingParams
 
 
 SHARE_FROM = 0.75  # of max_decode_step_ms: where refusals begin
@@ -77,42 +75,3 @@ def decode_step_ms(candidates: list[InstanceView]) -> float | None:
     would start at); 0 if one is idle, None if there is none."""
     steps = [v.load.get("mean_step_ms") or 0.0 for v in candidates if v.alive]
     return min(steps) if steps else None
-
-
-def measure_prefill_rate(engine, runs: int = 2) -> float | None:
-    """Prompt tokens/s of one step filled with prompts (the scheduler's budget of them, each as long as
-    the model and half the KV pool take, up to that budget), the last of `runs` timed (the first
-    compiles kernels on a GPU); None if they did not run in a bounded number of steps. The prompts are
-    random and their KV is released at once."""
-    budget = engine.scheduler.config.max_num_batched_tokens
-    kv_tokens = engine.kv.num_blocks * engine.kv.block_size
-    length = max(1, min(budget, engine.max_model_len - 1, kv_tokens // 2))
-    count = max(1, min(budget // length, kv_tokens // 2 // length))
-    rng = random.Random(0)
-    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    rate = None
-    for run in range(runs):
-        ids = [f"__prefill-rate-{run}-{i}" for i in range(count)]
-        for request_id in ids:
-            engine.add_request(request_id, [rng.randrange(10, engine.arch.vocab_size) for _ in range(length)], params)
-        _sync(engine)
-        t0, steps = time.perf_counter(), 0
-        while steps < 4 * count + 8 and any(
-                engine.requests[r].seqs[0].num_computed_tokens < length for r in ids if r in engine.requests):
-            engine.step()
-            steps += 1
-        _sync(engine)
-        done = all(r not in engine.requests or engine.requests[r].seqs[0].num_computed_tokens >= length for r in ids)
-        rate = count * length / (time.perf_counter() - t0) if done else None
-        for request_id in ids:
-            engine.release(request_id)
-        while engine.has_unfinished():  # the step in flight, if any
-            engine.step()
-    return rate
-
-
-def _sync(engine) -> None:
-    if engine.device.type == "cuda":
-        import torch
-
-        torch.cuda.synchronize(engine.device)

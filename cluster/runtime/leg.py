@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field, replace
 
-from cluster.runtime.instance import RequestSpec, error_delta
+from cluster.disagg.roles import RequestSpec
+from cluster.runtime.instance import error_delta
 from cluster.types import TokenDelta
 
 

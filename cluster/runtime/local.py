@@ -1,19 +1,20 @@
 """`LocalEngineClient`: one in-process `Engine` behind the `EngineClient` interface.
 
-Only the step-loop thread touches the engine. A request's life:
+The engine runs in the same step loop a Ray instance uses (step_loop.py), with a mixed-role worker;
+only the loop thread touches the engine. A request's life:
   (1) `generate` (on the caller's event loop) admits it against `max_pending`, raising
       `Overloaded` before anything is yielded, makes an asyncio.Queue for it and posts an
-      `_Add` to the inbox;
-  (2) the loop thread, woken by the condition, drains the inbox between steps: `add_request`
-      (its ValueError / EngineOverloaded go back to `generate`, which raises them) and aborts;
-  (3) it runs `engine.step()` and hands each TokenDelta to its request's queue with
+      `_Add` to the loop;
+  (2) the loop thread runs it between steps: `add_request` (its ValueError / EngineOverloaded go
+      back to `generate`, which raises them), or an abort;
+  (3) after each step the loop hands each TokenDelta to its request's queue with
       `loop.call_soon_threadsafe`, one call per event loop per step;
   (4) `generate` yields the deltas and returns once each of the `n` completions has a finish reason;
-  (5) `abort` (or a consumer that stops iterating early) posts an `_Abort`: `engine.abort`
+  (5) `abort` (or a consumer that stops iterating early) posts an abort: `engine.abort`
       frees the KV and open completions end with FinishReason.ABORT;
   (6) if `engine.step` raises, every in-flight completion ends with a delta whose `error` is
       set (FinishReason.ERROR) and the engine drops those requests; later requests still run;
-  (7) idle, the thread sleeps on the condition (no spinning); `close` wakes and joins it.
+  (7) idle, the loop sleeps on its condition; `close` stops and joins it.
 Engine stats reach `Metrics` every `stats_interval_s` while busy and once on becoming idle.
 """
 from __future__ import annotations
@@ -25,11 +26,11 @@ import time
 from dataclasses import dataclass, field, replace
 
 from cluster.config import EngineConfig
+from cluster.disagg.roles import MixedWorker
 from cluster.engine.engine import Engine, EngineOverloaded
 from cluster.metrics import Metrics
-from cluster.platform import bind_thread
 from cluster.runtime.client import EngineClient, ModelInfo, Overloaded
-from cluster.runtime.step_meter import QueueTimes
+from cluster.runtime.step_loop import LoopListener, StepLoop
 from cluster.types import FinishReason, SamplingParams, TokenDelta
 
 _ADMITTED = object()  # first queue item of a request the engine accepted
@@ -74,11 +75,6 @@ class _Add:
 
 
 @dataclass
-class _Abort:
-    request_id: str
-
-
-@dataclass
 class _Outbox:
     """Items for asyncio queues, sent once per event loop at the end of a loop iteration."""
 
@@ -101,7 +97,7 @@ def _put_all(items: list) -> None:
         queue.put_nowait(item)
 
 
-class LocalEngineClient(EngineClient):
+class LocalEngineClient(EngineClient, LoopListener):
     def __init__(self, engine: Engine, config: LocalClientConfig = LocalClientConfig(),
                  metrics: Metrics | None = None, served_name: str | None = None):
         self.engine = engine
@@ -110,20 +106,19 @@ class LocalEngineClient(EngineClient):
         path = engine.config.model.path
         self._info = ModelInfo(served_name or engine.config.model.served_name or os.path.basename(path.rstrip("/")),
                                engine.max_model_len, engine.tokenizer, engine.arch.vocab_size)
-        self._cond = threading.Condition()
-        self._inbox: list[_Add | _Abort] = []  # guarded by _cond
-        self._admitted: set[str] = set()  # request ids admitted and not yet ended; guarded by _cond
+        self._lock = threading.Lock()
+        self._admitted: set[str] = set()  # request ids admitted and not yet ended; guarded by _lock
         self._closing = False
-        self._dead: str | None = None  # why the loop thread stopped, if it did on its own
+        self._dead: str | None = None  # why the loop stopped, if it did on its own
         self._pending: dict[str, _Pending] = {}  # loop thread only
-        self._queue_times = QueueTimes()  # loop thread only
-        self._busy = False  # loop thread only: the engine has unfinished work
+        self._out = _Outbox()  # loop thread only: what the commands and the step put out this iteration
         self._last_stats_s = 0.0
+        self._busy = False  # loop thread only: the engine had unfinished work after the last iteration
         self._stats: dict[str, float] = {}  # the latest snapshot, replaced whole by the loop thread
         if metrics is not None:
             metrics.set_pool_size(config.pool, 1, model=self._info.name)
-        self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
-        self._thread.start()
+        self._loop = StepLoop(MixedWorker(engine), self, name="engine-step-loop")
+        self._loop.start()
 
     @classmethod
     def from_config(cls, engine_config: EngineConfig, config: LocalClientConfig = LocalClientConfig(),
@@ -141,7 +136,8 @@ class LocalEngineClient(EngineClient):
                        prompt: str | None = None):
         self._admit(request_id)
         pending = _Pending(asyncio.Queue(), asyncio.get_running_loop(), set(range(params.n)), time.monotonic())
-        self._post(_Add(request_id, list(prompt_token_ids), params, prompt, pending))
+        add = _Add(request_id, list(prompt_token_ids), params, prompt, pending)
+        self._loop.post(lambda: self._add(add))
         done = False
         try:
             first = await pending.queue.get()
@@ -157,27 +153,27 @@ class LocalEngineClient(EngineClient):
                 yield replace(delta, pool=self.config.pool, instance=self.config.instance)  # the metrics' labels
         finally:
             if not done:  # the consumer left early (client disconnect, cancellation)
-                self._post(_Abort(request_id))
+                self._loop.post(lambda: self._abort(request_id))
 
     async def abort(self, request_id: str) -> None:
-        self._post(_Abort(request_id))
+        self._loop.post(lambda: self._abort(request_id))
 
     def info(self) -> ModelInfo:
         return self._info
 
     async def health(self) -> dict:
-        if self._dead or not self._thread.is_alive():
+        if self._dead or not self._loop.thread.is_alive():
             raise RuntimeError(f"engine loop is not running: {self._dead or 'closed'}")
-        with self._cond:
+        with self._lock:
             num_admitted = len(self._admitted)
         return {"status": "ok", "num_admitted": num_admitted, **self._stats}
 
     async def close(self) -> None:
-        with self._cond:
+        with self._lock:
             self._closing = True
-            self._cond.notify()
-        await asyncio.to_thread(self._thread.join)
-        self._fail_all("the engine client was closed")  # the thread is gone: this thread may touch the engine
+        self._loop.stop()
+        await asyncio.to_thread(self._loop.join)
+        self._fail_all("the engine client was closed")  # the loop is gone: this thread may touch the engine
         if self.metrics is not None:
             self.metrics.remove_instance(self.config.pool, self.config.instance, model=self._info.name)
             self.metrics.set_pool_size(self.config.pool, 0, model=self._info.name)
@@ -188,7 +184,7 @@ class LocalEngineClient(EngineClient):
 
     # -- submission (any thread) ------------------------------------------------------
     def _admit(self, request_id: str) -> None:
-        with self._cond:
+        with self._lock:
             if self._closing or self._dead:
                 raise Overloaded(f"engine is not serving: {self._dead or 'closed'}",
                                  self.config.retry_after_s, unavailable=True)
@@ -199,104 +195,77 @@ class LocalEngineClient(EngineClient):
                                  self.config.retry_after_s)
             self._admitted.add(request_id)
 
-    def _post(self, command: _Add | _Abort) -> None:
-        with self._cond:
-            self._inbox.append(command)
-            self._cond.notify()
-
     def _release(self, request_id: str) -> None:
-        with self._cond:
+        with self._lock:
             self._admitted.discard(request_id)
 
-    # -- the step loop (loop thread only) ------------------------------------------------
-    def _run(self) -> None:
-        bind_thread(self.engine.device)
-        try:
-            while self._iterate():
-                pass
-        except BaseException as exc:  # the loop itself broke: fail everything, never leave a request hanging
-            self._dead = f"engine loop crashed: {exc!r}"
-            self._fail_all(self._dead)
-            raise
+    # -- commands (loop thread only) -------------------------------------------------------
+    def _abort(self, request_id: str) -> None:
+        pending = self._pending.pop(request_id, None)
+        self.engine.abort(request_id)  # frees its KV; a no-op for unknown ids
+        if pending is not None:
+            for index in sorted(pending.open_indices):
+                self._out.put(pending, TokenDelta(request_id, index, [], "", finish_reason=FinishReason.ABORT))
+            self._release(request_id)
 
-    def _iterate(self) -> bool:
-        with self._cond:
-            while not self._inbox and not self._closing and not self._busy:
-                self._cond.wait()
-            if self._closing:
-                return False
-            commands, self._inbox = self._inbox, []
-        out = _Outbox()
-        for command in commands:
-            self._apply(command, out)
-        if self.engine.has_unfinished():
-            try:
-                deltas = self.engine.step()
-            except Exception as exc:  # noqa: BLE001 - reported to every in-flight request
-                self._fail_all(f"engine step failed: {exc!r}", out)
-            else:
-                self._route(deltas, out)
-                self._note_scheduled()
-        self._busy = self.engine.has_unfinished()
-        out.flush()
-        self._export_stats(force=not self._busy)
-        return True
-
-    def _apply(self, command: _Add | _Abort, out: _Outbox) -> None:
-        if isinstance(command, _Abort):
-            pending = self._pending.pop(command.request_id, None)
-            self.engine.abort(command.request_id)  # frees its KV; a no-op for unknown ids
-            if pending is not None:
-                for index in sorted(pending.open_indices):
-                    out.put(pending, TokenDelta(command.request_id, index, [], "", finish_reason=FinishReason.ABORT))
-                self._release(command.request_id)
-            return
+    def _add(self, command: _Add) -> None:
         try:
             self.engine.add_request(command.request_id, command.prompt_token_ids, command.params, command.prompt)
         except EngineOverloaded as exc:
-            self._reject(command, Overloaded(str(exc), self.config.retry_after_s), out)
+            self._reject(command, Overloaded(str(exc), self.config.retry_after_s))
         except Exception as exc:  # noqa: BLE001 - ValueError (bad request) or worse: the caller raises it
-            self._reject(command, exc, out)
+            self._reject(command, exc)
         else:
             self._pending[command.request_id] = command.pending
-            self._queue_times.submitted(command.request_id, command.pending.submitted_s)
-            out.put(command.pending, _ADMITTED)
+            self._loop.queue_times.submitted(command.request_id, command.pending.submitted_s)
+            self._out.put(command.pending, _ADMITTED)
 
-    def _reject(self, command: _Add, exc: BaseException, out: _Outbox) -> None:
-        out.put(command.pending, exc)
+    def _reject(self, command: _Add, exc: BaseException) -> None:
+        self._out.put(command.pending, exc)
         self._release(command.request_id)
 
-    def _route(self, deltas: list[TokenDelta], out: _Outbox) -> None:
+    # -- the loop's listener (loop thread only) -------------------------------------------
+    def on_step(self, deltas: list[TokenDelta], events: list) -> None:
         for delta in deltas:
             pending = self._pending.get(delta.request_id)
             if pending is None:
                 continue
-            out.put(pending, delta)
+            self._out.put(pending, delta)
             if delta.finish_reason is not None:
                 pending.open_indices.discard(delta.index)
                 if not pending.open_indices:
                     del self._pending[delta.request_id]
                     self._release(delta.request_id)
+        self._out.flush()
+        self._export_queue_times()
+        busy = self.engine.has_unfinished()
+        self._export_stats(force=self._busy and not busy)  # and once on becoming idle
+        self._busy = busy
 
-    def _fail_all(self, message: str, out: _Outbox | None = None) -> None:
-        out = out or _Outbox()
+    def on_error(self, exc: Exception) -> bool:
+        """A step raised: every in-flight completion ends with the error; later requests still run."""
+        self._fail_all(f"engine step failed: {exc!r}")
+        return True
+
+    def _fail_all(self, message: str) -> None:
         for request_id, pending in list(self._pending.items()):
             for index in sorted(pending.open_indices):
-                out.put(pending, TokenDelta(request_id, index, [], "", finish_reason=FinishReason.ERROR, error=message))
+                self._out.put(pending, TokenDelta(request_id, index, [], "", finish_reason=FinishReason.ERROR,
+                                                  error=message))
             try:
                 self.engine.abort(request_id)
             except Exception:  # noqa: BLE001 - the engine is already broken; the requests are failed anyway
                 pass
             self._release(request_id)
         self._pending.clear()
-        out.flush()
+        self._out.flush()
 
     # -- metrics (loop thread only) --------------------------------------------------------
-    def _note_scheduled(self) -> None:
-        """The queue time of each request this step scheduled for the first time (step_meter.QueueTimes)."""
-        self._queue_times.check(self.engine.scheduler.admitted, time.monotonic(), self.engine.requests)
+    def _export_queue_times(self) -> None:
+        """The queue time of each request the last step scheduled for the first time (step_meter.QueueTimes)."""
+        seconds_each = self._loop.queue_times.drain()
         if self.metrics is not None:
-            for seconds in self._queue_times.drain():
+            for seconds in seconds_each:
                 self.metrics.observe_queue_time(self.config.pool, self.config.instance, seconds, model=self._info.name)
 
     def _export_stats(self, force: bool) -> None:
@@ -304,9 +273,7 @@ class LocalEngineClient(EngineClient):
         if not force and now - self._last_stats_s < self.config.stats_interval_s:
             return
         self._last_stats_s = now
-        pool = self.engine.kv.pool
-        stats = {**self.engine.stats(), "num_blocks": self.engine.kv.num_blocks,
-                 "num_prefix_queried_tokens": pool.num_queries, "num_prefix_hit_tokens": pool.num_hits}
+        stats = self.engine.stats().as_dict()
         self._stats = stats
         if self.metrics is not None:
             self.metrics.set_engine_stats(self.config.pool, self.config.instance, stats, model=self._info.name)

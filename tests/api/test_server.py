@@ -274,7 +274,7 @@ def test_models_health_and_metrics(served):
 
 
 def test_idle_step_loop_sleeps(served):
-    stat_path = f"/proc/self/task/{served.client._thread.native_id}/stat"
+    stat_path = f"/proc/self/task/{served.client._loop.thread.native_id}/stat"
     if not os.path.exists(stat_path):
         pytest.skip("needs Linux /proc to read a thread's CPU time")
 

@@ -41,6 +41,7 @@ def _sync(device: str) -> None:
 
 def _prefill_side(model_dir, prompts, device, address_q, go_q, done_q):
     from cluster.disagg.prefill import PrefillWorker
+    from cluster.disagg.roles import RequestSpec
     from cluster.disagg.transfer.torchdist import TorchDistTransport
 
     engine = _engine(model_dir, Role.PREFILL, device, 0)
@@ -49,7 +50,7 @@ def _prefill_side(model_dir, prompts, device, address_q, go_q, done_q):
     transport.connect("D", address_q.get(timeout=120), is_master=False)
     assert go_q.get(timeout=120) == "reserved"
     for i, prompt in enumerate(prompts):  # all in one step: the layers of every request interleave
-        worker.submit(str(i), prompt, PARAMS, "D", transfer_id=i + 1)
+        worker.submit_prefill(RequestSpec(str(i), prompt, PARAMS), "D", i + 1)
     first = {}
     while len(first) < len(prompts):
         for delta in worker.step():
@@ -66,6 +67,7 @@ def _decode_side(model_dir, prompts, device, address_q, go_q, done_q, result_q):
     """The decode engine, in a process of its own too: on GPUs every engine process binds one GPU,
     as the cluster's instances do (the test's own process keeps GPU 0 for the reference)."""
     from cluster.disagg.decode import DecodeWorker
+    from cluster.disagg.roles import RequestSpec
     from cluster.disagg.transfer.torchdist import TorchDistTransport
 
     engine = _engine(model_dir, Role.DECODE, device, 1)
@@ -74,7 +76,7 @@ def _decode_side(model_dir, prompts, device, address_q, go_q, done_q, result_q):
     address_q.put(transport.listen())
     transport.connect("P", transport.listen(), is_master=True)
     for i, prompt in enumerate(prompts):
-        assert decode.reserve(str(i), prompt, PARAMS, "P", transfer_id=i + 1)
+        assert decode.reserve(RequestSpec(str(i), prompt, PARAMS), "P", i + 1)
     _sync(device)  # a device-wide wait with nothing in flight yet: must not hang
     go_q.put("reserved")
     got: dict[str, list] = {}
@@ -85,7 +87,7 @@ def _decode_side(model_dir, prompts, device, address_q, go_q, done_q, result_q):
         _sync(device)  # while receives may be posted: must not hang either
         if not decode.pending and not engine.has_unfinished():
             break
-    result_q.put((got, decode.take_failed(), decode.num_recomputed))
+    result_q.put((got, decode.take_events(), decode.num_recomputed))
 
 
 @pytest.mark.parametrize("device", BACKENDS)

@@ -9,6 +9,7 @@ import torch
 from cluster.config import CacheConfig, DisaggConfig, EngineConfig, ModelConfig, SchedulerConfig
 from cluster.disagg.decode import DecodeWorker
 from cluster.disagg.prefill import PrefillWorker
+from cluster.disagg.roles import EventKind, InstanceEvent, RequestSpec
 from cluster.disagg.transfer.loopback import LoopbackHub, LoopbackTransport
 from cluster.engine.engine import Engine
 from cluster.types import Role, SamplingParams
@@ -36,8 +37,8 @@ def _serve(prefill, decode, prompts) -> dict:
     """Reserve on decode, prefill, stream, land, decode; confirm so prefill frees its copy."""
     got: dict = {}
     for i, p in enumerate(prompts):
-        assert decode.reserve(str(i), p, PARAMS, "P", transfer_id=i)
-        prefill.submit(str(i), p, PARAMS, "D", transfer_id=i)
+        assert decode.reserve(RequestSpec(str(i), p, PARAMS), "P", i)
+        prefill.submit_prefill(RequestSpec(str(i), p, PARAMS), "D", i)
     for _ in range(500):
         for d in prefill.step() + decode.step():
             got.setdefault(d.request_id, []).extend(d.token_ids)
@@ -97,7 +98,7 @@ def test_layerwise_streaming_gives_the_same_tokens(checkpoint_dir, monkeypatch, 
     prefill.transport.send_layer, prefill.transport.announce = recording_send, recording_announce
     got = _serve(prefill, decode, prompts)
     assert got == expected
-    assert prefill.bytes_sent > 0
+    assert prefill.stats()["kv_bytes_sent"] > 0
     assert posted_order == announced_order  # a real link checks each message against the next header
     num_layers = prefill.engine.arch.num_layers
     engine = prefill.engine
@@ -115,29 +116,31 @@ def test_layerwise_streaming_gives_the_same_tokens(checkpoint_dir, monkeypatch, 
         assert engine.kv.num_free_blocks == engine.kv.num_blocks, "KV leaked"
 
 
-def test_failed_transfer_recomputes_after_the_first_token(checkpoint_dir):
+def test_failed_transfer_is_recomputed_on_decode_at_once(checkpoint_dir):
+    """The link is gone: the decode instance recomputes the prompt itself as soon as the transfer
+    fails, with no word from the router, samples the first token itself (the same as the prefill's,
+    which the router checks) and says so in an event. The prefill side frees its copy."""
     model_dir = checkpoint_dir("qwen2")
     prompt = list(range(40, 90))
     expected = _expected(model_dir, [prompt])["0"]
     prefill, decode = _pair(model_dir, DisaggConfig(transport="loopback", transfer_timeout_s=0.2))
-    assert decode.reserve("0", prompt, PARAMS, "P", transfer_id=1)
+    assert decode.reserve(RequestSpec("0", prompt, PARAMS), "P", 1)
     prefill.transport.links.clear()  # the link is gone: every send fails
-    prefill.submit("0", prompt, PARAMS, "D", transfer_id=1)
+    prefill.submit_prefill(RequestSpec("0", prompt, PARAMS), "D", 1)
     first = prefill.step()[0]
     assert first.token_ids == expected[:1]
-    got = list(first.token_ids)
     import time
 
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not decode.failed:
-        decode.step()
-        time.sleep(0.02)
-    assert decode.take_failed() == ["0"]
-    decode.recompute("0", first.token_ids[0])
-    while decode.engine.has_unfinished():
+    got, events = [], []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (not events or decode.engine.has_unfinished()):
         for d in decode.step():
             got.extend(d.token_ids)
-    assert got == expected
+        events += decode.take_events()
+        time.sleep(0.01)
+    assert events == [InstanceEvent(EventKind.RECOMPUTING, "0")]
+    assert decode.num_recomputed == 1
+    assert got == expected  # its own first token, then the rest
     prefill.poll()
     assert prefill.engine.kv.num_free_blocks == prefill.engine.kv.num_blocks
     assert decode.engine.kv.num_free_blocks == decode.engine.kv.num_blocks
@@ -152,7 +155,7 @@ def test_a_prefill_aborted_between_its_chunks_leaves_the_engine_clean(checkpoint
     prompts = [list(range(100, 250)), list(range(20, 60))]
     expected = _expected(model_dir, prompts[1:])["0"]
     prefill, decode = _pair(model_dir, budget=48)  # 150 tokens: 4 chunks
-    prefill.submit("big", prompts[0], PARAMS, "D", transfer_id=7)
+    prefill.submit_prefill(RequestSpec("big", prompts[0], PARAMS), "D", 7)
     assert prefill.step() == []  # the first chunk ran; no token yet
     assert prefill.engine.kv.num_free_blocks < prefill.engine.kv.num_blocks
     prefill.abort("big")

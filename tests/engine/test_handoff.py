@@ -51,13 +51,12 @@ def test_prefill_to_decode_matches_one_engine(checkpoint_dir):
     got: dict = {}
     for i in range(4):
         rid = str(i)
-        handoff = prefill.prefilled(rid)
+        handoff = prefill.export_kv(rid)
         assert handoff.first_token_id == firsts[rid][0]
-        dst_blocks = decode.reserve(rid, handoff.prompt_token_ids, PARAMS)
-        assert dst_blocks is not None and len(dst_blocks) == len(handoff.block_ids)
-        for layer in range(prefill.arch.num_layers):  # layer by layer, as the transport streams it
-            decode.runner.write_kv(layer, dst_blocks, prefill.runner.read_kv(layer, handoff.block_ids))
-        decode.commit(rid, handoff.first_token_id)
+        reservation = decode.reserve(rid, handoff.prompt_token_ids, PARAMS)
+        assert reservation is not None
+        assert [(tuple(t.shape), t.dtype) for t in handoff.layers] == reservation.message_specs()
+        decode.import_kv(rid, handoff.layers, handoff.first_token_id)  # one message a layer, as a stream may be
         prefill.release(rid)
         got[rid] = [handoff.first_token_id]
     assert prefill.kv.num_free_blocks == prefill.kv.num_blocks
@@ -86,7 +85,7 @@ def test_lost_handoff_recomputes_on_decode(checkpoint_dir):
     firsts: dict = {}
     prefill.add_request("r", prompt, PARAMS)
     _run(prefill, firsts)
-    handoff = prefill.prefilled("r")
+    handoff = prefill.export_kv("r")
     assert decode.reserve("r", handoff.prompt_token_ids, PARAMS) is not None
     prefill.release("r")  # the prefill side times out; no KV ever reaches the decode side
     decode.recompute("r", handoff.first_token_id)
