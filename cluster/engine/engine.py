@@ -77,6 +77,7 @@ class Engine:
         self.dtype = self.platform.resolve_dtype(config.model.dtype)
         self.arch = arch_config(config.model.path)
         self.max_model_len = resolve_max_len(config, self.arch)
+        self.vocab_size = self.arch.vocab_size
         self.tokenizer = tokenizer
         eos = frozenset(self.arch.eos_token_ids) | (tokenizer.eos_token_ids if tokenizer else frozenset())
         self.eos_token_ids = eos

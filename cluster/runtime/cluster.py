@@ -11,9 +11,11 @@ A disaggregated request's life (one "leg" per completion; n > 1 makes n legs):
   (4) prefill's first token streams to the client at once (TTFT); its KV streams to
       decode in groups of layers as they are computed; decode lands it and continues; prefill frees its copy
       when decode's first token shows the KV arrived (or after a timeout);
-  (5) a failed transfer -> decode recomputes (told the first token the client saw);
+  (5) a failed transfer -> decode recomputes the prompt at once and says so (an event); the leg
+      checks decode's first token against any the client already has (a different one restarts it);
       a dead decode instance -> the leg restarts elsewhere from prompt + tokens so far;
       every leg ends in a finish reason or an error the client sees.
+A leg's state machine is in leg.py.
 Steps (1)-(3) are the `Dispatcher`'s (dispatch.py). Each instance is read by one long-poll task
 (all its deltas per call); a heartbeat task (heartbeat.py) refreshes loads, the store's registry and
 prefix index, and notices dead instances.
@@ -29,12 +31,14 @@ from dataclasses import replace
 from cluster.config import ClusterConfig
 from cluster.disagg.router import InstanceView, Router
 from cluster.runtime.admission import admit
+from cluster.disagg.roles import EventKind, InstanceEvent, RequestSpec
 from cluster.runtime.dispatch import Dispatcher
 from cluster.runtime.client import EngineClient, ModelInfo, Overloaded
-from cluster.runtime.instance import STALL_KEYS, RequestSpec
+from cluster.runtime.instance import STALL_KEYS
 from cluster.runtime.heartbeat import Heartbeat
-from cluster.runtime.leg import Leg, journal_finish
+from cluster.runtime.leg import Leg, LegState, journal_finish
 from cluster.runtime.links import KVLinks
+from cluster.runtime.pools import ClusterEvents, Pools
 from cluster.store.base import InstanceInfo
 from cluster.types import FinishReason, Role, SamplingParams, TokenDelta
 
@@ -42,21 +46,24 @@ log = logging.getLogger(__name__)
 MAX_RETRIES = 2
 
 
-class ClusterClient(EngineClient):
+class ClusterClient(EngineClient, ClusterEvents):
     def __init__(self, config: ClusterConfig, info: ModelInfo, store, metrics=None):
         self.config = config
         self._info = info
         self.store = store
         self.metrics = metrics
         self.router = Router(config.router)
-        self.instances: dict[str, InstanceView] = {}
+        self.pools = Pools()
+        self.instances = self.pools.instances  # by id (dead ones too, marked)
+        self.pool = self.pools.pool
         self.legs: dict[str, Leg] = {}
         self.links = KVLinks()
         self.tasks: list[asyncio.Task] = []
         self.poll_tasks: dict[str, asyncio.Task] = {}
         self.confirming: set[asyncio.Task] = set()  # confirmations on their way to prefill instances
         self.num_pending = 0
-        self.dispatcher = Dispatcher(self)
+        self.dispatcher = Dispatcher(self.pools, self.router, self.links, store, self.legs, self,
+                                     config.disaggregated)
 
     # -- membership ----------------------------------------------------------------
     async def add_instance(self, instance_id: str, role: Role, handle) -> None:
@@ -76,10 +83,8 @@ class ClusterClient(EngineClient):
         self.links.prewarm(view, self.pool)
 
     async def start(self) -> None:
-        self.tasks.append(asyncio.create_task(Heartbeat(self).run()))
-
-    def pool(self, role: Role) -> list[InstanceView]:
-        return [v for v in self.instances.values() if v.role == role and v.alive]
+        heartbeat = Heartbeat(self.pools, self.store, self.metrics, self._info.name, self.config.router, self)
+        self.tasks.append(asyncio.create_task(heartbeat.run()))
 
     # -- EngineClient ----------------------------------------------------------------
     def info(self) -> ModelInfo:
@@ -163,17 +168,19 @@ class ClusterClient(EngineClient):
                 await self.instance_died(view, error)
                 return
             try:
+                for event in events:  # before the deltas: a recomputed first token may be among them
+                    self.on_event(event)
                 for delta in deltas:
                     await self.on_delta(view, delta)
-                for kind, leg_id in events:
-                    leg = self.legs.get(leg_id)
-                    if kind == "transfer_failed" and leg is not None:
-                        leg.expect_prefill_token = leg.first_token is not None
-                        await view.handle.recompute.remote(leg_id, leg.first_token)
             except asyncio.CancelledError:
                 raise
             except Exception:  # one bad delta must not stop this instance's stream for everyone
                 log.exception("handling deltas of %s", view.instance_id)
+
+    def on_event(self, event: InstanceEvent) -> None:
+        leg = self.legs.get(event.request_id)
+        if leg is not None and event.kind == EventKind.RECOMPUTING:
+            leg.recomputing()
 
     async def on_delta(self, view: InstanceView, delta: TokenDelta) -> None:
         leg = self.legs.get(delta.request_id)
@@ -189,6 +196,9 @@ class ClusterClient(EngineClient):
             self._confirm(leg)
         if out.abort_decode:
             await self.abort_remote(leg.decode_id, leg.leg_id)
+        if out.restart:  # decode's recomputed first token is not the one the client has
+            await self.abort_remote(leg.decode_id, leg.leg_id)
+            await self._retry(leg, "the recomputed first token differs from the one sent")
 
     # -- (5) failures ---------------------------------------------------------------------------
     async def instance_died(self, view: InstanceView, why: str) -> None:
@@ -198,9 +208,9 @@ class ClusterClient(EngineClient):
         log.warning("instance %s died: %s", view.instance_id, why.splitlines()[-1] if why else why)
         self.store.deregister_instance(view.instance_id)
         await self.links.drop(view.instance_id, self.instances)
-        # a leg still being placed (`reserving`) is left to `Dispatcher.prefill_while_reserving`, which sees the
-        # failure in its own answers: restarting it here too would place it twice
-        for leg in [l for l in self.legs.values() if not l.done and not l.reserving]:
+        # a leg still being placed (PLACING) is left to the `Dispatcher`, which sees the failure in its own
+        # answers: restarting it here too would place it twice
+        for leg in [l for l in self.legs.values() if not l.done and l.state != LegState.PLACING]:
             if leg.decode_id == view.instance_id or (leg.prefill_id == view.instance_id and leg.first_token is None
                                                      and not self.config.disaggregated):
                 await self._retry(leg, why)
@@ -222,9 +232,8 @@ class ClusterClient(EngineClient):
             leg.fail(f"retry failed: {exc}")
 
     def _confirm(self, leg: Leg) -> None:
-        """Tell prefill it may free its copy, without holding up this decode instance's deltas: awaited
-        in line, each confirmation waited for a prefill step (0.2 s for four 2k prompts on 2xH200) and
-        the streams behind it stalled by as much (1P1D ITL p99 0.8 s at 24 req/s)."""
+        """Tell prefill it may free its copy, without holding up this decode instance's deltas: awaited in
+        line, each confirmation would wait for the prefill step in progress, and the streams behind it too."""
         task = asyncio.get_running_loop().create_task(self._tell(leg.prefill_id, "confirm", leg.leg_id))
         self.confirming.add(task)
         task.add_done_callback(self.confirming.discard)
@@ -232,7 +241,7 @@ class ClusterClient(EngineClient):
     async def _abort_leg(self, leg: Leg) -> None:
         if not leg.done:  # wake the request's consumer, if it is still waiting
             leg.queue.put_nowait(TokenDelta(leg.leg_id, leg.index, [], "", finish_reason=FinishReason.ABORT))
-        leg.done = True
+        leg.state = LegState.FAILED
         self.legs.pop(leg.leg_id, None)
         for instance_id in {leg.prefill_id, leg.decode_id} - {None}:
             await self.abort_remote(instance_id, leg.leg_id)

@@ -7,25 +7,35 @@
               prefill is aborted, the leg renamed (the aborted prefill's deltas must not reach it),
               and the next decode instances reserve first, then the prefill starts.
 
-A `Dispatcher` belongs to one `ClusterClient`: it reads the client's pools, router, links and store,
-keeps its legs' ids current in `client.legs`, and hands failures (`instance_died`), aborts
-(`abort_remote`) and a prefill's early first token (`on_delta`) back to it.
+A `Dispatcher` takes the narrow things it uses: the pools, the router, the KV links, the store, the
+table of legs by id (it keeps a renamed leg's id current there), and `ClusterEvents` to hand failures
+(`instance_died`), aborts (`abort_remote`) and a prefill's early first token (`on_delta`) back. It
+moves a leg PLACING -> PREFILLING (leg.py) once both instances have taken it.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
 
-from cluster.disagg.router import InstanceView
+from cluster.disagg.router import InstanceView, Router
 from cluster.engine.kv_cache import prefix_hashes
 from cluster.runtime.client import Overloaded
-from cluster.runtime.leg import Leg, journal_start
+from cluster.runtime.leg import Leg, LegState, journal_start
+from cluster.runtime.links import KVLinks
+from cluster.runtime.pools import ClusterEvents, Pools
 from cluster.types import Role
 
 
 class Dispatcher:
-    def __init__(self, client):
-        self.client = client
+    def __init__(self, pools: Pools, router: Router, links: KVLinks, store, legs: dict[str, Leg],
+                 events: ClusterEvents, disaggregated: bool):
+        self.pools = pools
+        self.router = router
+        self.links = links
+        self.store = store
+        self.legs = legs
+        self.events = events
+        self.disaggregated = disaggregated
         self.transfer_ids = itertools.count(1)
         self.renames = itertools.count(1)
 
@@ -34,10 +44,10 @@ class Dispatcher:
         request's placement and admission (a burst arrives between two heartbeats) see it queued."""
         spec = leg.spec
         hits = self._prefix_hits(spec.prompt_token_ids)
-        if self.client.config.disaggregated:
-            target = self.client.router.pick_prefill(self.client.pool(Role.PREFILL), hits, len(spec.prompt_token_ids))
+        if self.disaggregated:
+            target = self.router.pick_prefill(self.pools.pool(Role.PREFILL), hits, len(spec.prompt_token_ids))
         else:
-            target = self.client.router.pick_mixed(self.client.pool(Role.MIXED), hits, len(spec.prompt_token_ids))
+            target = self.router.pick_mixed(self.pools.pool(Role.MIXED), hits, len(spec.prompt_token_ids))
         target.dispatched(len(spec.prompt_token_ids))
         return target
 
@@ -45,41 +55,38 @@ class Dispatcher:
         """Run `leg` on `prefill` (placed by `place`; None: place it now)."""
         spec = leg.spec
         prefill = prefill or self.place(leg)
-        if not self.client.config.disaggregated:
-            leg.decode_id = prefill.instance_id
+        if not self.disaggregated:
+            leg.placed(prefill.instance_id, prefill.instance_id)
             await prefill.handle.submit.remote(spec)
             return
-        ranked = list(self.client.router.rank_decode(self.client.pool(Role.DECODE), len(spec.prompt_token_ids)))
+        ranked = list(self.router.rank_decode(self.pools.pool(Role.DECODE), len(spec.prompt_token_ids)))
         if ranked and await self.prefill_while_reserving(leg, prefill, ranked[0]):
             return
         self._rename(leg)  # the aborted prefill's deltas may still come: they must not reach this leg
         spec = leg.spec
         transfer_id = next(self.transfer_ids)
-        leg.reserving = True  # placed here, not by `instance_died` restarting it too
-        try:
-            for decode in ranked[1:]:
-                leg.decode_id = decode.instance_id  # a client gone during the reserve aborts it there
-                try:
-                    await self.client.links.ensure(prefill, decode)
-                    if await decode.handle.reserve.remote(spec, prefill.instance_id, transfer_id):
-                        break
-                except ValueError:
-                    raise  # the request itself is invalid: the client gets a 400
-                except Exception as exc:  # that decode instance (or the link to it) is gone: try the next
-                    await self.client.instance_died(decode, f"reserve failed: {type(exc).__name__}: {exc}")
-                leg.decode_id = None
-            else:
-                raise Overloaded("no decode instance has free KV blocks for this prompt", 2.0)
-        finally:
-            leg.reserving = False
+        leg.state = LegState.PLACING  # placed here, not by `instance_died` restarting it too
+        for decode in ranked[1:]:
+            leg.decode_id = decode.instance_id  # a client gone during the reserve aborts it there
+            try:
+                await self.links.ensure(prefill, decode)
+                if await decode.handle.reserve.remote(spec, prefill.instance_id, transfer_id):
+                    break
+            except ValueError:
+                raise  # the request itself is invalid: the client gets a 400
+            except Exception as exc:  # that decode instance (or the link to it) is gone: try the next
+                await self.events.instance_died(decode, f"reserve failed: {type(exc).__name__}: {exc}")
+            leg.decode_id = None
+        else:
+            raise Overloaded("no decode instance has free KV blocks for this prompt", 2.0)
         self._admitted(leg, prefill, decode)
         try:
             await prefill.handle.submit_prefill.remote(spec, decode.instance_id, transfer_id)
         except ValueError:
-            await self.client.abort_remote(decode.instance_id, leg.leg_id)
+            await self.events.abort_remote(decode.instance_id, leg.leg_id)
             raise
         except Exception as exc:  # prefill died: the decode side's transfer fails and it recomputes
-            await self.client.instance_died(prefill, f"submit failed: {type(exc).__name__}: {exc}")
+            await self.events.instance_died(prefill, f"submit failed: {type(exc).__name__}: {exc}")
 
     async def prefill_while_reserving(self, leg: Leg, prefill: InstanceView, decode: InstanceView) -> bool:
         """(3) on the best-ranked decode instance: reserve and start the prefill at once, so the
@@ -88,52 +95,50 @@ class Dispatcher:
         spec = leg.spec
         transfer_id = next(self.transfer_ids)
         try:
-            await self.client.links.ensure(prefill, decode)
+            await self.links.ensure(prefill, decode)
         except Exception as exc:
-            await self.client.instance_died(decode, f"link failed: {type(exc).__name__}: {exc}")
+            await self.events.instance_died(decode, f"link failed: {type(exc).__name__}: {exc}")
             return False
         leg.prefill_id, leg.decode_id = prefill.instance_id, decode.instance_id
-        leg.reserving = True  # the client sees no token before decode has taken the request
+        leg.state = LegState.PLACING  # the client sees no token before decode has taken the request
         reserved, submitted = await asyncio.gather(
             decode.handle.reserve.remote(spec, prefill.instance_id, transfer_id),
             prefill.handle.submit_prefill.remote(spec, decode.instance_id, transfer_id), return_exceptions=True)
-        leg.reserving = False
         early_first, leg.early_first = leg.early_first, None
         invalid = next((r for r in (reserved, submitted) if isinstance(r, ValueError)), None)
         if invalid is not None:  # the request itself is invalid: the client gets a 400
-            await self.client.abort_remote(decode.instance_id, leg.leg_id)
-            await self.client.abort_remote(prefill.instance_id, leg.leg_id)
+            await self.events.abort_remote(decode.instance_id, leg.leg_id)
+            await self.events.abort_remote(prefill.instance_id, leg.leg_id)
             leg.prefill_id = leg.decode_id = None
             raise invalid
         if reserved is True:
             self._admitted(leg, prefill, decode)
             if isinstance(submitted, BaseException):  # prefill died: decode's transfer fails and it recomputes
-                await self.client.instance_died(prefill, f"submit failed: {type(submitted).__name__}: {submitted}")
+                await self.events.instance_died(prefill, f"submit failed: {type(submitted).__name__}: {submitted}")
             elif early_first is not None:
-                await self.client.on_delta(prefill, early_first)
+                await self.events.on_delta(prefill, early_first)
             return True
-        await self.client.abort_remote(prefill.instance_id, leg.leg_id)
+        await self.events.abort_remote(prefill.instance_id, leg.leg_id)
         leg.prefill_id = leg.decode_id = None
         if isinstance(reserved, BaseException):  # that decode instance is gone
-            await self.client.instance_died(decode, f"reserve failed: {type(reserved).__name__}: {reserved}")
+            await self.events.instance_died(decode, f"reserve failed: {type(reserved).__name__}: {reserved}")
         return False
 
     def _rename(self, leg: Leg) -> None:
         """A new id for the leg (`<base>~r<k>`): whatever the instances still send under the old one is dropped."""
-        self.client.legs.pop(leg.leg_id, None)
+        self.legs.pop(leg.leg_id, None)
         leg.renamed(f"{leg.leg_id.split('~')[0]}~r{next(self.renames)}")
-        self.client.legs[leg.leg_id] = leg
+        self.legs[leg.leg_id] = leg
 
     def _admitted(self, leg: Leg, prefill: InstanceView, decode: InstanceView) -> None:
-        """Decode took the leg: it is placed, decode counts its tokens (prefill did at its pick), the
-        journal says where."""
-        leg.prefill_id, leg.decode_id = prefill.instance_id, decode.instance_id
+        """Decode took the leg: it is placed (PLACING -> PREFILLING), decode counts its tokens (prefill did
+        at its pick), the journal says where."""
+        leg.placed(prefill.instance_id, decode.instance_id)
         decode.dispatched(len(leg.spec.prompt_token_ids))
-        journal_start(self.client.store, leg)
+        journal_start(self.store, leg)
 
     def _prefix_hits(self, prompt_token_ids: list[int]) -> dict[str, int]:
-        block_size = next((v.block_size for v in self.client.instances.values()), 16)
         try:
-            return self.client.store.match_prefix(prefix_hashes(prompt_token_ids, block_size))
+            return self.store.match_prefix(prefix_hashes(prompt_token_ids, self.pools.block_size()))
         except Exception:  # the prefix index is advice; placement works without it
             return {}

@@ -1,6 +1,7 @@
 """The cluster's heartbeat: every `router.heartbeat_s`, each live instance's load and prefix
 blocks are read, the store's registry and prefix index refreshed, the metrics exported; an
-instance that does not answer within its TTL is declared dead (ClusterClient.instance_died).
+instance that does not answer within its TTL is declared dead (`ClusterEvents.instance_died`).
+It takes the pools, the store, the metrics and the router's config, not the client.
 """
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import asyncio
 import logging
 import time
 
+from cluster.config import RouterConfig
 from cluster.disagg.router import InstanceView
+from cluster.runtime.pools import ClusterEvents, Pools
 from cluster.store.base import InstanceLoad
 from cluster.types import Role
 
@@ -17,8 +20,13 @@ MAX_PREFIX_BLOCKS = 4096  # an instance's newest cached blocks published to the 
 
 
 class Heartbeat:
-    def __init__(self, client):
-        self.client = client  # ClusterClient
+    def __init__(self, pools: Pools, store, metrics, model: str, config: RouterConfig, events: ClusterEvents):
+        self.pools = pools
+        self.store = store
+        self.metrics = metrics  # None: no metrics
+        self.model = model
+        self.config = config
+        self.events = events
 
     async def run(self) -> None:
         while True:
@@ -28,36 +36,35 @@ class Heartbeat:
                 raise
             except Exception:  # e.g. the store is unreachable: keep serving, try again next beat
                 log.exception("heartbeat")
-            await asyncio.sleep(self.client.config.router.heartbeat_s)
+            await asyncio.sleep(self.config.heartbeat_s)
 
     async def beat(self) -> None:
         """Refresh every live instance's load, the store's registry and prefix index, the metrics."""
-        client = self.client
-        ttl_s = client.config.router.instance_ttl_s
-        for view in [v for v in client.instances.values() if v.alive]:
+        ttl_s = self.config.instance_ttl_s
+        for view in self.pools.live():
             asked_s = time.monotonic()  # dispatches from now on may miss these stats: they stay counted
             try:
                 stats = await asyncio.wait_for(view.handle.stats.remote(), ttl_s)
                 hashes = await view.handle.prefix_hashes.remote()
             except Exception as exc:
-                await client.instance_died(view, f"heartbeat failed: {type(exc).__name__}: {exc}")
+                await self.events.instance_died(view, f"heartbeat failed: {type(exc).__name__}: {exc}")
                 continue
             view.refresh(stats, asked_s=asked_s)
             load = InstanceLoad(stats["num_running"], stats["num_waiting"], stats["num_queued_prefill_tokens"],
                                 stats["num_free_blocks"], min(1.0, stats["kv_usage"]), time.time())
-            client.store.heartbeat(view.instance_id, load, ttl_s)
+            self.store.heartbeat(view.instance_id, load, ttl_s)
             if hashes:
-                client.store.add_prefix_blocks(view.instance_id, hashes[-MAX_PREFIX_BLOCKS:])
+                self.store.add_prefix_blocks(view.instance_id, hashes[-MAX_PREFIX_BLOCKS:])
             self.export(view, stats)
-        if client.metrics is not None:
+        if self.metrics is not None:
             for role in Role:
-                client.metrics.set_pool_size(role.value, len(client.pool(role)), model=client.info().name)
+                self.metrics.set_pool_size(role.value, len(self.pools.pool(role)), model=self.model)
 
     def export(self, view: InstanceView, stats: dict) -> None:
-        metrics = self.client.metrics
+        metrics = self.metrics
         if metrics is None:
             return
-        model, pool = self.client.info().name, view.role.value
+        model, pool = self.model, view.role.value
         metrics.set_engine_stats(pool, view.instance_id, stats, model=model)
         sent = stats.get("kv_bytes_sent", 0)
         if sent > view.kv_bytes_reported:

@@ -71,16 +71,16 @@ def start_instance(config: ClusterConfig, role: Role):
     return instance_id, actor, group
 
 
-def _engine_config(engine, pool):
+def _engine_config(base, pool):
     """The pool's layout decides the instance's ranks (its actor spawns ranks 1..tp*pp-1 itself), and
     its step budget, if it sets one, the scheduler's."""
     from dataclasses import replace
 
-    parallel = replace(engine.parallel, tensor_parallel_size=pool.tp, pipeline_parallel_size=pool.pp,
-                       expert_parallel_size=pool.tp if engine.parallel.expert_parallel_size > 1 else 1)
-    scheduler = engine.scheduler if pool.max_num_batched_tokens is None else replace(
-        engine.scheduler, max_num_batched_tokens=pool.max_num_batched_tokens)
-    return replace(engine, parallel=parallel, scheduler=scheduler)
+    parallel = replace(base.parallel, tensor_parallel_size=pool.tp, pipeline_parallel_size=pool.pp,
+                       expert_parallel_size=pool.tp if base.parallel.expert_parallel_size > 1 else 1)
+    scheduler = base.scheduler if pool.max_num_batched_tokens is None else replace(
+        base.scheduler, max_num_batched_tokens=pool.max_num_batched_tokens)
+    return replace(base, parallel=parallel, scheduler=scheduler)
 
 
 def model_info(config: ClusterConfig):

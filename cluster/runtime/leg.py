@@ -1,17 +1,46 @@
-"""A leg: one completion of a request as the cluster moves it between pools.
+"""A leg: one completion of a request as the cluster moves it between pools, as a state machine.
 
 A disaggregated request with `n` completions has n legs (`<request>#<i>`); a mixed-pool
 request has one leg carrying all n. A leg restarted elsewhere after a failure keeps its
 queue (the client's stream) and gets a new id (`~<retry>`).
+
+    PLACING ──placed──▶ PREFILLING ──prefill's first token──▶ TRANSFERRING ──decode's token──▶ DECODING
+       ▲                    │  (mixed: the instance's first token ─────────────────────────────▶ DECODING)
+       │                    └──────── transfer failed ──┐           │ transfer failed
+       │                                                ▼           ▼
+       │                                            RECOMPUTING (decode computes the prompt itself)
+       │                                                │ decode's first token: the client's first token,
+       │                                                │ or checked against the one it already has
+       │                                                ▼
+       └── retry (instance died, or a recomputed first token differs) ── any live state      DECODING
+    any live state ──last completion ends──▶ DONE;  ──no retry left / aborted──▶ FAILED
+
+Tokens from prefill (its first) and from decode (the rest) meet here: decode's wait while the
+client has no first token (`held`), a prefill's first token waits while the leg is PLACING
+(`early_first`: decode has not taken the request yet).
 """
 from __future__ import annotations
 
 import asyncio
+import enum
 from dataclasses import dataclass, field, replace
 
 from cluster.disagg.roles import RequestSpec
 from cluster.runtime.instance import error_delta
 from cluster.types import TokenDelta
+
+
+class LegState(enum.Enum):
+    PLACING = "placing"
+    PREFILLING = "prefilling"
+    TRANSFERRING = "transferring"
+    RECOMPUTING = "recomputing"
+    DECODING = "decoding"
+    DONE = "done"
+    FAILED = "failed"
+
+
+LIVE = (LegState.PREFILLING, LegState.TRANSFERRING, LegState.RECOMPUTING, LegState.DECODING)
 
 
 @dataclass
@@ -21,6 +50,7 @@ class Delivery:
     finished: bool = False  # the leg's last completion ended: its journal entry goes
     confirm: bool = False  # decode produced after the KV landed: prefill may free its copy
     abort_decode: bool = False  # prefill's first token already ended the leg: decode stops
+    restart: bool = False  # decode recomputed a first token other than the client's: run the leg again
 
 
 @dataclass
@@ -33,31 +63,45 @@ class Leg:
     queue: asyncio.Queue
     prefill_id: str | None = None
     decode_id: str | None = None
-    first_token: int | None = None
+    state: LegState = LegState.PLACING
+    first_token: int | None = None  # the first token the client has (None: none yet)
     output_ids: list[int] = field(default_factory=list)
     held: list[TokenDelta] = field(default_factory=list)  # decode deltas that arrived before the first token
     retries: int = 0
-    done: bool = False
-    expect_prefill_token: bool = True  # False once decode recomputes without it (prefill lost)
-    confirmed: bool = False
     finished_indices: set = field(default_factory=set)  # completions of this leg that have ended
-    reserving: bool = False  # being placed (a decode reservation not answered yet): its first token waits
-    early_first: TokenDelta | None = None  # prefill's first token, held while `reserving`
+    early_first: TokenDelta | None = None  # prefill's first token, held while PLACING
     origin: RequestSpec | None = None  # the spec as the client asked it (None: `spec`); retries resume from it
 
     def __post_init__(self) -> None:
         self.origin = self.origin or self.spec
+
+    @property
+    def done(self) -> bool:
+        return self.state in (LegState.DONE, LegState.FAILED)
 
     def renamed(self, new_id: str) -> None:
         """Go on under `new_id`: whatever the instances still send under the old id is not this leg's."""
         self.leg_id = new_id
         self.spec = replace(self.spec, request_id=new_id)
 
+    def placed(self, prefill_id: str, decode_id: str) -> None:
+        """PLACING -> PREFILLING: the instances have taken it."""
+        self.prefill_id, self.decode_id = prefill_id, decode_id
+        if self.state == LegState.PLACING:
+            self.state = LegState.PREFILLING
+
+    def recomputing(self) -> None:
+        """The decode instance lost the KV transfer and computes the prompt itself (PREFILLING or
+        TRANSFERRING -> RECOMPUTING). Prefill's first token, if the client does not have it yet, will
+        not be the client's: decode's own is."""
+        if self.state in (LegState.PREFILLING, LegState.TRANSFERRING):
+            self.state = LegState.RECOMPUTING
+
     def resume(self) -> None:
-        """Start again elsewhere (a retry): the prompt is the client's prompt plus every token the client
-        already has, the limits count those tokens as spent, and the id says which retry this is. From the
-        origin, not the last retry's spec: that one holds the tokens before its start already, and a second
-        retry built on it repeated them in the prompt and spent them twice."""
+        """Start again elsewhere (a retry; any state -> PLACING): the prompt is the client's prompt plus
+        every token the client already has, the limits count those tokens as spent, and the id says which
+        retry this is. From the origin, not the last retry's spec: that one holds the tokens before its
+        start already, and a second retry built on it repeated them in the prompt and spent them twice."""
         p, emitted = self.origin.params, len(self.output_ids)
         params = replace(p, max_tokens=None if p.max_tokens is None else p.max_tokens - emitted,
                          min_tokens=max(0, p.min_tokens - emitted))
@@ -65,39 +109,58 @@ class Leg:
         self.spec = RequestSpec(f"{self.leg_id.split('~')[0]}~{self.retries}", self.origin.prompt_token_ids + self.output_ids,
                                 params, None)
         self.leg_id = self.spec.request_id
-        self.first_token, self.held, self.expect_prefill_token, self.confirmed = None, [], True, False
+        self.state, self.first_token, self.held, self.early_first = LegState.PLACING, None, [], None
+        self.prefill_id = self.decode_id = None
 
     def deliver(self, delta: TokenDelta, from_prefill: bool, disaggregated: bool, completions: int,
                 prefill_listed: bool) -> Delivery:
-        """Take a delta from the leg's prefill or decode instance and pass on what the client should see:
-          - prefill's first token waits while the leg is being placed (`reserving`: decode has not taken
-            the request yet) and is dropped once decode went on without it (it recomputed);
-          - decode's tokens wait (`held`) until prefill's first token has gone out, then follow it;
-          - decode's first token shows the KV landed: prefill is told to free its copy (once), unless
-            prefill is no longer listed (`prefill_listed`: it died, and its copy with it)."""
-        out = Delivery()
+        """Take a delta from the leg's prefill or decode instance and pass on what the client should see.
+        `prefill_listed`: the prefill instance is alive (a dead one's copy of the KV went with it)."""
         if self.done:
-            return out
+            return Delivery()
+        if not disaggregated:  # a mixed instance does it all
+            self.state = LegState.DECODING
+            return Delivery(finished=self.emit(delta, completions, as_index=False))
         if from_prefill:
-            if self.reserving:
-                self.early_first = delta
-                return out
-            if not self.expect_prefill_token or self.first_token is not None:
-                return out  # decode already went on without it
-            self.first_token = delta.token_ids[0] if delta.token_ids else None
-            held, self.held = self.held, []
-            for each in (delta, *held):
-                out.finished |= self.emit(each, completions, as_index=disaggregated)
-            if held and not self.confirmed:  # decode ran ahead of this delta: its KV had landed
-                self.confirmed = out.confirm = True
-            out.abort_decode = delta.finish_reason is not None
+            return self._from_prefill(delta)
+        return self._from_decode(delta, prefill_listed)
+
+    def _from_prefill(self, delta: TokenDelta) -> Delivery:
+        if self.state == LegState.PLACING:
+            self.early_first = delta
+            return Delivery()
+        if self.state != LegState.PREFILLING:
+            return Delivery()  # decode went on without it (RECOMPUTING), or it came twice
+        out = Delivery()
+        self.first_token = delta.token_ids[0] if delta.token_ids else None
+        self.state = LegState.TRANSFERRING
+        held, self.held = self.held, []
+        for each in (delta, *held):
+            out.finished |= self.emit(each, 1, as_index=True)
+        if held and not self.done:  # decode ran ahead of this delta: its KV had landed
+            self.state = LegState.DECODING
+            out.confirm = True
+        out.abort_decode = delta.finish_reason is not None
+        return out
+
+    def _from_decode(self, delta: TokenDelta, prefill_listed: bool) -> Delivery:
+        out = Delivery()
+        if self.state in (LegState.PLACING, LegState.PREFILLING):
+            self.held.append(delta)  # the client has no first token yet: prefill's comes first
             return out
-        if disaggregated and self.expect_prefill_token and self.first_token is None:
-            self.held.append(delta)
-            return out
-        if disaggregated and not self.confirmed and prefill_listed:
-            self.confirmed = out.confirm = True
-        out.finished = self.emit(delta, completions, as_index=disaggregated)
+        if self.state == LegState.TRANSFERRING:
+            self.state = LegState.DECODING
+            out.confirm = prefill_listed
+        elif self.state == LegState.RECOMPUTING:
+            self.state = LegState.DECODING
+            if self.first_token is not None:  # the client has prefill's first token: decode's must match
+                if not delta.token_ids or delta.token_ids[0] != self.first_token:
+                    out.restart = True
+                    return out
+                if len(delta.token_ids) == 1 and delta.finish_reason is None:
+                    return out  # the same token: the client has it
+                delta = replace(delta, token_ids=delta.token_ids[1:], text="")
+        out.finished = self.emit(delta, 1, as_index=True)
         return out
 
     def emit(self, delta: TokenDelta, completions: int, as_index: bool) -> bool:
@@ -108,7 +171,8 @@ class Leg:
         self.output_ids.extend(delta.token_ids)
         if delta.finish_reason is not None:
             self.finished_indices.add(delta.index)
-            self.done = len(self.finished_indices) >= completions
+            if len(self.finished_indices) >= completions:
+                self.state = LegState.DONE
         self.queue.put_nowait(replace(delta, index=self.index) if as_index else delta)
         return self.done
 
@@ -118,7 +182,7 @@ class Leg:
         for i in indices:
             if i not in self.finished_indices:
                 self.queue.put_nowait(error_delta(self.leg_id, i, message))
-        self.done = True
+        self.state = LegState.FAILED
 
 
 def journal_start(store, leg: Leg) -> None:

@@ -105,7 +105,7 @@ class LocalEngineClient(EngineClient, LoopListener):
         self.metrics = metrics
         path = engine.config.model.path
         self._info = ModelInfo(served_name or engine.config.model.served_name or os.path.basename(path.rstrip("/")),
-                               engine.max_model_len, engine.tokenizer, engine.arch.vocab_size)
+                               engine.max_model_len, engine.tokenizer, engine.vocab_size)
         self._lock = threading.Lock()
         self._admitted: set[str] = set()  # request ids admitted and not yet ended; guarded by _lock
         self._closing = False

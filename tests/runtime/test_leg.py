@@ -1,27 +1,29 @@
-"""Leg: a completion's state as the cluster moves it (renames, retries, its stream's end)."""
+"""Leg: a completion's state machine as the cluster moves it (renames, retries, recomputes, its stream's end)."""
 from __future__ import annotations
 
 import asyncio
 
-from cluster.runtime.instance import RequestSpec
-from cluster.runtime.leg import Leg
+from cluster.disagg.roles import RequestSpec
+from cluster.runtime.leg import Leg, LegState
 from cluster.types import FinishReason, SamplingParams, TokenDelta
 
 
 def _leg(n: int = 1, max_tokens: int | None = 10, min_tokens: int = 4) -> Leg:
     spec = RequestSpec("r#0", [1, 2, 3], SamplingParams(n=n, max_tokens=max_tokens, min_tokens=min_tokens))
-    return Leg("r#0", 0, spec, asyncio.Queue())
+    leg = Leg("r#0", 0, spec, asyncio.Queue())
+    leg.placed("p0", "d0")
+    return leg
 
 
 def test_resume_continues_from_the_tokens_the_client_has():
     leg = _leg()
     leg.emit(TokenDelta("r#0", 0, [7, 8, 9], ""), completions=1, as_index=True)
-    leg.first_token, leg.confirmed, leg.expect_prefill_token = 7, True, False
+    leg.first_token, leg.state = 7, LegState.RECOMPUTING
     leg.resume()
     assert leg.leg_id == leg.spec.request_id == "r#0~1" and leg.retries == 1
     assert leg.spec.prompt_token_ids == [1, 2, 3, 7, 8, 9]
     assert (leg.spec.params.max_tokens, leg.spec.params.min_tokens) == (7, 1)
-    assert (leg.first_token, leg.confirmed, leg.expect_prefill_token) == (None, False, True)
+    assert (leg.first_token, leg.state, leg.prefill_id, leg.decode_id) == (None, LegState.PLACING, None, None)
     leg.emit(TokenDelta("r#0~1", 0, [6], ""), completions=1, as_index=True)
     leg.resume()  # a second retry: from the client's prompt, not the first retry's (it held 7, 8, 9 already)
     assert leg.leg_id == "r#0~2" and leg.spec.prompt_token_ids == [1, 2, 3, 7, 8, 9, 6]
@@ -71,7 +73,7 @@ def test_decode_tokens_wait_for_prefills_first_token_and_then_confirm_the_transf
     assert _stream(leg) == []
     out = _deliver(leg, TokenDelta("r#0", 0, [10], ""), from_prefill=True)
     assert out.confirm and not out.finished and not out.abort_decode
-    assert _stream(leg) == [10, 11, 12] and leg.first_token == 10
+    assert _stream(leg) == [10, 11, 12] and leg.first_token == 10 and leg.state == LegState.DECODING
     assert not _deliver(leg, TokenDelta("r#0", 0, [13], ""), from_prefill=False).confirm  # confirmed once
     assert _stream(leg) == [13]
 
@@ -79,27 +81,51 @@ def test_decode_tokens_wait_for_prefills_first_token_and_then_confirm_the_transf
 def test_first_decode_token_after_prefills_confirms_unless_prefill_is_gone():
     leg = _leg()
     assert not _deliver(leg, TokenDelta("r#0", 0, [10], ""), from_prefill=True).confirm  # nothing held yet
+    assert leg.state == LegState.TRANSFERRING
     assert _deliver(leg, TokenDelta("r#0", 0, [11], ""), from_prefill=False).confirm
+    assert leg.state == LegState.DECODING
     gone = _leg()
     _deliver(gone, TokenDelta("r#0", 0, [10], ""), from_prefill=True)
     assert not _deliver(gone, TokenDelta("r#0", 0, [11], ""), from_prefill=False, prefill_listed=False).confirm
 
 
-def test_prefills_token_waits_while_reserving_and_is_dropped_once_decode_recomputed():
-    leg = _leg()
-    leg.reserving = True
+def test_prefills_token_waits_while_placing_and_is_dropped_once_decode_recomputed():
+    leg = Leg("r#0", 0, RequestSpec("r#0", [1, 2, 3], SamplingParams()), asyncio.Queue())
+    assert leg.state == LegState.PLACING
     first = TokenDelta("r#0", 0, [10], "")
     _deliver(leg, first, from_prefill=True)
     assert leg.early_first is first and _stream(leg) == []
     recomputed = _leg()
-    recomputed.expect_prefill_token = False  # the transfer failed: decode recomputes and emits the first token
+    recomputed.recomputing()  # the transfer failed before the client had a token: decode's first is the first
+    assert recomputed.state == LegState.RECOMPUTING
     _deliver(recomputed, TokenDelta("r#0", 0, [10], ""), from_prefill=False)
     _deliver(recomputed, TokenDelta("r#0", 0, [99], ""), from_prefill=True)  # prefill's, late: dropped
-    assert _stream(recomputed) == [10]
+    assert _stream(recomputed) == [10] and recomputed.state == LegState.DECODING
+
+
+def test_a_recomputed_first_token_the_client_has_is_not_sent_twice():
+    leg = _leg()
+    _deliver(leg, TokenDelta("r#0", 0, [10], "a"), from_prefill=True)
+    leg.recomputing()  # the transfer failed after the client got prefill's first token
+    assert leg.state == LegState.RECOMPUTING
+    out = _deliver(leg, TokenDelta("r#0", 0, [10], "a"), from_prefill=False)  # decode's own first token
+    assert out == type(out)() and leg.state == LegState.DECODING
+    _deliver(leg, TokenDelta("r#0", 0, [11], "b"), from_prefill=False)
+    assert _stream(leg) == [10, 11] and leg.output_ids == [10, 11]
+
+
+def test_a_recomputed_first_token_that_differs_restarts_the_leg():
+    leg = _leg()
+    _deliver(leg, TokenDelta("r#0", 0, [10], ""), from_prefill=True)
+    leg.recomputing()
+    out = _deliver(leg, TokenDelta("r#0", 0, [12], ""), from_prefill=False)
+    assert out.restart and not out.finished and _stream(leg) == [10]
+    leg.resume()  # what the cluster does with it: from the client's prompt and tokens
+    assert leg.spec.prompt_token_ids == [1, 2, 3, 10] and leg.state == LegState.PLACING
 
 
 def test_a_first_token_that_ends_the_leg_stops_decode():
     leg = _leg()
     out = _deliver(leg, TokenDelta("r#0", 0, [10], "", finish_reason=FinishReason.STOP), from_prefill=True)
-    assert out.finished and out.abort_decode and leg.done
+    assert out.finished and out.abort_decode and leg.done and leg.state == LegState.DONE
     assert _deliver(leg, TokenDelta("r#0", 0, [11], ""), from_prefill=False) == type(out)()  # after the end: nothing
