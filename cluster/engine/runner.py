@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cluster.engine.attention.base import AttentionMetadata, make_backend
+from cluster.engine.attention.backends import make_backend
+from cluster.engine.attention.base import AttentionMetadata
 from cluster.engine.cuda_graphs import DecodeGraphs
 from cluster.engine.kv_blocks import gather_blocks, scatter_blocks
 from cluster.engine.sampler import DeviceSample, Sampler, SamplingBatch

@@ -103,7 +103,7 @@ class InstanceActor:
     def _make_worker(self, disagg: DisaggConfig) -> None:
         from cluster.disagg.decode import DecodeWorker
         from cluster.disagg.prefill import PrefillWorker
-        from cluster.disagg.transfer.base import make_transport
+        from cluster.disagg.transfer.transports import make_transport
 
         backend = self.engine.platform.dist_backend
         self.transport = make_transport("torchdist", endpoint_id=self.instance_id, host=disagg.link_host,

@@ -16,7 +16,7 @@ positions 0..that position (causal). KV lives in paged blocks:
 `slot_mapping[t]` = block * block_size + offset where new token t's K/V go
 (-1: don't write, e.g. padding in a captured CUDA graph).
 
-Backends (chosen by name in RunnerConfig.attention_backend):
+Backends (chosen by name in RunnerConfig.attention_backend, by `backends.make_backend`):
   forward(q, k, v, k_cache, v_cache, meta, scale) -> out  -- called by every
   attention layer; writes k/v at slot_mapping, then attends.
 """
@@ -76,18 +76,3 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     else:
         flat_k[slot_mapping[valid]] = k[valid]
         flat_v[slot_mapping[valid]] = v[valid]
-
-
-def make_backend(name: str, device: torch.device) -> AttentionBackend:
-    """Pick a backend by name; heavy ones are imported only when chosen."""
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch_ref"
-    if name == "torch_ref":
-        from cluster.engine.attention.torch_ref import TorchRefAttention
-
-        return TorchRefAttention()
-    if name == "triton":
-        from cluster.engine.attention.triton import TritonAttention
-
-        return TritonAttention()
-    raise ValueError(f"RunnerConfig.attention_backend={name!r} is not a known backend (torch_ref, triton)")
