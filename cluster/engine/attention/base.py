@@ -23,6 +23,7 @@ Backends (chosen by name in RunnerConfig.attention_backend, by `backends.make_ba
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,17 @@ class AttentionBackend(ABC):
     def warm_up(self, num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, max_seq_len: int) -> None:
         """Launch each decode kernel variant the backend may pick up to `max_seq_len` once (a backend
         that compiles its kernels on first use: Triton); the runner's warm-up prefill covers the rest."""
+
+
+@dataclass
+class AttnInputs:
+    """What every attention layer reads during one forward (the runner, its warm-up and its
+    captured graphs build it; the model's attention layers read it)."""
+
+    backend: AttentionBackend
+    meta: AttentionMetadata
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    on_layer_done: Callable[[int], None] | None = None  # called after each layer wrote its KV
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
