@@ -32,9 +32,9 @@ from __future__ import annotations
 import random
 import time
 
+from cluster.client import Overloaded
 from cluster.config import ApiConfig
 from cluster.disagg.router import InstanceView
-from cluster.runtime.client import Overloaded
 from cluster.types import SamplingParams
 
 

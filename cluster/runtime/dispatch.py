@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+from cluster.client import Overloaded
 from cluster.disagg.router import InstanceView
 from cluster.engine.kv_cache import prefix_hashes
-from cluster.runtime.client import Overloaded
 from cluster.runtime.leg import Leg, journal_start
 from cluster.types import Role
 

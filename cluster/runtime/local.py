@@ -24,11 +24,11 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 
+from cluster.client import EngineClient, ModelInfo, Overloaded
 from cluster.config import EngineConfig
 from cluster.engine.engine import Engine, EngineOverloaded
 from cluster.metrics import Metrics
 from cluster.platform import bind_thread
-from cluster.runtime.client import EngineClient, ModelInfo, Overloaded
 from cluster.runtime.step_meter import QueueTimes
 from cluster.types import FinishReason, SamplingParams, TokenDelta
 
