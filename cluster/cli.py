@@ -41,7 +41,7 @@ def _up(args) -> int:
 
         print("no model configured: using the tiny random model (made once, cached)", file=sys.stderr)
         config = replace(config, engine=replace(config.engine, model=replace(config.engine.model, path=ensure_default_model())))
-    from cluster.runtime.launcher import serve_cluster
+    from cluster.app import serve_cluster
 
     try:
         asyncio.run(serve_cluster(config))

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from cluster.runtime.client import Overloaded
+from cluster.client import Overloaded
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ A request's path through it:
       response. A client that goes away (stream closed, or a non-stream request whose
       connection dropped, polled every DISCONNECT_POLL_S) aborts its requests, freeing KV;
   (5) every call's metrics are recorded once (TTFT, ITL, E2E, tokens, finish reasons, rejections).
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, /health, /metrics.
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, /health, /metrics, and
+POST /admin/instances where the caller hands `build_app` a way to add an instance (cluster/app.py).
 """
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Request
+from fastapi import Body, FastAPI, Request
 from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -31,10 +33,10 @@ from cluster.api.protocol import (ChatChoiceLogprobs, ChatCompletionChoice, Chat
                                   ChatResponseMessage, CompletionChoice, CompletionLogprobs, CompletionRequest,
                                   CompletionResponse, ModelCard, ModelList)
 from cluster.api.stream import EngineCall, Run, TokenStrings, chat_sse, completion_sse
+from cluster.client import EngineClient, Overloaded
 from cluster.config import ApiConfig
 from cluster.metrics import CONTENT_TYPE, Metrics
-from cluster.runtime.client import EngineClient, Overloaded
-from cluster.types import SamplingParams, TokenLogprob
+from cluster.types import Role, SamplingParams, TokenLogprob
 
 MAX_BODY_BYTES = 16 << 20
 DISCONNECT_POLL_S = 0.2
@@ -292,7 +294,10 @@ def _json(model) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
 
-def build_app(client: EngineClient, metrics: Metrics, served_model_name: str) -> FastAPI:
+def build_app(client: EngineClient, metrics: Metrics, served_model_name: str,
+              add_instance: Callable[[Role], Awaitable[str]] | None = None) -> FastAPI:
+    """The app over `client`; with `add_instance` (the caller's way to start an instance of a
+    role and return its id) also `POST /admin/instances {"role": ...}`."""
     server = OpenAIServer(client, metrics, served_model_name)
     app = FastAPI(title="llm-cluster", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
@@ -301,6 +306,11 @@ def build_app(client: EngineClient, metrics: Metrics, served_model_name: str) ->
     app.add_api_route("/v1/models", server.models, methods=["GET"])
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.metrics_text, methods=["GET"])
+    if add_instance is not None:
+        @app.post("/admin/instances")
+        async def add_instance_route(body: dict = Body(...)):
+            role = Role(body.get("role", "decode"))
+            return {"instance_id": await add_instance(role)}
     app.state.server = server
     return app
 

@@ -24,8 +24,8 @@ from cluster.api.errors import error_body
 from cluster.api.protocol import (ChatChoiceLogprobs, ChatCompletionChunk, ChatLogprob, ChatStreamChoice,
                                   CompletionChoice, CompletionLogprobs, CompletionResponse, DeltaMessage,
                                   PromptTokensDetails, TopLogprob, UsageInfo)
+from cluster.client import EngineClient
 from cluster.metrics import NOWHERE, Metrics, RequestRecord, Where
-from cluster.runtime.client import EngineClient
 from cluster.types import SamplingParams, TokenDelta, TokenLogprob
 
 DONE = "data: [DONE]\n\n"

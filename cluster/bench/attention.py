@@ -134,7 +134,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.split_sweep:
         return _split_sweep(args)
-    from cluster.engine.attention.base import make_backend
+    from cluster.engine.attention.backends import make_backend
 
     backend = make_backend(args.backend, torch.device("cuda"))
     torch.manual_seed(0)

@@ -64,7 +64,7 @@ def _us_per_call(fn) -> float:
 
 
 def measure(rows: int, hidden: int, world: int = 2, num_warps: int | None = None) -> dict:
-    from cluster.models import fused
+    from cluster.ops import fused
 
     gen = torch.Generator().manual_seed(0)
     partials = [torch.randn(rows, hidden, generator=gen).to("cuda", torch.bfloat16) for _ in range(world)]

@@ -68,7 +68,7 @@ for item in "$@"; do
                # -v: each result as it ends; faulthandler: every thread's stack if a test outlasts 120 s (a
                # call killed at its limit prints no failure report, and 2026-11-30's last call lost its reasons)
                LLM_CLUSTER_REPORT_AT_ONCE=1 run_item gpu-tests python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=120 "${k[@]}" \
-                 "$PWD/tests/engine" "$PWD/tests/models" "$PWD/tests/parallel" "$PWD/tests/disagg" ;;
+                 "$PWD/tests/engine" "$PWD/tests/models" "$PWD/tests/ops" "$PWD/tests/parallel" "$PWD/tests/disagg" ;;
     parallel)  need_llama; run_item parallel python3 -m cluster.bench.parallel --parts allreduce,dense,pp \
                  --llama-dir /tmp/llama8b --steps 8 --tp2-normal-priority --tp2-nccl-ctas 8 --out parallel.jsonl ;;
     tp-pp)     need_llama; run_item parallel python3 -m cluster.bench.parallel --parts allreduce,dense,pp \

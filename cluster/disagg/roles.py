@@ -99,15 +99,3 @@ class MixedWorker(RoleWorker):
 
     def step(self) -> list[TokenDelta]:
         return self.engine.step()
-
-
-def make_role_worker(role: Role, engine: Engine, transport=None, disagg=None) -> RoleWorker:
-    if role == Role.MIXED:
-        return MixedWorker(engine)
-    if role == Role.PREFILL:
-        from cluster.disagg.prefill import PrefillWorker
-
-        return PrefillWorker(engine, transport, disagg)
-    from cluster.disagg.decode import DecodeWorker
-
-    return DecodeWorker(engine, transport, disagg)

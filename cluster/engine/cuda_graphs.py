@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from cluster.engine.attention.base import AttentionMetadata
+from cluster.engine.attention.base import AttentionMetadata, AttnInputs
 from cluster.models.moe import StackedExperts
 
 
@@ -67,8 +67,6 @@ class DecodeGraphs:
                 counter.row_mask = None
 
     def _capture_buckets(self) -> None:
-        from cluster.engine.runner import AttnInputs
-
         pool = None
         for bs in reversed(self.sizes):
             for counter in self.load_counters:  # the warm-up and the capture count nothing (all zeros)

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cluster.engine.attention.base import AttentionMetadata, make_backend
+from cluster.engine.attention.backends import make_backend
+from cluster.engine.attention.base import AttentionMetadata, AttnInputs
 from cluster.engine.cuda_graphs import DecodeGraphs
 from cluster.engine.kv_blocks import gather_blocks, scatter_blocks
 from cluster.engine.sampler import DeviceSample, Sampler, SamplingBatch
@@ -37,16 +38,6 @@ from cluster.platform import to_device_async
 from cluster.types import TokenLogprob
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AttnInputs:
-    """What every attention layer reads during one forward."""
-
-    backend: object
-    meta: AttentionMetadata
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
-    on_layer_done: Callable[[int], None] | None = None  # called after each layer wrote its KV
 
 
 @dataclass

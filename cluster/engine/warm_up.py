@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from cluster.engine.attention.base import AttentionMetadata
+from cluster.engine.attention.base import AttentionMetadata, AttnInputs
 from cluster.models.moe import StackedExperts
 
 PROMPT_LENGTHS = (40, 23)  # over the decode launch's query tile, unequal, one odd
@@ -26,8 +26,6 @@ PROMPT_LENGTHS = (40, 23)  # over the decode launch's query tile, unequal, one o
 
 @torch.inference_mode()
 def warm_up(runner, max_model_len: int) -> None:
-    from cluster.engine.runner import AttnInputs
-
     device = runner.device
     lengths = [min(n, max_model_len) for n in PROMPT_LENGTHS]
     positions = torch.cat([torch.arange(n) for n in lengths]).to(device)

@@ -32,8 +32,9 @@ import torch
 
 from cluster.config import EngineConfig
 from cluster.engine import kv_handover
+from cluster.engine.attention.base import AttnInputs
 from cluster.engine.kv_budget import num_kv_blocks
-from cluster.engine.runner import AttnInputs, ModelRunner
+from cluster.engine.runner import ModelRunner
 from cluster.engine.step_plan import HEADER_SIZE, Command, StepPlan, payload_size, split, unpack
 from cluster.models.registry import arch_config, build_model
 from cluster.parallel.groups import InstanceGroups, build_groups, dial_store

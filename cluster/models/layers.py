@@ -3,7 +3,7 @@
 Numerics follow the Hugging Face reference implementations exactly (norms in
 float32 then cast back, cos/sin computed in float32) so that float32 runs are
 token-for-token identical to `transformers`. On CUDA the elementwise parts run as
-fused Triton kernels; elsewhere `cluster.models.fused` runs this same torch code.
+fused Triton kernels; elsewhere `cluster.ops.fused` runs this same torch code.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from cluster.models import fused
+from cluster.ops import fused
 from cluster.parallel.handles import TPGroup
 from cluster.parallel.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, Unreduced,
                                      default_loader)

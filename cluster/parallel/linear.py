@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cluster.models import fused
+from cluster.ops import fused
 from cluster.parallel.handles import TPGroup
 from cluster.parallel.overlap import all_reduce_steps
 

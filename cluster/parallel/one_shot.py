@@ -104,7 +104,7 @@ def _wait_device(device: torch.device, timeout_s: float) -> None:
 def _check_norm(one_shot: "OneShotAllReduce", tp, device: torch.device, dtype: torch.dtype) -> str | None:
     """None if (5) gives the unfused pair's result bit for bit on this rank, else why not. Raises
     NormHandshakeStuck if its kernel never finishes."""
-    from cluster.models import fused
+    from cluster.ops import fused
 
     try:
         one_shot.attach_norm(device)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cluster.models.fused_triton import add_rounded, norm_num_warps, rms_norm_row
+from cluster.ops.fused_triton import add_rounded, norm_num_warps, rms_norm_row
 
 
 # `rank` is not specialised: every rank runs one binary (ranks emulated in one process on one GPU would

@@ -31,10 +31,9 @@ from __future__ import annotations
 
 import random
 
+from cluster.client import Overloaded
 from cluster.config import ApiConfig
 from cluster.disagg.router import InstanceView
-from cluster.runtime.client import Overloaded
-
 
 SHARE_FROM = 0.75  # of max_decode_step_ms: where refusals begin
 

@@ -28,12 +28,12 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+from cluster.client import EngineClient, ModelInfo, Overloaded
 from cluster.config import ClusterConfig
 from cluster.disagg.router import InstanceView, Router
 from cluster.runtime.admission import admit
 from cluster.disagg.roles import EventKind, InstanceEvent, RequestSpec
 from cluster.runtime.dispatch import Dispatcher
-from cluster.runtime.client import EngineClient, ModelInfo, Overloaded
 from cluster.runtime.instance import STALL_KEYS
 from cluster.runtime.heartbeat import Heartbeat
 from cluster.runtime.leg import Leg, LegState, journal_finish

@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+from cluster.client import Overloaded
 from cluster.disagg.router import InstanceView, Router
 from cluster.engine.kv_cache import prefix_hashes
-from cluster.runtime.client import Overloaded
 from cluster.runtime.leg import Leg, LegState, journal_start
 from cluster.runtime.links import KVLinks
 from cluster.runtime.pools import ClusterEvents, Pools

@@ -20,7 +20,8 @@ import traceback
 from dataclasses import replace
 
 from cluster.config import DisaggConfig, EngineConfig
-from cluster.disagg.roles import InstanceEvent, RequestSpec, make_role_worker
+from cluster.disagg.roles import InstanceEvent, RequestSpec
+from cluster.disagg.workers import make_role_worker
 from cluster.runtime.gc_pauses import GcPauses, freeze_startup_objects
 from cluster.runtime.step_loop import LoopListener, StepLoop
 from cluster.types import FinishReason, Role, TokenDelta
@@ -88,7 +89,7 @@ class InstanceActor(LoopListener):
         self.loop.start()
 
     def _make_transport(self, disagg: DisaggConfig):
-        from cluster.disagg.transfer.base import make_transport
+        from cluster.disagg.transfer.transports import make_transport
 
         transport = make_transport("torchdist", endpoint_id=self.instance_id, host=disagg.link_host,
                                    backend=self.engine.platform.dist_backend, timeout_s=disagg.transfer_timeout_s,

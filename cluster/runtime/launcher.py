@@ -1,23 +1,22 @@
-"""`llm-cluster up`: Ray, the instance pools, the router client and the API server.
+"""`llm-cluster up`'s cluster: Ray, the instance pools and the router client.
 
   (1) join a Ray cluster (`ray_address`) or start a local one bound to loopback;
   (2) start each pool's instances as Ray actors, one placement group per instance
       (its tp x pp ranks' CPUs/GPUs reserved together, on one host: the actor is the
       instance's rank 0 and spawns the other ranks itself);
   (3) build the ClusterClient (router + state store) and join every instance;
-  (4) serve the OpenAI API (and `POST /admin/instances` to add an instance at run time)
-      until SIGINT/SIGTERM, then stop the actors and Ray.
+  (4) `stop` the actors and Ray.
+The HTTP app is built above this module (cluster/app.py): it serves the OpenAI API over the
+client, and `POST /admin/instances` calls `add_instance` to add an instance at run time.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
 import os
-import sys
 import tempfile
 
 from cluster.config import ClusterConfig
-from cluster.runtime.gc_pauses import freeze_startup_objects
 from cluster.types import Role
 
 _ids = itertools.count()
@@ -84,10 +83,10 @@ def _engine_config(base, pool):
 
 
 def model_info(config: ClusterConfig):
+    from cluster.client import ModelInfo
     from cluster.engine.engine import resolve_max_len
     from cluster.models.hf_config import load_arch_config
     from cluster.models.tokenizer import Tokenizer
-    from cluster.runtime.client import ModelInfo
 
     path = config.engine.model.path
     arch = load_arch_config(path)
@@ -132,20 +131,6 @@ class Cluster:
 
         ray.kill(self.actors[instance_id], no_restart=True)
 
-    def app(self):
-        from fastapi import Body
-
-        from cluster.api.server import build_app
-
-        app = build_app(self.client, self.metrics, self.client.info().name)
-
-        @app.post("/admin/instances")
-        async def add_instance(body: dict = Body(...)):
-            role = Role(body.get("role", "decode"))
-            return {"instance_id": await self.add_instance(role)}
-
-        return app
-
     async def stop(self) -> None:
         import ray
 
@@ -165,23 +150,3 @@ class Cluster:
                 pass
         if self.owns_ray:  # a Ray this cluster joined (ray_address, or a test's) outlives it
             ray.shutdown()
-
-
-async def serve_cluster(config: ClusterConfig) -> None:
-    import uvicorn
-
-    cluster = Cluster(config)
-    print(f"starting llm-cluster: model {config.engine.model.path}", file=sys.stderr, flush=True)
-    await cluster.start()
-    freeze_startup_objects()  # the router and the HTTP streams run here: no full collection walks start-up's objects
-    server = uvicorn.Server(uvicorn.Config(cluster.app(), host=config.api.host, port=config.api.port, log_level="warning",
-                                           timeout_keep_alive=config.api.keep_alive_s))
-    pools = ", ".join(f"{r.value}={len(cluster.client.pool(r))}" for r in Role if cluster.client.pool(r))
-    print(f"llm-cluster is up ({pools}).\n  OpenAI API: http://{config.api.host}:{config.api.port}/v1   "
-          f"model: {cluster.client.info().name}\n  e.g. OpenAI(base_url='http://{config.api.host}:{config.api.port}/v1', "
-          f"api_key='none')\n  Ctrl-C stops it.", flush=True)
-    try:
-        await server.serve()
-    finally:
-        await cluster.stop()
-        print("llm-cluster stopped.", flush=True)

@@ -25,11 +25,11 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 
+from cluster.client import EngineClient, ModelInfo, Overloaded
 from cluster.config import EngineConfig
 from cluster.disagg.roles import MixedWorker
 from cluster.engine.engine import Engine, EngineOverloaded
 from cluster.metrics import Metrics
-from cluster.runtime.client import EngineClient, ModelInfo, Overloaded
 from cluster.runtime.step_loop import LoopListener, StepLoop
 from cluster.types import FinishReason, SamplingParams, TokenDelta
 

@@ -19,9 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster import LLM, SamplingParams
 from cluster.api.server import build_app, make_server
+from cluster.client import EngineClient, ModelInfo, Overloaded
 from cluster.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig
 from cluster.metrics import Metrics
-from cluster.runtime.client import EngineClient, ModelInfo, Overloaded
 from cluster.runtime.local import LocalClientConfig, LocalEngineClient
 
 MODEL = "tiny-llama"

@@ -106,7 +106,7 @@ def _compiled_triton_variants() -> int:
     from triton.runtime.jit import JITFunction
 
     from cluster.engine.attention import triton as triton_attention, triton_store
-    from cluster.models import fused_triton
+    from cluster.ops import fused_triton
 
     kernels = [v for m in (triton_attention, triton_store, fused_triton) for v in vars(m).values()
                if isinstance(v, JITFunction)]

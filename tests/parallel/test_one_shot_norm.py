@@ -28,7 +28,7 @@ if torch.cuda.is_available():
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
 triton = pytest.importorskip("triton")
 
-from cluster.models import fused_triton  # noqa: E402
+from cluster.ops import fused_triton  # noqa: E402
 from cluster.parallel import one_shot_norm  # noqa: E402
 
 if isinstance(one_shot_norm._all_reduce_add_rms_norm_kernel, triton.runtime.jit.JITFunction):

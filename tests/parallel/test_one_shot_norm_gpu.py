@@ -36,7 +36,7 @@ def _wait(timeout_s: float = 20.0) -> None:
 
 
 def _unfused(partials, residual, weight):
-    from cluster.models import fused
+    from cluster.ops import fused
 
     total = torch.zeros(partials[0].shape, dtype=torch.float32, device=partials[0].device)
     for partial in partials:  # rank order, in fp32, rounded once: what the one-shot all-reduce returns

@@ -33,7 +33,9 @@ class RunningCluster:
         self.run(self.cluster.start(), timeout_s=240)
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(self.cluster.app(), host="127.0.0.1", port=self.port, log_level="warning"))
+        from cluster.app import cluster_app
+
+        self.server = uvicorn.Server(uvicorn.Config(cluster_app(self.cluster), host="127.0.0.1", port=self.port, log_level="warning"))
         asyncio.run_coroutine_threadsafe(self.server.serve(), self.loop)
         deadline = time.monotonic() + 30
         while not self.server.started and time.monotonic() < deadline:

@@ -146,9 +146,9 @@ def test_the_decode_step_limit_refuses_a_share_that_rises_to_all_at_the_limit():
     request and admitting a burst (one H200, colocated: whole seconds refused at 16 req/s)."""
     import random
 
+    from cluster.client import Overloaded
     from cluster.config import ApiConfig
     from cluster.runtime.admission import admit, refusal_share
-    from cluster.runtime.client import Overloaded
 
     assert refusal_share(20.0, 40.0) == 0.0 and refusal_share(30.0, 40.0) == 0.0
     assert refusal_share(35.0, 40.0) == 0.5 and refusal_share(40.0, 40.0) == 1.0 and refusal_share(90.0, 40.0) == 1.0

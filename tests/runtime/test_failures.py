@@ -150,7 +150,7 @@ def test_a_request_decode_cannot_hold_is_refused_and_its_started_prefill_leaves_
     either pool, and the same prompt is served exactly once there is room."""
     import ray
 
-    from cluster.runtime.client import Overloaded
+    from cluster.client import Overloaded
 
     running = RunningCluster(cluster_config(tiny_model, prefill=1, decode=1, num_blocks=24))  # 384 tokens each
     try:

@@ -94,16 +94,3 @@ class KVTransport(ABC):
 
     def close(self) -> None:
         return None
-
-
-def make_transport(name: str, **kwargs) -> KVTransport:
-    """By name from config; heavy backends imported only when chosen."""
-    if name == "loopback":
-        from cluster.disagg.transfer.loopback import LoopbackTransport
-
-        return LoopbackTransport(**kwargs)
-    if name == "torchdist":
-        from cluster.disagg.transfer.torchdist import TorchDistTransport
-
-        return TorchDistTransport(**kwargs)
-    raise ValueError(f"DisaggConfig.transport={name!r} is not known (loopback, torchdist)")

@@ -16,13 +16,14 @@ positions 0..that position (causal). KV lives in paged blocks:
 `slot_mapping[t]` = block * block_size + offset where new token t's K/V go
 (-1: don't write, e.g. padding in a captured CUDA graph).
 
-Backends (chosen by name in RunnerConfig.attention_backend):
+Backends (chosen by name in RunnerConfig.attention_backend, by `backends.make_backend`):
   forward(q, k, v, k_cache, v_cache, meta, scale) -> out  -- called by every
   attention layer; writes k/v at slot_mapping, then attends.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,17 @@ class AttentionBackend(ABC):
         that compiles its kernels on first use: Triton); the runner's warm-up prefill covers the rest."""
 
 
+@dataclass
+class AttnInputs:
+    """What every attention layer reads during one forward (the runner, its warm-up and its
+    captured graphs build it; the model's attention layers read it)."""
+
+    backend: AttentionBackend
+    meta: AttentionMetadata
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    on_layer_done: Callable[[int], None] | None = None  # called after each layer wrote its KV
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Scatter this step's K/V into their slots (slots < 0 are skipped)."""
     flat_k = k_cache.view(-1, *k_cache.shape[2:])
@@ -76,18 +88,3 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     else:
         flat_k[slot_mapping[valid]] = k[valid]
         flat_v[slot_mapping[valid]] = v[valid]
-
-
-def make_backend(name: str, device: torch.device) -> AttentionBackend:
-    """Pick a backend by name; heavy ones are imported only when chosen."""
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch_ref"
-    if name == "torch_ref":
-        from cluster.engine.attention.torch_ref import TorchRefAttention
-
-        return TorchRefAttention()
-    if name == "triton":
-        from cluster.engine.attention.triton import TritonAttention
-
-        return TritonAttention()
-    raise ValueError(f"RunnerConfig.attention_backend={name!r} is not a known backend (torch_ref, triton)")

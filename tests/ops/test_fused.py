@@ -1,4 +1,4 @@
-"""The fused Triton kernels (cluster/models/fused_triton.py) against the torch path of cluster/models/fused.py.
+"""The fused Triton kernels (cluster/ops/fused_triton.py) against the torch path of cluster/ops/fused.py.
 
 Two sections:
 
@@ -23,8 +23,8 @@ try:
 except ImportError:
     pytest.skip("TRITON NOT INSTALLED: fused kernels are untested (pip install triton)", allow_module_level=True)
 
-from cluster.models import fused  # noqa: E402
-from cluster.models import fused_triton as kernels  # noqa: E402
+from cluster.ops import fused  # noqa: E402
+from cluster.ops import fused_triton as kernels  # noqa: E402
 from cluster.models.layers import RMSNorm, RotaryEmbedding  # noqa: E402
 
 _INTERPRETED = not isinstance(kernels._rms_norm_kernel, triton.runtime.jit.JITFunction)

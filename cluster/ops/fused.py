@@ -40,7 +40,7 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 
 def _kernels():
-    from cluster.models import fused_triton  # lazily: triton is optional
+    from cluster.ops import fused_triton  # lazily: triton is optional
 
     return fused_triton
 

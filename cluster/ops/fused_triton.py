@@ -1,4 +1,4 @@
-"""Triton kernels behind `cluster.models.fused`: RMSNorm (+ residual add), rotary, SiLU-and-mul.
+"""Triton kernels behind `cluster.ops.fused`: RMSNorm (+ residual add), rotary, SiLU-and-mul.
 
 Imported only on first use (by `fused` when a tensor is on CUDA, or by the tests
 under TRITON_INTERPRET=1), because triton is optional and `@triton.jit` picks
