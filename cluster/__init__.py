@@ -1,4 +1,5 @@
-"""llm-cluster: a serving cluster for large language models.
+"""llm-cluster: a serving cluster for large language models. The map of the code (floors, a
+request's state machine, the engine's KV boundary, where to add things) is docs/architecture.md.
 
 A request's path through the cluster:
   (1) api/       an OpenAI-compatible HTTP server tokenizes and validates it; runtime/admission.py
@@ -7,8 +8,8 @@ A request's path through the cluster:
                  and a decode instance (free KV blocks, batch size); runtime/links.py makes the
                  pair's KV link on demand;
   (3) engine/    the prefill instance runs the prompt in chunks and returns the first token;
-  (4) disagg/    its KV streams in groups of layers, gathered as whole blocks (engine/kv_blocks.py)
-                 into a staging ring (disagg/staging.py), to blocks the decode instance reserved;
+  (4) disagg/    its KV streams in groups of layers, handed by the engine to the prefill worker's
+                 sink (engine/kv_boundary.py) as they are written, to blocks the decode instance reserved;
   (5) engine/    the decode instance adds the request to its continuous batch, and the router tells
                  the prefill instance it may free its copy;
   (6) api/       tokens stream back to the client.

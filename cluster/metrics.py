@@ -30,6 +30,12 @@ A labelled counter's series exists from an instance's first stats on, at 0, so r
 | llm_cluster_num_requests_waiting               | gauge     | model, pool, instance           | runtime: sequences queued |
 | llm_cluster_kv_cache_usage_ratio               | gauge     | model, pool, instance           | runtime: used KV blocks / all blocks (0..1) |
 | llm_cluster_pool_size                          | gauge     | model, pool                     | controller: instances in the pool |
+| llm_cluster_autoscaler_instances               | gauge     | model, pool, state              | autoscaler: desired / pending / actual / draining instances |
+| llm_cluster_autoscaler_decisions_total         | counter   | model, pool, direction, reason  | autoscaler: one per decision (up / down / hold / flip), by its reason |
+| llm_cluster_autoscaler_latency_seconds         | gauge     | model, pool, slo, source        | autoscaler: TTFT/ITL at the SLO percentile, predicted by its model or observed |
+| llm_cluster_autoscaler_gpus                    | gauge     | model                           | autoscaler: accelerators held by instances (pending ones included) |
+| llm_cluster_autoscaler_scale_out_seconds       | histogram | model, pool                     | autoscaler: a scale-up decision -> the new instance serving |
+| llm_cluster_slo_target_seconds                 | gauge     | model, slo                      | config: the `slo:` targets (ttft, itl), for dashboards |
 
 Usage:
   1. `Metrics()` makes its own `CollectorRegistry` (several servers or tests in one
@@ -128,6 +134,17 @@ class Metrics:
         self.num_waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled.")
         self.kv_usage = gauge("kv_cache_usage_ratio", "Share of KV blocks in use (0..1).")
         self.pool_size = gauge("pool_size", "Instances in the pool.", ("model", "pool"))
+        self.autoscaler_instances = gauge("autoscaler_instances", "Instances per pool: desired, pending, actual, draining.",
+                                          ("model", "pool", "state"))
+        self.autoscaler_decisions = counter("autoscaler_decisions", "Autoscaler decisions by direction and reason.",
+                                            ("model", "pool", "direction", "reason"))
+        self.autoscaler_latency = gauge("autoscaler_latency_seconds",
+                                        "TTFT/ITL at the SLO percentile: predicted by the autoscaler's model, or observed.",
+                                        ("model", "pool", "slo", "source"))
+        self.autoscaler_gpus = gauge("autoscaler_gpus", "Accelerators held by instances, pending ones included.", ("model",))
+        self.scale_out_time = hist("autoscaler_scale_out_seconds", "A scale-up decision to the new instance serving.",
+                                   ("model", "pool"))
+        self.slo_target = gauge("slo_target_seconds", "The configured SLO targets.", ("model", "slo"))
 
     # -- api -------------------------------------------------------------------
     def observe_request(self, model: str, record: RequestRecord) -> None:

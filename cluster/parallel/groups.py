@@ -67,10 +67,6 @@ class InstanceGroups:
     aborted: bool = False
     one_shot_error: str | None = None  # why one-shot all-reduce is off although asked for
 
-    @property
-    def is_driver(self) -> bool:
-        return self.world_rank == 0
-
     def connect(self, device: torch.device, dtype: torch.dtype | None = None, one_shot_max_bytes: int = 0) -> None:
         """Open every device communicator now, in an order that cannot deadlock: NCCL makes them
         lazily and blocks until both ends arrive, so the first step's up-front receives (pipeline.py)

@@ -44,11 +44,6 @@ class TransferState(enum.Enum):
     FAILED = "failed"
 
 
-def tag_of(transfer_id: int, layer_id: int, num_layers: int) -> int:
-    """Message tag of one layer of one transfer on a link (kept inside int31)."""
-    return (transfer_id * num_layers + layer_id) % (2**31 - 1)
-
-
 class KVTransport(ABC):
     # Called (from a transport thread, no arguments) when a transfer this side expects ends,
     # DONE or FAILED, so an idle step loop can wake at once instead of at its next poll.
