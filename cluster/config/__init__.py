@@ -7,14 +7,16 @@ Environment variables are read here and nowhere else (`env_*` helpers).
 
   fields.py   ConfigError, the checks, from_dict (plain dicts -> nested configs), env_cache_dir
   engine.py   ModelConfig, CacheConfig, SchedulerConfig, RunnerConfig, ParallelConfig, DisaggConfig -> EngineConfig
-  cluster.py  PoolConfig, RouterConfig, ApiConfig, StoreConfig -> ClusterConfig; load_cluster_config (YAML)
+  autoscale.py SloConfig, PoolLimits, AutoscaleConfig
+  cluster.py  PoolConfig, RouterConfig, ApiConfig, StoreConfig (+ the above) -> ClusterConfig; load_cluster_config (YAML)
 """
+from cluster.config.autoscale import AutoscaleConfig, PoolLimits, SloConfig
 from cluster.config.cluster import (ApiConfig, ClusterConfig, PoolConfig, RouterConfig, StoreConfig,
                                     load_cluster_config)
 from cluster.config.engine import (CacheConfig, DisaggConfig, EngineConfig, ModelConfig, ParallelConfig, RunnerConfig,
                                    SchedulerConfig)
 from cluster.config.fields import ConfigError, env_cache_dir, from_dict
 
-__all__ = ["ApiConfig", "CacheConfig", "ClusterConfig", "ConfigError", "DisaggConfig", "EngineConfig", "ModelConfig",
+__all__ = ["AutoscaleConfig", "PoolLimits", "SloConfig", "ApiConfig", "CacheConfig", "ClusterConfig", "ConfigError", "DisaggConfig", "EngineConfig", "ModelConfig",
            "ParallelConfig", "PoolConfig", "RouterConfig", "RunnerConfig", "SchedulerConfig", "StoreConfig",
            "env_cache_dir", "from_dict", "load_cluster_config"]

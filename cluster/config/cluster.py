@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cluster.config.autoscale import AutoscaleConfig, SloConfig
 from cluster.config.engine import DisaggConfig, EngineConfig
 from cluster.config.fields import ConfigError, _is_positive_number, _positive_int, _require, from_dict
 
@@ -101,6 +102,8 @@ class ClusterConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    slo: SloConfig = field(default_factory=SloConfig)
+    autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
     ray_address: str | None = None  # None: start a local Ray on loopback; "auto" or an address: join it
 
     def __post_init__(self) -> None:
