@@ -1,4 +1,4 @@
-"""What `bench.disagg` measures of the KV sender beside each transfer: where its host time goes and
+"""What `benchmarks.disagg` measures of the KV sender beside each transfer: where its host time goes and
 how long its gathers take on the device.
 
   gather_device_us   one request's stacked gathers timed on the device, three ways (torch's

@@ -1,6 +1,6 @@
 """Disaggregation on two GPUs: KV transfer bandwidth and TTFT, prefill on GPU 0, decode on GPU 1.
 
-    python -m cluster.bench.disagg --model DIR [--make-llama8b] --out disagg.json
+    python -m benchmarks.disagg --model DIR [--make-llama8b] --out disagg.json
 
 Two processes (no Ray needed for the measurement), each with an engine on its GPU and
 a KV link made on demand by our transport (NCCL, one group for the pair):
@@ -27,7 +27,7 @@ import torch
 import torch.multiprocessing as mp
 from torch._C._distributed_c10d import BroadcastOptions
 
-from cluster.bench.sender_probes import POST_US, event_pair, gather_device_us, time_posts
+from benchmarks.sender_probes import POST_US, event_pair, gather_device_us, time_posts
 from cluster.config import CacheConfig, DisaggConfig, EngineConfig, ModelConfig, SchedulerConfig
 from cluster.disagg.transfer.base import TransferState
 from cluster.types import Role, SamplingParams

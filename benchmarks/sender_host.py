@@ -1,6 +1,6 @@
 """Where the KV sender's host time goes, on one GPU (no peer needed): the gathers alone.
 
-    python -m cluster.bench.sender_host --model DIR [--make-llama8b] --out sender_host.json
+    python -m benchmarks.sender_host --model DIR [--make-llama8b] --out sender_host.json
 
 On 2xH200 (2026-11-30) a stacked gather's launch held the prefill's host 250-600 us and an NCCL post
 60-100 us, where a kernel launch takes about 20. This separates what one GPU can tell apart, each
@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from cluster.bench.disagg import _engine
+from benchmarks.disagg import _engine
 from cluster.config import DisaggConfig
 from cluster.disagg.transfer.base import TransferState
 from cluster.types import Role, SamplingParams

@@ -1,4 +1,4 @@
-"""Where an engine's step goes, for the benchmarks (`bench/parallel.py --profile`).
+"""Where an engine's step goes, for the benchmarks (`benchmarks/parallel.py --profile`).
 
   profile_steps  the driver rank's device time per step by kernel (torch.profiler), the top ones,
                  the device's busy time, the step's wall time, and `host_split`

@@ -1,4 +1,4 @@
-"""How the parallel benchmark makes, fills and times engines (bench/parallel.py's parts use these).
+"""How the parallel benchmark makes, fills and times engines (benchmarks/parallel.py's parts use these).
 
   checkpoints   `ensure_llama8b` / `ensure_qwen3_moe`: the random benchmark checkpoints, made once;
   isolation     `in_fresh_process`: one engine layout per spawned process (torch numbers
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from cluster.bench.profile import profile_steps
+from benchmarks.profile import profile_steps
 from cluster.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, RunnerConfig, SchedulerConfig
 from cluster.types import SamplingParams
 

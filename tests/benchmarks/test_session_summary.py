@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from cluster.bench.session_summary import load, render
+from benchmarks.session_summary import load, render
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "docs")
 
@@ -32,7 +32,7 @@ def test_a_missing_run_says_not_run(tmp_path):
 
 
 def test_the_hardware_limits_come_first(tmp_path):
-    """gpu_session.sh measures HBM bandwidth and bf16 matmul in every call (bench.hardware.measure)."""
+    """gpu_session.sh measures HBM bandwidth and bf16 matmul in every call (benchmarks.hardware.measure)."""
     import json
 
     (tmp_path / "hardware.json").write_text(json.dumps(

@@ -1,11 +1,11 @@
 """Parallel-instance benchmark on one multi-GPU host: TP, PP and EP, overlap on and off.
 
-    python -m cluster.bench.parallel --parts allreduce,dense --out par.jsonl     # ~6 min on 2xH200
-    python -m cluster.bench.parallel --parts moe --out par.jsonl                 # ~5 min
-    python -m cluster.bench.parallel --parts pp --out par.jsonl                  # ~3 min
+    python -m benchmarks.parallel --parts allreduce,dense --out par.jsonl     # ~6 min on 2xH200
+    python -m benchmarks.parallel --parts moe --out par.jsonl                 # ~5 min
+    python -m benchmarks.parallel --parts pp --out par.jsonl                  # ~3 min
 
 Every result is one JSON line, printed and appended to `--out`. Parts:
-  allreduce  NCCL vs one-shot all-reduce over 2 GPUs (bench/allreduce.py; the same group code the engine uses) for the
+  allreduce  NCCL vs one-shot all-reduce over 2 GPUs (benchmarks/allreduce.py; the same group code the engine uses) for the
              message sizes the dense steps send: [tokens, hidden] bf16, back to back and synced;
   dense      Llama-3-8B-shaped random checkpoint (made once, `--llama-dir`): decode step time
              at batch 1, 64, 256 with `--context` tokens of context, TP=1 vs TP=2, and for
@@ -35,18 +35,18 @@ import time
 
 import torch
 
-from cluster.bench.harness import (decode_sweep, drain, emit, ensure_llama8b, ensure_qwen3_moe, fill, in_fresh_process,
+from benchmarks.harness import (decode_sweep, drain, emit, ensure_llama8b, ensure_qwen3_moe, fill, in_fresh_process,
                                    make_engine, prefill_time, release_memory, timed_tokens, use_variant)
-from cluster.bench.profile import profile_steps
+from benchmarks.profile import profile_steps
 
 HIDDEN_8B = 4096
 
 
 # -- parts ---------------------------------------------------------------------------------
 def part_allreduce(args) -> dict[int, float]:
-    """{num_tokens: µs per all-reduce of [num_tokens, hidden] as the engine does it} (bench/allreduce.py:
+    """{num_tokens: µs per all-reduce of [num_tokens, hidden] as the engine does it} (benchmarks/allreduce.py:
     NCCL and the one-shot kernel side by side, back to back, synced and inside a CUDA graph)."""
-    from cluster.bench.allreduce import measure_all_reduce
+    from benchmarks.allreduce import measure_all_reduce
 
     sizes = sorted(set(args.batches) | {args.prefill_len // 2, args.prefill_len})
     results, info = measure_all_reduce(sizes, args.hidden, args.device)

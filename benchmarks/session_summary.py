@@ -1,9 +1,9 @@
 """A GPU session's results against the issues' targets, as markdown: what `gpu_session.sh` brought back.
 
-    python -m cluster.bench.session_summary DIR [DIR...]     # the unpacked work/ folders of session.tar.gz
+    python -m benchmarks.session_summary DIR [DIR...]     # the unpacked work/ folders of session.tar.gz
 
-Reads what it finds in the folders: hardware.json (`bench.hardware.measure`), parallel.jsonl / pp.jsonl / moe.jsonl (`bench.parallel`),
-disagg.json (`bench.disagg`), serve/serve_summary.json (`bench.serve`), gpu-tests.log. Prints, per
+Reads what it finds in the folders: hardware.json (`benchmarks.hardware.measure`), parallel.jsonl / pp.jsonl / moe.jsonl (`benchmarks.parallel`),
+disagg.json (`benchmarks.disagg`), serve/serve_summary.json (`benchmarks.serve`), gpu-tests.log. Prints, per
 target, the measured figure beside it:
   TP=2 / TP=1 decode step per batch (async scheduling on and off)   target <= 0.6 at batch 64
   prefill overlap: the share of its all-reduce time it hid          target >= 50%
@@ -146,7 +146,7 @@ def render(found: dict) -> str:
     out += [f"| {r['batch']} | {_num(r['tp1_ms'])} | {_num(r['tp2_ms'])} | {_num(r['ratio'])} | {_num(r['ratio_sync'])} "
             f"| {_num(r['tp2_fused_norm_ms'])} | {_num(r['ratio_fused_norm'])} |"
             for r in tp_ratios(records)] or ["| not run | | | | | | |"]
-    out += ["", "## One TP=2 rank's part of the model on one GPU, no collectives (bench.parallel shard)", ""]
+    out += ["", "## One TP=2 rank's part of the model on one GPU, no collectives (benchmarks.parallel shard)", ""]
     out += [f"- {r['phase'].replace('_ratio', '')}{'' if r['batch'] is None else ', batch ' + str(r['batch'])}: full "
             f"{r['full_ms']:.2f} ms, TP=2 rank {r['tp2_rank_ms']:.2f} ms = {r['tp2_rank_over_full']:.2f} x"
             for r in records if r.get("part") == "shard" and "tp2_rank_over_full" in r] or ["- not run"]
@@ -183,9 +183,9 @@ def render(found: dict) -> str:
     for kind, serve in found["serve_one_gpu"].items():
         out += ["", f"## Serving on one GPU, {kind}: goodput (req/s, share meeting SLOs, ITL p99 ms) per rate", ""]
         out += _serve_lines(serve)
-    out += ["", "## KV sender's host time on one GPU (bench.sender_host; median / p90 us per call)", ""]
+    out += ["", "## KV sender's host time on one GPU (benchmarks.sender_host; median / p90 us per call)", ""]
     out += _sender_host_lines(found["sender_host"])
-    out += ["", "## A prefill engine's step budget on one GPU (bench.prefill_budget)", ""]
+    out += ["", "## A prefill engine's step budget on one GPU (benchmarks.prefill_budget)", ""]
     budget = found["prefill_budget"]
     out += [f"- {r['budget_tokens']} tokens a step: {r['prompt_tokens_per_s']:.0f} prompt tokens/s, step {r['step_ms']:.1f} ms; "
             f"a burst of {r['burst_prompts']}: TTFT median {r['ttft_median_ms']:.0f} ms, p90 {r['ttft_p90_ms']:.0f} ms; "
@@ -236,7 +236,7 @@ def _host_cpu(run: dict) -> str:
 def _worst_lines(serve: dict, names: list[str]) -> list[str]:
     """Per deployment, the worst each instance saw during the sweep (heartbeat samples): its step, its
     wait between steps, admission's estimated wait, the transfers a prefill held for confirmation."""
-    from cluster.bench.serve import worst as worst_of
+    from benchmarks.serve import worst as worst_of
 
     keys = (("max_step_ms", "step {:.0f} ms"), ("max_step_gap_ms", "gap {:.0f} ms"), ("max_land_ms", "landing {:.0f} ms"),
             ("estimated_wait_s", "est. wait {:.2f} s"), ("num_held_transfers", "held {:.0f}"), ("num_running", "running {:.0f}"))

@@ -1,6 +1,6 @@
 """The engine's host work per decode step, without the model: what sits between two GPU steps.
 
-    python -m cluster.bench.host --batch 64 --context 1024      # CPU is enough: nothing runs on a device
+    python -m benchmarks.host --batch 64 --context 1024      # CPU is enough: nothing runs on a device
 
 An engine on CPU with a tiny random checkpoint (made once at `--model`) holds `--batch` sequences
 with `--context` tokens each; then, `--steps` times, the phases of a decode step that run on the
@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args(argv)
-    from cluster.bench.harness import fill
+    from benchmarks.harness import fill
     from cluster.engine.engine import Engine
     from cluster.engine.step_plan import pack, plan_step
     from cluster.models.tokenizer import Tokenizer
