@@ -155,8 +155,10 @@ def render(found: dict) -> str:
             f"{r['allreduce_ms_per_step']:.1f} ms: hides {100 * r['share_of_allreduce_hidden']:.0f}%"
             for r in prefill_overlap(records)] or ["- not run"]
     out += ["", "## PP=2 / TP=2 tokens/s (target >= 0.85)", ""]
-    out += [f"- {r['partition']}, batch {r['batch']}: {r['tokens_per_s']:.0f} tokens/s = {_num(r['ratio'])} x TP=2; "
-            f"idle per stage {', '.join(f'{100 * x:.0f}%' for x in r['idle'] or [])}" for r in pp_vs_tp(records)] or ["- not run"]
+    # (each stage's idle share: recorded by the runs until 2026-12-07, whose engine timed its ranks)
+    out += [f"- {r['partition']}, batch {r['batch']}: {r['tokens_per_s']:.0f} tokens/s = {_num(r['ratio'])} x TP=2"
+            + (f"; idle per stage {', '.join(f'{100 * x:.0f}%' for x in r['idle'])}" if r["idle"] else "")
+            for r in pp_vs_tp(records)] or ["- not run"]
     out += ["", "## MoE tokens/s: EP=2 vs TP=2", ""]
     out += [f"- batch {r['batch']}: EP=2 {_num(r['ep2'], '{:.0f}')}, TP=2 {_num(r['tp2'], '{:.0f}')}"
             for r in moe(records)] or ["- not run"]
@@ -209,16 +211,21 @@ def _sender_host_lines(found: dict | None) -> list[str]:
 
 
 def _host_split(transfer: dict) -> str:
-    """The sender's host time of a transfer's median run, split: announce, gathers (host), posts
-    (the NCCL launch), the rest of each send; and the gathers' device time."""
+    """The sender's host time of a transfer's median run, split: announce, gathers (host), sends (and,
+    in the runs of 2026-11-30 to 2026-12-01 that timed them, the posts' NCCL launch within the sends);
+    and the gathers' device time."""
     runs = transfer.get("runs") or []
     if not runs or "read_us" not in runs[0]:
         return ""
     run = sorted(runs, key=lambda r: r["landed_ms"])[len(runs) // 2]
-    posts = sum(run["post_us"][: len(run["send_us"])])
+    sends = sum(run["send_us"])
+    if "post_us" in run:
+        posts = sum(run["post_us"][: len(run["send_us"])])
+        sends_split = f"posts {posts:.0f}, rest of sends {sends - posts:.0f}"
+    else:
+        sends_split = f"sends {sends:.0f}"
     return (f"; posted {run['posted_ms']:.2f} ms = announce {run['announce_us']:.0f} us, gathers {sum(run['read_us']):.0f}, "
-            f"posts {posts:.0f}, rest of sends {sum(run['send_us']) - posts:.0f}; gathers on device "
-            f"{sum(run['gather_device_us']):.0f} us" + _host_cpu(run))
+            f"{sends_split}; gathers on device {sum(run['gather_device_us']):.0f} us" + _host_cpu(run))
 
 
 def _host_cpu(run: dict) -> str:
