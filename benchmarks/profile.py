@@ -2,11 +2,14 @@
 
   profile_steps  the driver rank's device time per step by kernel (torch.profiler), the top ones,
                  the device's busy time, the step's wall time, and `host_split`
-  host_split     the host phases of the driver's step, timed unprofiled by wrapping the engine's
-                 schedule / execute / sample / upload / forward / LM head / step message in place
+  host_split     the host phases of the driver's step (schedule / launch / finish / read back and,
+                 inside them, the step message, upload, forward, LM head, sampling), from cProfile's
+                 record of the engine's public methods: measured from outside, nothing patched
 """
 from __future__ import annotations
 
+import cProfile
+import inspect
 import time
 
 
@@ -43,46 +46,55 @@ def profile_steps(engine, device: str, num_steps: int = 5) -> dict:
 
 
 def host_split(engine, num_steps: int) -> dict:
-    """Wall ms per step in each phase of the driver's step, unprofiled: schedule; launch (plan,
-    broadcast, upload, forward and LM head queued; with one stage also the sampling queued);
-    finish (pp: the previous batch's rows waited for, sampled); read_back (waits for the launched
-    step's tokens, then update, detokenize, emit; the synchronous engine's `execute` counts as
-    launch and does all of it but the emit); the rest. `in_launch` names parts of launch and finish
-    (host broadcast to the other ranks, upload, forward, LM head, sampling)."""
-    spent = {"schedule": 0.0, "launch": 0.0, "finish": 0.0, "read_back": 0.0}
-    inner = {"broadcast": 0.0, "upload": 0.0, "forward": 0.0, "logits": 0.0, "sample": 0.0}
-    wrapped = []
+    """Wall ms per step in each phase of the driver's step, by cProfile (a deterministic profiler: each
+    Python call pays about a microsecond, so the phases read high against an unprofiled step; compare
+    them with each other): schedule; launch (the executor's `launch_forward` or the synchronous
+    `execute`: plan, step message, upload, forward and LM head queued; with one stage also the
+    sampling, and the synchronous engine's whole step but the emit); finish (pp: the previous batch's
+    rows waited for, sampled); read_back (the engine waiting for a launched step's tokens, putting them
+    in place, detokenizing); the rest. `in_launch` names parts of launch and finish (the step message
+    to the other ranks, upload, forward, LM head, sampling)."""
+    from cluster.engine.runner import ModelRunner, PendingStep
+    from cluster.engine.stop import TextState
+    from cluster.parallel.handles import HostGroup
+    from cluster.parallel.step_channel import StepChannel
 
-    def timed(obj, name, key):
-        original = getattr(obj, name)
-
-        def run(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return original(*a, **kw)
-            finally:
-                (spent if key in spent else inner)[key] += time.perf_counter() - t
-        object.__setattr__(obj, name, run)  # frozen dataclasses too (HostGroup)
-        wrapped.append((obj, name))
-
-    timed(engine.scheduler, "schedule", "schedule")
-    timed(engine.executor, "execute", "launch")  # the synchronous engine
-    timed(engine.executor, "launch_forward", "launch")
-    timed(engine.executor, "finish", "finish")
-    timed(engine, "_read_back", "read_back")
-    timed(engine.runner, "sample_async", "sample")
-    timed(engine.runner, "upload", "upload")
-    timed(engine.runner, "forward", "forward")
-    timed(engine.model, "compute_logits", "logits")
-    if hasattr(engine.executor, "_tell"):  # the step's message to the other ranks
-        timed(engine.executor, "_tell", "broadcast")
+    executor = type(engine.executor)
+    phases = {"schedule": [type(engine.scheduler).schedule], "launch": [executor.execute, executor.launch_forward],
+              "finish": [executor.finish]}
+    inner = {"broadcast": [StepChannel.send, HostGroup.broadcast], "upload": [ModelRunner.upload],
+             "forward": [ModelRunner.forward], "logits": [type(engine.model).compute_logits],
+             "sample": [ModelRunner.sample_async]}
+    read_back = {_code(f) for f in (PendingStep.result, type(engine.scheduler).resolve, TextState.push)}
+    profiler = cProfile.Profile()
     t0 = time.perf_counter()
+    profiler.enable()
     try:
         for _ in range(num_steps):
             engine.step()
     finally:
-        for obj, name in wrapped:
-            object.__delattr__(obj, name)
+        profiler.disable()
     total = time.perf_counter() - t0
+    entries = profiler.getstats()
+    spent = {name: _inclusive_s(entries, fns) for name, fns in phases.items()}
+    # called by the engine's own loop (engine/engine.py), not inside the executor's or runner's launch
+    spent["read_back"] = sum(sub.totaltime for entry in entries if _file(entry.code).endswith("engine/engine.py")
+                             for sub in entry.calls or () if sub.code in read_back)
     spent["rest"] = total - sum(spent.values())
-    return {k: v / num_steps * 1e3 for k, v in spent.items()} | {"in_launch": {k: v / num_steps * 1e3 for k, v in inner.items()}}
+    return ({k: v / num_steps * 1e3 for k, v in spent.items()}
+            | {"in_launch": {k: _inclusive_s(entries, fns) / num_steps * 1e3 for k, fns in inner.items()}})
+
+
+def _code(fn):
+    """The function's own code object (past decorators such as torch.inference_mode, which wrap it)."""
+    return getattr(inspect.unwrap(fn), "__code__", None)
+
+
+def _file(code) -> str:
+    return getattr(code, "co_filename", "")
+
+
+def _inclusive_s(entries, fns) -> float:
+    """Seconds spent in any of `fns`, callees included (cProfile's cumulative time)."""
+    codes = {_code(f) for f in fns} - {None}
+    return sum(entry.totaltime for entry in entries if entry.code in codes)
