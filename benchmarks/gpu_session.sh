@@ -6,7 +6,7 @@
 #   here:   ../shared/tools/device-wheels.sh pytest pluggy iniconfig   # .whl/, ~55 MB
 #   device: bash benchmarks/gpu_session.sh SECONDS ITEM...           # carry [".whl"]
 #
-# Items (docs/benchmarks.md, "Next GPU session", says which to run first):
+# Items (docs/benchmark-history.md, "Next GPU session", says which to run first):
 #   gpu-tests  pytest -m gpu over the engine, models, parallel and disagg tests (≈3 min);
 #              gpu-tests:EXPR runs those whose names match the pytest -k expression EXPR
 #   pp         benchmarks.parallel pp: PP=2 with two batches in the stages vs one (≈1 min)
