@@ -21,9 +21,10 @@ each case:
   (6) `profile`        torch.profiler's host ops of four group gathers: which op holds the host;
   (7) `nccl_*`         each group gathered and then posted as the transport posts it (a broadcast on
                        an NCCL group: here a one-rank group, no peer on one GPU, so ProcessGroupNCCL's
-                       host side and threads but no transfer), its sends waited on by a thread as the
-                       link's waiter does (its first look after 1 ms, or 50 us as until 2026-11-30) or
-                       by nobody (`caller_polls_sends`): the gather's and the post's host time each.
+                       host side and threads but no transfer), its sends waited on by a thread (first
+                       look after 1 ms, or 50 us: how the link's waiter thread once waited on NCCL sends)
+                       or by nobody (the transport counts NCCL sends when asked: torchdist.py (4)): the
+                       gather's and the post's host time each.
 """
 from __future__ import annotations
 
