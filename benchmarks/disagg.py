@@ -29,6 +29,7 @@ from torch._C._distributed_c10d import BroadcastOptions
 
 from benchmarks.sender_probes import event_pair, gather_device_us, stacked_groups
 from cluster.config import CacheConfig, DisaggConfig, EngineConfig, ModelConfig, SchedulerConfig
+from cluster.disagg.roles import RequestSpec
 from cluster.disagg.transfer.base import TransferState
 from cluster.types import Role, SamplingParams
 
@@ -135,7 +136,7 @@ def prefill_main(args, q_to_decode, q_from_decode, results):
     for i in range(args.repeats + 1):
         q_to_decode.put(("reserve", i, prompt))
         assert q_from_decode.get() == "reserved"
-        worker.submit(f"d{i}", prompt, params, "D", transfer_id=i + 1)
+        worker.submit_prefill(RequestSpec(f"d{i}", prompt, params), "D", i + 1)
         t0 = time.perf_counter()
         while not worker.step():
             pass
@@ -166,7 +167,7 @@ def prefill_main(args, q_to_decode, q_from_decode, results):
     # announces a step's messages before the step computes, so the decode side has posted its receives;
     # `transfer_pregathered`: also gathered, and the device synchronised, before the clock starts: the
     # transport's own part, posting to landing, with no gather under it)
-    groups = stacked_groups(engine, len(prompt), worker.kv_dtype)
+    groups = stacked_groups(engine, len(prompt), engine.kv_layout.dtype)
     results["gather_device_us"] = gather_device_us(engine, index, groups)
     variants = (("transfer_only", [(layer, layer + 1) for layer in range(engine.arch.num_layers)], False, False),
                 ("transfer_stacked", groups, False, False),
@@ -203,7 +204,7 @@ def _transfer_run(args, engine, transport, worker, q_to_decode, q_from_decode, p
     q_to_decode.put(("expect", tid, prompt))
     assert q_from_decode.get() == "reserved"
     ready = [engine.runner.read_kv_layers(start, end, index) for start, end in groups] if pregather else None
-    manifest = [(tid, i, count, (end - start, *shape) if stacked else shape, worker.kv_dtype)
+    manifest = [(tid, i, count, (end - start, *shape) if stacked else shape, engine.kv_layout.dtype)
                 for i, (start, end) in enumerate(groups)] + [(tid, count - 1, count, (1,), torch.int64)]
     if ahead:
         transport.announce("D", manifest)
@@ -229,7 +230,7 @@ def _transfer_run(args, engine, transport, worker, q_to_decode, q_from_decode, p
         if ready is not None:
             kv = ready[i]
         elif stacked:  # as the prefill worker sends a group: into a staging slot on a GPU
-            slot, out = worker.staging.take((end - start, *shape), worker.kv_dtype) if worker.staging else (None, None)
+            slot, out = worker.sender.staging.take((end - start, *shape), engine.kv_layout.dtype) if worker.sender.staging else (None, None)
             kv = engine.runner.read_kv_layers(start, end, index, out)
         else:
             kv = engine.runner.read_kv(start, index)
@@ -238,8 +239,8 @@ def _transfer_run(args, engine, transport, worker, q_to_decode, q_from_decode, p
             gathers.append(events)
         t2, c2 = time.monotonic(), time.thread_time()
         work = transport.send_layer("D", tid, i, count, kv)
-        if worker.staging is not None:
-            worker.staging.sent(slot, work)
+        if worker.sender.staging is not None:
+            worker.sender.staging.sent(slot, work)
         read_us.append((t2 - t1) * 1e6)
         send_us.append((time.monotonic() - t2) * 1e6)
         read_cpu_us.append((c2 - c1) * 1e6)
@@ -296,7 +297,7 @@ def decode_main(args, q_to_decode, q_from_decode, results):
         rid = f"d{i}" if cmd == "reserve" else f"t{i}"
         tid = i + 1 if cmd == "reserve" else i
         ended.clear()
-        assert worker.reserve(rid, prompt, params, "P", transfer_id=tid)
+        assert worker.reserve(RequestSpec(rid, prompt, params), "P", tid)
         t0 = time.perf_counter()
         q_from_decode.put("reserved")
         while rid in worker.pending:

@@ -40,6 +40,7 @@ import torch
 
 from benchmarks.disagg import _engine
 from cluster.config import DisaggConfig
+from cluster.disagg.roles import RequestSpec
 from cluster.disagg.transfer.base import TransferState
 from cluster.types import Role, SamplingParams
 
@@ -183,8 +184,8 @@ def _in_prefill(args, engine, prompt: list[int], params) -> dict:
     worker = PrefillWorker(engine, transport, DisaggConfig())
 
     def streamed_runs(tag: str, first_id: int) -> list[float]:
-        return [_first_token_ms(worker.step) for _ in _submitted(args.repeats, lambda i: worker.submit(
-            f"{tag}{i}", prompt, params, "D", transfer_id=first_id + i), lambda i: _confirmed(worker, f"{tag}{i}"))]
+        return [_first_token_ms(worker.step) for _ in _submitted(args.repeats, lambda i: worker.submit_prefill(
+            RequestSpec(f"{tag}{i}", prompt, params), "D", first_id + i), lambda i: _confirmed(worker, f"{tag}{i}"))]
 
     streamed = streamed_runs("s", 1)
     post_us, transport.post_us = transport.post_us, []
