@@ -112,3 +112,33 @@ def test_a_burst_adds_a_node_and_an_instance_and_both_go_after_it(tiny_model, re
         assert running.cluster.metrics.scale_out_time.labels(running.client.info().name, "mixed")._sum.get() > 0
     finally:
         running.stop()
+
+
+def test_a_prompt_heavy_load_flips_an_idle_decode_instance_to_prefill(tiny_model, reference, fake_ray):
+    """No GPU to spare (max_gpus: the three instances'), prefill over its TTFT target, decode idle: the
+    autoscaler drains a decode instance and it rejoins as a prefill instance, the same actor (its weights
+    kept). Requests in flight through the flip complete with the single engine's text."""
+    config = cluster_config(tiny_model, prefill=1, decode=2)
+    config = replace(config, ray_address=fake_ray.address, prefill=_gpu_pool(1), decode=_gpu_pool(2),
+                     slo=SloConfig(ttft_s=0.05, itl_s=2.0),  # prefill misses this under load; decode is idle
+                     autoscale=AutoscaleConfig(enabled=True, interval_s=1.0, stable_window_s=30.0, min_samples=1,
+                                               max_gpus=3, prefill=PoolLimits(1, 3), decode=PoolLimits(1, 3),
+                                               drain_timeout_s=30.0))
+    running = RunningCluster(config)
+    try:
+        decode_ids = {v.instance_id for v in running.client.pool(Role.DECODE)}
+        prompts = [list(range(5 + i % 100, 205 + i % 100)) for i in range(160)]
+        got = _serve_all(running, prompts, max_tokens=2, concurrency=16)
+        assert got == _expected(reference, prompts, 2)
+        _wait(lambda: len(running.client.pool(Role.PREFILL)) == 2 and not running.autoscaler.actuator.draining, 60,
+              "the flipped instance serving as prefill", running)
+        flipped = {v.instance_id for v in running.client.pool(Role.PREFILL)} & decode_ids
+        assert len(flipped) == 1 and len(running.client.pool(Role.DECODE)) == 1
+        flips = [d for d in running.autoscaler.status()["decisions"] if d["direction"] == "flip"]
+        assert flips and flips[0]["pool"] == "decode" and flips[0]["flip_to"] == "prefill" and flips[0]["reason"] == "budget"
+        assert fake_ray.gpu_nodes() == 3  # no node was added: the budget held
+        # the flipped instance serves prefill now, and the cluster still answers like one engine
+        more = [list(range(300 + i, 340 + i)) for i in range(24)]
+        assert _serve_all(running, more, max_tokens=8, concurrency=8) == _expected(reference, more, 8)
+    finally:
+        running.stop()
