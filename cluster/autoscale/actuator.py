@@ -18,6 +18,7 @@ waits for Ray.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from dataclasses import dataclass
@@ -53,6 +54,9 @@ class Actuator:
         self.pending: dict[str, _Pending] = {}
         self.draining: dict[str, _Drain] = {}
         self.num_migrated = 0  # requests moved off drained instances at their deadline
+        # each scale-up's decision -> serving, and what it was made of: placement (a node, if Ray had to
+        # add one), the instance's start (process, weights, KV, warm-up, CUDA graphs, probe), joining
+        self.scale_outs: collections.deque = collections.deque(maxlen=16)
 
     # -- what the controller observes ----------------------------------------------------
     def pending_ages_s(self, role: Role, now_s: float) -> tuple[float, ...]:
@@ -83,7 +87,7 @@ class Actuator:
     async def _join(self, pending: _Pending) -> None:
         launch = pending.launch
         try:
-            await self.cluster.join(launch)
+            took = await self.cluster.join(launch)
         except asyncio.CancelledError:
             raise
         except Exception:  # it never started: its resources go back, the next decision sees it missing
@@ -92,8 +96,13 @@ class Actuator:
             await self.cluster.release(launch.instance_id)
             return
         self.pending.pop(launch.instance_id, None)
+        total_s = time.monotonic() - pending.decided_s
+        view = self.cluster.client.instances.get(launch.instance_id)
+        self.scale_outs.append({"instance_id": launch.instance_id, "pool": launch.role.value, "total_s": round(total_s, 3),
+                                **{k: round(v, 3) for k, v in took.items()},
+                                "instance_start_s": {k: round(v, 3) for k, v in (view.startup_s if view else {}).items()}})
         if self.metrics is not None:
-            self.metrics.scale_out_time.labels(self.model, launch.role.value).observe(time.monotonic() - pending.decided_s)
+            self.metrics.scale_out_time.labels(self.model, launch.role.value).observe(total_s)
 
     def _withdraw(self, role: Role, count: int, oldest_first: bool) -> None:
         """Cancel `count` pending scale-ups: the oldest (timed out) or the newest (no longer needed)."""

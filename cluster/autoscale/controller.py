@@ -134,6 +134,7 @@ class Autoscaler:
         return {"enabled": True, "mode": self.autoscale.mode, "interval_s": self.autoscale.interval_s,
                 "slo": {"ttft_s": self.slo.ttft_s, "itl_s": self.slo.itl_s, "percentile": self.slo.percentile},
                 "max_gpus": self.autoscale.max_gpus, "requests_migrated": self.actuator.num_migrated,
+                "scale_outs": list(self.actuator.scale_outs)[::-1],
                 "decisions": list(self.history)[::-1]}
 
     async def close(self) -> None:

@@ -8,6 +8,9 @@ pool's queue `Q` tokens now, a prompt of `L` tokens waits for the queue ahead of
     TTFT(N) ~ L/mu + Q/(N mu) + z * (L/mu) * rho / (2 (1 - rho))
 
 the last term the M/D/1 queueing wait, stretched by `z = ln(1 / (1 - p))` to the SLO percentile p.
+Sizing uses the steady part (no `Q`) and, apart, how soon a queue built up drains, `Q / (N mu - lam)`:
+sized to clear a burst's backlog at once, the pool would grow to many times what the load needs by
+the time the new instances serve.
 
 Decode (ITL). A decode step costs `a + b * B` ms at a batch of `B` running sequences (weights read
 once a step, KV and sampling per sequence): `a`, `b` are a least-squares fit with forgetting over
@@ -111,36 +114,52 @@ class PoolModel:
     def predict_ttft(self, obs: PoolObservation, num_instances: int, percentile: float) -> float:
         return self.ttft_bias * self._raw_ttft(obs, num_instances, percentile)
 
-    def predict_itl(self, obs: PoolObservation, num_instances: int) -> float | None:
-        raw = self._raw_itl(obs, num_instances)
+    def steady_ttft(self, obs: PoolObservation, num_instances: int, percentile: float, load: float = 1.0) -> float:
+        """TTFT once no backlog is left: the prompt's own run and the queueing of steady arrivals (`load`
+        times those seen)."""
+        return self.ttft_bias * self._raw_ttft(obs, num_instances, percentile, backlog=False, load=load)
+
+    def backlog_drain_s(self, obs: PoolObservation, num_instances: int, load: float = 1.0) -> float:
+        """Seconds until the queue there is now is gone, arrivals going on (inf: it only grows)."""
+        mu = self.prefill_rate
+        if not obs.num_queued_prefill_tokens:
+            return 0.0
+        spare = (num_instances * mu - load * obs.prompt_tokens_per_s) if mu else 0.0
+        return obs.num_queued_prefill_tokens / spare if spare > 0 else INF
+
+    def predict_itl(self, obs: PoolObservation, num_instances: int, load: float = 1.0) -> float | None:
+        raw = self._raw_itl(obs, num_instances, load)
         return None if raw is None else self.itl_bias * raw
 
-    def kv_share(self, obs: PoolObservation, num_instances: int) -> float:
+    def kv_share(self, obs: PoolObservation, num_instances: int, load: float = 1.0) -> float:
         """Each instance's share of its KV blocks in use at `num_instances` (inf: none would hold it)."""
         if num_instances <= 0:
             return INF if obs.kv_used else 0.0
         running = obs.num_running
-        scaled = self._decode_at(obs, num_instances)
+        scaled = self._decode_at(obs, num_instances, load)
         grow = scaled[0] / running if scaled is not None and running else 1.0
         return obs.kv_used * grow / num_instances
 
-    def _raw_ttft(self, obs: PoolObservation, n: int, percentile: float) -> float:
+    def _raw_ttft(self, obs: PoolObservation, n: int, percentile: float, backlog: bool = True,
+                  load: float = 1.0) -> float:
         mu = self.prefill_rate
         if not mu or n <= 0:
             return INF if n <= 0 else 0.0
-        rho = obs.prompt_tokens_per_s / (n * mu)
+        rho = load * obs.prompt_tokens_per_s / (n * mu)
         if rho >= 1:
             return INF
         service = obs.mean_prompt_tokens / mu
         z = math.log(1.0 / (1.0 - percentile / 100.0))
-        return service + obs.num_queued_prefill_tokens / (n * mu) + z * service * rho / (2 * (1 - rho))
+        queue = obs.num_queued_prefill_tokens / (n * mu) if backlog else 0.0
+        return service + queue + z * service * rho / (2 * (1 - rho))
 
-    def _raw_itl(self, obs: PoolObservation, n: int) -> float | None:
-        state = self._decode_at(obs, n)
+    def _raw_itl(self, obs: PoolObservation, n: int, load: float = 1.0) -> float | None:
+        state = self._decode_at(obs, n, load)
         return None if state is None else state[1] / 1e3
 
-    def _decode_at(self, obs: PoolObservation, n: int) -> tuple[float, float] | None:
-        """(running sequences, step ms) of the pool at `n` instances, producing what it produces now."""
+    def _decode_at(self, obs: PoolObservation, n: int, load: float = 1.0) -> tuple[float, float] | None:
+        """(running sequences, step ms) of the pool at `n` instances, producing `load` times what it
+        produces now."""
         fit = self.step_fit()
         if fit is None or n <= 0:
             return None
@@ -148,6 +167,7 @@ class PoolModel:
         tokens_per_s = _tokens_per_s(obs)
         if self.tokens_per_request:  # a burst's sequences arrive before they fill the batch
             tokens_per_s = max(tokens_per_s, obs.arrivals_per_s * self.tokens_per_request)
+        tokens_per_s *= load
         if not tokens_per_s:
             return float(obs.num_running), a + b * obs.num_running / n
         room = 1000.0 - tokens_per_s * b / n

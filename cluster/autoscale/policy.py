@@ -13,8 +13,9 @@ Per pool, in order (the first that applies is the pool's decision; each carries 
       without pressure, as any shrinking (a burst that pauses must not cancel what it started);
   (5) DOWN by one above the pool's maximum (ABOVE_MAX), or, with nothing draining, after
       `stable_window_s` without a scale-up or pressure (a prediction or observation over
-      `downscale_margin` of a target), if one instance fewer is predicted to stay under
-      `downscale_margin` of every target with the KV still fitting (CONSOLIDATE; IDLE at zero traffic);
+      `downscale_margin` of a target), if one instance fewer is predicted to stay within
+      `upscale_headroom` of every target, KV included, at `upscale_headroom / downscale_margin`
+      times the load seen (CONSOLIDATE; IDLE at zero traffic);
   (6) HOLD.
 Across pools: scale-ups share the GPU budget (`max_gpus`), the pool whose targets burn worst first;
 a pool the budget leaves short may take an instance of the other disaggregated pool that could
@@ -121,18 +122,24 @@ class _Sizing:
             return None
         return self.model.predict_ttft(self.obs, n, self.slo.percentile)
 
-    def itl_at(self, n: int) -> float | None:
-        return None if not self.itl or self.warming else self.model.predict_itl(self.obs, n)
+    def steady_ttft_at(self, n: int, load: float = 1.0) -> float | None:
+        if not self.ttft or self.warming or not self.model.prefill_rate:
+            return None
+        return self.model.steady_ttft(self.obs, n, self.slo.percentile, load)
 
-    def meets(self, n: int, share: float, kv_share: float) -> Reason | None:
-        """None if `n` instances are predicted within `share` of every target (and the KV within
-        `kv_share` of the pool's limit), else the first target missed."""
-        ttft, itl = self.ttft_at(n), self.itl_at(n)
-        if ttft is not None and ttft > share * self.slo.ttft_s:
+    def itl_at(self, n: int, load: float = 1.0) -> float | None:
+        return None if not self.itl or self.warming else self.model.predict_itl(self.obs, n, load)
+
+    def meets(self, n: int, share: float, load: float = 1.0) -> Reason | None:
+        """None if `n` instances are predicted within `share` of every target (and their KV within
+        `share` of the pool's limit), at `load` times the load seen; else the first target missed."""
+        ttft, itl = self.steady_ttft_at(n, load), self.itl_at(n, load)
+        if ttft is not None and (ttft > share * self.slo.ttft_s or self.model.backlog_drain_s(self.obs, n, load)
+                                 > self.config.backlog_drain_s * share):
             return Reason.TTFT
         if itl is not None and itl > share * self.slo.itl_s:
             return Reason.ITL
-        if self.itl and self.model.kv_share(self.obs, n) > KV_LIMIT * kv_share:
+        if self.itl and self.model.kv_share(self.obs, n, load) > KV_LIMIT * share:
             return Reason.KV
         return None
 
@@ -164,9 +171,9 @@ class _Sizing:
             if burn <= headroom:
                 return self.obs.num_actual, None
             return min(largest, math.ceil(n_now * burn / headroom)), reason
-        binding = self.meets(self.obs.num_actual, headroom, 1.0) if self.obs.num_actual else None
+        binding = self.meets(self.obs.num_actual, headroom) if self.obs.num_actual else None
         for n in range(1, largest + 1):
-            if self.meets(n, headroom, 1.0) is None:
+            if self.meets(n, headroom) is None:
                 return n, binding
         return largest, binding or Reason.TTFT
 
@@ -216,8 +223,13 @@ def _may_consolidate(sizing: _Sizing, state: PoolState, limits, config: Autoscal
         return False
     if sizing.warming:  # no model: only an idle pool shrinks
         return obs.idle
-    kv_share = config.downscale_margin / config.upscale_headroom
-    return sizing.meets(obs.num_actual - 1, config.downscale_margin, kv_share) is None
+    return sizing.meets(obs.num_actual - 1, config.upscale_headroom, _consolidation_load(config)) is None
+
+
+def _consolidation_load(config: AutoscaleConfig) -> float:
+    """One instance fewer must hold this much more load than is seen, within the upscale headroom: a
+    pool near a knee (decode close to its batch limit) would otherwise shrink and come straight back."""
+    return config.upscale_headroom / config.downscale_margin
 
 
 def _share_budget(observations: Observations, decisions: dict, states: dict, config: AutoscaleConfig,
@@ -259,5 +271,5 @@ def _flip_donor(role: Role, pools: dict, decisions: dict, states: dict, config: 
     sizing = _Sizing(obs, states[other].model, config, slo)
     if sizing.warming:
         return other if obs.idle else None
-    kv_share = config.downscale_margin / config.upscale_headroom
-    return other if sizing.meets(obs.num_actual - 1, config.downscale_margin, kv_share) is None else None
+    spare = sizing.meets(obs.num_actual - 1, config.upscale_headroom, _consolidation_load(config)) is None
+    return other if spare else None

@@ -46,6 +46,7 @@ class InstanceView:
     draining: bool = False  # being scaled in (or flipped): takes no new request
     num_dispatched: int = 0  # requests sent here since it joined (the autoscaler's arrival rate)
     num_dispatched_tokens: int = 0  # their prompt tokens
+    startup_s: dict = field(default_factory=dict)  # what the instance's start took, by phase (its `info`)
 
     def refresh(self, load: dict, now_s: float | None = None, asked_s: float | None = None) -> None:
         """The stats `load`, asked for at `asked_s` (None: now). Dispatches from before that are in them;

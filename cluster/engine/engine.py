@@ -85,6 +85,7 @@ class Engine:
         # one process, or the driver of tp x pp ranks (executor.py); either way rank 0's runner samples
         self.executor = make_executor(config, self.platform, self.dtype, self.arch, self.max_model_len, eos, progress)
         self.model, self.runner = self.executor.model, self.executor.runner
+        self.startup_s = dict(self.executor.startup.phases)  # weights, KV cache, warm-up, CUDA graphs (seconds)
         self.kv = KVCacheManager(self.executor.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, eos)
         self.async_scheduling = config.runner.async_scheduling and role != Role.PREFILL

@@ -49,8 +49,9 @@ import torch
 from cluster.config import EngineConfig
 from cluster.engine.kv_budget import num_kv_blocks
 from cluster.engine.kv_handover import LayerStreams, per_layer
-from cluster.engine.runner import ModelRunner, PendingStep, StepResult
 from cluster.engine.ranks import RankProcesses
+from cluster.engine.runner import ModelRunner, PendingStep, StepResult
+from cluster.engine.stats import StartupClock
 from cluster.engine.step_plan import Command, pack, plan_step
 from cluster.engine.worker import StepFlags, Worker
 from cluster.models.registry import build_model
@@ -69,6 +70,7 @@ class Executor(ABC):
     runner: ModelRunner
     model: torch.nn.Module
     num_blocks: int
+    startup: StartupClock  # what its start took, phase by phase
     steps_in_flight: int = 1  # batches the engine keeps in the pipeline at once (pp with async scheduling)
 
     @abstractmethod
@@ -99,11 +101,13 @@ class UniExecutor(Executor):
 
     def __init__(self, config: EngineConfig, device: torch.device, dtype: torch.dtype, arch, max_model_len: int,
                  eos_token_ids: frozenset[int], progress: bool = True):
-        self.model = build_model(config.model.path, dtype, device, max_model_len, progress=progress)
+        self.startup = StartupClock()
+        with self.startup.phase("weights"):
+            self.model = build_model(config.model.path, dtype, device, max_model_len, progress=progress)
         self.num_blocks = num_kv_blocks(config, arch, self.model, device, dtype, max_model_len)
         self.runner = ModelRunner(self.model, self.num_blocks, config.cache.block_size, device, dtype,
                                   config.runner.attention_backend, eos_token_ids, config.runner.enable_cuda_graphs,
-                                  config.runner.cuda_graph_max_batch, max_model_len)
+                                  config.runner.cuda_graph_max_batch, max_model_len, self.startup)
 
     def execute(self, sched, on_layer_done=None) -> StepResult:
         return self.runner.execute(sched, on_layer_done)
@@ -144,8 +148,10 @@ class MultiProcExecutor(Executor):
         self.channel = StepChannel.create(parallel.world_size - 1) if step_channel.supported() else None
         self.ranks = RankProcesses(config, self.store, max_model_len, self.channel.spec() if self.channel else None)
         self.procs = self.ranks.procs
+        self.startup = StartupClock()  # rank 0's phases inside; the others start alongside
         try:
-            self._start(platform, dtype, max_model_len, eos_token_ids, progress)
+            with self.startup.phase("ranks"):
+                self._start(platform, dtype, max_model_len, eos_token_ids, progress)
         finally:
             if self.channel is not None:
                 self.channel.unlink()  # every rank mapped it before the start's collectives (or is gone)

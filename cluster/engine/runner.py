@@ -31,6 +31,7 @@ from cluster.engine.kv_blocks import gather_blocks, scatter_blocks
 from cluster.engine.sampler import DeviceSample, Sampler, SamplingBatch
 from cluster.engine.scheduler import SchedulerOutput
 from cluster.engine.sequence import Sequence
+from cluster.engine.stats import StartupClock
 from cluster.engine.step_plan import StepPlan, plan_step
 from cluster.engine.warm_up import warm_up
 from cluster.parallel.experts import grouped_mm_runs
@@ -79,7 +80,9 @@ class PendingStep:
 class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype,
                  attention_backend: str = "auto", eos_token_ids: frozenset[int] = frozenset(),
-                 enable_cuda_graphs: bool = False, cuda_graph_max_batch: int = 256, max_model_len: int = 4096):
+                 enable_cuda_graphs: bool = False, cuda_graph_max_batch: int = 256, max_model_len: int = 4096,
+                 startup: StartupClock | None = None):
+        startup = startup or StartupClock()
         self.model = model
         self.device = device
         self.dtype = dtype
@@ -90,7 +93,8 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         # one [2, blocks, block_size, kv_heads, head_dim] tensor per layer: K and V are its two halves,
         # so a hand-over reads or writes a layer's K and V of a set of blocks in one kernel
-        self.kv_stack, self.first_kv_layer = allocate_kv(model, num_blocks, block_size, device, dtype)
+        with startup.phase("kv_cache"):
+            self.kv_stack, self.first_kv_layer = allocate_kv(model, num_blocks, block_size, device, dtype)
         self.kv_layers = [None] * model.cfg.num_layers  # by global layer id (None: another stage's layer)
         for i, kv in enumerate(self.kv_stack.unbind(0)):
             self.kv_layers[self.first_kv_layer + i] = kv
@@ -99,12 +103,14 @@ class ModelRunner:
         self.last_sampled: torch.Tensor | None = None  # the last step's tokens, on the device: placeholders' values
         self.embeds_ids = True  # False on a later pipeline stage: it takes hidden states, its ids go unread
         self.graphs = None
-        warm_up(self, max_model_len)  # every kernel variant once, before graphs and before serving
+        with startup.phase("warm_up"):
+            warm_up(self, max_model_len)  # every kernel variant once, before graphs and before serving
         # MoE: the grouped-GEMM path never waits for the host and is captured; the per-expert loop
         # (no grouped GEMM on this device or dtype) reads the expert counts on the host, so it is not
         if enable_cuda_graphs and device.type == "cuda" and (not model.cfg.is_moe or grouped_mm_runs(device, dtype)):
             try:
-                self.graphs = DecodeGraphs(self, cuda_graph_max_batch)
+                with startup.phase("cuda_graphs"):
+                    self.graphs = DecodeGraphs(self, cuda_graph_max_batch)
             except RuntimeError as exc:  # MoE capture is new on GPUs: serve eagerly rather than not at all
                 if not model.cfg.is_moe:
                     raise

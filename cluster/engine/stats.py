@@ -1,6 +1,8 @@
 """What an engine reports about itself: typed, read by the runtime's step loop and heartbeat."""
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -26,3 +28,19 @@ class StepStats:
     num_prefill_tokens: int  # prompt tokens scheduled since the engine started
     prompts_queued: bool  # prompt tokens are left to compute
     admitted: tuple[str, ...]  # requests the last step took off the queue for the first time
+
+
+class StartupClock:
+    """Seconds each phase of an engine's start took (weights, KV, warm-up, CUDA graphs ...), in order:
+    what a scale-out's time is made of (the autoscaler reports it)."""
+
+    def __init__(self):
+        self.phases: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0

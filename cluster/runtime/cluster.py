@@ -73,6 +73,7 @@ class ClusterClient(EngineClient, ClusterEvents):
         info = await handle.info.remote()
         view = InstanceView(instance_id, role, handle, info["block_size"], info["num_blocks"])
         view.link_address = info["link_address"]
+        view.startup_s = info.get("startup_s") or {}
         if info.get("prefill_tokens_per_s"):  # timed at its start: admission has a rate before any queue
             view.rates.append(info["prefill_tokens_per_s"])
         asked_s = time.monotonic()

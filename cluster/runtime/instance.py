@@ -20,6 +20,7 @@ import traceback
 from dataclasses import replace
 
 from cluster.config import DisaggConfig, EngineConfig
+from cluster.engine.stats import StartupClock
 from cluster.disagg.roles import InstanceEvent, RequestSpec
 from cluster.disagg.workers import make_role_worker
 from cluster.runtime.gc_pauses import GcPauses, freeze_startup_objects
@@ -54,6 +55,8 @@ def _on_assigned_gpus(engine_config: EngineConfig) -> EngineConfig:
     return replace(engine_config, runner=replace(engine_config.runner, device_ids=device_ids))
 
 
+_PROCESS_START_S = time.perf_counter()  # this module is imported as the actor's process starts
+
 # what `stats()` says of the steps since the last call, worst case first: where a stream's pauses come
 # from; and the decode side's count of recomputed prefills (each a failed transfer, run inside its
 # decode steps), which /health reports beside them
@@ -68,12 +71,19 @@ class InstanceActor(LoopListener):
 
         self.instance_id = instance_id
         self.role = role
+        clock, t0 = StartupClock(), time.perf_counter()
         engine_config = _on_assigned_gpus(engine_config)
-        tokenizer = Tokenizer.from_dir(engine_config.model.path)
-        self.engine = Engine(engine_config, role=role, tokenizer=tokenizer, progress=False)
+        with clock.phase("tokenizer"):
+            tokenizer = Tokenizer.from_dir(engine_config.model.path)
+        with clock.phase("engine"):
+            self.engine = Engine(engine_config, role=role, tokenizer=tokenizer, progress=False)
         # admission's prefill rate until this instance has had a queue to measure (admission.py)
-        self.prefill_rate_at_start = None if role == Role.DECODE else measure_prefill_rate(
-            self.engine, runs=2 if self.engine.device.type == "cuda" else 1)
+        with clock.phase("prefill_rate_probe"):
+            self.prefill_rate_at_start = None if role == Role.DECODE else measure_prefill_rate(
+                self.engine, runs=2 if self.engine.device.type == "cuda" else 1)
+        # what this instance's start took: since its process began (imports included), and by phase
+        self.startup_s = {"since_import": time.perf_counter() - _PROCESS_START_S, "actor_init": time.perf_counter() - t0,
+                          **clock.phases, **self.engine.startup_s}
         self.transport = self._make_transport(disagg) if role != Role.MIXED else None
         self.worker = make_role_worker(role, self.engine, self.transport, disagg)
         self.deltas: list[TokenDelta] = []
@@ -110,7 +120,8 @@ class InstanceActor(LoopListener):
         stats = self.engine.stats()
         return {"instance_id": self.instance_id, "role": self.role.value, "num_blocks": stats.num_blocks,
                 "block_size": self.engine.kv_layout.block_size, "max_model_len": self.engine.max_model_len,
-                "prefill_tokens_per_s": self.prefill_rate_at_start, "link_address": self.worker.link_address()}
+                "prefill_tokens_per_s": self.prefill_rate_at_start, "link_address": self.worker.link_address(),
+                "startup_s": self.startup_s}
 
     def connect(self, peer_id: str, address: str, is_master: bool) -> bool:
         """Make a KV link to a peer instance (both sides are called at once; blocks until joined)."""

@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 
 from cluster.config import ClusterConfig
@@ -145,11 +146,14 @@ class Cluster:
         self.groups[instance_id] = group
         return Launch(instance_id, role, actor, group)
 
-    async def join(self, launch: Launch) -> None:
+    async def join(self, launch: Launch) -> dict[str, float]:
         """Once Ray has placed and started it, the instance takes traffic (its first `info` answers when
-        its engine is built)."""
+        its engine is built). Returns how long placement (a node, if Ray had to add one) and the start took."""
+        t0 = time.monotonic()
         await launch.group.ready()
+        t1 = time.monotonic()
         await self.client.add_instance(launch.instance_id, launch.role, launch.actor)
+        return {"placement_s": t1 - t0, "start_s": time.monotonic() - t1}
 
     async def release(self, instance_id: str) -> None:
         """The instance leaves the router, its actor and placement group go."""

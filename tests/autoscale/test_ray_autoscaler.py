@@ -110,6 +110,9 @@ def test_a_burst_adds_a_node_and_an_instance_and_both_go_after_it(tiny_model, re
         downs = [d for d in running.autoscaler.status()["decisions"] if d["direction"] == "down"]
         assert downs and downs[0]["reason"] in ("idle", "consolidate")
         assert running.cluster.metrics.scale_out_time.labels(running.client.info().name, "mixed")._sum.get() > 0
+        scale_out = running.autoscaler.status()["scale_outs"][0]  # decision -> serving, and what it was made of
+        assert scale_out["total_s"] >= scale_out["placement_s"] + scale_out["start_s"] > 0
+        assert {"weights", "kv_cache", "warm_up", "engine", "tokenizer"} <= set(scale_out["instance_start_s"])
     finally:
         running.stop()
 
