@@ -57,7 +57,7 @@ def _make_model(args) -> int:
 
 
 def _bench(args) -> int:
-    from cluster.bench import load
+    from cluster.loadgen import load
 
     return load.run(args)
 
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     mk.set_defaults(func=_make_model)
 
     bench = sub.add_parser("bench", help="load-test an OpenAI-compatible URL: latency percentiles, goodput, plots")
-    from cluster.bench import load
+    from cluster.loadgen import load
 
     load.add_arguments(bench)
     bench.set_defaults(func=_bench)

@@ -82,8 +82,7 @@ class ParallelConfig:
     """How one instance spreads over devices: `tp x pp` ranks on one host, experts over the tp ranks.
 
     World rank w = stage * tp + tp_rank; rank 0 is the driver process (it schedules).
-    The overlap switches can be flipped per step at run time (`Executor.set_overlap`)
-    so a benchmark measures both settings on one instance.
+    The overlap switches can be flipped at run time (`Executor.set_flags`), between steps.
     """
 
     tensor_parallel_size: int = 1  # ranks that split every layer's weights (tp)

@@ -109,9 +109,9 @@ class KVSender(KVSink):
             # pinned and asynchronous: a pageable copy would wait for the next step, already queued on the device
             first = to_device_async(torch.tensor([token], dtype=torch.int64), device)
             count = plan.num_messages + 1
+            if plan.state == HandoverState.PREFILLING:  # before the post: the decode side's confirmation may
+                plan.state = HandoverState.SENT  # come back (on a Ray thread) before send_layer returns
             self.transport.send_layer(plan.peer_id, plan.transfer_id, count - 1, count, first)
-            if plan.state == HandoverState.PREFILLING:
-                plan.state = HandoverState.SENT
             if delta is not None and delta.finish_reason == FinishReason.PREFILLED:
                 delta.finish_reason = None  # the decode side continues the stream
         self.step_plans = []

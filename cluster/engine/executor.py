@@ -16,8 +16,8 @@ The Engine calls, from its step loop:
   model, num_blocks                             the driver rank's model; KV blocks every rank holds
   shutdown()                                    once, when the engine closes
 Benchmarks and tests also call:
-  set_flags(**changes)                          overlap / async sends / timing, per step from now on
-  stats(reset) -> dict                          busy time per rank, expert load per layer
+  set_flags(**changes)                          overlap / async sends / micro-batches, per step from now on
+  stats(reset) -> dict                          expert load per layer, the all-reduce path in use
 
 `UniExecutor` is today's single-process path, untouched: a ModelRunner.
 
@@ -85,7 +85,7 @@ class Executor(ABC):
         return forward
 
     def set_flags(self, **changes) -> None:
-        """Overlap switches and timing, from the next step on (single process: nothing to switch)."""
+        """Overlap switches, from the next step on (single process: nothing to switch)."""
 
     def stats(self, reset: bool = False) -> dict:
         return {}
@@ -281,8 +281,7 @@ class MultiProcExecutor(Executor):
         self.flags = replace(self.flags, **changes)
 
     def stats(self, reset: bool = False) -> dict:
-        """Busy seconds and measured steps per rank (timing needs set_flags(measure=True)),
-        tokens routed to each expert of each layer, summed over ranks."""
+        """Tokens routed to each expert of each layer, summed over ranks; which all-reduce path runs."""
         self._check_alive()
         header, _ = pack(None, Command.STATS, int(reset))
         host = self.worker.groups.host
@@ -293,11 +292,10 @@ class MultiProcExecutor(Executor):
             raise self._fail(exc) from exc
         table = torch.stack(rows)
         arch = self.worker.arch
-        experts = table[:, 3:].sum(0).view(arch.num_layers, -1)
+        experts = table.sum(0).view(arch.num_layers, -1)
         groups = self.worker.groups
         one_shot = groups.tp.one_shot
-        return {"busy_s": table[:, 0].tolist(), "num_measured_steps": int(table[0, 1]),
-                "tokens_per_expert": experts.long().tolist() if arch.num_experts else [],
+        return {"tokens_per_expert": experts.long().tolist() if arch.num_experts else [],
                 "one_shot_all_reduce": groups.tp.one_shot is not None, "one_shot_error": groups.one_shot_error,
                 # ParallelConfig.fuse_all_reduce_norm: the fused kernel runs (parallel/one_shot.py (5)), or why not
                 "one_shot_norm": one_shot is not None and one_shot.norm_flags is not None,

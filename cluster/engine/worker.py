@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import threading
 import time
@@ -53,53 +52,16 @@ class StepFlags:
     overlap_tp: bool = False
     overlap_ep: bool = False
     async_pp: bool = True
-    measure: bool = False  # time this rank's compute (bubbles, overlap) into its stats
-    eager: bool = False  # skip captured CUDA graphs (benchmarks: overlap on vs off, both eager)
     share_tokens: bool = False  # the driver broadcasts the sampled tokens: the next plan's placeholders
     deferred: bool = False  # the step's FINISH comes as a message of its own, after the next STEP
 
     def encode(self) -> int:
-        return (self.overlap_tp | self.overlap_ep << 1 | self.async_pp << 2 | self.measure << 3 | self.eager << 4
-                | self.share_tokens << 5 | self.deferred << 6)
+        return (self.overlap_tp | self.overlap_ep << 1 | self.async_pp << 2 | self.share_tokens << 3
+                | self.deferred << 4)
 
     @staticmethod
     def decode(bits: int) -> "StepFlags":
-        return StepFlags(*(bool(bits >> i & 1) for i in range(7)))
-
-
-class BusyTimer:
-    """Compute time of this rank while `measure` is on: CUDA events on GPU, wall clock on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.busy_s = 0.0
-        self.num_steps = 0
-        self._pending: list = []
-
-    @contextlib.contextmanager
-    def busy(self, measure: bool):
-        """Count the enclosed compute (when `measure`)."""
-        if not measure:
-            yield
-            return
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self._pending.append((start, end))
-        else:
-            started = time.perf_counter()
-            yield
-            self.busy_s += time.perf_counter() - started
-
-    def settle(self) -> None:
-        """End of a measured step: resolve the events (waits for this rank's GPU work)."""
-        for start, end in self._pending:
-            end.synchronize()
-            self.busy_s += start.elapsed_time(end) / 1e3
-        self._pending.clear()
-        self.num_steps += 1
+        return StepFlags(*(bool(bits >> i & 1) for i in range(5)))
 
 
 class Worker:
@@ -126,7 +88,6 @@ class Worker:
                                   config.runner.attention_backend, eos_token_ids, graphs,
                                   config.runner.cuda_graph_max_batch, max_model_len)
         self.runner.embeds_ids = groups.pipe.is_first
-        self.timer = BusyTimer(device)
         self.num_split_steps = 0  # steps run as two overlapping micro-batches, or through the pipeline in several
         self.kv_sink = None  # the driver of a prefill instance: takes each streamed KV group (kv_handover.py)
 
@@ -153,46 +114,37 @@ class Worker:
             for layer_id in range(self.arch.num_layers) if streaming else ():  # split: after both halves
                 streaming(layer_id)
             return logits, flags
-        with self.timer.busy(flags.measure):
-            inputs = self.runner.upload(plan)
-            if flags.eager:
-                hidden = self.model(inputs.input_ids, inputs.positions, self._attn(inputs, streaming))
-            else:
-                hidden = self.runner.forward(inputs, streaming)
-            rows = hidden[inputs.logits_indices]
-            return (self.model.compute_logits(rows) if plan.logits_indices else None), flags
+        inputs = self.runner.upload(plan)
+        hidden = self.runner.forward(inputs, streaming)
+        rows = hidden[inputs.logits_indices]
+        return (self.model.compute_logits(rows) if plan.logits_indices else None), flags
 
     @torch.inference_mode()
     def finish(self, forwarded: tuple) -> torch.Tensor | None:
         """The step's logits on the driver (None elsewhere)."""
-        logits, flags = forwarded
+        logits, _flags = forwarded
         if isinstance(logits, list):  # stage 0 of a pipeline: each micro-batch's rows as they come back
             parts = []
             for pending in logits:
                 if pending is not None:
-                    hidden = pending.wait()
-                    with self.timer.busy(flags.measure):
-                        parts.append(self.model.compute_logits(hidden))
+                    parts.append(self.model.compute_logits(pending.wait()))
             logits = torch.cat(parts) if parts and parts[0] is not None else None
-        if flags.measure:
-            self.timer.settle()
         return logits
 
     def _splits(self, plan: StepPlan, flags: StepFlags) -> bool:
         wanted = (flags.overlap_tp and self.groups.tp.size > 1) or (flags.overlap_ep and self.groups.ep.size > 1)
         return wanted and plan.num_tokens >= max(2, self.config.parallel.overlap_min_tokens)
 
-    def _attn(self, inputs, on_layer_done=None) -> AttnInputs:
-        return AttnInputs(self.runner.backend, inputs.meta, self.runner.kv_caches, on_layer_done)
+    def _attn(self, inputs) -> AttnInputs:
+        return AttnInputs(self.runner.backend, inputs.meta, self.runner.kv_caches)
 
     def _overlapped(self, plan: StepPlan, flags: StepFlags) -> torch.Tensor | None:
         self.num_split_steps += 1
-        with self.timer.busy(flags.measure):
-            parts = [self.runner.upload(part) for part in split(plan, 2)]
-            batches = [(i.input_ids, i.positions, self._attn(i), None) for i in parts]
-            hiddens = self.model.forward_microbatches(batches, OverlapFlags(flags.overlap_tp, flags.overlap_ep))
-            rows = torch.cat([h[i.logits_indices] for h, i in zip(hiddens, parts)])
-            return self.model.compute_logits(rows) if plan.logits_indices else None
+        parts = [self.runner.upload(part) for part in split(plan, 2)]
+        batches = [(i.input_ids, i.positions, self._attn(i), None) for i in parts]
+        hiddens = self.model.forward_microbatches(batches, OverlapFlags(flags.overlap_tp, flags.overlap_ep))
+        rows = torch.cat([h[i.logits_indices] for h, i in zip(hiddens, parts)])
+        return self.model.compute_logits(rows) if plan.logits_indices else None
 
     def _pipelined(self, plan: StepPlan, flags: StepFlags, num_microbatches: int) -> list:
         plans = split(plan, num_microbatches)
@@ -202,14 +154,9 @@ class Worker:
 
         def forward_part(m: int, hidden: torch.Tensor | None) -> torch.Tensor | None:
             inputs = parts[m]
-            with self.timer.busy(flags.measure):
-                if flags.eager:
-                    out = self.model(inputs.input_ids, inputs.positions, self._attn(inputs), hidden)
-                else:  # a graph's output is overwritten by the next micro-batch's replay: copy what is sent
-                    out = self.runner.forward(inputs, hidden=hidden)
-                    out = out.clone() if not is_last else out
-            if not is_last:
-                return out
+            out = self.runner.forward(inputs, hidden=hidden)
+            if not is_last:  # a graph's output is overwritten by the next micro-batch's replay: copy what is sent
+                return out.clone()
             return out[inputs.logits_indices] if plans[m].logits_indices else None  # normed rows that sample
 
         sizes = [(p.num_tokens, len(p.logits_indices)) for p in plans]
@@ -227,8 +174,7 @@ class Worker:
 
     # -- statistics ----------------------------------------------------------------
     def stats_vector(self, reset: bool) -> torch.Tensor:
-        """float64 [3 + num_layers * num_experts]: busy_s, measured steps, this rank's id,
-        then tokens routed to each (layer, expert) counted on this rank."""
+        """float64 [num_layers * num_experts]: tokens routed to each (layer, expert) counted on this rank."""
         arch = self.arch
         experts = torch.zeros(arch.num_layers, max(arch.num_experts, 1), dtype=torch.float64)
         for layer_id, layer in self.model.model.layers.items():
@@ -237,10 +183,7 @@ class Worker:
                 experts[int(layer_id)] = counts.double().cpu()
                 if reset:
                     counts.zero_()
-        head = torch.tensor([self.timer.busy_s, self.timer.num_steps, self.groups.world_rank], dtype=torch.float64)
-        if reset:
-            self.timer.busy_s, self.timer.num_steps = 0.0, 0
-        return torch.cat([head, experts.flatten()])
+        return experts.flatten()
 
 
 # -- (3) a spawned rank ----------------------------------------------------------------

@@ -20,8 +20,7 @@ posted long before the device gets to it.
     stage 0:  F0 F1 F2 F3 ·········· L0 L1 L2 L3      F: layers   L: logits
     stage 1:     F0 F1 F2 F3                          · : idle (the bubble)
 
-With M micro-batches each stage idles about (P-1)/(M+P-1) of the step; the driver can
-measure it (busy time per stage against the step's wall time).
+With M micro-batches each stage idles about (P-1)/(M+P-1) of the step.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ A process that has imported torch, transformers, triton and ray holds about 400k
 cyclic garbage collector tracks, and a full collection walks them all: ≈210 ms on the CI-class CPU,
 while the process's step loop or HTTP streams stand still. Serving makes enough long-lived objects
 (requests, token lists, deltas) to set one off every few seconds. This is the likely cause of
-1P1D's 93-204 ms inter-token pauses under load on 2xH200 (docs/benchmarks.md, serve run 3).
+1P1D's 93-204 ms inter-token pauses under load on 2xH200 (docs/benchmark-history.md, serve run 3).
 
   - `freeze_startup_objects` moves everything alive after start-up into the permanent generation
     (`gc.freeze`, as vLLM and SGLang do). A full collection then walks only what serving made:

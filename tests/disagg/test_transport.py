@@ -226,12 +226,12 @@ class _NcclWork:
 
 
 def test_caller_polled_nccl_sends_complete_in_order_and_fail_their_link_past_the_deadline():
-    """With `caller_polls_sends` the NCCL payloads are counted by whoever asks `send_state` (no
-    second thread polls them): a transfer is done once all its sends are, in posting order, and a
-    send past its deadline fails the link and every transfer on it."""
+    """NCCL payloads are counted by whoever asks `send_state` (no second thread polls them): a
+    transfer is done once all its sends are, in posting order, and a send past its deadline fails
+    the link and every transfer on it."""
     from cluster.disagg.transfer.link import Link
 
-    transport = TorchDistTransport("P", backend="gloo", caller_polls_sends=True)
+    transport = TorchDistTransport("P", backend="gloo")
     link = transport.links["D"] = Link("D", group=None, control=None, my_rank=1, backend="nccl",
                                        device=torch.device("cpu"))
     works = [_NcclWork() for _ in range(3)]

@@ -18,7 +18,7 @@ except ImportError:
     pytest.skip("TRITON NOT INSTALLED: triton attention kernels are untested (pip install triton)",
                 allow_module_level=True)
 
-from cluster.bench.attention import build_paged_batch  # noqa: E402
+from benchmarks.attention import build_paged_batch  # noqa: E402
 from cluster.engine.attention import triton as triton_attention  # noqa: E402
 from cluster.engine.attention.base import AttentionMetadata  # noqa: E402
 from cluster.engine.attention.torch_ref import TorchRefAttention  # noqa: E402

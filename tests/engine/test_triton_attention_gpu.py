@@ -13,7 +13,7 @@ if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("GPU TESTS NOT RUN: need CUDA and compiled (not interpreted) triton; "
                 "run `pytest -m gpu` on the GPU machine", allow_module_level=True)
 
-from cluster.bench.attention import build_paged_batch  # noqa: E402
+from benchmarks.attention import build_paged_batch  # noqa: E402
 from cluster.engine.attention.base import AttentionMetadata  # noqa: E402
 from cluster.engine.attention.torch_ref import TorchRefAttention  # noqa: E402
 from cluster.engine.attention.triton import TritonAttention  # noqa: E402

@@ -147,7 +147,7 @@ def test_instance_matches_single_process(reference, case):
 
 
 def test_tp2_pp2_through_the_llm_api(checkpoint_dir):
-    """Four processes, 2 stages x 2 tensor-parallel ranks, started by LLM itself; stages timed."""
+    """Four processes, 2 stages x 2 tensor-parallel ranks, started by LLM itself."""
     from cluster import LLM
 
     model_dir = checkpoint_dir("qwen3")
@@ -163,15 +163,10 @@ def test_tp2_pp2_through_the_llm_api(checkpoint_dir):
     # inside a stage: ParallelConfig.fuse_all_reduce_norm)
     with LLM(**kwargs, tensor_parallel_size=2, pipeline_parallel_size=2,
              parallel_config=ParallelConfig(fuse_all_reduce_norm=True)) as llm:
-        executor = llm.engine.executor
-        executor.set_flags(measure=True)
         _assert_same(outputs(llm), expected)
-        executor.set_flags(num_microbatches=3, async_pp=False)
+        llm.engine.executor.set_flags(num_microbatches=3, async_pp=False)
         _assert_same(outputs(llm), expected)  # the second time every shared prefix is cached
         assert llm.engine.kv.prefix_hit_rate() > 0
-        stats = executor.stats()
-    assert len(stats["busy_s"]) == 4 and all(busy > 0 for busy in stats["busy_s"])
-    assert stats["num_measured_steps"] > NEW_TOKENS
 
 
 @pytest.mark.parametrize("layout", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)], ids=["tp2", "pp2"])

@@ -18,7 +18,7 @@ if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("GPU TESTS NOT RUN: need CUDA and compiled (not interpreted) triton; "
                 "run `pytest -m gpu` on the GPU machine", allow_module_level=True)
 
-from cluster.bench.fused_norm import EmulatedRanks  # noqa: E402
+from benchmarks.fused_norm import EmulatedRanks  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

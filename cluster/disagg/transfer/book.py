@@ -77,7 +77,7 @@ class TransferBook:
         with tracker.cond:
             tracker.num_done += 1
             if tracker.num_done >= tracker.num_expected and tracker.state != TransferState.FAILED:
-                tracker.state, tracker.done_s = TransferState.DONE, time.monotonic()
+                tracker.state = TransferState.DONE
 
     # -- receiver ---------------------------------------------------------------------
     def expect(self, peer_id: str, transfer_id: int, specs) -> Tracker:
@@ -139,7 +139,7 @@ class TransferBook:
             if short:
                 tracker.state, tracker.error = TransferState.FAILED, short
             elif tracker.num_done >= tracker.num_expected:
-                tracker.state, tracker.done_s = TransferState.DONE, time.monotonic()
+                tracker.state = TransferState.DONE
             else:
                 tracker.state = TransferState.TRANSFERRING
         if tracker.state in (TransferState.DONE, TransferState.FAILED):

@@ -29,7 +29,7 @@ _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int3
 _DTYPE_CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
 # An idle link keeps a header receive posted for as long as it lives; the group's own
 # timeout must not fire on it. Dead peers are found by the link's socket (gloo), by the
-# send deadlines (`wait_send`), and by the runtime's heartbeats (which call `disconnect`).
+# NCCL send deadlines (torchdist.py (4)), and by the runtime's heartbeats (which call `disconnect`).
 LINK_GROUP_TIMEOUT_S = 365 * 24 * 3600.0
 
 
@@ -82,11 +82,6 @@ class Tracker:
     buffers: list = field(default_factory=list)
     num_done: int = 0
     error: str | None = None
-    done_s: float | None = None  # time.monotonic() when its last message completed
-    # receiver, time.monotonic(): its first manifest came in, and every receive that manifest announced
-    # was posted (how long the receiving side took to be ready: bench.disagg reads them)
-    manifest_s: float | None = None
-    receives_posted_s: float | None = None
     created_s: float = field(default_factory=time.monotonic)
     announced: list = field(default_factory=list)  # receiver: (shape, dtype) of each header seen, in order
     num_checked: int = 0  # receiver: announced headers matched against specs so far
@@ -105,23 +100,6 @@ def decode_header(header) -> tuple[int, int, int, tuple[int, ...], torch.dtype]:
     """(transfer id, index, count, shape, dtype)."""
     transfer_id, index, count, code, ndim, *dims = header
     return transfer_id, index, count, tuple(dims[:ndim]), _DTYPES[code]
-
-
-def wait_send(work, kind: str, deadline: float) -> None:
-    """Wait for one posted send: gloo blocks in wait() (GIL released; a dead peer raises), NCCL is
-    polled with a backoff, so a waiting thread wakes up, and takes the GIL from the engine's loop,
-    rarely. Nothing waits on a send's completion but the release of the prefill's copy, which also
-    waits for the decode side's confirmation (milliseconds later), so the first look is 1 ms on.
-    (NCCL sends come here only with `caller_polls_sends=False`: torchdist.py (4) says why.)"""
-    if kind == "gloo":
-        work.wait()
-        return
-    pause = 1e-3
-    while not work.is_completed():
-        if time.monotonic() > deadline:
-            raise TimeoutError("NCCL send not completed by its deadline")
-        time.sleep(pause)
-        pause = min(pause * 2, 4e-3)
 
 
 SMALL_MESSAGE_NUMEL = 16

@@ -28,16 +28,12 @@ gets links without restarting anyone:
       tag (FIFO per peer);
   (4) sender side: NCCL payload sends are counted done by whoever asks `send_state` (the
       engine's loop polls its transfers every step), looking at each link's sends in the order
-      they were posted (they complete in that order). Gloo's handles only complete inside
-      wait(), so gloo sends, and every link's manifests, go to one waiter thread per link that
-      blocks in wait() with the GIL released; `caller_polls_sends=False` sends NCCL's there too
-      (polled from 1 ms with a backoff). Measured both ways: on one H200 (a one-rank group) the
-      waiter thread doubled the host time of the gather before each post (112 -> 228 us) and of
-      the post (28 -> 54 us). On 2xH200 with the variants interleaved round by round, a request's
-      KV moved at 54% of raw NCCL caller-polled and 48% with the waiter thread (landed 1.31-1.45
-      against 1.43-1.69 ms, five transfers each; 2026-12-01 run 10). Run 9 had said the opposite
-      (37% against 50%), with the waiter-thread variant timed last, after the others had warmed
-      the link: the reason `bench.disagg` now interleaves;
+      they were posted (they complete in that order); a send past its deadline fails the link.
+      Gloo's handles only complete inside wait(), so gloo sends, and every link's manifests, go
+      to one waiter thread per link that blocks in wait() with the GIL released. NCCL's sends
+      are not given to that thread: measured, a thread polling them doubled the host time of the
+      gather before each post and of the post on one H200, and moved a request's KV at 48% of
+      raw NCCL against 54% caller-polled on 2xH200 (docs/benchmark-history.md, 2026-12-01 run 10);
   (5) every transfer's state (trackers, the early arrivals, the ids given up on) is kept by a
       `TransferBook` (book.py), which the links' threads and the engine's thread share;
   (6) a dead peer shows up as an error on the link (gloo: its closed socket) or as a
@@ -57,18 +53,16 @@ from torch._C._distributed_c10d import AllreduceOptions
 from cluster.disagg.transfer.base import KVTransport, TransferState
 from cluster.disagg.transfer.book import TransferBook
 from cluster.disagg.transfer.link import (HEADER_LEN, LINK_GROUP_TIMEOUT_S, Link, decode_header, encode_header,
-                                          small_on_host, wait_send)
+                                          small_on_host)
 from cluster.parallel.groups import dial_store, pair_group, serve_store
 from cluster.platform import bind_thread
 
 class TorchDistTransport(KVTransport):
     def __init__(self, endpoint_id: str, host: str = "127.0.0.1", backend: str = "gloo", timeout_s: float = 10.0,
-                 device: torch.device | None = None, caller_polls_sends: bool = True):
+                 device: torch.device | None = None):
         """`device`: the engine's GPU for NCCL links (default: the creating thread's current device;
-        `connect` may run on another thread, whose current device is GPU 0). `caller_polls_sends`: (4)."""
+        `connect` may run on another thread, whose current device is GPU 0)."""
         self.endpoint_id = endpoint_id
-        # (4); False: the waiter thread waits on NCCL sends too (bench.disagg measures both on two GPUs)
-        self.caller_polls_sends = caller_polls_sends
         self.device = device if device is not None else (
             torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu"))
         self.host = host
@@ -208,20 +202,19 @@ class TorchDistTransport(KVTransport):
             if tracker.state == TransferState.WAITING:
                 tracker.state = TransferState.TRANSFERRING
         item = (tracker, work, link.backend, kv, time.monotonic() + self._send_timeout_s())
-        if self.caller_polls_sends and link.backend == "nccl":
-            link.posted.append(item)  # looked at by `send_state`, on the caller's thread
+        if link.backend == "nccl":
+            link.posted.append(item)  # looked at by `send_state`, on the caller's thread (4)
         else:
             link.sent.put(item)
         return work
 
     def send_state(self, transfer_id) -> TransferState:
-        if self.caller_polls_sends:
-            self._reap_sends()
+        self._reap_sends()
         return self.book.state(transfer_id)
 
     def _reap_sends(self) -> None:
-        """`caller_polls_sends`: count every link's NCCL sends done so far (they complete in the order
-        they were posted); a send past its deadline fails its link, as the waiter thread would."""
+        """(4): count every link's NCCL sends done so far (they complete in the order they were
+        posted); a send past its deadline fails its link."""
         now = time.monotonic()
         for link in list(self.links.values()):
             while not link.closed:
@@ -266,18 +259,18 @@ class TorchDistTransport(KVTransport):
         return self.book.error(transfer_id)
 
     def _send_waiter(self, link: Link) -> None:
-        """Sender side, one thread per link: wait on the link's sends in the order they were posted
-        (they complete in that order) and count each transfer's messages done. One thread a link,
-        not one a transfer: a busy prefill instance has many transfers in flight, and every thread
-        that wakes up takes the GIL from the engine's loop."""
+        """Sender side, one thread per link: wait on the link's gloo sends (payloads on a gloo link,
+        manifests on any) in the order they were posted (they complete in that order) and count each
+        transfer's messages done. One thread a link, not one a transfer: a busy prefill instance has
+        many transfers in flight, and every thread that wakes up takes the GIL from the engine's loop."""
         while True:
             item = link.sent.get()
             if item is None:
                 return
-            tracker, work, kind, _tensor, deadline = item  # the tensor is held until its send is done
+            tracker, work, _kind, _tensor, _deadline = item  # the tensor is held until its send is done
             try:
-                wait_send(work, kind, deadline)
-            except Exception as exc:  # a dead peer (gloo) or a send that never completed (NCCL)
+                work.wait()  # blocks with the GIL released; a dead peer raises
+            except Exception as exc:
                 if not link.closed:
                     link.error = f"link to {link.peer_id} failed: {type(exc).__name__}: {exc}"
                     self._close(link, link.error)
@@ -311,7 +304,7 @@ class TorchDistTransport(KVTransport):
     def _receive_manifest(self, link: Link, headers: list[list[int]]) -> None:
         """Post a receive for every announced payload (the sender posts its sends as the layers are
         computed), then wait for them in order, landing each transfer as its last message arrives."""
-        posted, arrived_s = [], time.monotonic()
+        posted = []
         for header in headers:
             transfer_id, index, count, shape, dtype = decode_header(header)
             tracker = self.book.receiving(link.peer_id, transfer_id, count)
@@ -321,10 +314,6 @@ class TorchDistTransport(KVTransport):
             payload = torch.empty(shape, dtype=dtype, device=link.device)  # scratch if nobody expects it
             link.current = link.post(payload, sending=False)
             posted.append((transfer_id, index, payload, link.current, tracker))
-        receives_posted_s = time.monotonic()
-        for *_rest, tracker in posted:
-            if tracker is not None and tracker.manifest_s is None:
-                tracker.manifest_s, tracker.receives_posted_s = arrived_s, receives_posted_s
         last_of = {transfer_id: i for i, (transfer_id, *_rest) in enumerate(posted)}
         for i, (transfer_id, index, payload, work, tracker) in enumerate(posted):
             if link.closed:

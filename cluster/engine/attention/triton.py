@@ -311,7 +311,7 @@ def choose_num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num
 
     Each split keeps >= _MIN_TOKENS_PER_SPLIT tokens so the partials stay cheap;
     e.g. H100, 8 kv heads: batch 1 @ 32k -> 32 splits, batch 1 @ 1k -> 16, batch 32 -> 1.
-    Measured on H200 (132 SMs) at 1k context (`bench.attention --split-sweep`): 4 kv heads (TP=2
+    Measured on H200 (132 SMs) at 1k context (`benchmarks.attention --split-sweep`): 4 kv heads (TP=2
     of Llama-3-8B) at batch 64, 256 programs: 2 splits 44.8 us, 1 split 50.5 us; 8 kv heads at
     batch 64 (512 programs) and either at batch 256: 1 split is fastest by 8-15%.
     """

@@ -1,9 +1,9 @@
 """The decode GEMMs of the Llama-3-8B shape on one GPU, whole and as one TP=2 rank's share, several ways.
 
-    python -m cluster.bench.gemm [--batches 1,64,256] [--out gemm.jsonl]
+    python -m benchmarks.gemm [--batches 1,64,256] [--out gemm.jsonl]
 
 Decode GEMMs read their weight once per step and little else, so each one's time is set against the
-HBM bandwidth its weight alone needs. The eighth session's profile (`bench.parallel --parts shard`) put
+HBM bandwidth its weight alone needs. The eighth session's profile (`benchmarks.parallel --parts shard`) put
 a TP=2 rank's QKV and O projections at 58% of that at batch 64 and the full model's at 67-71%. Each
 projection runs 32 times in a CUDA graph, each time with a weight of its own (no weight stays in L2),
 as the decoder's layers do, in these ways:
@@ -19,7 +19,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from cluster.bench.harness import graph_time_ms
+from benchmarks.harness import graph_time_ms
 
 LAYERS = 32
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 4096, 32, 8, 128, 14336

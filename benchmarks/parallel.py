@@ -1,30 +1,32 @@
 """Parallel-instance benchmark on one multi-GPU host: TP, PP and EP, overlap on and off.
 
-    python -m cluster.bench.parallel --parts allreduce,dense --out par.jsonl     # ~6 min on 2xH200
-    python -m cluster.bench.parallel --parts moe --out par.jsonl                 # ~5 min
-    python -m cluster.bench.parallel --parts pp --out par.jsonl                  # ~3 min
+    python -m benchmarks.parallel --parts allreduce,dense --out par.jsonl     # ~6 min on 2xH200
+    python -m benchmarks.parallel --parts moe --out par.jsonl                 # ~5 min
+    python -m benchmarks.parallel --parts pp --out par.jsonl                  # ~3 min
 
 Every result is one JSON line, printed and appended to `--out`. Parts:
-  allreduce  NCCL vs one-shot all-reduce over 2 GPUs (bench/allreduce.py; the same group code the engine uses) for the
+  allreduce  NCCL vs one-shot all-reduce over 2 GPUs (benchmarks/allreduce.py; the same group code the engine uses) for the
              message sizes the dense steps send: [tokens, hidden] bf16, back to back and synced;
   dense      Llama-3-8B-shaped random checkpoint (made once, `--llama-dir`): decode step time
              at batch 1, 64, 256 with `--context` tokens of context, TP=1 vs TP=2, and for
-             TP=2: overlap off under CUDA graphs, overlap off eager, overlap on (two
-             micro-batches, eager: not captured); one prefill of `--prefill-len` tokens each
-             way. With `allreduce` in the same run, each TP=2 batch also says how much of its
-             all-reduce time (2 per layer) overlap hid, eager against eager. (Decode GEMMs are
+             TP=2: overlap off under CUDA graphs, and with `--eager-overlap` an engine of its own
+             without graphs: overlap off and on (two micro-batches, never captured); one prefill
+             of `--prefill-len` tokens each way. With `allreduce` in the same run, each TP=2 batch
+             also says how much of its all-reduce time (2 per layer) overlap hid, eager against
+             eager. (Decode GEMMs are
              memory-bound: two micro-batches read the weights twice, so decode overlap is
              expected to lose; prefill is where it can win.)
   moe        Qwen3-30B-A3B-shaped random checkpoint (`--moe-layers` deep, 128 experts, top-8):
              decode throughput at batch 64 and 256, EP=2 (all-to-all; overlap off/on) vs
-             TP=2 (experts split by intermediate dim; grouped GEMM);
+             TP=2 (experts split by intermediate dim; grouped GEMM; graphs on, and off in an
+             engine of its own);
   shard      one GPU: the dense checkpoint at TP=1 beside the part one TP=2 rank holds (16 heads and 4 KV
              heads of 128, half the MLP, half the vocabulary), as a model of its own: decode steps and the
              prefill of `--prefill-len` tokens. Their ratio is what TP=2 / TP=1 would be with free
              collectives, and a TP=2 step on two GPUs less the shard's step is what its collectives cost;
-  pp         PP=2 on the dense checkpoint at batch 256: throughput with 2 and 4 micro-batches,
-             async sends on/off, decode graphs on/off (each stage replays its layers per
-             micro-batch), and the bubble (each stage's idle share of the step) measured.
+  pp         PP=2 on the dense checkpoint at batch 256: throughput with 2 and 3 batches in the
+             stages, 2 and 4 micro-batches, async sends on/off (each stage replays its layers per
+             micro-batch as a decode graph).
 """
 from __future__ import annotations
 
@@ -35,18 +37,18 @@ import time
 
 import torch
 
-from cluster.bench.harness import (decode_sweep, drain, emit, ensure_llama8b, ensure_qwen3_moe, fill, in_fresh_process,
+from benchmarks.harness import (decode_sweep, drain, emit, ensure_llama8b, ensure_qwen3_moe, fill, in_fresh_process,
                                    make_engine, prefill_time, release_memory, timed_tokens, use_variant)
-from cluster.bench.profile import profile_steps
+from benchmarks.profile import profile_steps
 
 HIDDEN_8B = 4096
 
 
 # -- parts ---------------------------------------------------------------------------------
 def part_allreduce(args) -> dict[int, float]:
-    """{num_tokens: µs per all-reduce of [num_tokens, hidden] as the engine does it} (bench/allreduce.py:
+    """{num_tokens: µs per all-reduce of [num_tokens, hidden] as the engine does it} (benchmarks/allreduce.py:
     NCCL and the one-shot kernel side by side, back to back, synced and inside a CUDA graph)."""
-    from cluster.bench.allreduce import measure_all_reduce
+    from benchmarks.allreduce import measure_all_reduce
 
     sizes = sorted(set(args.batches) | {args.prefill_len // 2, args.prefill_len})
     results, info = measure_all_reduce(sizes, args.hidden, args.device)
@@ -67,6 +69,8 @@ def part_dense(args, allreduce_us: dict[int, float]) -> None:
     ways += [(2, f"engine_ctas{args.tp2_nccl_ctas}")] if args.tp2_nccl_ctas else []  # NCCL on fewer SMs
     # each all-reduce fused with the residual add and RMSNorm after it (parallel/one_shot_norm.py)
     ways += [(2, "engine_fused_norm")] if args.tp2_fused_norm else []
+    # decode overlap on and off, both eager: an engine without CUDA graphs (overlapped steps are never captured)
+    ways += [(2, "engine_eager")] if args.eager_overlap else []
     for tp, way in ways:
         in_fresh_process(_dense_way, args, tp, way, allreduce_us)
 
@@ -78,21 +82,24 @@ def _dense_way(args, tp: int, way: str, allreduce_us: dict[int, float]) -> None:
     extra |= {"comm_high_priority": False} if way == "engine_normal_priority" else {}
     extra |= {"nccl_max_ctas": args.tp2_nccl_ctas} if way.startswith("engine_ctas") else {}
     extra |= {"fuse_all_reduce_norm": True} if way == "engine_fused_norm" else {}
-    engine = make_engine(path, args, tensor_parallel_size=tp, **extra)
+    engine = make_engine(path, args, cuda_graphs=way != "engine_eager", tensor_parallel_size=tp, **extra)
     info = {k: v for k, v in engine.executor.stats().items() if k.startswith("one_shot")} if tp > 1 else {}
     emit(args, {"part": "dense", "tp": tp, "allreduce": way, "engine_start_s": time.time() - t0, **info})
     # decode runs as captured CUDA graphs (eager decode is host-bound on this model: ~26 ms a
     # step on 2xH200, which would swamp any comparison); `--eager-overlap` adds the eager
-    # micro-batch overlap of decode anyway. Prefill is eager either way: overlap on vs off.
-    # async scheduling (the default) on and off: how much host work between steps it hides
-    variants = {"single": {}, "single_sync": dict(async_scheduling=False)} if tp == 1 else {
-        "overlap_off": dict(overlap_tp=False, eager=False),
-        "overlap_off_sync": dict(overlap_tp=False, eager=False, async_scheduling=False)}
-    if tp > 1 and way.startswith("engine") and args.eager_overlap:
-        variants.update(overlap_off_eager=dict(overlap_tp=False, eager=True), overlap_on=dict(overlap_tp=True, eager=True))
+    # micro-batch overlap of decode anyway (way `engine_eager`). Prefill is eager either way:
+    # overlap on vs off. Async scheduling (the default) on and off: how much host work between
+    # steps it hides
+    if tp == 1:
+        variants = {"single": {}, "single_sync": dict(async_scheduling=False)}
+    elif way == "engine_eager":
+        variants = {"overlap_off_eager": dict(overlap_tp=False), "overlap_on": dict(overlap_tp=True)}
+    else:
+        variants = {"overlap_off": dict(overlap_tp=False),
+                    "overlap_off_sync": dict(overlap_tp=False, async_scheduling=False)}
     prefill_variants = dict(variants)
     if tp > 1 and way.startswith("engine"):
-        prefill_variants["overlap_on"] = dict(overlap_tp=True, eager=True)
+        prefill_variants["overlap_on"] = dict(overlap_tp=True)
     try:
         rows = decode_sweep(engine, args, tp, variants)
         for row in rows:
@@ -100,8 +107,9 @@ def _dense_way(args, tp: int, way: str, allreduce_us: dict[int, float]) -> None:
             if tp == 2 and row["batch"] in allreduce_us and way.startswith("engine"):
                 row["allreduce_ms_per_step"] = 2 * engine.arch.num_layers * allreduce_us[row["batch"]] / 1e3
             emit(args, {"part": "dense", "phase": "decode", **row})
-        if way != "nccl":
+        if way == "engine_eager":
             _overlap_summary(args, rows, allreduce_us, engine.arch.num_layers)
+            return  # its prefill is the `engine` way's: prefill is never captured
         prefill_rows = prefill_time(engine, args, prefill_variants)
         for row in prefill_rows:
             emit(args, {"part": "dense", "phase": "prefill", "tp": tp, "allreduce": way, **row})
@@ -119,7 +127,11 @@ def _dense_way(args, tp: int, way: str, allreduce_us: dict[int, float]) -> None:
 
 
 def _overlap_summary(args, rows: list[dict], allreduce_us: dict[int, float], num_layers: int) -> None:
+    """Decode overlap off and on, both eager (`rows`), beside the `engine` way's graphed step (from `--out`)."""
     by = {(r["batch"], r["variant"]): r["step_ms"] for r in rows}
+    with open(args.out) as f:
+        by |= {(r["batch"], r["variant"]): r["step_ms"] for r in map(json.loads, filter(str.strip, f))
+               if r.get("part") == "dense" and r.get("phase") == "decode" and r.get("allreduce") == "engine"}
     for batch in args.batches:
         off, on = by.get((batch, "overlap_off_eager")), by.get((batch, "overlap_on"))
         if off is None or on is None:
@@ -171,20 +183,22 @@ def part_moe(args) -> None:
     emit(args, {"part": "moe", "grouped_mm": grouped_ok, "grouped_vs_loop_max_abs_diff": err})
     path = ensure_qwen3_moe(args.moe_dir, args.moe_layers, args)
     args_moe = argparse.Namespace(**{**vars(args), "batches": args.moe_batches})
-    for name, sizes, variants in (
-        ("ep2", dict(tensor_parallel_size=2, expert_parallel_size=2),
+    tp2 = dict(tensor_parallel_size=2)
+    for name, sizes, graphs, variants in (
+        ("ep2", dict(tensor_parallel_size=2, expert_parallel_size=2), True,  # (all-to-all runs eagerly)
          {"overlap_off": dict(overlap_ep=False, overlap_tp=False), "overlap_on": dict(overlap_ep=True, overlap_tp=True)}),
-        # tp2 decodes as captured graphs (grouped GEMM, no host sync); eager for the comparison
-        ("tp2", dict(tensor_parallel_size=2), {"overlap_off": dict(overlap_tp=False, eager=False),
-                                              "overlap_off_eager": dict(overlap_tp=False, eager=True)}),
+        # tp2 decodes as captured graphs (grouped GEMM, no host sync); eager, in an engine of its own, for the comparison
+        ("tp2", tp2, True, {"overlap_off": dict(overlap_tp=False)}),
+        ("tp2", tp2, False, {"overlap_off_eager": dict(overlap_tp=False)}),
     ):
-        in_fresh_process(_moe_layout, args, args_moe, path, name, sizes, variants)
+        in_fresh_process(_moe_layout, args, args_moe, path, name, sizes, graphs, variants)
 
 
-def _moe_layout(args, args_moe, path: str, name: str, sizes: dict, variants: dict) -> None:
+def _moe_layout(args, args_moe, path: str, name: str, sizes: dict, graphs: bool, variants: dict) -> None:
     t0 = time.time()
-    engine = make_engine(path, args, **sizes)
-    emit(args, {"part": "moe", "layout": name, "layers": args.moe_layers, "engine_start_s": time.time() - t0})
+    engine = make_engine(path, args, cuda_graphs=graphs, **sizes)
+    emit(args, {"part": "moe", "layout": name, "cuda_graphs": graphs, "layers": args.moe_layers,
+                "engine_start_s": time.time() - t0})
     try:
         for row in decode_sweep(engine, args_moe, 2, variants):
             emit(args, {"part": "moe", "layout": name, **row})
@@ -215,34 +229,25 @@ def _pp_partition(args, partition: str) -> None:
         # two_batches: async scheduling keeps two batches of half the sequences in the stages (the
         # default); three_batches: a third, so stage 0 computes while the last stage returns rows;
         # one_batch: the whole batch per step, its micro-batches the only pipelining
-        variants = {"two_batches_m1": dict(num_microbatches=1, async_pp=True, eager=False, batches_in_flight=2),
-                    "three_batches_m1": dict(num_microbatches=1, async_pp=True, eager=False, batches_in_flight=3),
-                    "two_batches_m2": dict(num_microbatches=2, async_pp=True, eager=False, batches_in_flight=2),
-                    "one_batch_m2": dict(num_microbatches=2, async_pp=True, eager=False, async_scheduling=False),
-                    "one_batch_m4": dict(num_microbatches=4, async_pp=True, eager=False, async_scheduling=False),
-                    "one_batch_m4_sync_send": dict(num_microbatches=4, async_pp=False, eager=False, async_scheduling=False),
-                    "two_batches_m1_eager": dict(num_microbatches=1, async_pp=True, eager=True,
-                                                 batches_in_flight=2)}  # no decode graphs
+        variants = {"two_batches_m1": dict(num_microbatches=1, async_pp=True, batches_in_flight=2),
+                    "three_batches_m1": dict(num_microbatches=1, async_pp=True, batches_in_flight=3),
+                    "two_batches_m2": dict(num_microbatches=2, async_pp=True, batches_in_flight=2),
+                    "one_batch_m2": dict(num_microbatches=2, async_pp=True, async_scheduling=False),
+                    "one_batch_m4": dict(num_microbatches=4, async_pp=True, async_scheduling=False),
+                    "one_batch_m4_sync_send": dict(num_microbatches=4, async_pp=False, async_scheduling=False)}
         if partition != args.pp_partitions.split(",")[0]:  # another partition: the default variants, to compare
             variants = {name: variants[name] for name in ("two_batches_m1", "three_batches_m1")}
-        fill(engine, batch, args.context, len(variants) * (4 * args.steps + 4) + 2 + (12 if args.profile else 0), tag="pp-")
+        fill(engine, batch, args.context, len(variants) * (2 * args.steps + 4) + 2 + (12 if args.profile else 0), tag="pp-")
         for name, flags in variants.items():
-            use_variant(engine, {**flags, "measure": False})
+            use_variant(engine, flags)
             for _ in range(2):
                 engine.step()
             wall_s, num_tokens = timed_tokens(engine, args.steps)
-            engine.executor.set_flags(measure=True)
-            engine.executor.stats(reset=True)
-            measured_s, _ = timed_tokens(engine, args.steps)
-            stats = engine.executor.stats(reset=True)
-            busy = stats["busy_s"]  # ranks 0 (stage 0: layers 0-15 + embed + LM head) and 1 (stage 1)
             emit(args, {"part": "pp", "partition": partition, "batch": batch, "context": args.context, "variant": name,
                         "step_ms": wall_s / args.steps * 1e3, "tokens_per_step": num_tokens / args.steps,
-                        "tokens_per_s": num_tokens / wall_s, "measured_step_ms": measured_s / args.steps * 1e3,
-                        "busy_ms_per_step": [b / args.steps * 1e3 for b in busy],
-                        "bubble_fraction": [1 - b / measured_s for b in busy]})
+                        "tokens_per_s": num_tokens / wall_s})
         if args.profile:  # where the default's step goes on the driver: what the stages wait for
-            use_variant(engine, {**variants["two_batches_m1"], "measure": False})
+            use_variant(engine, variants["two_batches_m1"])
             emit(args, {"part": "profile", "pp": 2, "partition": partition, "variant": "two_batches_m1",
                         **profile_steps(engine, args.device)})
         engine.async_scheduling = True

@@ -1,41 +1,46 @@
 """Where the KV sender's host time goes, on one GPU (no peer needed): the gathers alone.
 
-    python -m cluster.bench.sender_host --model DIR [--make-llama8b] --out sender_host.json
+    python -m benchmarks.sender_host --model DIR [--make-llama8b] --out sender_host.json
 
 On 2xH200 (2026-11-30) a stacked gather's launch held the prefill's host 250-600 us and an NCCL post
 60-100 us, where a kernel launch takes about 20. This separates what one GPU can tell apart, each
 case timed per call on the host (median and p90 of the calls, microseconds), the device idle before
 each case:
   (1) `gather_group`   one 64 MiB group of layers into a staging slot (`read_kv_layers`, as
-                       `PrefillWorker._send_layer` runs it), the request's four groups in turn;
+                       a prefill worker gathers a group), the request's four groups in turn;
   (2) `gather_layer`   one layer into a fresh tensor (`read_kv`);
   (3) `block_index`    a request's blocks as a device index (pinned, asynchronous);
   (4) the same gathers with a thread beside them that polls a CUDA event and sleeps, as the link's
       send waiter does (50 us: its poll until 2026-11-30; 1 ms: since), and one that spins in Python
       (the worst neighbour: it gives the GIL up only when the interpreter makes it);
   (5) `in_prefill`     a real prefill step of the prompt through `PrefillWorker` with a transport
-                       that keeps each message (no network): the host time of each group's gather and
-                       post inside the step's forward, and the step's wall time beside the same step
-                       without streaming;
+                       that keeps each message (no network): the step's wall time beside the same step
+                       without streaming, the host time of each post, and, in runs of their own under a
+                       profile hook (`sys.setprofile`: it costs every call a little), of each group's
+                       gather inside the step's forward;
   (6) `profile`        torch.profiler's host ops of four group gathers: which op holds the host;
   (7) `nccl_*`         each group gathered and then posted as the transport posts it (a broadcast on
                        an NCCL group: here a one-rank group, no peer on one GPU, so ProcessGroupNCCL's
-                       host side and threads but no transfer), its sends waited on by a thread as the
-                       link's waiter does (its first look after 1 ms, or 50 us as until 2026-11-30) or
-                       by nobody (`caller_polls_sends`): the gather's and the post's host time each.
+                       host side and threads but no transfer), its sends waited on by a thread (first
+                       look after 1 ms, or 50 us: how the link's waiter thread once waited on NCCL sends)
+                       or by nobody (the transport counts NCCL sends when asked: torchdist.py (4)): the
+                       gather's and the post's host time each.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
+import sys
 import threading
 import time
 
 import torch
 
-from cluster.bench.disagg import _engine
+from benchmarks.disagg import _engine
 from cluster.config import DisaggConfig
+from cluster.disagg.roles import RequestSpec
 from cluster.disagg.transfer.base import TransferState
 from cluster.types import Role, SamplingParams
 
@@ -147,31 +152,47 @@ def _confirmed(worker, request_id: str) -> None:
         worker.poll()
 
 
+def _call_times_us(fn, run) -> list[float]:
+    """Host time of each call of `fn` made on this thread while `run()` runs, stamped by a profile hook
+    (`sys.setprofile`): the product is not patched, but every call pays for the hook, so `run`'s own
+    time is not one to keep."""
+    code = inspect.unwrap(fn).__code__  # the function itself, past decorators (torch.inference_mode)
+    started, times = [], []
+
+    def hook(frame, event, _arg):
+        if frame.f_code is code and event in ("call", "return"):
+            if event == "call":
+                started.append(time.perf_counter())
+            else:
+                times.append((time.perf_counter() - started.pop()) * 1e6)
+
+    sys.setprofile(hook)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return times
+
+
 def _in_prefill(args, engine, prompt: list[int], params) -> dict:
     """A prefill step of `prompt` streamed through PrefillWorker (its gathers inside the forward), beside
-    the same step without streaming."""
+    the same step without streaming (the worker stays registered: with nothing to send it hooks nothing)."""
     from cluster.disagg.prefill import PrefillWorker
+    from cluster.engine.runner import ModelRunner
 
     transport = _KeepingTransport()
     worker = PrefillWorker(engine, transport, DisaggConfig())
-    read = engine.runner.read_kv_layers
-    gather_us = []
 
-    def timed_read(*a, **k):
-        t = time.perf_counter()
-        try:
-            return read(*a, **k)
-        finally:
-            gather_us.append((time.perf_counter() - t) * 1e6)
+    def streamed_runs(tag: str, first_id: int) -> list[float]:
+        return [_first_token_ms(worker.step) for _ in _submitted(args.repeats, lambda i: worker.submit_prefill(
+            RequestSpec(f"{tag}{i}", prompt, params), "D", first_id + i), lambda i: _confirmed(worker, f"{tag}{i}"))]
 
-    engine.runner.read_kv_layers = timed_read
-    streamed = [_first_token_ms(worker.step) for _ in _submitted(args.repeats, lambda i: worker.submit(
-        f"s{i}", prompt, params, "D", transfer_id=i + 1), lambda i: _confirmed(worker, f"s{i}"))]
-    engine.runner.read_kv_layers = read
-    engine.kv_stream = None
+    streamed = streamed_runs("s", 1)
+    post_us, transport.post_us = transport.post_us, []
+    gather_us = _call_times_us(ModelRunner.read_kv_layers, lambda: streamed_runs("g", 1000))
     plain = [_first_token_ms(engine.step) for _ in _submitted(args.repeats, lambda i: engine.add_request(
         f"p{i}", prompt, params), lambda i: engine.release(f"p{i}"))]
-    return {"gather_launch": _stats(gather_us), "post": _stats(transport.post_us),
+    return {"gather_launch": _stats(gather_us), "post": _stats(post_us),
             "step_ms_streamed": sorted(streamed[1:])[len(streamed[1:]) // 2],
             "step_ms_plain": sorted(plain[1:])[len(plain[1:]) // 2]}
 
@@ -196,10 +217,10 @@ def _nccl_cases(gather_into, groups: list, calls: int) -> dict:
     import torch.distributed as dist
     from torch._C._distributed_c10d import BroadcastOptions
 
-    from cluster.parallel.groups import _nccl
-
-    group, _, _ = _nccl(dist.PrefixStore("sender-host", dist.HashStore()), 0, 1, datetime.timedelta(seconds=60),
-                        "127.0.0.1", True)
+    options = dist.ProcessGroupNCCL.Options()
+    options.is_high_priority_stream = True  # as a KV link's group (parallel/groups.py pair_group)
+    options._timeout = datetime.timedelta(seconds=60)
+    group = dist.ProcessGroupNCCL(dist.PrefixStore("sender-host", dist.HashStore()), 0, 1, options)
     opts = BroadcastOptions()
     opts.rootRank = 0
     out = {}

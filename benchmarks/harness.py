@@ -1,4 +1,4 @@
-"""How the parallel benchmark makes, fills and times engines (bench/parallel.py's parts use these).
+"""How the parallel benchmark makes, fills and times engines (benchmarks/parallel.py's parts use these).
 
   checkpoints   `ensure_llama8b` / `ensure_qwen3_moe`: the random benchmark checkpoints, made once;
   isolation     `in_fresh_process`: one engine layout per spawned process (torch numbers
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from cluster.bench.profile import profile_steps
+from benchmarks.profile import profile_steps
 from cluster.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, RunnerConfig, SchedulerConfig
 from cluster.types import SamplingParams
 
@@ -90,7 +90,8 @@ def _run_logged(fn, args, *rest) -> None:
         raise
 
 
-def make_engine(path: str, args, **parallel):
+def make_engine(path: str, args, cuda_graphs: bool = True, **parallel):
+    """An engine of `path` as the parallel benchmark runs it; `cuda_graphs` off: every step eager."""
     from cluster.engine.engine import Engine
 
     cfg = EngineConfig(
@@ -98,7 +99,7 @@ def make_engine(path: str, args, **parallel):
         cache=CacheConfig(gpu_memory_fraction=0.85, enable_prefix_caching=False,
                           memory_budget_bytes=(1 << 30) if args.smoke else None),
         scheduler=SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=8192),
-        runner=RunnerConfig(device=args.device, cuda_graph_max_batch=256),
+        runner=RunnerConfig(device=args.device, enable_cuda_graphs=cuda_graphs, cuda_graph_max_batch=256),
         parallel=ParallelConfig(overlap_min_tokens=2, **parallel),
     )
     return Engine(cfg, progress=False)

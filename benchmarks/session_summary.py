@@ -1,9 +1,9 @@
 """A GPU session's results against the issues' targets, as markdown: what `gpu_session.sh` brought back.
 
-    python -m cluster.bench.session_summary DIR [DIR...]     # the unpacked work/ folders of session.tar.gz
+    python -m benchmarks.session_summary DIR [DIR...]     # the unpacked work/ folders of session.tar.gz
 
-Reads what it finds in the folders: hardware.json (`bench.hardware.measure`), parallel.jsonl / pp.jsonl / moe.jsonl (`bench.parallel`),
-disagg.json (`bench.disagg`), serve/serve_summary.json (`bench.serve`), gpu-tests.log. Prints, per
+Reads what it finds in the folders: hardware.json (`benchmarks.hardware.measure`), parallel.jsonl / pp.jsonl / moe.jsonl (`benchmarks.parallel`),
+disagg.json (`benchmarks.disagg`), serve/serve_summary.json (`benchmarks.serve`), gpu-tests.log. Prints, per
 target, the measured figure beside it:
   TP=2 / TP=1 decode step per batch (async scheduling on and off)   target <= 0.6 at batch 64
   prefill overlap: the share of its all-reduce time it hid          target >= 50%
@@ -146,7 +146,7 @@ def render(found: dict) -> str:
     out += [f"| {r['batch']} | {_num(r['tp1_ms'])} | {_num(r['tp2_ms'])} | {_num(r['ratio'])} | {_num(r['ratio_sync'])} "
             f"| {_num(r['tp2_fused_norm_ms'])} | {_num(r['ratio_fused_norm'])} |"
             for r in tp_ratios(records)] or ["| not run | | | | | | |"]
-    out += ["", "## One TP=2 rank's part of the model on one GPU, no collectives (bench.parallel shard)", ""]
+    out += ["", "## One TP=2 rank's part of the model on one GPU, no collectives (benchmarks.parallel shard)", ""]
     out += [f"- {r['phase'].replace('_ratio', '')}{'' if r['batch'] is None else ', batch ' + str(r['batch'])}: full "
             f"{r['full_ms']:.2f} ms, TP=2 rank {r['tp2_rank_ms']:.2f} ms = {r['tp2_rank_over_full']:.2f} x"
             for r in records if r.get("part") == "shard" and "tp2_rank_over_full" in r] or ["- not run"]
@@ -155,8 +155,10 @@ def render(found: dict) -> str:
             f"{r['allreduce_ms_per_step']:.1f} ms: hides {100 * r['share_of_allreduce_hidden']:.0f}%"
             for r in prefill_overlap(records)] or ["- not run"]
     out += ["", "## PP=2 / TP=2 tokens/s (target >= 0.85)", ""]
-    out += [f"- {r['partition']}, batch {r['batch']}: {r['tokens_per_s']:.0f} tokens/s = {_num(r['ratio'])} x TP=2; "
-            f"idle per stage {', '.join(f'{100 * x:.0f}%' for x in r['idle'] or [])}" for r in pp_vs_tp(records)] or ["- not run"]
+    # (each stage's idle share: recorded by the runs until 2026-12-07, whose engine timed its ranks)
+    out += [f"- {r['partition']}, batch {r['batch']}: {r['tokens_per_s']:.0f} tokens/s = {_num(r['ratio'])} x TP=2"
+            + (f"; idle per stage {', '.join(f'{100 * x:.0f}%' for x in r['idle'])}" if r["idle"] else "")
+            for r in pp_vs_tp(records)] or ["- not run"]
     out += ["", "## MoE tokens/s: EP=2 vs TP=2", ""]
     out += [f"- batch {r['batch']}: EP=2 {_num(r['ep2'], '{:.0f}')}, TP=2 {_num(r['tp2'], '{:.0f}')}"
             for r in moe(records)] or ["- not run"]
@@ -183,9 +185,9 @@ def render(found: dict) -> str:
     for kind, serve in found["serve_one_gpu"].items():
         out += ["", f"## Serving on one GPU, {kind}: goodput (req/s, share meeting SLOs, ITL p99 ms) per rate", ""]
         out += _serve_lines(serve)
-    out += ["", "## KV sender's host time on one GPU (bench.sender_host; median / p90 us per call)", ""]
+    out += ["", "## KV sender's host time on one GPU (benchmarks.sender_host; median / p90 us per call)", ""]
     out += _sender_host_lines(found["sender_host"])
-    out += ["", "## A prefill engine's step budget on one GPU (bench.prefill_budget)", ""]
+    out += ["", "## A prefill engine's step budget on one GPU (benchmarks.prefill_budget)", ""]
     budget = found["prefill_budget"]
     out += [f"- {r['budget_tokens']} tokens a step: {r['prompt_tokens_per_s']:.0f} prompt tokens/s, step {r['step_ms']:.1f} ms; "
             f"a burst of {r['burst_prompts']}: TTFT median {r['ttft_median_ms']:.0f} ms, p90 {r['ttft_p90_ms']:.0f} ms; "
@@ -209,16 +211,21 @@ def _sender_host_lines(found: dict | None) -> list[str]:
 
 
 def _host_split(transfer: dict) -> str:
-    """The sender's host time of a transfer's median run, split: announce, gathers (host), posts
-    (the NCCL launch), the rest of each send; and the gathers' device time."""
+    """The sender's host time of a transfer's median run, split: announce, gathers (host), sends (and,
+    in the runs of 2026-11-30 to 2026-12-01 that timed them, the posts' NCCL launch within the sends);
+    and the gathers' device time."""
     runs = transfer.get("runs") or []
     if not runs or "read_us" not in runs[0]:
         return ""
     run = sorted(runs, key=lambda r: r["landed_ms"])[len(runs) // 2]
-    posts = sum(run["post_us"][: len(run["send_us"])])
+    sends = sum(run["send_us"])
+    if "post_us" in run:
+        posts = sum(run["post_us"][: len(run["send_us"])])
+        sends_split = f"posts {posts:.0f}, rest of sends {sends - posts:.0f}"
+    else:
+        sends_split = f"sends {sends:.0f}"
     return (f"; posted {run['posted_ms']:.2f} ms = announce {run['announce_us']:.0f} us, gathers {sum(run['read_us']):.0f}, "
-            f"posts {posts:.0f}, rest of sends {sum(run['send_us']) - posts:.0f}; gathers on device "
-            f"{sum(run['gather_device_us']):.0f} us" + _host_cpu(run))
+            f"{sends_split}; gathers on device {sum(run['gather_device_us']):.0f} us" + _host_cpu(run))
 
 
 def _host_cpu(run: dict) -> str:
@@ -236,7 +243,7 @@ def _host_cpu(run: dict) -> str:
 def _worst_lines(serve: dict, names: list[str]) -> list[str]:
     """Per deployment, the worst each instance saw during the sweep (heartbeat samples): its step, its
     wait between steps, admission's estimated wait, the transfers a prefill held for confirmation."""
-    from cluster.bench.serve import worst as worst_of
+    from benchmarks.serve import worst as worst_of
 
     keys = (("max_step_ms", "step {:.0f} ms"), ("max_step_gap_ms", "gap {:.0f} ms"), ("max_land_ms", "landing {:.0f} ms"),
             ("estimated_wait_s", "est. wait {:.2f} s"), ("num_held_transfers", "held {:.0f}"), ("num_running", "running {:.0f}"))

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from cluster import cli
-from cluster.bench.load import (Arrival, LoadConfig, PromptMode, _StreamTimer, arrival_offsets_s, build_workload,
+from cluster.loadgen.load import (Arrival, LoadConfig, PromptMode, _StreamTimer, arrival_offsets_s, build_workload,
                                 rate_configs, request_body)
-from cluster.bench.report import LatencyStats, RequestResult, summarize, tpot_s
+from cluster.loadgen.report import LatencyStats, RequestResult, summarize, tpot_s
 
 # -- metrics math ---------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """The fused all-reduce + add + RMSNorm kernel on one GPU, its ranks emulated: what it costs beside the norm.
 
-    python -m cluster.bench.fused_norm [--rows 1,64,256] [--hidden 4096] [--out fused_norm.jsonl]
+    python -m benchmarks.fused_norm [--rows 1,64,256] [--hidden 4096] [--out fused_norm.jsonl]
 
 Two GPUs are needed for the real thing (parallel/one_shot_norm.py: peers' rows over NVLink). Here every
 rank's buffers and flags are local tensors and each rank's kernel runs on its own stream, all at once, so
@@ -17,7 +17,7 @@ import json
 
 import torch
 
-from cluster.bench.harness import graph_time_ms
+from benchmarks.harness import graph_time_ms
 
 CALLS = 64  # a Llama-3-8B decode step's all-reduces
 

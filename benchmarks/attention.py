@@ -1,4 +1,4 @@
-"""Attention micro-benchmark: `python -m cluster.bench.attention` (needs a CUDA GPU and triton).
+"""Attention micro-benchmark: `python -m benchmarks.attention` (needs a CUDA GPU and triton).
 
 1. `build_paged_batch` lays out a synthetic step: each sequence's cached prefix
    scattered over randomly permuted cache blocks, plus this step's new tokens
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.bench.harness import graph_time_ms
+from benchmarks.harness import graph_time_ms
 from cluster.engine.attention.base import AttentionMetadata
 
 

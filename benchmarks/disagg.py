@@ -1,6 +1,6 @@
 """Disaggregation on two GPUs: KV transfer bandwidth and TTFT, prefill on GPU 0, decode on GPU 1.
 
-    python -m cluster.bench.disagg --model DIR [--make-llama8b] --out disagg.json
+    python -m benchmarks.disagg --model DIR [--make-llama8b] --out disagg.json
 
 Two processes (no Ray needed for the measurement), each with an engine on its GPU and
 a KV link made on demand by our transport (NCCL, one group for the pair):
@@ -27,8 +27,9 @@ import torch
 import torch.multiprocessing as mp
 from torch._C._distributed_c10d import BroadcastOptions
 
-from cluster.bench.sender_probes import POST_US, event_pair, gather_device_us, time_posts
+from benchmarks.sender_probes import event_pair, gather_device_us, stacked_groups
 from cluster.config import CacheConfig, DisaggConfig, EngineConfig, ModelConfig, SchedulerConfig
+from cluster.disagg.roles import RequestSpec
 from cluster.disagg.transfer.base import TransferState
 from cluster.types import Role, SamplingParams
 
@@ -135,7 +136,7 @@ def prefill_main(args, q_to_decode, q_from_decode, results):
     for i in range(args.repeats + 1):
         q_to_decode.put(("reserve", i, prompt))
         assert q_from_decode.get() == "reserved"
-        worker.submit(f"d{i}", prompt, params, "D", transfer_id=i + 1)
+        worker.submit_prefill(RequestSpec(f"d{i}", prompt, params), "D", i + 1)
         t0 = time.perf_counter()
         while not worker.step():
             pass
@@ -161,40 +162,32 @@ def prefill_main(args, q_to_decode, q_from_decode, results):
     first = torch.tensor([seq.token_ids[-1]], device=engine.device)
     nbytes = layer_bytes * engine.arch.num_layers
     # per layer: as the prefill streamed before 2026-11-30; stacked: as it streams now, in groups of layers
-    # (PrefillWorker._groups: up to GROUP_BYTES a message), one rank or several
+    # (up to prefill.GROUP_BYTES a message), one rank or several
     # (`transfer_announced`: the stacked messages announced 2 ms before the clock starts, as a prefill
     # announces a step's messages before the step computes, so the decode side has posted its receives;
     # `transfer_pregathered`: also gathered, and the device synchronised, before the clock starts: the
     # transport's own part, posting to landing, with no gather under it)
-    results["gather_device_us"] = gather_device_us(engine, index, worker._groups(seq))
-    time_posts(link)
-    stacked_groups = worker._groups(seq)
-    # the sender's two ways of counting NCCL sends done (torchdist.py (4)): `transfer_stacked` runs the
-    # transport's default, the `_waiter_thread` and `_caller_polls` variants each way explicitly
-    default_polls = transport.caller_polls_sends
-    variants = (("transfer_only", [(layer, layer + 1) for layer in range(engine.arch.num_layers)], False, False, default_polls),
-                ("transfer_stacked", stacked_groups, False, False, default_polls),
-                ("transfer_announced", stacked_groups, False, True, default_polls),
-                ("transfer_pregathered", stacked_groups, True, True, default_polls),
-                ("transfer_stacked_waiter_thread", stacked_groups, False, False, False),
-                ("transfer_stacked_caller_polls", stacked_groups, False, False, True))
+    groups = stacked_groups(engine, len(prompt), engine.kv_layout.dtype)
+    results["gather_device_us"] = gather_device_us(engine, index, groups)
+    variants = (("transfer_only", [(layer, layer + 1) for layer in range(engine.arch.num_layers)], False, False),
+                ("transfer_stacked", groups, False, False),
+                ("transfer_announced", groups, False, True),
+                ("transfer_pregathered", groups, True, True))
     # round by round, one transfer of each variant a round, the order turned each round: in one variant
     # after another, the variant timed last measured 50% of raw NCCL against the first's 37%; interleaved, in
     # the next run, their order reversed (2xH200, 2026-12-01 runs 9 and 10)
     runs: dict[str, list[dict]] = {name: [] for name, *_ in variants}
     tids = itertools.count(1000)
     for rnd in range(args.repeats + 1):  # round 0 warms each variant up (allocations) and is not kept
-        for name, groups, pregather, ahead, caller_polls in variants[rnd % len(variants):] + variants[:rnd % len(variants)]:
-            transport.caller_polls_sends = caller_polls
+        for name, messages, pregather, ahead in variants[rnd % len(variants):] + variants[:rnd % len(variants)]:
             run = _transfer_run(args, engine, transport, worker, q_to_decode, q_from_decode, prompt, index, shape,
-                                first, groups, next(tids), pregather=pregather, ahead=ahead)
+                                first, messages, next(tids), pregather=pregather, ahead=ahead)
             if rnd:
                 runs[name].append(run)
-    transport.caller_polls_sends = default_polls
-    for name, groups, *_ in variants:
+    for name, messages, *_ in variants:
         landed = sorted(r["landed_ms"] for r in runs[name])[len(runs[name]) // 2]
         joined = sorted(r["joined_ms"] for r in runs[name])[len(runs[name]) // 2]
-        results[name] = {"bytes": nbytes, "messages": len(groups) + 1, "runs": runs[name], "landed_ms_median": landed,
+        results[name] = {"bytes": nbytes, "messages": len(messages) + 1, "runs": runs[name], "landed_ms_median": landed,
                          "joined_ms_median": joined, "gb_s": nbytes / (landed / 1e3) / 1e9,
                          "gb_s_to_joined": nbytes / (joined / 1e3) / 1e9}
     _say("prefill", "transfer-only done")
@@ -211,7 +204,7 @@ def _transfer_run(args, engine, transport, worker, q_to_decode, q_from_decode, p
     q_to_decode.put(("expect", tid, prompt))
     assert q_from_decode.get() == "reserved"
     ready = [engine.runner.read_kv_layers(start, end, index) for start, end in groups] if pregather else None
-    manifest = [(tid, i, count, (end - start, *shape) if stacked else shape, worker.kv_dtype)
+    manifest = [(tid, i, count, (end - start, *shape) if stacked else shape, engine.kv_layout.dtype)
                 for i, (start, end) in enumerate(groups)] + [(tid, count - 1, count, (1,), torch.int64)]
     if ahead:
         transport.announce("D", manifest)
@@ -236,8 +229,8 @@ def _transfer_run(args, engine, transport, worker, q_to_decode, q_from_decode, p
         slot = None
         if ready is not None:
             kv = ready[i]
-        elif stacked:  # as PrefillWorker._send_layer: into a staging slot on a GPU
-            slot, out = worker.staging.take((end - start, *shape), worker.kv_dtype) if worker.staging else (None, None)
+        elif stacked:  # as the prefill worker sends a group: into a staging slot on a GPU
+            slot, out = worker.sender.staging.take((end - start, *shape), engine.kv_layout.dtype) if worker.sender.staging else (None, None)
             kv = engine.runner.read_kv_layers(start, end, index, out)
         else:
             kv = engine.runner.read_kv(start, index)
@@ -246,8 +239,8 @@ def _transfer_run(args, engine, transport, worker, q_to_decode, q_from_decode, p
             gathers.append(events)
         t2, c2 = time.monotonic(), time.thread_time()
         work = transport.send_layer("D", tid, i, count, kv)
-        if worker.staging is not None:
-            worker.staging.sent(slot, work)
+        if worker.sender.staging is not None:
+            worker.sender.staging.sent(slot, work)
         read_us.append((t2 - t1) * 1e6)
         send_us.append((time.monotonic() - t2) * 1e6)
         read_cpu_us.append((c2 - c1) * 1e6)
@@ -255,24 +248,26 @@ def _transfer_run(args, engine, transport, worker, q_to_decode, q_from_decode, p
     transport.send_layer("D", tid, count - 1, count, first)
     posted = time.monotonic()
     others_cpu_us = ((time.process_time() - loop_cpu0) - (time.thread_time() - loop_thread0)) * 1e6
+    sent = _sent_s(transport, tid)
     stamps = q_from_decode.get()
-    deadline = time.monotonic() + 10
-    while transport.send_state(tid) not in (TransferState.DONE, TransferState.FAILED) and time.monotonic() < deadline:
-        time.sleep(1e-4)  # every send counted done (caller-polled sends are counted when asked)
-    sent = transport.book.trackers[tid].done_s if tid in transport.book.trackers else None
     run = {"posted_ms": (posted - t0) * 1e3, "sent_ms": (sent - t0) * 1e3 if sent else None,
            "landed_ms": (stamps["landed_s"] - t0) * 1e3, "joined_ms": (stamps["joined_s"] - t0) * 1e3,
-           # the decode side's receiver: the manifest in, and every receive it announced posted
-           "manifest_ms": _since_ms(stamps["manifest_s"], t0), "receives_posted_ms": _since_ms(stamps["receives_posted_s"], t0),
            "announce_us": (announced - t0) * 1e6, "read_us": read_us, "send_us": send_us,
            "read_cpu_us": read_cpu_us, "send_cpu_us": send_cpu_us, "others_cpu_us": others_cpu_us,
-           "post_us": list(POST_US), "gather_device_us": [a.elapsed_time(b) * 1e3 for a, b in gathers]}
-    POST_US.clear()
+           "gather_device_us": [a.elapsed_time(b) * 1e3 for a, b in gathers]}
     return run
 
 
-def _since_ms(stamp: float | None, t0: float) -> float | None:
-    return None if stamp is None else (stamp - t0) * 1e3
+def _sent_s(transport, tid: int, timeout_s: float = 10.0) -> float | None:
+    """When `send_state` first says every send of `tid` is done, asked every 0.1 ms (an NCCL link's
+    sends are counted when asked, as the prefill's step loop asks); None if it failed or never did."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = transport.send_state(tid)
+        if state in (TransferState.DONE, TransferState.FAILED):
+            return time.monotonic() if state == TransferState.DONE else None
+        time.sleep(1e-4)
+    return None
 
 
 def decode_main(args, q_to_decode, q_from_decode, results):
@@ -293,23 +288,24 @@ def decode_main(args, q_to_decode, q_from_decode, results):
     _raw_nccl_layers(link.group, layer_bytes, engine.arch.num_layers)
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     second_token_ms = []
+    ended: list[float] = []  # when the transport said a transfer this side expects ended (its receiver's thread)
+    transport.on_ready = lambda: ended.append(time.monotonic())  # the hook an instance's loop wakes on
     while True:
         cmd, i, prompt = q_to_decode.get()
         if cmd == "stop":
             break
         rid = f"d{i}" if cmd == "reserve" else f"t{i}"
         tid = i + 1 if cmd == "reserve" else i
-        assert worker.reserve(rid, prompt, params, "P", transfer_id=tid)
+        ended.clear()
+        assert worker.reserve(RequestSpec(rid, prompt, params), "P", tid)
         t0 = time.perf_counter()
         q_from_decode.put("reserved")
-        tracker = transport.book.trackers.get(tid)  # `poll` takes it from the transport once it lands
         while rid in worker.pending:
             worker.poll()
             time.sleep(0.0002)  # a busy loop would hold the GIL the link's receiver thread needs
         if cmd == "expect":
             _sync()  # the scatter into the reserved blocks is done
-            q_from_decode.put({"landed_s": tracker.done_s, "joined_s": time.monotonic(),
-                               "manifest_s": tracker.manifest_s, "receives_posted_s": tracker.receives_posted_s})
+            q_from_decode.put({"landed_s": ended[0], "joined_s": time.monotonic()})
             engine.abort(rid)
             continue
         q_from_decode.put("landed")

@@ -1,6 +1,6 @@
 """Serving benchmark: 1P1D vs colocated replicas on the same GPUs, through the real HTTP stack.
 
-    python -m cluster.bench.serve --model DIR --rates 1,2,4 --out-dir serve_results
+    python -m benchmarks.serve --model DIR --rates 1,2,4 --out-dir serve_results
 
 For each deployment (`1p1d`: one prefill + one decode instance, one GPU each;
 `colocated`: two mixed instances, one GPU each; `colocated-1`: one mixed instance, one GPU):

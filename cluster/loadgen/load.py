@@ -32,8 +32,8 @@ from enum import Enum
 
 import numpy as np
 
-from cluster.bench import report
-from cluster.bench.report import RequestResult
+from cluster.loadgen import report
+from cluster.loadgen.report import RequestResult
 
 # Words for `--prompt-mode text`: short and common, so that each is about one token in most vocabularies.
 WORDS = ("the of and to in is you that it he was for on are as with his they at be this have from or one had by "
@@ -385,7 +385,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.bench.load", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m cluster.loadgen.load", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))

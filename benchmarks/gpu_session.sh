@@ -4,32 +4,32 @@
 # every log and result into one archive under $OUT (the device returns few files a call).
 #
 #   here:   ../shared/tools/device-wheels.sh pytest pluggy iniconfig   # .whl/, ~55 MB
-#   device: bash cluster/bench/gpu_session.sh SECONDS ITEM...           # carry [".whl"]
+#   device: bash benchmarks/gpu_session.sh SECONDS ITEM...           # carry [".whl"]
 #
-# Items (docs/benchmarks.md, "Next GPU session", says which to run first):
+# Items (docs/benchmark-history.md, "Next GPU session", says which to run first):
 #   gpu-tests  pytest -m gpu over the engine, models, parallel and disagg tests (≈3 min);
 #              gpu-tests:EXPR runs those whose names match the pytest -k expression EXPR
-#   pp         bench.parallel pp: PP=2 with two batches in the stages vs one (≈1 min)
-#   parallel   bench.parallel allreduce,dense,pp: async scheduling on/off, NCCL priority and CTAs, PP batches (≈10 min)
+#   pp         benchmarks.parallel pp: PP=2 with two batches in the stages vs one (≈1 min)
+#   parallel   benchmarks.parallel allreduce,dense,pp: async scheduling on/off, NCCL priority and CTAs, PP batches (≈10 min)
 #   tp-pp      parallel without the normal-priority TP=2 engine and the even PP partition (≈5 min)
-#   tp64       bench.parallel allreduce,dense at batch 64 only: TP=1 vs TP=2 (and with the all-reduce fused
+#   tp64       benchmarks.parallel allreduce,dense at batch 64 only: TP=1 vs TP=2 (and with the all-reduce fused
 #              with the add and RMSNorm) and the prefill overlap (≈4 min)
-#   shard      one GPU: bench.parallel shard: TP=1 beside one TP=2 rank's part of the model, decode and prefill,
+#   shard      one GPU: benchmarks.parallel shard: TP=1 beside one TP=2 rank's part of the model, decode and prefill,
 #              with each one's top kernels per decode step (≈4 min)
-#   moe        bench.parallel moe: EP=2 vs TP=2 (graphs and eager), 8 layers (≈4 min)
-#   disagg     bench.disagg: KV transfer per layer and stacked vs raw NCCL, TTFT 1P1D vs colocated (≈2 min)
-#   serve      bench.serve: 1P1D vs two colocated replicas through HTTP up to saturation (≈7 min);
+#   moe        benchmarks.parallel moe: EP=2 vs TP=2 (graphs and eager), 8 layers (≈4 min)
+#   disagg     benchmarks.disagg: KV transfer per layer and stacked vs raw NCCL, TTFT 1P1D vs colocated (≈2 min)
+#   serve      benchmarks.serve: 1P1D vs two colocated replicas through HTTP up to saturation (≈7 min);
 #              serve:R1,R2,... at those request rates
-#   serve1:R1,R2,...  one GPU: bench.serve's colocated-1 (one mixed instance) at those rates, with a step
+#   serve1:R1,R2,...  one GPU: benchmarks.serve's colocated-1 (one mixed instance) at those rates, with a step
 #              budget of 8192 tokens (the two-GPU sweeps' colocated) and of 2048 (examples/colocated.yaml) (≈6 min)
 #   serve1-admit:R1,R2,...[:BUDGET]  one GPU: colocated-1 with admission on (as serve-admit), BUDGET tokens a
 #              step (default 8192) (≈3 min)
-#   prefill-budget  one GPU: bench.prefill_budget, prompt tokens/s and first-token times per step budget (≈2 min)
-#   sender-host  one GPU: bench.sender_host, the KV sender's host time per gather and post (≈1.5 min)
-#   gemm       one GPU: bench.gemm, each decode projection (whole, one TP=2 rank's share) by cuBLAS, cuBLASLt and
+#   prefill-budget  one GPU: benchmarks.prefill_budget, prompt tokens/s and first-token times per step budget (≈2 min)
+#   sender-host  one GPU: benchmarks.sender_host, the KV sender's host time per gather and post (≈1.5 min)
+#   gemm       one GPU: benchmarks.gemm, each decode projection (whole, one TP=2 rank's share) by cuBLAS, cuBLASLt and
 #              with its weight stored the other way, against HBM bandwidth (≈2 min)
 #   fused-norm   one GPU: the fused all-reduce + add + RMSNorm kernel with its ranks emulated on streams:
-#              its GPU tests, then bench.fused_norm (≈1 min)
+#              its GPU tests, then benchmarks.fused_norm (≈1 min)
 #   serve-admit  the sweep past saturation with admission on (queue wait, decode step) (≈6 min);
 #              serve-admit:R1,R2,... at those request rates
 set -uo pipefail
@@ -59,7 +59,7 @@ need_llama() {
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/work/gpus.txt" 2>&1
 # the hardware limits (HBM bandwidth, bf16 matmul) of this machine, in every call: the figures are set against them
-python3 -c "import json; from cluster.bench.hardware import measure; print(json.dumps(measure()))" \
+python3 -c "import json; from benchmarks.hardware import measure; print(json.dumps(measure()))" \
   > "$out/work/hardware.json" 2> "$out/work/hardware.log"
 for item in "$@"; do
   case $item in
@@ -69,61 +69,61 @@ for item in "$@"; do
                # call killed at its limit prints no failure report, and 2026-11-30's last call lost its reasons)
                LLM_CLUSTER_REPORT_AT_ONCE=1 run_item gpu-tests python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=120 "${k[@]}" \
                  "$PWD/tests/engine" "$PWD/tests/models" "$PWD/tests/ops" "$PWD/tests/parallel" "$PWD/tests/disagg" ;;
-    parallel)  need_llama; run_item parallel python3 -m cluster.bench.parallel --parts allreduce,dense,pp \
+    parallel)  need_llama; run_item parallel python3 -m benchmarks.parallel --parts allreduce,dense,pp \
                  --llama-dir /tmp/llama8b --steps 8 --tp2-normal-priority --tp2-nccl-ctas 8 --out parallel.jsonl ;;
-    tp-pp)     need_llama; run_item parallel python3 -m cluster.bench.parallel --parts allreduce,dense,pp \
+    tp-pp)     need_llama; run_item parallel python3 -m benchmarks.parallel --parts allreduce,dense,pp \
                  --llama-dir /tmp/llama8b --steps 8 --tp2-nccl-ctas 8 --pp-partitions balanced --out parallel.jsonl ;;
-    pp)        need_llama; run_item pp python3 -m cluster.bench.parallel --parts pp --llama-dir /tmp/llama8b --steps 8 \
+    pp)        need_llama; run_item pp python3 -m benchmarks.parallel --parts pp --llama-dir /tmp/llama8b --steps 8 \
                  --profile --out pp.jsonl ;;
-    tp64)      need_llama; run_item parallel python3 -m cluster.bench.parallel --parts allreduce,dense --batches 64 \
+    tp64)      need_llama; run_item parallel python3 -m benchmarks.parallel --parts allreduce,dense --batches 64 \
                  --llama-dir /tmp/llama8b --steps 8 --tp2-fused-norm --out parallel.jsonl ;;
-    shard)     need_llama; run_item shard python3 -m cluster.bench.parallel --parts shard --llama-dir /tmp/llama8b \
+    shard)     need_llama; run_item shard python3 -m benchmarks.parallel --parts shard --llama-dir /tmp/llama8b \
                  --steps 8 --profile --out shard.jsonl ;;
-    moe)       run_item moe python3 -m cluster.bench.parallel --parts moe --moe-layers 8 --steps 8 --out moe.jsonl ;;
-    disagg)    need_llama; run_item disagg python3 -m cluster.bench.disagg --model /tmp/llama8b --out disagg.json ;;
+    moe)       run_item moe python3 -m benchmarks.parallel --parts moe --moe-layers 8 --steps 8 --out moe.jsonl ;;
+    disagg)    need_llama; run_item disagg python3 -m benchmarks.disagg --model /tmp/llama8b --out disagg.json ;;
     serve|serve:*)
                # one prefill GPU saturates near 18 req/s of 2k-token prompts, two colocated near 40: the default
                # rates sweep both knees; serve:R1,R2,... picks others
                rates=4,8,12,16,24,32,48; [[ $item == serve:* ]] && rates=${item#serve:}
-               need_llama; run_item serve python3 -m cluster.bench.serve --model /tmp/llama8b \
+               need_llama; run_item serve python3 -m benchmarks.serve --model /tmp/llama8b \
                  --rates "$rates" --num-requests 800 --duration-s 15 --low-duration-s 10 --out-dir serve ;;
     serve1:*)  need_llama
                for budget in 8192 2048; do
-                 run_item "serve1-$budget" python3 -m cluster.bench.serve --model /tmp/llama8b --deployments colocated-1 \
+                 run_item "serve1-$budget" python3 -m benchmarks.serve --model /tmp/llama8b --deployments colocated-1 \
                    --rates "${item#serve1:}" --num-requests 400 --duration-s 15 --low-duration-s 8 \
                    --max-num-batched-tokens "$budget" --out-dir "serve1-$budget"
                done ;;
     serve1-admit:*) need_llama; rest=${item#serve1-admit:}; rates=${rest%%:*}; budget=8192
                [[ $rest == *:* ]] && budget=${rest#*:}
-               run_item "serve1-admit-$budget" python3 -m cluster.bench.serve --model /tmp/llama8b \
+               run_item "serve1-admit-$budget" python3 -m benchmarks.serve --model /tmp/llama8b \
                  --deployments colocated-1 --rates "$rates" --num-requests 600 --duration-s 15 --low-duration-s 8 \
                  --max-num-batched-tokens "$budget" --max-queue-wait-s 0.1 --max-decode-step-ms 30 \
                  --out-dir "serve1-admit-$budget" ;;
-    prefill-budget) need_llama; run_item prefill-budget python3 -m cluster.bench.prefill_budget --model /tmp/llama8b \
+    prefill-budget) need_llama; run_item prefill-budget python3 -m benchmarks.prefill_budget --model /tmp/llama8b \
                  --out prefill_budget.json ;;
     fused-norm) # one GPU, ranks emulated on streams: the fused all-reduce + add + RMSNorm kernel's tests (a hang in
                # its flag handshake would spin for ever: 120 s at most), then its cost per call beside the norm alone
                run_item fused-norm-tests timeout 120 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider \
                  "$PWD/tests/parallel/test_one_shot_norm_gpu.py"
-               run_item fused-norm timeout 150 python3 -m cluster.bench.fused_norm --num-warps default,4,16 \
+               run_item fused-norm timeout 150 python3 -m benchmarks.fused_norm --num-warps default,4,16 \
                  --out fused_norm.jsonl ;;
     gemm)      # one GPU: the decode projections of Llama-3-8B whole and as a TP=2 rank's share, three ways, set
                # against the HBM bandwidth measured above
                hbm=$(python3 -c "import json; print(json.load(open('$out/work/hardware.json'))['hbm_gb_s'])" 2>/dev/null)
-               run_item gemm python3 -m cluster.bench.gemm ${hbm:+--hbm-gb-s "$hbm"} --out gemm.jsonl ;;
-    sender-host) need_llama; run_item sender-host python3 -m cluster.bench.sender_host --model /tmp/llama8b --out sender_host.json ;;
+               run_item gemm python3 -m benchmarks.gemm ${hbm:+--hbm-gb-s "$hbm"} --out gemm.jsonl ;;
+    sender-host) need_llama; run_item sender-host python3 -m benchmarks.sender_host --model /tmp/llama8b --out sender_host.json ;;
     serve-admit|serve-admit:*) # the same past saturation with admission on (api.max_queue_wait_s 0.1: the 0.4 s TTFT
                # target less a prefill step of four 2k prompts, ~0.21 s, and the hand-over; max_decode_step_ms
                # 30 of the 40 ms TPOT one): goodput should hold near capacity past saturation
                rates=16,24,32,48,64; [[ $item == serve-admit:* ]] && rates=${item#serve-admit:}
-               need_llama; run_item serve-admit python3 -m cluster.bench.serve --model /tmp/llama8b \
+               need_llama; run_item serve-admit python3 -m benchmarks.serve --model /tmp/llama8b \
                  --rates "$rates" --num-requests 800 --duration-s 15 --low-duration-s 10 --max-queue-wait-s 0.1 --prefill-max-num-batched-tokens 2048 \
                  --max-decode-step-ms 30 --out-dir serve-admit ;;
     *)         echo "unknown item $item" ;;
   esac
 done
 # each target's figure from what this call measured, in the call's output (the tail comes back)
-python3 -m cluster.bench.session_summary "$out/work" > "$out/work/summary.md" 2>&1; cat "$out/work/summary.md"
+python3 -m benchmarks.session_summary "$out/work" > "$out/work/summary.md" 2>&1; cat "$out/work/summary.md"
 # a file comes back only under 16 MiB (2026-11-30: a serve call's archive did not): past it, each file
 # over 1 MiB keeps its first and last 400 kB
 tar -czf "$out/session.tar.gz" -C "$out" work

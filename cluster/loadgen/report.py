@@ -1,6 +1,6 @@
 """What a load run measured: per-request results in, a `Summary`, a table, JSON and PNG plots out.
 
-  (1) the load generator (`cluster.bench.load`) hands back one `RequestResult` per request sent;
+  (1) the load generator (`cluster.loadgen.load`) hands back one `RequestResult` per request sent;
   (2) `summarize` turns them and the run's wall time into a `Summary`: counts, request and token
       throughput, goodput, and mean/median/p90/p95/p99 of TTFT, TPOT, ITL and E2E in ms;
   (3) `format_table` prints it; `to_jsonable` makes it (and the args) strict JSON;

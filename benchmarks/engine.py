@@ -1,6 +1,6 @@
 """Engine benchmark on one GPU: decode step time, prefill throughput, offline throughput.
 
-    python -m cluster.bench.engine --model DIR [--make-llama8b] --out results.json
+    python -m benchmarks.engine --model DIR [--make-llama8b] --out results.json
 
   (1) hardware limits measured first, in the same process (HBM GB/s, bf16 TFLOP/s);
   (2) optional baseline: transformers `generate` with a static cache on the same GPU;
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from cluster.bench import hardware
+from benchmarks import hardware
 from cluster.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig
 from cluster.types import SamplingParams
 

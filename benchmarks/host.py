@@ -1,12 +1,12 @@
 """The engine's host work per decode step, without the model: what sits between two GPU steps.
 
-    python -m cluster.bench.host --batch 64 --context 1024      # CPU is enough: nothing runs on a device
+    python -m benchmarks.host --batch 64 --context 1024      # CPU is enough: nothing runs on a device
 
 An engine on CPU with a tiny random checkpoint (made once at `--model`) holds `--batch` sequences
 with `--context` tokens each; then, `--steps` times, the phases of a decode step that run on the
 host are timed one by one: schedule, plan (step_plan.plan_step), pack (the multi-rank wire form),
 upload (host buffers to the device tensors; a copy on CPU), update + emit (scheduler update with
-made-up sampled tokens, detokenize, stop strings, deltas). Medians in µs, one JSON line.
+made-up sampled tokens, then each one detokenized and looked at for stop strings). Medians in µs, one JSON line.
 The model's forward and the sampling are left out: they are the device's part.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args(argv)
-    from cluster.bench.harness import fill
+    from benchmarks.harness import fill
     from cluster.engine.engine import Engine
     from cluster.engine.step_plan import pack, plan_step
     from cluster.models.tokenizer import Tokenizer
@@ -56,9 +56,9 @@ def main(argv=None) -> None:
         engine.runner.upload(plan)
         t4 = time.perf_counter()
         engine.scheduler.update(sched, {item.seq.seq_id: rng.randrange(100, 1000) for item in sched.scheduled})
-        for item in sched.scheduled:
+        for item in sched.scheduled:  # what the engine's emit does of each token: detokenize, look for stops
             if item.samples:
-                engine._emit(item.seq, item.seq.token_ids[-1], None)
+                engine.requests[item.seq.request_id].texts[item.seq.index].push(item.seq.token_ids[-1])
         t5 = time.perf_counter()
         for key, a, b in (("schedule", t0, t1), ("plan", t1, t2), ("pack", t2, t3), ("upload", t3, t4), ("update_emit", t4, t5)):
             spent[key].append((b - a) * 1e6)

@@ -1,16 +1,25 @@
-"""What `bench.disagg` measures of the KV sender beside each transfer: where its host time goes and
+"""What `benchmarks.disagg` measures of the KV sender beside each transfer: where its host time goes and
 how long its gathers take on the device.
 
+  stacked_groups     the [start, end) layer ranges a prefill stacks a request's KV into (one message each);
   gather_device_us   one request's stacked gathers timed on the device, three ways (torch's
                      index_select over bf16 elements, over 16-byte words, the engine's gather_blocks);
-  event_pair         two CUDA events to put around one gather inside a timed transfer;
-  time_posts         wraps a link's `post` so each NCCL launch's host time lands in POST_US.
+  event_pair         two CUDA events to put around one gather inside a timed transfer.
 """
 from __future__ import annotations
 
-import time
-
 import torch
+
+
+def stacked_groups(engine, num_tokens: int, kv_dtype: torch.dtype) -> list[tuple[int, int]]:
+    """The layer ranges a prefill instance sends a `num_tokens` prompt's KV in: as many whole layers a
+    message as fit `prefill.GROUP_BYTES` (disagg/prefill.py, from the same public pieces)."""
+    from cluster.disagg.prefill import GROUP_BYTES
+    from cluster.engine.kv_handover import full_kv_shape, layer_groups
+
+    num_blocks = -(-num_tokens // engine.kv.block_size)
+    layer_bytes = max(1, torch.Size(full_kv_shape(engine.arch, num_blocks, engine.kv.block_size)).numel() * kv_dtype.itemsize)
+    return layer_groups(engine.arch.num_layers, max(1, GROUP_BYTES // layer_bytes))
 
 
 def gather_device_us(engine, index, groups) -> dict:
@@ -41,25 +50,9 @@ def gather_device_us(engine, index, groups) -> dict:
     return out
 
 
-POST_US: list[float] = []  # host time of each `Link.post` of the run (the NCCL broadcast's launch)
-
-
 def event_pair(device) -> list:
     """Two CUDA events to put around one gather (its device time); none on CPU."""
     if device.type != "cuda":
         return []
     return [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)]
 
-
-def time_posts(link) -> None:
-    """Stamp the host time of each of `link`'s posts into POST_US (the bench's own wrapper)."""
-    post = link.post
-
-    def timed(tensor, sending):
-        t = time.monotonic()
-        try:
-            return post(tensor, sending)
-        finally:
-            POST_US.append((time.monotonic() - t) * 1e6)
-
-    link.post = timed

@@ -1,6 +1,6 @@
 """A prefill pool's step budget on one GPU: its prompt throughput and its first-token times, per budget.
 
-    python -m cluster.bench.prefill_budget --model DIR [--make-llama8b] --out prefill_budget.json
+    python -m benchmarks.prefill_budget --model DIR [--make-llama8b] --out prefill_budget.json
 
 A 1P1D deployment's prefill instance is its bound under prefill-heavy load (2xH200, 2026-11-30: 39,800
 prompt tokens/s at 8,192 tokens a step, 19.4 req/s of 2k prompts), and `examples/1p1d.yaml` gives
@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from cluster.bench.engine import _prompts
+from benchmarks.engine import _prompts
 from cluster.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig
 from cluster.types import SamplingParams
 

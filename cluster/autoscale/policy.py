@@ -1,0 +1,261 @@
+"""The autoscaler's policy: a pure function from what the pools look like to what should change.
+
+    decide(observations, state, config, slo) -> Decision   (Decision.state: the state for next time)
+
+Per pool, in order (the first that applies is the pool's decision; each carries its reason):
+  (1) WITHDRAW scale-ups pending longer than `pending_timeout_s` (they could not be placed);
+  (2) UP to the pool's minimum (BELOW_MIN);
+  (3) UP to the smallest size predicted to meet every target of the pool at `upscale_headroom` of
+      it (prefill: TTFT; decode: ITL and KV room; mixed: both), counting scale-ups in flight, in one
+      step however large the deficit (reason: the target that binds). Until the pool's model has
+      `min_samples` observations it goes by the observed latency instead, in proportion to it;
+  (4) WITHDRAW pending scale-ups the load no longer needs (LOAD_FELL);
+  (5) DOWN by one above the pool's maximum (ABOVE_MAX), or, with nothing draining, after
+      `stable_window_s` without a scale-up or pressure (a prediction or observation over
+      `downscale_margin` of a target), if one instance fewer is predicted to stay under
+      `downscale_margin` of every target with the KV still fitting (CONSOLIDATE; IDLE at zero traffic);
+  (6) HOLD.
+Across pools: scale-ups share the GPU budget (`max_gpus`), the pool whose targets burn worst first;
+a pool the budget leaves short may take an instance of the other disaggregated pool that could
+consolidate (FLIP: drained, its role switched, its weights kept).
+The gap between `upscale_headroom` and `downscale_margin`, the stable window and one scale-down at a
+time keep a steady load from flapping. The actuator (actuator.py) carries a decision out; in
+`advisory` mode nothing is carried out.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field, replace
+
+from cluster.autoscale.model import KV_LIMIT, PoolModel
+from cluster.autoscale.observe import Observations, PoolObservation
+from cluster.config import AutoscaleConfig, SloConfig
+from cluster.types import Role
+
+NEVER = -math.inf
+
+
+class Direction(enum.Enum):
+    UP = "up"
+    DOWN = "down"
+    WITHDRAW = "withdraw"  # cancel scale-ups in flight
+    FLIP = "flip"  # give one instance to another pool
+    HOLD = "hold"
+
+
+class Reason(enum.Enum):
+    BELOW_MIN = "below_min"
+    ABOVE_MAX = "above_max"
+    TTFT = "ttft"
+    ITL = "itl"
+    KV = "kv"
+    PENDING_TIMEOUT = "pending_timeout"
+    LOAD_FELL = "load_fell"
+    CONSOLIDATE = "consolidate"
+    IDLE = "idle"
+    BUDGET = "budget"  # a FLIP, or an UP cut short by max_gpus
+    STEADY = "steady"
+    WARMING_UP = "warming_up"  # too few observations to predict, and nothing observed over target
+
+
+@dataclass(frozen=True)
+class PoolDecision:
+    role: Role
+    direction: Direction
+    count: int
+    reason: Reason
+    desired: int  # the size the pool should have
+    predicted_ttft_s: float | None = None  # at the pool's current size
+    predicted_itl_s: float | None = None
+    flip_to: Role | None = None  # FLIP: the pool that gets the instance
+    burn: float = 0.0  # the worst of (prediction or observation) / target, at the current size
+
+
+@dataclass(frozen=True)
+class PoolState:
+    model: PoolModel = field(default_factory=PoolModel)
+    last_up_s: float = NEVER
+    last_pressure_s: float = NEVER
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    pools: dict[Role, PoolState] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decision:
+    now_s: float
+    pools: dict[Role, PoolDecision]
+    state: PolicyState
+
+
+def decide(observations: Observations, state: PolicyState, config: AutoscaleConfig, slo: SloConfig) -> Decision:
+    now = observations.now_s
+    decisions, states = {}, {}
+    for role, obs in observations.pools.items():
+        pool_state = state.pools.get(role, PoolState())
+        pool_state = replace(pool_state, model=pool_state.model.update(obs, slo.percentile))
+        decisions[role], states[role] = _decide_pool(obs, pool_state, _limits(config, role), config, slo, now)
+    decisions, states = _share_budget(observations, decisions, states, config, slo)
+    return Decision(now, decisions, PolicyState(states))
+
+
+def _limits(config: AutoscaleConfig, role: Role):
+    return {Role.PREFILL: config.prefill, Role.DECODE: config.decode, Role.MIXED: config.mixed}[role]
+
+
+class _Sizing:
+    """What one pool's model says of sizes: predictions, and the smallest size meeting a share of the targets."""
+
+    def __init__(self, obs: PoolObservation, model: PoolModel, config: AutoscaleConfig, slo: SloConfig):
+        self.obs, self.model, self.config, self.slo = obs, model, config, slo
+        self.warming = model.num_samples < config.min_samples
+        self.ttft = obs.role in (Role.PREFILL, Role.MIXED)
+        self.itl = obs.role in (Role.DECODE, Role.MIXED)
+
+    def ttft_at(self, n: int) -> float | None:
+        if not self.ttft or self.warming or not self.model.prefill_rate:
+            return None
+        return self.model.predict_ttft(self.obs, n, self.slo.percentile)
+
+    def itl_at(self, n: int) -> float | None:
+        return None if not self.itl or self.warming else self.model.predict_itl(self.obs, n)
+
+    def meets(self, n: int, share: float, kv_share: float) -> Reason | None:
+        """None if `n` instances are predicted within `share` of every target (and the KV within
+        `kv_share` of the pool's limit), else the first target missed."""
+        ttft, itl = self.ttft_at(n), self.itl_at(n)
+        if ttft is not None and ttft > share * self.slo.ttft_s:
+            return Reason.TTFT
+        if itl is not None and itl > share * self.slo.itl_s:
+            return Reason.ITL
+        if self.itl and self.model.kv_share(self.obs, n) > KV_LIMIT * kv_share:
+            return Reason.KV
+        return None
+
+    def observed_burn(self) -> tuple[float, Reason]:
+        burns = [(0.0, Reason.STEADY)]
+        if self.ttft and self.obs.observed_ttft_s is not None:
+            burns.append((self.obs.observed_ttft_s / self.slo.ttft_s, Reason.TTFT))
+        if self.itl and self.obs.observed_itl_s is not None:
+            burns.append((self.obs.observed_itl_s / self.slo.itl_s, Reason.ITL))
+        if self.itl and self.obs.num_actual:
+            burns.append((self.obs.kv_used / self.obs.num_actual / KV_LIMIT, Reason.KV))
+        return max(burns, key=lambda b: b[0])
+
+    def predicted_burn(self, n: int) -> float:
+        burns = [0.0]
+        if (ttft := self.ttft_at(n)) is not None:
+            burns.append(ttft / self.slo.ttft_s)
+        if (itl := self.itl_at(n)) is not None:
+            burns.append(itl / self.slo.itl_s)
+        return max(burns)
+
+    def needed(self, largest: int) -> tuple[int, Reason | None]:
+        """The smallest size (up to `largest`) within `upscale_headroom` of every target, and the
+        target that binds at the current size (None: none)."""
+        n_now = max(self.obs.num_actual, 1)
+        headroom = self.config.upscale_headroom
+        if self.warming:  # no model yet: what is observed over target, in proportion
+            burn, reason = self.observed_burn()
+            if burn <= headroom:
+                return self.obs.num_actual, None
+            return min(largest, math.ceil(n_now * burn / headroom)), reason
+        binding = self.meets(self.obs.num_actual, headroom, 1.0) if self.obs.num_actual else None
+        for n in range(1, largest + 1):
+            if self.meets(n, headroom, 1.0) is None:
+                return n, binding
+        return largest, binding or Reason.TTFT
+
+
+def _decide_pool(obs: PoolObservation, state: PoolState, limits, config: AutoscaleConfig, slo: SloConfig,
+                 now: float) -> tuple[PoolDecision, PoolState]:
+    sizing = _Sizing(obs, state.model, config, slo)
+    n_now, n_pending = obs.num_actual, obs.num_pending
+    pressure = (sizing.observed_burn()[0] > config.downscale_margin
+                or (obs.num_actual and sizing.predicted_burn(n_now) > config.downscale_margin))
+    if pressure:
+        state = replace(state, last_pressure_s=now)
+    burn = max(sizing.observed_burn()[0], sizing.predicted_burn(n_now) if n_now else 0.0)
+
+    def out(direction: Direction, count: int, reason: Reason, desired: int, new_state: PoolState = state):
+        return PoolDecision(obs.role, direction, count, reason, desired, sizing.ttft_at(n_now) if n_now else None,
+                            sizing.itl_at(n_now) if n_now else None, burn=burn), new_state
+
+    timed_out = sum(age > config.pending_timeout_s for age in obs.pending_ages_s)
+    if timed_out:  # (1) never placed: withdrawn, and forgotten (it must not hold a scale-down back)
+        return out(Direction.WITHDRAW, timed_out, Reason.PENDING_TIMEOUT, n_now + n_pending - timed_out,
+                   replace(state, last_up_s=NEVER))
+    total = n_now + n_pending
+    if total < limits.min_instances:  # (2)
+        return out(Direction.UP, limits.min_instances - total, Reason.BELOW_MIN, limits.min_instances,
+                   replace(state, last_up_s=now))
+    needed, binding = sizing.needed(limits.max_instances)
+    needed = max(needed, limits.min_instances)
+    if needed > total and binding is not None:  # (3)
+        return out(Direction.UP, needed - total, binding, needed, replace(state, last_up_s=now))
+    if n_pending and needed < total:  # (4)
+        return out(Direction.WITHDRAW, min(n_pending, total - needed), Reason.LOAD_FELL, needed,
+                   replace(state, last_up_s=NEVER))
+    if n_now > limits.max_instances:  # (5)
+        return out(Direction.DOWN, 1, Reason.ABOVE_MAX, limits.max_instances)
+    if _may_consolidate(sizing, state, limits, config, now):
+        return out(Direction.DOWN, 1, Reason.IDLE if obs.idle else Reason.CONSOLIDATE, n_now - 1)
+    return out(Direction.HOLD, 0, Reason.WARMING_UP if sizing.warming else Reason.STEADY, total)
+
+
+def _may_consolidate(sizing: _Sizing, state: PoolState, limits, config: AutoscaleConfig, now: float) -> bool:
+    obs = sizing.obs
+    if obs.num_actual <= limits.min_instances or obs.num_draining or obs.num_pending:
+        return False
+    if now - max(state.last_up_s, state.last_pressure_s) < config.stable_window_s:
+        return False
+    if sizing.warming:  # no model: only an idle pool shrinks
+        return obs.idle
+    kv_share = config.downscale_margin / config.upscale_headroom
+    return sizing.meets(obs.num_actual - 1, config.downscale_margin, kv_share) is None
+
+
+def _share_budget(observations: Observations, decisions: dict, states: dict, config: AutoscaleConfig,
+                  slo: SloConfig) -> tuple[dict, dict]:
+    """Scale-ups within `max_gpus`, the worst-burning pool first; a pool left short may take an
+    instance of the other disaggregated pool by a FLIP."""
+    if config.max_gpus is None:
+        return decisions, states
+    pools = observations.pools
+    free = config.max_gpus - sum(obs.gpus_held for obs in pools.values())
+    ups = sorted((d for d in decisions.values() if d.direction == Direction.UP), key=lambda d: -d.burn)
+    for d in ups:
+        per = pools[d.role].gpus_per_instance
+        granted = min(d.count, int((free + 1e-9) // per)) if per > 0 else d.count
+        free -= granted * per
+        if granted == d.count:
+            continue
+        decisions[d.role] = replace(d, count=granted, direction=Direction.UP if granted else Direction.HOLD,
+                                    reason=d.reason if granted else Reason.BUDGET)
+        if granted == 0 and config.role_flip:
+            donor = _flip_donor(d.role, pools, decisions, states, config, slo)
+            if donor is not None:
+                decisions[donor] = replace(decisions[donor], direction=Direction.FLIP, count=1, reason=Reason.BUDGET,
+                                           flip_to=d.role, desired=pools[donor].num_actual - 1)
+    return decisions, states
+
+
+def _flip_donor(role: Role, pools: dict, decisions: dict, states: dict, config: AutoscaleConfig,
+                slo: SloConfig) -> Role | None:
+    """The other disaggregated pool, if it holds an instance it could spare (of the same GPU shape)."""
+    other = {Role.PREFILL: Role.DECODE, Role.DECODE: Role.PREFILL}.get(role)
+    obs = pools.get(other)
+    if obs is None or decisions[other].direction not in (Direction.HOLD, Direction.DOWN):
+        return None
+    if obs.gpus_per_instance != pools[role].gpus_per_instance or obs.num_draining or obs.num_pending:
+        return None
+    if obs.num_actual <= _limits(config, other).min_instances:
+        return None
+    sizing = _Sizing(obs, states[other].model, config, slo)
+    if sizing.warming:
+        return other if obs.idle else None
+    kv_share = config.downscale_margin / config.upscale_headroom
+    return other if sizing.meets(obs.num_actual - 1, config.downscale_margin, kv_share) is None else None
