@@ -28,7 +28,7 @@ def _promtool() -> str:
 
 def _series(slo: str, phases: list[tuple[int, int]]) -> list[dict]:
     """1,000 events a minute; `phases`: (minutes, bad events a minute) one after another."""
-    labels = f'model="m", pool="p", instance="i0"'
+    labels = 'model="m", pool="p", instance="i0"'
     good, total = [0], [0]
     for minutes, bad in phases:
         for _ in range(minutes):
