@@ -32,6 +32,11 @@
 #              its GPU tests, then benchmarks.fused_norm (≈1 min)
 #   serve-admit  the sweep past saturation with admission on (queue wait, decode step) (≈6 min);
 #              serve-admit:R1,R2,... at those request rates
+#   ab-engine:TGZ  an A/B of two trees in one call: TGZ (a `git archive REV cluster | gzip` of the tree before)
+#              and this tree, in turn, twice each: benchmarks.engine's batch-1 and batch-128 decode steps, 2k
+#              prefill and offline throughput, no transformers baseline (≈6 min)
+#   ab-serve:TGZ:RATE  the same A/B for one colocated instance through HTTP at RATE req/s (2k in, 256 out,
+#              2,048-token steps, admission on), B A B A (≈8 min)
 set -uo pipefail
 budget=${1:?seconds this call may run}; shift
 start=$(date +%s)
@@ -50,6 +55,20 @@ run_item() {  # name, command...
   echo "== $name (up to ${secs}s) =="
   ( cd "$out/work" && timeout "$secs" "$@" ) > "$out/work/$name.log" 2>&1
   echo "$name: exit $? after $(( $(date +%s) - start ))s"; tail -4 "$out/work/$name.log"
+}
+
+tree_of() {  # the tree a `git archive ... cluster | gzip` holds, extracted once: its `cluster` goes first on PYTHONPATH
+  local dir=/tmp/ab-before
+  [[ -d $dir/cluster ]] || { mkdir -p "$dir" && tar -xzf "$1" -C "$dir"; }
+  echo "$dir"
+}
+
+run_ab() {  # name, before-tree, command...: B A B A, each run with its own tree's `cluster`
+  local name=$1 before=$2; shift 2
+  for round in 1 2; do
+    PYTHONPATH=$before:$PYTHONPATH run_item "$name-before-$round" "$@" --out "$name-before-$round.json"
+    run_item "$name-after-$round" "$@" --out "$name-after-$round.json"
+  done
 }
 
 need_llama() {
@@ -111,6 +130,19 @@ for item in "$@"; do
                # against the HBM bandwidth measured above
                hbm=$(python3 -c "import json; print(json.load(open('$out/work/hardware.json'))['hbm_gb_s'])" 2>/dev/null)
                run_item gemm python3 -m benchmarks.gemm ${hbm:+--hbm-gb-s "$hbm"} --out gemm.jsonl ;;
+    ab-engine:*) need_llama; before=$(tree_of "$PWD/${item#ab-engine:}")
+               run_ab engine "$before" python3 -m benchmarks.engine --model /tmp/llama8b --batch-sizes 1,128 \
+                 --hf-batch 0 --requests 256 ;;
+    ab-serve:*) need_llama; rest=${item#ab-serve:}; before=$(tree_of "$PWD/${rest%%:*}"); rate=${rest#*:}
+               for round in 1 2; do
+                 for side in before after; do
+                   tree=$PYTHONPATH; [[ $side == before ]] && tree=$before:$PYTHONPATH
+                   PYTHONPATH=$tree run_item "serve-$side-$round" python3 -m benchmarks.serve --model /tmp/llama8b \
+                     --deployments colocated-1 --rates "$rate" --num-requests 400 --duration-s 15 --low-duration-s 8 \
+                     --max-num-batched-tokens 2048 --max-queue-wait-s 0.1 --max-decode-step-ms 30 \
+                     --out-dir "serve-$side-$round"
+                 done
+               done ;;
     sender-host) need_llama; run_item sender-host python3 -m benchmarks.sender_host --model /tmp/llama8b --out sender_host.json ;;
     serve-admit|serve-admit:*) # the same past saturation with admission on (api.max_queue_wait_s 0.1: the 0.4 s TTFT
                # target less a prefill step of four 2k prompts, ~0.21 s, and the hand-over; max_decode_step_ms

@@ -2,9 +2,11 @@
 module hands its client to the API.
 
   (1) `runtime.launcher.Cluster` starts Ray, the instance pools and the ClusterClient;
-  (2) `cluster_app` builds the OpenAI app (api/server.py) over that client and its metrics, and
-      gives it `Cluster.add_instance` for `POST /admin/instances`;
-  (3) `serve_cluster` serves it with uvicorn until SIGINT/SIGTERM, then stops the cluster.
+  (2) with `autoscale.enabled`, the autoscaler (autoscale/) starts over the cluster;
+  (3) `cluster_app` builds the OpenAI app (api/server.py) over that client and its metrics, and
+      gives it `Cluster.add_instance` for `POST /admin/instances` and the autoscaler's status for
+      `GET /admin/autoscaler`;
+  (4) `serve_cluster` serves it with uvicorn until SIGINT/SIGTERM, then stops the autoscaler and the cluster.
 
 So `runtime/` never imports `api/`, and `api/` knows the cluster only as an `EngineClient`
 (cluster/client.py) and a callable.
@@ -14,15 +16,28 @@ from __future__ import annotations
 import sys
 
 from cluster.api.server import build_app
+from cluster.autoscale.controller import Autoscaler
 from cluster.config import ClusterConfig
 from cluster.runtime.gc_pauses import freeze_startup_objects
 from cluster.runtime.launcher import Cluster
 from cluster.types import Role
 
 
-def cluster_app(cluster: Cluster):
-    """The FastAPI app of a started `cluster`: the OpenAI routes and `POST /admin/instances`."""
-    return build_app(cluster.client, cluster.metrics, cluster.client.info().name, add_instance=cluster.add_instance)
+def cluster_app(cluster: Cluster, autoscaler: Autoscaler | None = None):
+    """The FastAPI app of a started `cluster`: the OpenAI routes, `POST /admin/instances` and
+    `GET /admin/autoscaler`."""
+    status = autoscaler.status if autoscaler is not None else (lambda: {"enabled": False})
+    return build_app(cluster.client, cluster.metrics, cluster.client.info().name, add_instance=cluster.add_instance,
+                     autoscaler_status=status)
+
+
+def start_autoscaler(cluster: Cluster) -> Autoscaler | None:
+    """The autoscaler over a started cluster, if its config enables one (on the running event loop)."""
+    if not cluster.config.autoscale.enabled:
+        return None
+    autoscaler = Autoscaler(cluster, cluster.config, cluster.metrics)
+    autoscaler.start()
+    return autoscaler
 
 
 async def serve_cluster(config: ClusterConfig) -> None:
@@ -31,8 +46,9 @@ async def serve_cluster(config: ClusterConfig) -> None:
     cluster = Cluster(config)
     print(f"starting llm-cluster: model {config.engine.model.path}", file=sys.stderr, flush=True)
     await cluster.start()
+    autoscaler = start_autoscaler(cluster)
     freeze_startup_objects()  # the router and the HTTP streams run here: no full collection walks start-up's objects
-    server = uvicorn.Server(uvicorn.Config(cluster_app(cluster), host=config.api.host, port=config.api.port,
+    server = uvicorn.Server(uvicorn.Config(cluster_app(cluster, autoscaler), host=config.api.host, port=config.api.port,
                                            log_level="warning", timeout_keep_alive=config.api.keep_alive_s))
     pools = ", ".join(f"{r.value}={len(cluster.client.pool(r))}" for r in Role if cluster.client.pool(r))
     print(f"llm-cluster is up ({pools}).\n  OpenAI API: http://{config.api.host}:{config.api.port}/v1   "
@@ -41,5 +57,7 @@ async def serve_cluster(config: ClusterConfig) -> None:
     try:
         await server.serve()
     finally:
+        if autoscaler is not None:
+            await autoscaler.close()
         await cluster.stop()
         print("llm-cluster stopped.", flush=True)

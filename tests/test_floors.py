@@ -30,7 +30,8 @@ FLOORS: dict[str, tuple[str, set[str]]] = {
                              "ray", "fastapi", "redis"}),
     "cluster.disagg": (NOT, {"cluster.runtime", "cluster.api", "cluster.store", "ray", "fastapi"}),
     "cluster.store": (NOT, {"cluster.engine", "cluster.runtime", "cluster.api"}),
-    "cluster.runtime": (NOT, {"cluster.api", "fastapi"}),
+    "cluster.runtime": (NOT, {"cluster.api", "cluster.autoscale", "fastapi"}),
+    "cluster.autoscale": (NOT, {"cluster.api", "fastapi"}),
     "cluster.api": (NOT, {"cluster.runtime", "cluster.engine", "cluster.disagg", "cluster.store"}),  # takes a client
 }
 RAY_ONLY_IN = ("cluster.runtime", "cluster.app", "cluster.cli")

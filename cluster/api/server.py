@@ -295,9 +295,11 @@ def _json(model) -> Response:
 
 
 def build_app(client: EngineClient, metrics: Metrics, served_model_name: str,
-              add_instance: Callable[[Role], Awaitable[str]] | None = None) -> FastAPI:
+              add_instance: Callable[[Role], Awaitable[str]] | None = None,
+              autoscaler_status: Callable[[], dict] | None = None) -> FastAPI:
     """The app over `client`; with `add_instance` (the caller's way to start an instance of a
-    role and return its id) also `POST /admin/instances {"role": ...}`."""
+    role and return its id) also `POST /admin/instances {"role": ...}`; with `autoscaler_status`
+    also `GET /admin/autoscaler` (its mode and last decisions with their reasons)."""
     server = OpenAIServer(client, metrics, served_model_name)
     app = FastAPI(title="llm-cluster", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
@@ -311,6 +313,8 @@ def build_app(client: EngineClient, metrics: Metrics, served_model_name: str,
         async def add_instance_route(body: dict = Body(...)):
             role = Role(body.get("role", "decode"))
             return {"instance_id": await add_instance(role)}
+    if autoscaler_status is not None:
+        app.add_api_route("/admin/autoscaler", lambda: autoscaler_status(), methods=["GET"])
     app.state.server = server
     return app
 

@@ -9,7 +9,8 @@ Per pool, in order (the first that applies is the pool's decision; each carries 
       it (prefill: TTFT; decode: ITL and KV room; mixed: both), counting scale-ups in flight, in one
       step however large the deficit (reason: the target that binds). Until the pool's model has
       `min_samples` observations it goes by the observed latency instead, in proportion to it;
-  (4) WITHDRAW pending scale-ups the load no longer needs (LOAD_FELL);
+  (4) WITHDRAW pending scale-ups the load no longer needs (LOAD_FELL), after `stable_window_s`
+      without pressure, as any shrinking (a burst that pauses must not cancel what it started);
   (5) DOWN by one above the pool's maximum (ABOVE_MAX), or, with nothing draining, after
       `stable_window_s` without a scale-up or pressure (a prediction or observation over
       `downscale_margin` of a target), if one instance fewer is predicted to stay under
@@ -196,7 +197,8 @@ def _decide_pool(obs: PoolObservation, state: PoolState, limits, config: Autosca
     needed = max(needed, limits.min_instances)
     if needed > total and binding is not None:  # (3)
         return out(Direction.UP, needed - total, binding, needed, replace(state, last_up_s=now))
-    if n_pending and needed < total:  # (4)
+    calm = now - state.last_pressure_s >= config.stable_window_s
+    if n_pending and needed < total and calm:  # (4)
         return out(Direction.WITHDRAW, min(n_pending, total - needed), Reason.LOAD_FELL, needed,
                    replace(state, last_up_s=NEVER))
     if n_now > limits.max_instances:  # (5)

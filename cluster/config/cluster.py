@@ -124,6 +124,15 @@ class ClusterConfig:
             raise ConfigError("ClusterConfig: a disaggregated deployment needs prefill.instances >= 1 and decode.instances >= 1")
         if not disagg and self.mixed.instances == 0:
             raise ConfigError("ClusterConfig: no instances: set mixed.instances, or prefill and decode instances")
+        if self.autoscale.enabled:
+            used = (("prefill", self.prefill), ("decode", self.decode)) if disagg else (("mixed", self.mixed),)
+            for name, pool in used:
+                limits = getattr(self.autoscale, name)
+                if limits.min_instances < 1:
+                    raise ConfigError(f"ClusterConfig: autoscale.{name}.min_instances must be >= 1 for a pool in use")
+                if not limits.min_instances <= pool.instances <= limits.max_instances:
+                    raise ConfigError(f"ClusterConfig: {name}.instances={pool.instances} must lie within autoscale."
+                                      f"{name} [{limits.min_instances}, {limits.max_instances}]")
         # the KV hand-over gathers a prefill instance's shards (heads over tp, layers over pp) to its
         # rank 0 and scatters them from a decode instance's rank 0 (engine/kv_handover.py): the pools
         # may have any tp x pp each

@@ -43,6 +43,9 @@ class InstanceView:
     kv_bytes_reported: int = 0  # prefill: bytes already counted in the metrics
     refreshed_s: float = 0.0  # time.monotonic() of the last heartbeat's stats
     rates: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RATE_WINDOW))  # prefill tokens/s
+    draining: bool = False  # being scaled in (or flipped): takes no new request
+    num_dispatched: int = 0  # requests sent here since it joined (the autoscaler's arrival rate)
+    num_dispatched_tokens: int = 0  # their prompt tokens
 
     def refresh(self, load: dict, now_s: float | None = None, asked_s: float | None = None) -> None:
         """The stats `load`, asked for at `asked_s` (None: now). Dispatches from before that are in them;
@@ -86,6 +89,8 @@ class InstanceView:
     def dispatched(self, num_prompt_tokens: int, now_s: float | None = None) -> None:
         """A request was sent here: counted in its load until a heartbeat asked for later stats."""
         self.sent.append((time.monotonic() if now_s is None else now_s, num_prompt_tokens))
+        self.num_dispatched += 1
+        self.num_dispatched_tokens += num_prompt_tokens
 
     @property
     def dispatched_tokens(self) -> int:

@@ -314,6 +314,15 @@ class Engine:
             text.push(first_token_id)
             text.num_emitted = max(0, len(text.text) - text.hold)  # what the prefill side emitted; the rest is ours
 
+    def set_role(self, role: Role) -> None:
+        """Serve as another role from now on, weights and KV pool kept (an autoscaler's role flip). Only
+        an idle engine switches; a prefill role's KV sink goes (the new role's worker sets its own)."""
+        if self.has_unfinished() or self.requests:
+            raise ValueError(f"an engine switches roles only when idle ({len(self.requests)} requests held)")
+        self.role = role
+        self.async_scheduling = self.config.runner.async_scheduling and role != Role.PREFILL
+        self.kv_out = None
+
     def shutdown(self) -> None:
         """Stop the instance's other ranks (a single-process engine has none)."""
         self.executor.shutdown()

@@ -35,6 +35,7 @@ from cluster.runtime.admission import admit
 from cluster.disagg.roles import EventKind, InstanceEvent, RequestSpec
 from cluster.runtime.dispatch import Dispatcher
 from cluster.runtime.instance import STALL_KEYS
+from cluster.runtime.latency import LatencyWindow
 from cluster.runtime.heartbeat import Heartbeat
 from cluster.runtime.leg import Leg, LegState, journal_finish
 from cluster.runtime.links import KVLinks
@@ -62,6 +63,7 @@ class ClusterClient(EngineClient, ClusterEvents):
         self.poll_tasks: dict[str, asyncio.Task] = {}
         self.confirming: set[asyncio.Task] = set()  # confirmations on their way to prefill instances
         self.num_pending = 0
+        self.latency = LatencyWindow()  # TTFT and ITL per pool as the clients saw them (the autoscaler's)
         self.dispatcher = Dispatcher(self.pools, self.router, self.links, store, self.legs, self,
                                      config.disaggregated)
 
@@ -81,6 +83,43 @@ class ClusterClient(EngineClient, ClusterEvents):
                                                   num_blocks=info["num_blocks"], block_size=info["block_size"],
                                                   started_at=time.time()), self.config.router.instance_ttl_s)
         self.links.prewarm(view, self.pool)
+
+    async def remove_instance(self, instance_id: str) -> None:
+        """An instance leaves (scaled in, or about to rejoin with another role): no request is placed on
+        it, its poll stops, the store and its peers forget it. Its legs should have ended (`migrate`)."""
+        view = self.instances.pop(instance_id, None)
+        if view is None:
+            return
+        view.alive = False
+        task = self.poll_tasks.pop(instance_id, None)
+        if task is not None:
+            task.cancel()
+        try:
+            self.store.deregister_instance(instance_id)
+        except Exception:  # the store may be away: its entry expires
+            log.warning("could not deregister %s", instance_id)
+        await self.links.drop(instance_id, self.instances)
+        if self.metrics is not None:
+            self.metrics.remove_instance(view.role.value, instance_id, model=self._info.name)
+
+    def legs_on(self, instance_id: str) -> list[Leg]:
+        """The live legs that still need an instance: those it decodes (or runs, mixed), and those whose
+        prompt it prefills or whose KV it has yet to hand over."""
+        handing_over = (LegState.PLACING, LegState.PREFILLING, LegState.TRANSFERRING)
+        return [leg for leg in self.legs.values() if not leg.done and (
+            leg.decode_id == instance_id or (leg.prefill_id == instance_id and leg.state in handing_over))]
+
+    async def migrate(self, instance_id: str, why: str) -> int:
+        """Move every live leg off an instance that is going away: each restarts elsewhere from its prompt
+        and the tokens its client already has (the KV is recomputed there). Returns how many moved."""
+        legs = self.legs_on(instance_id)
+        for leg in legs:
+            await self.abort_remote(instance_id, leg.leg_id)
+            other = leg.prefill_id if leg.decode_id == instance_id else leg.decode_id
+            if other and other != instance_id:
+                await self.abort_remote(other, leg.leg_id)
+            await self._retry(leg, why)
+        return len(legs)
 
     async def start(self) -> None:
         heartbeat = Heartbeat(self.pools, self.store, self.metrics, self._info.name, self.config.router, self)
@@ -119,10 +158,13 @@ class ClusterClient(EngineClient, ClusterEvents):
             placed = [self.dispatcher.place(leg) for leg in legs]
             await asyncio.gather(*(self.dispatcher.dispatch(leg, target) for leg, target in zip(legs, placed)))
             remaining = len(legs) if self.config.disaggregated else params.n
+            started_s, last_s = time.monotonic(), {}
             while remaining:
                 delta = await queue.get()
                 if delta.finish_reason is not None:
                     remaining -= 1
+                if delta.token_ids and delta.pool:
+                    self._observe(delta, started_s, last_s)
                 yield replace(delta, request_id=request_id)
         finally:
             self.num_pending -= 1
@@ -130,6 +172,17 @@ class ClusterClient(EngineClient, ClusterEvents):
                 if not leg.done:
                     await self._abort_leg(leg)
                 self.legs.pop(leg.leg_id, None)
+
+    def _observe(self, delta: TokenDelta, started_s: float, last_s: dict) -> None:
+        """A completion's first token (TTFT, to the pool that made it) or next ones (ITL, per token)."""
+        now, role = time.monotonic(), Role(delta.pool)
+        before = last_s.get(delta.index)
+        if before is None:
+            self.latency.add(role, "ttft", now - started_s, now)
+        else:
+            for _ in delta.token_ids:
+                self.latency.add(role, "itl", (now - before) / len(delta.token_ids), now)
+        last_s[delta.index] = now
 
     def _legs(self, request_id, prompt_token_ids, params, prompt, queue) -> list[Leg]:
         if not self.config.disaggregated:

@@ -163,6 +163,22 @@ class InstanceActor(LoopListener):
     def abort(self, request_id: str) -> None:
         self._call(lambda: self.worker.abort(request_id))
 
+    def set_role(self, role: Role, disagg: DisaggConfig) -> None:
+        """Serve as `role` from now on (prefill <-> decode), on the same engine and KV link endpoint: the
+        autoscaler's role flip, once the router drained the instance. Refused while it holds requests."""
+        if Role.MIXED in (role, self.role) and role != self.role:
+            raise ValueError("a mixed instance has no KV link: only prefill and decode instances switch roles")
+
+        def switch():
+            if self.worker.waiting_on_network():
+                raise ValueError(f"instance {self.instance_id} still has KV transfers in flight")
+            self.engine.set_role(role)
+            self.worker = make_role_worker(role, self.engine, self.transport, disagg)
+            self.loop.worker = self.worker
+            self.role = role
+
+        self._call(switch)
+
     def stats(self) -> dict:
         """Read on a Ray thread while the loop thread steps (the engine copies what it iterates)."""
         stats = self.engine.stats().as_dict()

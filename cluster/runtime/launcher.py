@@ -5,7 +5,11 @@
       (its tp x pp ranks' CPUs/GPUs reserved together, on one host: the actor is the
       instance's rank 0 and spawns the other ranks itself);
   (3) build the ClusterClient (router + state store) and join every instance;
-  (4) `stop` the actors and Ray.
+  (4) at run time (the autoscaler's actuator, `POST /admin/instances`): `launch` an instance (its
+      placement group may wait for a node: a pending group is what makes Ray's autoscaler, or
+      KubeRay's, add one), `join` it once placed and started, `release` it (actor and group go, so
+      Ray's autoscaler can remove an idle node), or `switch_role` of a drained one (weights kept);
+  (5) `stop` the actors and Ray.
 The HTTP app is built above this module (cluster/app.py): it serves the OpenAI API over the
 client, and `POST /admin/instances` calls `add_instance` to add an instance at run time.
 """
@@ -15,6 +19,7 @@ import asyncio
 import itertools
 import os
 import tempfile
+from dataclasses import dataclass
 
 from cluster.config import ClusterConfig
 from cluster.types import Role
@@ -112,13 +117,23 @@ def model_info(config: ClusterConfig):
     return ModelInfo(name, resolve_max_len(config.engine, arch), Tokenizer.from_dir(path), arch.vocab_size)
 
 
+@dataclass
+class Launch:
+    """An instance asked of Ray: its placement group may still be pending."""
+
+    instance_id: str
+    role: Role
+    actor: object
+    group: object
+
+
 class Cluster:
     """What `up` runs; also used by tests to start a cluster in-process."""
 
     def __init__(self, config: ClusterConfig):
         self.config = config
         self.actors: dict[str, object] = {}
-        self.groups: list = []
+        self.groups: dict[str, object] = {}
         self.client = None
         self.metrics = None
         self.owns_ray = False
@@ -138,11 +153,43 @@ class Cluster:
         await self.client.start()
 
     async def add_instance(self, role: Role) -> str:
+        launch = self.launch(role)
+        await self.join(launch)
+        return launch.instance_id
+
+    def launch(self, role: Role) -> Launch:
         instance_id, actor, group = start_instance(self.config, role)
         self.actors[instance_id] = actor
-        self.groups.append(group)
+        self.groups[instance_id] = group
+        return Launch(instance_id, role, actor, group)
+
+    async def join(self, launch: Launch) -> None:
+        """Once Ray has placed and started it, the instance takes traffic (its first `info` answers when
+        its engine is built)."""
+        await launch.group.ready()
+        await self.client.add_instance(launch.instance_id, launch.role, launch.actor)
+
+    async def release(self, instance_id: str) -> None:
+        """The instance leaves the router, its actor and placement group go."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        await self.client.remove_instance(instance_id)
+        actor, group = self.actors.pop(instance_id, None), self.groups.pop(instance_id, None)
+        try:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+            if group is not None:
+                remove_placement_group(group)
+        except Exception:  # already gone
+            pass
+
+    async def switch_role(self, instance_id: str, role: Role) -> None:
+        """A drained instance rejoins with `role`: the same actor, engine and weights, a new role worker."""
+        actor = self.actors[instance_id]
+        await self.client.remove_instance(instance_id)
+        await actor.set_role.remote(role, self.config.disagg)
         await self.client.add_instance(instance_id, role, actor)
-        return instance_id
 
     def kill_instance(self, instance_id: str) -> None:
         import ray
@@ -161,7 +208,7 @@ class Cluster:
                 ray.kill(actor, no_restart=True)
             except Exception:  # already dead
                 pass
-        for group in self.groups:  # give the reserved CPUs/GPUs back to a Ray that outlives us
+        for group in self.groups.values():  # give the reserved CPUs/GPUs back to a Ray that outlives us
             try:
                 remove_placement_group(group)
             except Exception:

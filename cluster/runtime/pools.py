@@ -1,7 +1,7 @@
 """The instances the router knows, by id, and what the dispatcher and heartbeat may ask of them and of
 the cluster when something goes wrong: the narrow things they take instead of the whole client.
 
-  Pools           every instance's `InstanceView`; the live ones of a role
+  Pools           every instance's `InstanceView`; the live ones of a role that take requests (not draining)
   ClusterEvents   what a dispatcher or heartbeat reports back (implemented by `ClusterClient`):
     instance_died(view, why)        an instance stopped answering: its legs are retried elsewhere
     abort_remote(instance_id, leg)  forget a leg on an instance (no-op if it died)
@@ -21,7 +21,8 @@ class Pools:
         self.instances: dict[str, InstanceView] = {}
 
     def pool(self, role: Role) -> list[InstanceView]:
-        return [v for v in self.instances.values() if v.role == role and v.alive]
+        """The instances of `role` that take new requests (alive, not draining)."""
+        return [v for v in self.instances.values() if v.role == role and v.alive and not v.draining]
 
     def live(self) -> list[InstanceView]:
         return [v for v in self.instances.values() if v.alive]

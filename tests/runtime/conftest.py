@@ -33,9 +33,14 @@ class RunningCluster:
         self.run(self.cluster.start(), timeout_s=240)
         import uvicorn
 
-        from cluster.app import cluster_app
+        from cluster.app import cluster_app, start_autoscaler
 
-        self.server = uvicorn.Server(uvicorn.Config(cluster_app(self.cluster), host="127.0.0.1", port=self.port, log_level="warning"))
+        async def autoscaler():  # on the cluster's event loop; None unless the config enables it
+            return start_autoscaler(self.cluster)
+
+        self.autoscaler = self.run(autoscaler())
+        app = cluster_app(self.cluster, self.autoscaler)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         asyncio.run_coroutine_threadsafe(self.server.serve(), self.loop)
         deadline = time.monotonic() + 30
         while not self.server.started and time.monotonic() < deadline:
@@ -52,6 +57,8 @@ class RunningCluster:
     def stop(self) -> None:
         self.server.should_exit = True
         time.sleep(0.5)
+        if self.autoscaler is not None:
+            self.run(self.autoscaler.close(), timeout_s=30)
         self.run(self.cluster.stop(), timeout_s=60)
         self.loop.call_soon_threadsafe(self.loop.stop)
 
