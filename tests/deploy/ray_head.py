@@ -24,8 +24,8 @@ class RayHead:
         self.temp_dir = temp_dir
         self.dashboard_port = free_port()
         self.env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
-                        RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_ADDRESS="")
-        self.env.pop("RAY_ADDRESS")
+                        RAY_AUTH_TOKEN=secrets.token_hex(16))
+        self.env.pop("RAY_ADDRESS", None)  # this head, not one a caller's environment names
         ports = {"--port": free_port(), "--dashboard-port": self.dashboard_port,
                  "--ray-client-server-port": free_port(), "--dashboard-agent-listen-port": free_port(),
                  "--dashboard-agent-grpc-port": free_port(), "--metrics-export-port": free_port(),
