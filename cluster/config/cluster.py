@@ -20,9 +20,15 @@ class PoolConfig:
     # this pool's token budget per step (None: engine.scheduler's). A prefill pool's prompt gets its
     # first token when its whole step ends, so a smaller budget answers sooner at the same throughput
     max_num_batched_tokens: int | None = None
+    # custom Ray resources each instance asks for besides its CPUs and GPUs, e.g. {prefill_node: 1} to keep
+    # the pool on nodes started with `--resources '{"prefill_node": N}'` (a KubeRay worker group of its own)
+    ray_resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _require(isinstance(self.instances, int) and self.instances >= 0, "PoolConfig", "instances", self.instances, "must be an integer >= 0")
+        _require(isinstance(self.ray_resources, dict) and all(
+            isinstance(k, str) and k and _is_positive_number(v) for k, v in self.ray_resources.items()),
+            "PoolConfig", "ray_resources", self.ray_resources, "must map resource names to amounts > 0")
         if self.max_num_batched_tokens is not None:
             _positive_int("PoolConfig", "max_num_batched_tokens", self.max_num_batched_tokens)
         _positive_int("PoolConfig", "tp", self.tp)
@@ -105,8 +111,14 @@ class ClusterConfig:
     slo: SloConfig = field(default_factory=SloConfig)
     autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
     ray_address: str | None = None  # None: start a local Ray on loopback; "auto" or an address: join it
+    # joining ray_address: keep trying this long while its head is still starting (the API in a container
+    # beside the Ray head: helm/llm-cluster); 0: one try
+    ray_join_timeout_s: float = 0.0
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.ray_join_timeout_s, (int, float)) and not isinstance(self.ray_join_timeout_s, bool)
+                 and self.ray_join_timeout_s >= 0, "ClusterConfig", "ray_join_timeout_s", self.ray_join_timeout_s,
+                 "must be >= 0 seconds")
         disagg = self.prefill.instances > 0 or self.decode.instances > 0
         if disagg and (self.prefill.instances == 0 or self.decode.instances == 0):
             raise ConfigError("ClusterConfig: a disaggregated deployment needs prefill.instances >= 1 and decode.instances >= 1")

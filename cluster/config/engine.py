@@ -188,13 +188,17 @@ class DisaggConfig:
     transfer_timeout_s: float = 10.0  # a transfer not done by then FAILS (never a hang)
     on_failure: str = "recompute"  # recompute: the decode instance computes the prompt itself | fail: error to the client
     release_timeout_s: float = 30.0  # the prefill side frees a request's KV by then even without confirmation
-    link_host: str = "127.0.0.1"  # address this instance's link endpoint listens on
+    # address this instance's link endpoint listens on; auto: its Ray node's address (a cluster of several
+    # hosts or pods, where loopback reaches no peer)
+    link_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         _require(self.transport in ("torchdist", "loopback"), "DisaggConfig", "transport", self.transport, "must be torchdist or loopback")
         _require(self.on_failure in ("recompute", "fail"), "DisaggConfig", "on_failure", self.on_failure, "must be recompute or fail")
         _require(self.transfer_timeout_s > 0, "DisaggConfig", "transfer_timeout_s", self.transfer_timeout_s, "must be > 0")
         _require(self.release_timeout_s > 0, "DisaggConfig", "release_timeout_s", self.release_timeout_s, "must be > 0")
+        _require(isinstance(self.link_host, str) and bool(self.link_host), "DisaggConfig", "link_host", self.link_host,
+                 "must be a host address or auto")
 
 
 @dataclass(frozen=True)

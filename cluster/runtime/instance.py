@@ -101,7 +101,12 @@ class InstanceActor(LoopListener):
     def _make_transport(self, disagg: DisaggConfig):
         from cluster.disagg.transfer.transports import make_transport
 
-        transport = make_transport("torchdist", endpoint_id=self.instance_id, host=disagg.link_host,
+        host = disagg.link_host
+        if host == "auto":  # this node's address as Ray knows it: the one peers on other hosts reach
+            import ray
+
+            host = ray.util.get_node_ip_address()
+        transport = make_transport("torchdist", endpoint_id=self.instance_id, host=host,
                                    backend=self.engine.platform.dist_backend, timeout_s=disagg.transfer_timeout_s,
                                    device=self.engine.device)
         transport.listen()

@@ -38,12 +38,29 @@ def start_ray(config: ClusterConfig, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     if config.ray_address:
-        ray.init(address=config.ray_address, log_to_driver=False)
+        _join_ray(config.ray_address, config.ray_join_timeout_s)
         return False
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus or max(4, os.cpu_count() or 1),
              _temp_dir=tempfile.mkdtemp(prefix="llm-cluster-ray-"), log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     return True
+
+
+def _join_ray(address: str, timeout_s: float) -> None:
+    """ray.init(address), tried again for `timeout_s` while no Ray answers there yet."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.init(address=address, log_to_driver=False)
+            return
+        except ConnectionError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(2.0)
 
 
 def start_instance(config: ClusterConfig, role: Role):
@@ -57,7 +74,7 @@ def start_instance(config: ClusterConfig, role: Role):
     pool = {Role.PREFILL: config.prefill, Role.DECODE: config.decode, Role.MIXED: config.mixed}[role]
     num_ranks = pool.tp * pool.pp
     # the actor is rank 0 and spawns the instance's other ranks on its host: one bundle holds them all
-    bundle = {"CPU": pool.num_cpus_per_rank * num_ranks}
+    bundle = {"CPU": pool.num_cpus_per_rank * num_ranks, **pool.ray_resources}
     if pool.num_gpus_per_rank:
         bundle["GPU"] = pool.num_gpus_per_rank * num_ranks
     group = placement_group([bundle], strategy="STRICT_PACK")
@@ -69,6 +86,7 @@ def start_instance(config: ClusterConfig, role: Role):
         name=f"llm-cluster-{instance_id}-{os.getpid()}",
         num_cpus=pool.num_cpus_per_rank * num_ranks,
         num_gpus=pool.num_gpus_per_rank * num_ranks,
+        resources=dict(pool.ray_resources),
         max_concurrency=64,
         **(gpu_env if pool.num_gpus_per_rank else {}),
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True),

@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 
 from tests.procs import stop
+from tests.prometheus import start_prometheus, until_answered
 from tests.runtime.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -93,75 +94,13 @@ def test_hostile_requests_get_4xx_and_cluster_still_serves(up):
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
 
 
-def _prometheus_query(port: int, query: str) -> list[dict]:
-    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
-    with urllib.request.urlopen(url, timeout=5) as response:
-        body = json.load(response)
-    assert body["status"] == "success", body
-    return body["data"]["result"]
-
-
-def _until_answered(port: int, queries: dict[str, str], timeout_s: float) -> dict[str, list]:
-    """name -> the query's result, for those that returned series before `timeout_s` (a malformed
-    query fails at once: Prometheus answers it with an error; 503 is Prometheus starting up, asked again:
-    a fresh-clone CI run got it for the first query)."""
-    found: dict[str, list] = {}
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and len(found) < len(queries):  # bounded
-        for name, query in queries.items():
-            try:
-                result = _prometheus_query(port, query)
-            except urllib.error.HTTPError as exc:
-                if exc.code != 503:
-                    raise AssertionError(f"{name}: Prometheus refused {query!r}: {exc.read()[:300]!r}") from exc
-                result = []  # listening, not ready yet
-            except OSError:  # not listening yet
-                result = []
-            if result:
-                found[name] = result
-        time.sleep(0.5)
-    return found
-
-
-def _dashboard_queries() -> dict[str, str]:
-    """Each query of examples/grafana/llm-cluster-slo.json, its variables set as a user would."""
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "grafana", "llm-cluster-slo.json")
-    with open(path) as f:
-        dashboard = json.load(f)
-    values = {"$__rate_interval": "1m", "$model": ".+", "$ttft_slo": "0.5", "$itl_slo": "0.05"}
-    queries = {}
-    for panel in dashboard["panels"]:
-        for target in panel["targets"]:
-            expr = target["expr"]
-            for name, value in values.items():
-                expr = expr.replace(name, value)
-            assert "$" not in expr, (panel["title"], expr)
-            queries[f"{panel['title']} [{target['refId']}]"] = expr
-    return queries
-
-
 def test_a_real_prometheus_scrapes_the_cluster(up, tmp_path):
     """Prometheus (Debian's package, installed by `make test`) on 127.0.0.1 scrapes `/metrics` of the
     running cluster every second: the series a dashboard reads are there, with their labels."""
-    import shutil
-
     import openai
 
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("prometheus is not installed: run `make test` (it installs it), "
-                    "or `apt-get install -y prometheus`", pytrace=False)
     _, url = up
-    api_port = urllib.parse.urlsplit(url).port
-    port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(json.dumps({  # JSON is YAML
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "llm-cluster", "metrics_path": "/metrics",
-                            "static_configs": [{"targets": [f"127.0.0.1:{api_port}"]}]}]}))
-    log = open(tmp_path / "prometheus.log", "wb")
-    proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], stdout=log, stderr=log)
+    proc, port = start_prometheus(tmp_path, [f"127.0.0.1:{urllib.parse.urlsplit(url).port}"])
     try:
         client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
         model = client.models.list().data[0].id
@@ -176,22 +115,16 @@ def test_a_real_prometheus_scrapes_the_cluster(up, tmp_path):
             "pools": "llm_cluster_pool_size",
             "p50 ttft": "histogram_quantile(0.5, sum by (le) (llm_cluster_time_to_first_token_seconds_bucket))",
         }
-        found = _until_answered(port, wanted, timeout_s=60)
+        found = until_answered(port, wanted, timeout_s=60)
         assert set(found) == set(wanted), (set(wanted) - set(found), (tmp_path / "prometheus.log").read_text()[-2000:])
         instances = {(r["metric"]["pool"], r["metric"]["instance"]) for r in found["kv usage per instance"]}
         assert {pool for pool, _ in instances} == {"prefill", "decode"} and all(i for _, i in instances)
         sizes = {r["metric"]["pool"]: float(r["value"][1]) for r in found["pools"]}
         assert {pool: size for pool, size in sizes.items() if size} == {"prefill": 1.0, "decode": 1.0}, sizes
         assert 0 < float(found["p50 ttft"][0]["value"][1]) < 60
-        # the Grafana dashboard shipped in examples/: every panel's query is valid PromQL, and every panel
-        # but the refusals and preemptions (none may have happened in its window) shows data
-        panels = _dashboard_queries()
-        answered = _until_answered(port, panels, timeout_s=30)
-        optional = {name for name in panels if name.startswith(("Requests refused", "Preemptions"))}
-        assert set(panels) - optional <= set(answered), set(panels) - optional - set(answered)
+        # every panel of the dashboards: tests/dashboards/test_live.py
     finally:
         stop(proc, timeout_s=10)
-        log.close()
 
 
 def test_ctrl_c_shuts_down_cleanly(up):
