@@ -35,6 +35,8 @@
 #   ab-engine:TGZ  an A/B of two trees in one call: TGZ (a `git archive REV cluster | gzip` of the tree before)
 #              and this tree, in turn, twice each: benchmarks.engine's batch-1 and batch-128 decode steps, 2k
 #              prefill and offline throughput, no transformers baseline (≈6 min)
+#   scale-out  one GPU: benchmarks.scale_out, an 8B instance's cold start and two scale-outs beside it
+#              (decision to serving, by phase) (≈3 min)
 #   ab-serve:TGZ:RATE  the same A/B for one colocated instance through HTTP at RATE req/s (2k in, 256 out,
 #              2,048-token steps, admission on), B A B A (≈8 min)
 set -uo pipefail
@@ -143,6 +145,8 @@ for item in "$@"; do
                      --out-dir "serve-$side-$round"
                  done
                done ;;
+    scale-out) need_llama; run_item scale-out python3 -m benchmarks.scale_out --model /tmp/llama8b --gpu-share 0.45 \
+                 --kv-gib 8 --repeats 2 --out scale_out.json ;;
     sender-host) need_llama; run_item sender-host python3 -m benchmarks.sender_host --model /tmp/llama8b --out sender_host.json ;;
     serve-admit|serve-admit:*) # the same past saturation with admission on (api.max_queue_wait_s 0.1: the 0.4 s TTFT
                # target less a prefill step of four 2k prompts, ~0.21 s, and the hand-over; max_decode_step_ms
