@@ -5,9 +5,10 @@ from cluster.config import ClusterConfig, ConfigError, from_dict, load_cluster_c
 
 
 def test_examples_load():
-    for name in ("1p1d", "2p1d", "colocated", "1p1d-redis", "1p1d-tp2"):
+    for name in ("1p1d", "2p1d", "colocated", "1p1d-redis", "1p1d-tp2", "autoscale"):
         config = load_cluster_config(f"examples/{name}.yaml")
         assert config.disaggregated == (name != "colocated")
+        assert config.autoscale.enabled == (name == "autoscale")  # off unless asked for
     tp2 = load_cluster_config("examples/1p1d-tp2.yaml")
     assert tp2.prefill.tp == tp2.decode.tp == 2 and tp2.engine.parallel.fuse_all_reduce_norm is False
 
@@ -27,6 +28,11 @@ def test_nested_keys_override_only_what_they_name():
     ({"api": {"port": 70000}}, "ApiConfig.port=70000"),
     ({"store": {"redis_url": "http://x"}}, "StoreConfig.redis_url"),
     ({"disagg": {"on_failure": "shrug"}}, "DisaggConfig.on_failure"),
+    ({"autoscale": {"mode": "yolo"}}, "AutoscaleConfig.mode='yolo'"),
+    ({"autoscale": {"decode": {"max_instances": 0}}}, "ClusterConfig.autoscale.decode: PoolLimits.max_instances=0"),
+    ({"autoscale": {"upscale_headroom": 0.5, "downscale_margin": 0.6}}, "AutoscaleConfig.downscale_margin=0.6"),
+    ({"autoscale": {"enabled": True, "decode": {"min_instances": 2}}}, "decode.instances=1 must lie within"),
+    ({"slo": {"ttft_s": 0}}, "SloConfig.ttft_s=0"),
     ({"engine": {"runner": {"async_scheduling": "no"}}}, "engine.runner.async_scheduling = 'no': must be true or false"),
     ({"engine": {"parallel": {"comm_high_priority": 1}}}, "engine.parallel.comm_high_priority = 1: must be true or false"),
     ({"engine": {"parallel": {"nccl_max_ctas": 100}}}, "ParallelConfig.nccl_max_ctas=100"),
