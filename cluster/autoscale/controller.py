@@ -37,6 +37,7 @@ class Autoscaler:
         self.state = PolicyState()
         self.roles = (Role.PREFILL, Role.DECODE) if config.disaggregated else (Role.MIXED,)
         self.seen: dict[str, tuple[int, int]] = {}  # instance id -> (requests, prompt tokens) counted so far
+        self.finished_seen = {role: (0, 0) for role in Role}  # (legs, output tokens) finished, counted so far
         self.last_s = time.monotonic()
         self.history: collections.deque = collections.deque(maxlen=HISTORY)
         self.task: asyncio.Task | None = None
@@ -88,13 +89,17 @@ class Autoscaler:
                                        v.load.get("mean_decode_step_ms"), float(v.load.get("kv_usage", 0.0)))
                         for v in serving)
         pool = {Role.PREFILL: self.config.prefill, Role.DECODE: self.config.decode, Role.MIXED: self.config.mixed}[role]
+        legs, outputs = client.finished_tokens[role]
+        before = self.finished_seen[role]
+        self.finished_seen[role] = (legs, outputs)
+        mean_output = (outputs - before[1]) / (legs - before[0]) if legs > before[0] else None
         p = self.slo.percentile
         return PoolObservation(
             role, samples, self.actuator.pending_ages_s(role, now_s), self.actuator.num_draining(role),
             requests / elapsed_s, tokens / elapsed_s, tokens / requests if requests else 0.0,
             client.latency.quantile(role, "ttft", p) if role != Role.DECODE else None,
             client.latency.quantile(role, "itl", p) if role != Role.PREFILL else None,
-            pool.num_gpus_per_rank * pool.tp * pool.pp)
+            pool.num_gpus_per_rank * pool.tp * pool.pp, mean_output)
 
     # -- (3) ------------------------------------------------------------------------------
     def _report(self, observations: Observations, decision: Decision) -> None:

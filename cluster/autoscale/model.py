@@ -23,7 +23,8 @@ instances the pool runs `C = T * step / 1000` sequences with `step = a + b * C /
 
 What the pool produces now lags a burst (sequences accumulate over their whole output), so `T` is at
 least what arrives: requests/s placed on the pool times the tokens a request has been taking
-(`tokens_per_request`, T over the arrival rate, learnt while the rate holds steady).
+(`tokens_per_request`: the output tokens of the requests that finished, or, before any finished,
+T over the arrival rate, learnt while the rate holds steady).
 
 KV: the pool holds `U` instances' worth of KV now, for `C` sequences; at `N` instances each holds
 `U * C(N) / C / N`, which must stay under `KV_LIMIT`.
@@ -61,6 +62,7 @@ class PoolModel:
     itl_bias: float = 1.0
     num_samples: int = 0
     last_size: int = -1  # serving instances at the last observation
+    slope_ms: float | None = None  # the step's cost per sequence, kept from the last fit that had a spread
     tokens_per_request: float | None = None  # decode: tokens a request takes (learnt at steady arrivals)
     last_arrivals_per_s: float = 0.0
 
@@ -77,9 +79,16 @@ class PoolModel:
             for x, y in steps:
                 sw, sx, sy, sxx, sxy = sw + 1, sx + x, sy + y, sxx + x * x, sxy + x * y
             model = replace(model, sw=sw, sx=sx, sy=sy, sxx=sxx, sxy=sxy)
+            slope = model._fitted_slope()
+            if slope is not None:
+                model = replace(model, slope_ms=slope)
         produced = _tokens_per_s(obs)
         steady = obs.arrivals_per_s > 0 and abs(obs.arrivals_per_s - model.last_arrivals_per_s) <= 0.2 * obs.arrivals_per_s
-        if steady and produced:
+        if obs.mean_output_tokens:  # what finished requests took: the direct measure
+            per = obs.mean_output_tokens
+            old = model.tokens_per_request
+            model = replace(model, tokens_per_request=per if old is None else (1 - BIAS_ALPHA) * old + BIAS_ALPHA * per)
+        elif steady and produced:
             per = produced / obs.arrivals_per_s
             old = model.tokens_per_request
             model = replace(model, tokens_per_request=per if old is None else (1 - BIAS_ALPHA) * old + BIAS_ALPHA * per)
@@ -99,17 +108,23 @@ class PoolModel:
     # -- predicting ------------------------------------------------------------------
     def step_fit(self) -> tuple[float, float] | None:
         """(a, b) of step_ms = a + b * batch; None until there is a fit. With too little spread in the
-        batches seen to fit a slope, half the mean step is taken as per-sequence cost: pessimistic for
-        consolidation (half the instances are then predicted to be unbounded), and more instances are
-        predicted to help, as they do once a step is KV-bound."""
+        batches seen now (a steady load), the slope is the last one fitted; before any, half the mean
+        step is taken as per-sequence cost: pessimistic for consolidation (half the instances are then
+        predicted to be unbounded), and more instances are predicted to help, as once a step is KV-bound."""
         if self.sw < 1:
             return None
         mean_x, mean_y = self.sx / self.sw, self.sy / self.sw
+        b = self._fitted_slope()
+        if b is None:
+            b = self.slope_ms if self.slope_ms is not None else mean_y / 2 / max(mean_x, 1.0)
+        return max(0.0, mean_y - b * mean_x), b
+
+    def _fitted_slope(self) -> float | None:
+        mean_x, mean_y = self.sx / self.sw, self.sy / self.sw
         var = self.sxx / self.sw - mean_x * mean_x
-        if var > 1e-6 * max(1.0, mean_x * mean_x):
-            b = max(0.0, (self.sxy / self.sw - mean_x * mean_y) / var)
-            return max(0.0, mean_y - b * mean_x), b
-        return mean_y / 2, mean_y / 2 / max(mean_x, 1.0)
+        if var <= 1e-6 * max(1.0, mean_x * mean_x):
+            return None
+        return max(0.0, (self.sxy / self.sw - mean_x * mean_y) / var)
 
     def predict_ttft(self, obs: PoolObservation, num_instances: int, percentile: float) -> float:
         return self.ttft_bias * self._raw_ttft(obs, num_instances, percentile)

@@ -35,6 +35,7 @@ class PoolObservation:
     observed_ttft_s: float | None = None  # at the SLO percentile, over the last window (prefill and mixed)
     observed_itl_s: float | None = None  # at the SLO percentile, over the last window (decode and mixed)
     gpus_per_instance: float = 1.0
+    mean_output_tokens: float | None = None  # tokens of the requests that finished here since the last decision
 
     @property
     def num_actual(self) -> int:

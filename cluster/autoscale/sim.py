@@ -157,7 +157,8 @@ def _observe(pool: _Pool, engine: EngineModel, load: Load, latencies: list[tuple
     requests, tokens = arrived
     return PoolObservation(pool.role, samples, tuple(now - decided for decided, _ in pool.pending), len(pool.draining),
                            requests / elapsed_s if elapsed_s else 0.0, tokens / elapsed_s if elapsed_s else 0.0,
-                           tokens / requests if requests else 0.0, ttft, itl, engine.gpus)
+                           tokens / requests if requests else 0.0, ttft, itl, engine.gpus,
+                           load.output_tokens if decode_side and pool.running else None)
 
 
 def _apply(decision: Decision, pools: dict[Role, _Pool], engine: EngineModel, now: float) -> None:

@@ -64,6 +64,7 @@ class ClusterClient(EngineClient, ClusterEvents):
         self.confirming: set[asyncio.Task] = set()  # confirmations on their way to prefill instances
         self.num_pending = 0
         self.latency = LatencyWindow()  # TTFT and ITL per pool as the clients saw them (the autoscaler's)
+        self.finished_tokens = {role: [0, 0] for role in Role}  # per pool that ended them: (legs, output tokens)
         self.dispatcher = Dispatcher(self.pools, self.router, self.links, store, self.legs, self,
                                      config.disaggregated)
 
@@ -246,6 +247,7 @@ class ClusterClient(EngineClient, ClusterEvents):
                           completions=1 if disagg else leg.spec.params.n, prefill_listed=leg.prefill_id in self.instances)
         if out.finished:
             journal_finish(self.store, leg)
+            self.finished_tokens[view.role] = [a + b for a, b in zip(self.finished_tokens[view.role], (1, len(leg.output_ids)))]
         if out.confirm:
             self._confirm(leg)
         if out.abort_decode:
