@@ -37,6 +37,8 @@
 #              prefill and offline throughput, no transformers baseline (≈6 min)
 #   scale-out  one GPU: benchmarks.scale_out, an 8B instance's cold start and two scale-outs beside it
 #              (decision to serving, by phase) (≈3 min)
+#   autoscale-serve  one GPU: benchmarks.autoscale_serve, a ~1B model in quarter-GPU instances, a burst
+#              (8, 48, 8 req/s) through HTTP: autoscaled against 4 and 1 static instances (≈6 min)
 #   ab-serve:TGZ:RATE  the same A/B for one colocated instance through HTTP at RATE req/s (2k in, 256 out,
 #              2,048-token steps, admission on), B A B A (≈8 min)
 set -uo pipefail
@@ -145,6 +147,9 @@ for item in "$@"; do
                      --out-dir "serve-$side-$round"
                  done
                done ;;
+    autoscale-serve) run_item autoscale-serve python3 -m benchmarks.autoscale_serve --model /tmp/llama1b --make-model \
+                 --rates 8,48,8 --duration-s 30 --input-len 1024 --output-len 128 --slo-ttft-ms 300 --slo-tpot-ms 30 \
+                 --out-dir autoscale_serve ;;
     scale-out) need_llama; run_item scale-out python3 -m benchmarks.scale_out --model /tmp/llama8b --gpu-share 0.45 \
                  --kv-gib 8 --repeats 2 --out scale_out.json ;;
     sender-host) need_llama; run_item sender-host python3 -m benchmarks.sender_host --model /tmp/llama8b --out sender_host.json ;;

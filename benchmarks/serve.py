@@ -57,10 +57,11 @@ def _config(args, name: str, port: int) -> dict:
     return {"engine": engine, **pools, "api": api}
 
 
-def _start(args, name: str, port: int, out_dir: str) -> subprocess.Popen:
+def _start(args, name: str, port: int, out_dir: str, config: dict | None = None) -> subprocess.Popen:
+    """`llm-cluster up` with `config` (None: the deployment `name`'s), waited on until it serves."""
     path = os.path.join(out_dir, f"{name}.yaml")
     with open(path, "w") as f:
-        json.dump(_config(args, name, port), f)
+        json.dump(config if config is not None else _config(args, name, port), f)
     log = open(os.path.join(out_dir, f"{name}.server.log"), "w")
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "up", "--config", path], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
