@@ -32,7 +32,7 @@
 #              its GPU tests, then benchmarks.fused_norm (≈1 min)
 #   serve-admit  the sweep past saturation with admission on (queue wait, decode step) (≈6 min);
 #              serve-admit:R1,R2,... at those request rates
-#   ab-engine:TGZ  an A/B of two trees in one call: TGZ (a `git archive REV cluster | gzip` of the tree before)
+#   ab-engine:TGZ  (AB_ROUNDS=N: N rounds, default 2) an A/B of two trees in one call: TGZ (a `git archive REV cluster | gzip` of the tree before)
 #              and this tree, in turn, twice each: benchmarks.engine's batch-1 and batch-128 decode steps, 2k
 #              prefill and offline throughput, no transformers baseline (≈6 min)
 #   scale-out  one GPU: benchmarks.scale_out, an 8B instance's cold start and two scale-outs beside it
@@ -69,7 +69,7 @@ tree_of() {  # the tree a `git archive ... cluster | gzip` holds, extracted once
 
 run_ab() {  # name, before-tree, command...: B A B A, each run with its own tree's `cluster`
   local name=$1 before=$2; shift 2
-  for round in 1 2; do
+  for round in $(seq 1 "${AB_ROUNDS:-2}"); do
     PYTHONPATH=$before:$PYTHONPATH run_item "$name-before-$round" "$@" --out "$name-before-$round.json"
     run_item "$name-after-$round" "$@" --out "$name-after-$round.json"
   done
@@ -138,7 +138,7 @@ for item in "$@"; do
                run_ab engine "$before" python3 -m benchmarks.engine --model /tmp/llama8b --batch-sizes 1,128 \
                  --hf-batch 0 --requests 256 ;;
     ab-serve:*) need_llama; rest=${item#ab-serve:}; before=$(tree_of "$PWD/${rest%%:*}"); rate=${rest#*:}
-               for round in 1 2; do
+               for round in $(seq 1 "${AB_ROUNDS:-2}"); do
                  for side in before after; do
                    tree=$PYTHONPATH; [[ $side == before ]] && tree=$before:$PYTHONPATH
                    PYTHONPATH=$tree run_item "serve-$side-$round" python3 -m benchmarks.serve --model /tmp/llama8b \
