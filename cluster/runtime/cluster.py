@@ -88,10 +88,16 @@ class ClusterClient(EngineClient, ClusterEvents):
 
     async def remove_instance(self, instance_id: str) -> None:
         """An instance leaves (scaled in, or about to rejoin with another role): no request is placed on
-        it, its poll stops, the store and its peers forget it. Its legs should have ended (`migrate`)."""
-        view = self.instances.pop(instance_id, None)
+        it, its poll stops, the store and its peers forget it. Its legs should have ended (`migrate`); any
+        still on it (one placed while its drain was deciding) move elsewhere first, never left to hang."""
+        view = self.instances.get(instance_id)
         if view is None:
             return
+        view.draining = True  # no placement here while its last legs move
+        if self.legs_on(instance_id):
+            log.warning("%s leaves with %d legs on it: they restart elsewhere", instance_id, len(self.legs_on(instance_id)))
+            await self.migrate(instance_id, "its instance left the pool")
+        self.instances.pop(instance_id, None)
         view.alive = False
         task = self.poll_tasks.pop(instance_id, None)
         if task is not None:

@@ -21,7 +21,7 @@ from cluster.client import Overloaded
 from cluster.disagg.router import InstanceView, Router
 from cluster.engine.kv_cache import prefix_hashes
 from cluster.runtime.leg import Leg, LegState, journal_start
-from cluster.runtime.links import KVLinks
+from cluster.runtime.links import KVLinks, LinkFailed
 from cluster.runtime.pools import ClusterEvents, Pools
 from cluster.types import Role
 
@@ -62,19 +62,30 @@ class Dispatcher:
         ranked = list(self.router.rank_decode(self.pools.pool(Role.DECODE), len(spec.prompt_token_ids)))
         if ranked and await self.prefill_while_reserving(leg, prefill, ranked[0]):
             return
+        if not _takes_requests(prefill):  # it died or began draining meanwhile: start over on another
+            self._rename(leg)  # (one that leaves the pool each time: bounded by the pool's size)
+            return await self.dispatch(leg)
         self._rename(leg)  # the aborted prefill's deltas may still come: they must not reach this leg
         spec = leg.spec
         transfer_id = next(self.transfer_ids)
         leg.state = LegState.PLACING  # placed here, not by `instance_died` restarting it too
+        leg.prefill_id = prefill.instance_id  # seen by a drain deciding during the reserves below
         for decode in ranked[1:]:
             leg.decode_id = decode.instance_id  # a client gone during the reserve aborts it there
             try:
                 await self.links.ensure(prefill, decode)
-                if await decode.handle.reserve.remote(spec, prefill.instance_id, transfer_id):
+                if _takes_requests(decode) and await decode.handle.reserve.remote(spec, prefill.instance_id,
+                                                                                  transfer_id):
                     break
             except ValueError:
                 raise  # the request itself is invalid: the client gets a 400
-            except Exception as exc:  # that decode instance (or the link to it) is gone: try the next
+            except LinkFailed as exc:
+                await self.events.instance_died(exc.view, f"link failed: {exc}")
+                if exc.view is prefill:  # start over on another prefill instance
+                    leg.prefill_id = leg.decode_id = None
+                    self._rename(leg)
+                    return await self.dispatch(leg)
+            except Exception as exc:  # that decode instance is gone: try the next
                 await self.events.instance_died(decode, f"reserve failed: {type(exc).__name__}: {exc}")
             leg.decode_id = None
         else:
@@ -94,13 +105,18 @@ class Dispatcher:
         False if that decode instance refused or failed (the prefill is aborted)."""
         spec = leg.spec
         transfer_id = next(self.transfer_ids)
-        try:
-            await self.links.ensure(prefill, decode)
-        except Exception as exc:
-            await self.events.instance_died(decode, f"link failed: {type(exc).__name__}: {exc}")
-            return False
+        # named on the leg before the first await: an autoscaler's drain deciding meanwhile sees it (`legs_on`)
         leg.prefill_id, leg.decode_id = prefill.instance_id, decode.instance_id
         leg.state = LegState.PLACING  # the client sees no token before decode has taken the request
+        try:
+            await self.links.ensure(prefill, decode)
+        except LinkFailed as exc:
+            leg.prefill_id = leg.decode_id = None
+            await self.events.instance_died(exc.view, f"link failed: {exc}")
+            return False
+        if not (_takes_requests(prefill) and _takes_requests(decode)):  # began draining during the link
+            leg.prefill_id = leg.decode_id = None
+            return False
         reserved, submitted = await asyncio.gather(
             decode.handle.reserve.remote(spec, prefill.instance_id, transfer_id),
             prefill.handle.submit_prefill.remote(spec, decode.instance_id, transfer_id), return_exceptions=True)
@@ -142,3 +158,7 @@ class Dispatcher:
             return self.store.match_prefix(prefix_hashes(prompt_token_ids, self.pools.block_size()))
         except Exception:  # the prefix index is advice; placement works without it
             return {}
+
+
+def _takes_requests(view: InstanceView) -> bool:
+    return view.alive and not view.draining

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from cluster.config import ClusterConfig
 from cluster.types import Role
 
+SWITCH_WAIT_S = 10.0  # a drained instance's engine lets go of its aborted requests within a few steps
+
 _ids = itertools.count()
 
 
@@ -192,7 +194,15 @@ class Cluster:
         """A drained instance rejoins with `role`: the same actor, engine and weights, a new role worker."""
         actor = self.actors[instance_id]
         await self.client.remove_instance(instance_id)
-        await actor.set_role.remote(role, self.config.disagg)
+        deadline = time.monotonic() + SWITCH_WAIT_S
+        while True:  # aborts of the requests moved off it reach its engine a step later
+            try:
+                await actor.set_role.remote(role, self.config.disagg)
+                break
+            except ValueError:  # not idle yet (Ray raises the actor's ValueError as one)
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
         await self.client.add_instance(instance_id, role, actor)
 
     def kill_instance(self, instance_id: str) -> None:

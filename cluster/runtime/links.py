@@ -15,6 +15,14 @@ from cluster.disagg.router import InstanceView
 from cluster.types import Role
 
 
+class LinkFailed(RuntimeError):
+    """A link could not be made; `view` is the side to blame (the one whose actor died, else decode's)."""
+
+    def __init__(self, view: InstanceView, cause: BaseException):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.view = view
+
+
 class KVLinks:
     def __init__(self):
         self.pairs: set[tuple[str, str]] = set()  # (prefill id, decode id) linked
@@ -42,8 +50,15 @@ class KVLinks:
         async with self.locks.setdefault(key, asyncio.Lock()):
             if key in self.pairs:
                 return
-            await asyncio.gather(decode.handle.connect.remote(prefill.instance_id, decode.link_address, True),
-                                 prefill.handle.connect.remote(decode.instance_id, decode.link_address, False))
+            answers = await asyncio.gather(
+                decode.handle.connect.remote(prefill.instance_id, decode.link_address, True),
+                prefill.handle.connect.remote(decode.instance_id, decode.link_address, False), return_exceptions=True)
+            failed = [(view, a) for view, a in zip((decode, prefill), answers) if isinstance(a, BaseException)]
+            if failed:  # a dead actor is to blame before a live one whose peer vanished mid-connect
+                from ray.exceptions import RayActorError
+
+                view, cause = next(((v, a) for v, a in failed if isinstance(a, RayActorError)), failed[0])
+                raise LinkFailed(view, cause)
             self.pairs.add(key)
 
     async def drop(self, dead_id: str, instances: dict[str, InstanceView]) -> None:

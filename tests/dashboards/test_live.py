@@ -101,6 +101,15 @@ def _load(url: str, seconds: float) -> int:
     return sum(done)
 
 
+def _autoscaler_status(port: int) -> str:
+    import httpx
+
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/admin/autoscaler", timeout=10).text[-3000:]
+    except httpx.HTTPError as exc:
+        return repr(exc)
+
+
 def test_every_panel_returns_data_and_the_slo_dashboard_is_drawn(cluster_up, tmp_path):
     rules = tmp_path / "rules.yaml"
     rules.write_text(rules_text(SloText.of(SLO)))
@@ -108,6 +117,11 @@ def test_every_panel_returns_data_and_the_slo_dashboard_is_drawn(cluster_up, tmp
     try:
         started = time.time()
         assert _load(f"http://127.0.0.1:{cluster_up}/v1", LOAD_S) >= 30
+        # the scale-out panel has data once the added instance serves: on a loaded 2-core box its start can
+        # outlast the load, so wait for it (bounded) before asking every panel
+        scaled_out = until_answered(port, {"scale-out": "llm_cluster_autoscaler_scale_out_seconds_count > 0"},
+                                    timeout_s=180)
+        assert scaled_out, ("no scale-out finished", _autoscaler_status(cluster_up))
         queries = {f"{name}: {title}": expr for name, board in dashboards().items()
                    for title, expr in panel_queries(board).items()}
         answered = until_answered(port, queries, timeout_s=30)
