@@ -14,15 +14,17 @@ Per pool, in order (the first that applies is the pool's decision; each carries 
       without pressure, as any shrinking (a burst that pauses must not cancel what it started);
   (5) DOWN by one above the pool's maximum (ABOVE_MAX), or, with nothing draining, after
       `stable_window_s` without a scale-up or pressure (a prediction or observation over
-      `downscale_margin` of a target), if one instance fewer is predicted to stay within
-      `upscale_headroom` of every target, KV included, at `upscale_headroom / downscale_margin`
-      times the load seen (CONSOLIDATE; IDLE at zero traffic);
+      `downscale_margin` of a target, KV included), to the smallest size predicted to stay within
+      `downscale_margin` of every target, KV included, at the highest arrival rate of the stable
+      window: several instances at once when the load has clearly fallen (CONSOLIDATE); an idle
+      pool, or one without a model, one at a time (IDLE at zero traffic);
   (6) HOLD.
 Across pools: scale-ups share the GPU budget (`max_gpus`), the pool whose targets burn worst first;
 a pool the budget leaves short may take an instance of the other disaggregated pool that could
 consolidate (FLIP: drained, its role switched, its weights kept).
-The gap between `upscale_headroom` and `downscale_margin`, the stable window and one scale-down at a
-time keep a steady load from flapping. The actuator (actuator.py) carries a decision out; in
+The gap between `upscale_headroom` and `downscale_margin` (it covers the model's error at the smaller
+size: in the simulator the prefill model under-predicts it by up to 1.8x) and the stable window's
+peak load (it covers the load's own noise and a burst that pauses) keep a steady load from flapping. The actuator (actuator.py) carries a decision out; in
 `advisory` mode nothing is carried out.
 """
 from __future__ import annotations
