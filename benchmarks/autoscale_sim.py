@@ -7,7 +7,10 @@ instance, and the scale-out time given (`--start-s`). Nothing here runs a GPU.
 For each trace it prints SLO attainment (requests meeting both TTFT and ITL targets) and GPU-seconds of
   autoscaled       the policy, pools from their minimums;
   static peak      each pool the smallest size that meets the SLO at the trace's peak rate, all along;
-  static mean      each pool the smallest size that meets it at the trace's mean rate.
+  static mean      each pool the smallest size that meets it at the trace's mean rate;
+  oracle           a bound, not a policy: each second each pool the smallest size that meets the SLO at
+                   that second's rate (as static peak sizes it), every instance paid from `start_s`
+                   before it serves to `drain_s` after (it knows the load ahead of time).
 
     python -m benchmarks.autoscale_sim --out benchmarks/results/autoscale_sim.json
 """
@@ -57,6 +60,35 @@ def static_size(trace_rate: float, prompt: int, output: int, engine: EngineModel
     return {Role.PREFILL: prefill, Role.DECODE: decode}
 
 
+def size_limits(prompt: int, output: int, engine: EngineModel, slo: SloConfig, max_rate: float) -> dict[Role, list[float]]:
+    """Per pool, the highest rate that 1, 2, ... instances hold by static_size's measure (the other
+    pool generous), up to the first size that holds `max_rate`."""
+    def holds(role: Role, n: int, rate: float) -> bool:
+        sizes = {Role.PREFILL: 64, Role.DECODE: 64, role: n}
+        return simulate([Load(rate, prompt, output)] * 600, engine, slo, None, sizes).attainment >= 0.99
+
+    limits = {}
+    for role in (Role.PREFILL, Role.DECODE):
+        highest = []
+        while not highest or highest[-1] < max_rate:
+            n, low, high = len(highest) + 1, 0.0, max_rate
+            if holds(role, n, high):
+                highest.append(high)
+                break
+            for _ in range(24):
+                mid = (low + high) / 2
+                low, high = (mid, high) if holds(role, n, mid) else (low, mid)
+            highest.append(low)
+        limits[role] = highest
+    return limits
+
+
+def oracle_plan(trace: list[Load], limits: dict[Role, list[float]]) -> list[dict[Role, int]]:
+    """Each second, each pool the smallest size whose highest rate covers that second's."""
+    return [{role: next((n for n, rate in enumerate(highest, 1) if load.rate_per_s <= rate), len(highest))
+             for role, highest in limits.items()} for load in trace]
+
+
 def compare(name: str, trace: list[Load], engine: EngineModel, slo: SloConfig, config: AutoscaleConfig) -> dict:
     peak = max(load.rate_per_s for load in trace)
     mean = sum(load.rate_per_s for load in trace) / len(trace)
@@ -75,6 +107,11 @@ def compare(name: str, trace: list[Load], engine: EngineModel, slo: SloConfig, c
                           "num_actions": sum(1 for d in result.decisions for p in d.pools.values()
                                              if p.direction.value != "hold")}
     rows["autoscaled"]["gpu_seconds_vs_static_peak"] = result.gpu_seconds / rows["static peak"]["gpu_seconds"]
+    plan = oracle_plan(trace, size_limits(prompt, output, engine, slo, peak))
+    oracle = simulate(trace, engine, slo, None, start, plan=plan)
+    rows["oracle"] = {"attainment": oracle.attainment, "gpu_seconds": oracle.gpu_seconds,
+                      "gpu_seconds_vs_static_peak": oracle.gpu_seconds / rows["static peak"]["gpu_seconds"],
+                      "max_sizes": {r.value: max(p[r] for p in plan) for r in (Role.PREFILL, Role.DECODE)}}
     return {"trace": name, "seconds": len(trace), "peak_rate": peak, "mean_rate": mean, **rows}
 
 
@@ -102,11 +139,15 @@ def main() -> None:
     print("SIMULATION (policy against a fluid model of H100 pools; not a run)")
     for r in results:
         print(f"\n{r['trace']}: {r['seconds']} s, peak {r['peak_rate']:.1f} req/s, mean {r['mean_rate']:.1f}")
-        for label in ("autoscaled", "static peak", "static mean"):
+        for label in ("autoscaled", "oracle", "static peak", "static mean"):
             row = r[label]
-            extra = (f"  ({row['gpu_seconds_vs_static_peak']:.0%} of static peak's GPU-seconds, "
-                     f"{row['num_actions']} actions, max {row['max_sizes']})" if label == "autoscaled"
-                     else f"  (sizes {row['sizes']})")
+            if label == "autoscaled":
+                extra = (f"  ({row['gpu_seconds_vs_static_peak']:.1%} of static peak's GPU-seconds, "
+                         f"{row['num_actions']} actions, max {row['max_sizes']})")
+            elif label == "oracle":
+                extra = f"  ({row['gpu_seconds_vs_static_peak']:.1%} of static peak's: the bound; max {row['max_sizes']})"
+            else:
+                extra = f"  (sizes {row['sizes']})"
             print(f"  {label:12s} attainment {row['attainment']:.1%}  GPU-seconds {row['gpu_seconds']:,.0f}{extra}")
 
 

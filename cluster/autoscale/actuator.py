@@ -12,7 +12,8 @@ switch_role); the only part of the autoscaler that acts.
             no client sees an error); then it leaves and its actor and group go, and Ray's autoscaler
             removes the idle node.
   FLIP      a drain, then the same actor rejoins the other pool (`switch_role`): no weights reloaded.
-One drain at a time per pool (the policy asks for one); every action is a task, so a decision never
+A DOWN drains `count` instances at once (the policy asks for several only when the smaller pool is
+predicted to hold the stable window's highest load); every action is a task, so a decision never
 waits for Ray.
 """
 from __future__ import annotations
@@ -75,8 +76,11 @@ class Actuator:
                     self._scale_up(role, decision.now_s)
             elif d.direction == Direction.WITHDRAW:
                 self._withdraw(role, d.count, oldest_first=d.reason == Reason.PENDING_TIMEOUT)
-            elif d.direction in (Direction.DOWN, Direction.FLIP):
-                self._drain_one(role, d.flip_to if d.direction == Direction.FLIP else None, decision.now_s)
+            elif d.direction == Direction.DOWN:
+                for _ in range(d.count):
+                    self._drain_one(role, None, decision.now_s)
+            elif d.direction == Direction.FLIP:
+                self._drain_one(role, d.flip_to, decision.now_s)
 
     def _scale_up(self, role: Role, now_s: float) -> None:
         launch = self.cluster.launch(role)

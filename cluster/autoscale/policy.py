@@ -8,20 +8,23 @@ Per pool, in order (the first that applies is the pool's decision; each carries 
   (3) UP to the smallest size predicted to meet every target of the pool at `upscale_headroom` of
       it (prefill: TTFT; decode: ITL and KV room; mixed: both), counting scale-ups in flight, in one
       step however large the deficit (reason: the target that binds). Until the pool's model has
-      `min_samples` observations it goes by the observed latency instead, in proportion to it;
+      `min_samples` observations (and, for decode, a measured cost per sequence of the step) it goes
+      by the observed latency instead, in proportion to it;
   (4) WITHDRAW pending scale-ups the load no longer needs (LOAD_FELL), after `stable_window_s`
       without pressure, as any shrinking (a burst that pauses must not cancel what it started);
   (5) DOWN by one above the pool's maximum (ABOVE_MAX), or, with nothing draining, after
       `stable_window_s` without a scale-up or pressure (a prediction or observation over
-      `downscale_margin` of a target), if one instance fewer is predicted to stay within
-      `upscale_headroom` of every target, KV included, at `upscale_headroom / downscale_margin`
-      times the load seen (CONSOLIDATE; IDLE at zero traffic);
+      `downscale_margin` of a target, KV included), to the smallest size predicted to stay within
+      `downscale_margin` of every target, KV included, at the highest arrival rate of the stable
+      window: several instances at once when the load has clearly fallen (CONSOLIDATE); an idle
+      pool, or one without a model, one at a time (IDLE at zero traffic);
   (6) HOLD.
 Across pools: scale-ups share the GPU budget (`max_gpus`), the pool whose targets burn worst first;
 a pool the budget leaves short may take an instance of the other disaggregated pool that could
 consolidate (FLIP: drained, its role switched, its weights kept).
-The gap between `upscale_headroom` and `downscale_margin`, the stable window and one scale-down at a
-time keep a steady load from flapping. The actuator (actuator.py) carries a decision out; in
+The gap between `upscale_headroom` and `downscale_margin` (it covers the model's error at the smaller
+size: in the simulator the prefill model under-predicts it by up to 1.8x) and the stable window's
+peak load (it covers the load's own noise and a burst that pauses) keep a steady load from flapping. The actuator (actuator.py) carries a decision out; in
 `advisory` mode nothing is carried out.
 """
 from __future__ import annotations
@@ -79,6 +82,11 @@ class PoolState:
     model: PoolModel = field(default_factory=PoolModel)
     last_up_s: float = NEVER
     last_pressure_s: float = NEVER
+    # (decided at, requests/s placed on the pool) of the decisions within the stable window
+    recent_arrivals: tuple[tuple[float, float], ...] = ()
+
+    def peak_arrivals_per_s(self) -> float:
+        return max((rate for _, rate in self.recent_arrivals), default=0.0)
 
 
 @dataclass(frozen=True)
@@ -98,7 +106,9 @@ def decide(observations: Observations, state: PolicyState, config: AutoscaleConf
     decisions, states = {}, {}
     for role, obs in observations.pools.items():
         pool_state = state.pools.get(role, PoolState())
-        pool_state = replace(pool_state, model=pool_state.model.update(obs, slo.percentile))
+        recent = tuple(r for r in pool_state.recent_arrivals if now - r[0] < config.stable_window_s)
+        pool_state = replace(pool_state, model=pool_state.model.update(obs, slo.percentile),
+                             recent_arrivals=recent + ((now, obs.arrivals_per_s),))
         decisions[role], states[role] = _decide_pool(obs, pool_state, _limits(config, role), config, slo, now)
     decisions, states = _share_budget(observations, decisions, states, config, slo)
     return Decision(now, decisions, PolicyState(states))
@@ -113,7 +123,10 @@ class _Sizing:
 
     def __init__(self, obs: PoolObservation, model: PoolModel, config: AutoscaleConfig, slo: SloConfig):
         self.obs, self.model, self.config, self.slo = obs, model, config, slo
-        self.warming = model.num_samples < config.min_samples
+        # until then the pool is sized by what is observed: too few observations, or a decode step
+        # whose cost per sequence was never measured (one steady batch has no spread to fit it from;
+        # the fallback slope is there to keep consolidation cautious, not to grow a pool on)
+        self.warming = model.num_samples < config.min_samples or (obs.role != Role.PREFILL and model.slope_ms is None)
         self.ttft = obs.role in (Role.PREFILL, Role.MIXED)
         self.itl = obs.role in (Role.DECODE, Role.MIXED)
 
@@ -159,6 +172,7 @@ class _Sizing:
             burns.append(ttft / self.slo.ttft_s)
         if (itl := self.itl_at(n)) is not None:
             burns.append(itl / self.slo.itl_s)
+            burns.append(self.model.kv_share(self.obs, n) / KV_LIMIT)  # a scale-up for KV is pressure too
         return max(burns)
 
     def needed(self, largest: int) -> tuple[int, Reason | None]:
@@ -210,26 +224,36 @@ def _decide_pool(obs: PoolObservation, state: PoolState, limits, config: Autosca
                    replace(state, last_up_s=NEVER))
     if n_now > limits.max_instances:  # (5)
         return out(Direction.DOWN, 1, Reason.ABOVE_MAX, limits.max_instances)
-    if _may_consolidate(sizing, state, limits, config, now):
-        return out(Direction.DOWN, 1, Reason.IDLE if obs.idle else Reason.CONSOLIDATE, n_now - 1)
+    smaller = _consolidate_to(sizing, state, limits, config, now)
+    if smaller is not None:
+        return out(Direction.DOWN, n_now - smaller, Reason.IDLE if obs.idle else Reason.CONSOLIDATE, smaller)
     return out(Direction.HOLD, 0, Reason.WARMING_UP if sizing.warming else Reason.STEADY, total)
 
 
-def _may_consolidate(sizing: _Sizing, state: PoolState, limits, config: AutoscaleConfig, now: float) -> bool:
+def _consolidate_to(sizing: _Sizing, state: PoolState, limits, config: AutoscaleConfig, now: float) -> int | None:
+    """The size to shrink to (None: none): the smallest that is predicted to hold the highest load of
+    the stable window within `downscale_margin` of every target, KV included; an idle pool, or one
+    without a model, one instance at a time."""
     obs = sizing.obs
     if obs.num_actual <= limits.min_instances or obs.num_draining or obs.num_pending:
-        return False
+        return None
     if now - max(state.last_up_s, state.last_pressure_s) < config.stable_window_s:
-        return False
-    if sizing.warming:  # no model: only an idle pool shrinks
-        return obs.idle
-    return sizing.meets(obs.num_actual - 1, config.upscale_headroom, _consolidation_load(config)) is None
+        return None
+    if sizing.warming or obs.idle:  # nothing to size against: step by step
+        return obs.num_actual - 1 if obs.idle else None
+    load = _consolidation_load(state, obs)
+    for n in range(max(limits.min_instances, 1), obs.num_actual):
+        if sizing.meets(n, config.downscale_margin, load) is None:
+            return n
+    return None
 
 
-def _consolidation_load(config: AutoscaleConfig) -> float:
-    """One instance fewer must hold this much more load than is seen, within the upscale headroom: a
-    pool near a knee (decode close to its batch limit) would otherwise shrink and come straight back."""
-    return config.upscale_headroom / config.downscale_margin
+def _consolidation_load(state: PoolState, obs: PoolObservation) -> float:
+    """The load a smaller pool must hold, as a multiple of the load seen now: the highest of the
+    stable window (a load that dipped may come back before a scale-up could serve it)."""
+    if not obs.arrivals_per_s:
+        return 1.0
+    return max(1.0, state.peak_arrivals_per_s() / obs.arrivals_per_s)
 
 
 def _share_budget(observations: Observations, decisions: dict, states: dict, config: AutoscaleConfig,
@@ -271,5 +295,6 @@ def _flip_donor(role: Role, pools: dict, decisions: dict, states: dict, config: 
     sizing = _Sizing(obs, states[other].model, config, slo)
     if sizing.warming:
         return other if obs.idle else None
-    spare = sizing.meets(obs.num_actual - 1, config.upscale_headroom, _consolidation_load(config)) is None
+    load = _consolidation_load(states[other], obs)
+    spare = sizing.meets(obs.num_actual - 1, config.downscale_margin, load) is None
     return other if spare else None

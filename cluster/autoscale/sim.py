@@ -13,6 +13,8 @@ benchmarks/autoscale_sim.py drive. The pools are fluids, one tick a second:
   scaling   a scale-up serves `start_s` after it is decided (pending until then); a scale-down
             drains (its instance is paid for `drain_s` more); a flip is a drain plus a role switch.
 Each request's TTFT and ITL count against the SLO; GPU-seconds count every instance held.
+Instead of the policy, a `plan` may give each pool's serving size second by second (a schedule, or an
+oracle's sizing): an instance serving at `t` is paid from `t - start_s` to `t + drain_s`.
 """
 from __future__ import annotations
 
@@ -74,9 +76,12 @@ class SimResult:
 
 def simulate(trace: list[Load], engine: EngineModel, slo: SloConfig, config: AutoscaleConfig | None,
              start: dict[Role, int], interval_s: float | None = None,
-             on_decision: Callable[[Decision], None] | None = None) -> SimResult:
-    """Run `trace` (one Load a second). `config` None: the pools stay at `start` (static provisioning)."""
+             on_decision: Callable[[Decision], None] | None = None,
+             plan: list[dict[Role, int]] | None = None) -> SimResult:
+    """Run `trace` (one Load a second). `config` None: the pools stay at `start` (static provisioning),
+    or follow `plan` (one size per pool a second, as long as `trace`)."""
     pools = {role: _Pool(role, n) for role, n in start.items()}
+    plan_held = _plan_held(plan, engine) if plan is not None else None
     state, result = PolicyState(), SimResult()
     interval = interval_s or (config.interval_s if config else 1.0)
     window: dict[Role, list[tuple[float, float]]] = {role: [] for role in pools}  # (TTFT, ITL) since the last decision
@@ -84,6 +89,9 @@ def simulate(trace: list[Load], engine: EngineModel, slo: SloConfig, config: Aut
     last_decision = 0.0
     for t, load in enumerate(trace):
         now = float(t)
+        if plan is not None:
+            for role, pool in pools.items():
+                pool.size = plan[t][role]
         for pool in pools.values():
             pool.size += sum(1 for _, serves in pool.pending if serves <= now)
             pool.pending = [p for p in pool.pending if p[1] > now]
@@ -92,7 +100,8 @@ def simulate(trace: list[Load], engine: EngineModel, slo: SloConfig, config: Aut
         good = ttft <= slo.ttft_s and itl <= slo.itl_s
         result.num_requests += load.rate_per_s
         result.num_good += load.rate_per_s if good else 0.0
-        held = sum(p.size + len(p.pending) + len(p.draining) for p in pools.values()) * engine.gpus
+        held = (plan_held[t] if plan_held is not None
+                else sum(p.size + len(p.pending) + len(p.draining) for p in pools.values()) * engine.gpus)
         result.gpu_seconds += held
         result.gpus_held.append(held)
         result.sizes.append({r.value: p.size for r, p in pools.items()})
@@ -114,6 +123,14 @@ def simulate(trace: list[Load], engine: EngineModel, slo: SloConfig, config: Aut
         arrived = {role: [0.0, 0.0] for role in pools}
         last_decision = now
     return result
+
+
+def _plan_held(plan: list[dict[Role, int]], engine: EngineModel) -> list[float]:
+    """GPUs a plan holds each second: per pool, the most it serves from `drain_s` before to `start_s`
+    after (what serves at `s` started at `s - start_s` and is released at `s + drain_s`)."""
+    before, after = math.ceil(engine.drain_s), math.ceil(engine.start_s)
+    return [sum(max(sizes[role] for sizes in plan[max(0, t - before): t + after + 1]) for role in plan[t]) * engine.gpus
+            for t in range(len(plan))]
 
 
 def _tick(pools: dict[Role, _Pool], load: Load, engine: EngineModel) -> tuple[float, float]:
@@ -168,9 +185,10 @@ def _apply(decision: Decision, pools: dict[Role, _Pool], engine: EngineModel, no
             pool.pending += [(now, now + engine.start_s)] * d.count
         elif d.direction == Direction.WITHDRAW:
             pool.pending = pool.pending[: max(0, len(pool.pending) - d.count)]
-        elif d.direction == Direction.DOWN and pool.size > 0:
-            pool.size -= 1
-            pool.draining.append(now + engine.drain_s)
+        elif d.direction == Direction.DOWN:
+            count = min(d.count, pool.size)
+            pool.size -= count
+            pool.draining += [now + engine.drain_s] * count
         elif d.direction == Direction.FLIP and pool.size > 0 and d.flip_to in pools:
             pool.size -= 1
             pools[d.flip_to].pending.append((now, now + engine.drain_s))  # serves there once drained, weights kept

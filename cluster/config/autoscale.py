@@ -59,8 +59,9 @@ class AutoscaleConfig:
     decode: PoolLimits = field(default_factory=PoolLimits)
     mixed: PoolLimits = field(default_factory=PoolLimits)
     upscale_headroom: float = 0.9  # scale up when a pool is predicted above this share of its SLO target
-    downscale_margin: float = 0.6  # scale down only if N-1 instances stay under this share of the target
-    stable_window_s: float = 60.0  # scale down only after this long without a scale-up or over-target sign
+    downscale_margin: float = 0.6  # scale down only to a size predicted under this share of the target (and of KV)
+    # scale down only after this long without a scale-up or over-target sign, to a size that holds its highest load
+    stable_window_s: float = 60.0
     pending_timeout_s: float = 300.0  # a scale-up not serving by then is withdrawn (its placement group removed)
     drain_timeout_s: float = 120.0  # a draining instance's requests get this long to finish, then move or end
     role_flip: bool = True  # a pool short of capacity may take another pool's idle instance when no GPU is free

@@ -2,6 +2,9 @@
 (cluster/autoscale/sim.py) or by hand-made observations."""
 from __future__ import annotations
 
+import random
+from dataclasses import replace
+
 import pytest
 
 from cluster.autoscale.observe import InstanceSample, Observations, PoolObservation
@@ -112,3 +115,47 @@ def test_advisory_and_every_decision_carries_a_reason():
     result = simulate([Load(10)] * 100 + [Load(50)] * 100, ENGINE, SLO, _config(mode="advisory"),
                       {Role.PREFILL: 1, Role.DECODE: 1})
     assert all(isinstance(d.pools[r].reason, Reason) for d in result.decisions for r in d.pools)
+
+
+def test_after_a_burst_the_pools_shrink_at_once_and_stay():
+    """When a burst ends, a pool goes back in one step (several instances drained at once) once the
+    stable window holds nothing higher, and nothing scales up again at the base load."""
+    shape = dict(prompt_tokens=4096, output_tokens=16)
+    trace = [Load(6.0, **shape)] * 400 + [Load(24.0, **shape)] * 300 + [Load(6.0, **shape)] * 800
+    result = simulate(trace, ENGINE, SLO, _config(), {Role.PREFILL: 1, Role.DECODE: 1})
+    assert result.sizes[699]["prefill"] >= 3, result.sizes[699]
+    after = _actions(result, Role.PREFILL, since_s=700)
+    downs = [d for _, d in after if d.direction == Direction.DOWN]
+    assert downs and downs[0].count >= 2, after
+    assert all(d.direction == Direction.DOWN for _, d in after), after
+    assert after[0][0] >= 700 + 60, after  # not before the stable window has let the burst go
+    assert result.sizes[-1]["prefill"] == result.sizes[699]["prefill"] - downs[0].count  # and no more since
+    assert result.sizes[-1]["decode"] == 1
+    assert result.attainment > 0.95
+
+
+@pytest.mark.parametrize("rate", [20, 60])
+def test_a_noisy_steady_load_never_flaps(rate):
+    """Arrivals 10% up or down each second: the stable window's peak covers the noise, so a scale-in
+    is never undone."""
+    rng = random.Random(rate)
+    trace = [Load(rate * rng.uniform(0.9, 1.1)) for _ in range(1500)]
+    result = simulate(trace, ENGINE, SLO, _config(), {Role.PREFILL: 1, Role.DECODE: 1})
+    for role in (Role.PREFILL, Role.DECODE):
+        late = _actions(result, role, since_s=400)
+        directions = [d.direction for _, d in late]
+        assert not any(a != b for a, b in zip(directions, directions[1:])), (role, late)
+        assert len(late) <= 1, (role, late)
+
+
+def test_a_decode_pool_does_not_grow_on_a_step_cost_it_never_measured():
+    """One instance at one steady batch gives no spread to fit the step's cost per sequence from; at
+    15% of its ITL target the pool holds, whatever cost the fallback assumes."""
+    config, state = _config(min_samples=1), PolicyState()
+    for t in range(5, 60, INTERVAL):
+        pool = replace(_pool(Role.DECODE, 1, running=8, step_ms=6.77, kv=0.04, arrivals=10.0, itl=0.0072),
+                       mean_output_tokens=256)
+        obs = Observations(float(t), {Role.DECODE: pool})
+        decision = decide(obs, state, config, SLO)
+        state = decision.state
+        assert decision.pools[Role.DECODE].direction == Direction.HOLD, (t, decision.pools[Role.DECODE])
