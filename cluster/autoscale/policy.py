@@ -123,12 +123,13 @@ class _Sizing:
 
     def __init__(self, obs: PoolObservation, model: PoolModel, config: AutoscaleConfig, slo: SloConfig):
         self.obs, self.model, self.config, self.slo = obs, model, config, slo
-        # until then the pool is sized by what is observed: too few observations, or a decode step
-        # whose cost per sequence was never measured (one steady batch has no spread to fit it from;
-        # the fallback slope is there to keep consolidation cautious, not to grow a pool on)
-        self.warming = model.num_samples < config.min_samples or (obs.role != Role.PREFILL and model.slope_ms is None)
+        self.warming = model.num_samples < config.min_samples  # until then: sized by what is observed
+        # a decode step whose cost per sequence was never measured (one steady batch has no spread to fit
+        # it from) grows by what is observed too: the fallback slope keeps consolidation and flips
+        # cautious, it is not a reason to grow a pool
         self.ttft = obs.role in (Role.PREFILL, Role.MIXED)
         self.itl = obs.role in (Role.DECODE, Role.MIXED)
+        self.unmeasured_step = self.itl and model.slope_ms is None
 
     def ttft_at(self, n: int) -> float | None:
         if not self.ttft or self.warming or not self.model.prefill_rate:
@@ -180,7 +181,7 @@ class _Sizing:
         target that binds at the current size (None: none)."""
         n_now = max(self.obs.num_actual, 1)
         headroom = self.config.upscale_headroom
-        if self.warming:  # no model yet: what is observed over target, in proportion
+        if self.warming or self.unmeasured_step:  # no model (of the step) yet: what is observed, in proportion
             burn, reason = self.observed_burn()
             if burn <= headroom:
                 return self.obs.num_actual, None

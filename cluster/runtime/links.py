@@ -15,6 +15,9 @@ from cluster.disagg.router import InstanceView
 from cluster.types import Role
 
 
+CONNECT_TIMEOUT_S = 60.0  # an NCCL communicator takes about a second; gloo less
+
+
 class LinkFailed(RuntimeError):
     """A link could not be made; `view` is the side to blame (the one whose actor died, else decode's)."""
 
@@ -50,15 +53,7 @@ class KVLinks:
         async with self.locks.setdefault(key, asyncio.Lock()):
             if key in self.pairs:
                 return
-            answers = await asyncio.gather(
-                decode.handle.connect.remote(prefill.instance_id, decode.link_address, True),
-                prefill.handle.connect.remote(decode.instance_id, decode.link_address, False), return_exceptions=True)
-            failed = [(view, a) for view, a in zip((decode, prefill), answers) if isinstance(a, BaseException)]
-            if failed:  # a dead actor is to blame before a live one whose peer vanished mid-connect
-                from ray.exceptions import RayActorError
-
-                view, cause = next(((v, a) for v, a in failed if isinstance(a, RayActorError)), failed[0])
-                raise LinkFailed(view, cause)
+            await _connect_both(prefill, decode)
             self.pairs.add(key)
 
     async def drop(self, dead_id: str, instances: dict[str, InstanceView]) -> None:
@@ -72,3 +67,22 @@ class KVLinks:
     def cancel(self) -> None:
         for task in self.tasks:
             task.cancel()
+
+
+async def _connect_both(prefill: InstanceView, decode: InstanceView) -> None:
+    """Both sides connect at once; the first failure ends the wait (the other side may block in its
+    rendezvous until its peer comes, which a dead one never does), and so does `CONNECT_TIMEOUT_S`."""
+    from ray.exceptions import RayActorError
+
+    calls = {asyncio.ensure_future(decode.handle.connect.remote(prefill.instance_id, decode.link_address, True)): decode,
+             asyncio.ensure_future(prefill.handle.connect.remote(decode.instance_id, decode.link_address, False)): prefill}
+    done, pending = await asyncio.wait(calls, timeout=CONNECT_TIMEOUT_S, return_when=asyncio.FIRST_EXCEPTION)
+    for call in pending:
+        call.cancel()
+    failed = [(calls[c], c.exception()) for c in done if c.exception() is not None]
+    if failed:  # a dead actor is to blame before a live one whose peer vanished mid-connect
+        raise LinkFailed(*next(((v, e) for v, e in failed if isinstance(e, RayActorError)), failed[0]))
+    if pending:  # the side that never answered
+        silent = [calls[c] for c in pending]
+        raise LinkFailed(silent[0] if len(silent) == 1 else decode,
+                         TimeoutError(f"no answer to connect within {CONNECT_TIMEOUT_S:.0f} s"))

@@ -105,9 +105,12 @@ def _autoscaler_status(port: int) -> str:
     import httpx
 
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/admin/autoscaler", timeout=10).text[-3000:]
-    except httpx.HTTPError as exc:
+        status = httpx.get(f"http://127.0.0.1:{port}/admin/autoscaler", timeout=10).json()
+    except (httpx.HTTPError, ValueError) as exc:
         return repr(exc)
+    acts = [d for d in status["decisions"] if d["direction"] != "hold"]
+    return json.dumps({"actions": acts[:10], "scale_outs": status["scale_outs"][:5],
+                       "last": status["decisions"][:4]})[-4000:]
 
 
 def test_every_panel_returns_data_and_the_slo_dashboard_is_drawn(cluster_up, tmp_path):
