@@ -80,8 +80,9 @@ class KeyRing:
 
     @property
     def open(self) -> bool:
-        """No API key is set: /v1/* answers anyone who reaches the port."""
-        return not self.user
+        """No API key is set: /v1/* answers anyone who reaches the port (an admin key alone opens /admin/*
+        to its holder and closes nothing else)."""
+        return not self.num_user
 
     def allows(self, token: str | None, need: str) -> bool:
         """Constant time in the token: every digest of `need`'s list is compared."""

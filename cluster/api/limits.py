@@ -11,13 +11,18 @@ knob that sets it (code `limit_exceeded`).
   prompt / messages (tokens)              api.max_prompt_tokens   after tokenizing (chat: the rendered template)
 
 The model's context (`prompt + max_tokens <= max_model_len`) is checked beside these (server.py);
-the ceilings are a deployment's own, below it.
+the ceilings are a deployment's own, below it. A request that leaves `max_tokens` out is not refused
+for the default it did not choose: `default_output_tokens` gives it the ceiling (or the protocol's
+default, if lower) instead.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 from cluster.api.errors import APIError, invalid
 from cluster.api.protocol import ChatCompletionRequest, CompletionRequest
 from cluster.config import ApiConfig
+from cluster.types import SamplingParams
 
 CODE = "limit_exceeded"
 
@@ -31,7 +36,8 @@ def check_request(api: ApiConfig, body: CompletionRequest | ChatCompletionReques
     if body.n > api.max_n:
         raise exceeded("n", body.n, api.max_n, "max_n", "completions per prompt")
     param, max_tokens = _output_tokens(body)
-    if api.max_output_tokens is not None and max_tokens is not None and max_tokens > api.max_output_tokens:
+    explicit = param in body.model_fields_set  # a default left in place is capped instead (default_output_tokens)
+    if api.max_output_tokens is not None and explicit and max_tokens is not None and max_tokens > api.max_output_tokens:
         raise exceeded(param, max_tokens, api.max_output_tokens, "max_output_tokens", "output tokens")
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > api.max_stop_strings:
@@ -39,6 +45,16 @@ def check_request(api: ApiConfig, body: CompletionRequest | ChatCompletionReques
     param, logprobs = ("top_logprobs", body.top_logprobs) if isinstance(body, ChatCompletionRequest) else ("logprobs", body.logprobs)
     if logprobs is not None and logprobs > api.max_logprobs:
         raise exceeded(param, logprobs, api.max_logprobs, "max_logprobs", "logprobs per token")
+
+
+def default_output_tokens(api: ApiConfig, body: CompletionRequest | ChatCompletionRequest,
+                          params: SamplingParams) -> SamplingParams:
+    """`params` with max_tokens at most api.max_output_tokens where the caller did not set it."""
+    ceiling = api.max_output_tokens
+    chosen = body.model_fields_set & {"max_tokens", "max_completion_tokens"}
+    if ceiling is None or any(getattr(body, name) is not None for name in chosen):
+        return params
+    return replace(params, max_tokens=min(params.max_tokens or ceiling, ceiling))
 
 
 def check_prompt(api: ApiConfig, num_tokens: int, param: str) -> None:

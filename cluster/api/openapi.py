@@ -6,7 +6,9 @@ Built once per app from the protocol models (protocol.py, pydantic's JSON schema
 FastAPI's introspection: the routes read their bodies themselves (strict JSON, a bounded size), so
 FastAPI sees no body model. The document states this deployment's own facts:
   (1) `model` is the one served model (any other name: 404);
-  (2) the configured ceilings (limits.py) as maxima: `n`, `max_tokens`, `logprobs`, `stop`;
+  (2) the configured ceilings (limits.py) as maxima: `n`, `max_tokens`, `logprobs`, `stop`; and what
+      the protocol's validators refuse, where a schema can say it: empty prompts and stop strings,
+      token ids outside the vocabulary, `echo`/`suffix` (unsupported), the roles a chat may use;
   (3) the bearer keys each route needs (auth.py): API keys on /v1/* when any is set (and /health,
       /metrics when they need one), admin keys on /admin/*;
   (4) every error as the OpenAI error body; 429 and 503 with Retry-After; a stream as
@@ -64,21 +66,56 @@ def _set_limit(prop: dict, key: str, value: int | None, kind: str = "integer") -
             branch[key] = min(value, branch.get(key, value))
 
 
-def _request_schemas(schemas: dict, model: str, api: ApiConfig) -> None:
+def _token_ids(vocab_size: int | None) -> dict:
+    return {"type": "integer", "minimum": 0, **({"maximum": vocab_size - 1} if vocab_size else {})}
+
+
+def _prompt(vocab_size: int | None) -> dict:
+    """What `CompletionRequest._check_prompt` takes: nothing empty, token ids within the vocabulary."""
+    ids = {"type": "array", "minItems": 1, "items": _token_ids(vocab_size)}
+    return {"title": "Prompt", "anyOf": [
+        {"type": "string", "minLength": 1}, ids,
+        {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+        {"type": "array", "minItems": 1, "items": ids}]}
+
+
+def _request_schemas(schemas: dict, model: str, api: ApiConfig, vocab_size: int | None) -> None:
     for name in ("CompletionRequest", "ChatCompletionRequest"):
         props = schemas[name]["properties"]
         props["model"] = {"type": "string", "enum": [model], "title": "Model"}
         _set_limit(props["n"], "maximum", api.max_n)
         _set_limit(props["max_tokens"], "maximum", api.max_output_tokens)
-        _set_limit(props["stop"], "maxItems", api.max_stop_strings, "array")
+        props["stop"] = {"title": "Stop", "default": None, "anyOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "maxItems": api.max_stop_strings, "items": {"type": "string", "minLength": 1}},
+            {"type": "null"}]}
+        props["stop_token_ids"] = {"title": "Stop Token Ids", "default": None, "anyOf": [
+            {"type": "array", "items": _token_ids(vocab_size)}, {"type": "null"}]}
+    completion = schemas["CompletionRequest"]["properties"]
+    completion["prompt"] = _prompt(vocab_size)
+    completion["echo"] = {"title": "Echo", "default": False, "type": "boolean", "const": False}  # not supported
+    completion["suffix"] = {"title": "Suffix", "default": None, "anyOf": [{"type": "string", "maxLength": 0},
+                                                                             {"type": "null"}]}
+    # the roles every chat template knows (a template may take more, e.g. `tool`)
+    schemas["ChatMessage"]["properties"]["role"] = {"title": "Role", "type": "string",
+                                                    "enum": ["system", "user", "assistant"]}
     _set_limit(schemas["CompletionRequest"]["properties"]["logprobs"], "maximum", api.max_logprobs)
     chat = schemas["ChatCompletionRequest"]["properties"]
     _set_limit(chat["max_completion_tokens"], "maximum", api.max_output_tokens)
     _set_limit(chat["top_logprobs"], "maximum", api.max_logprobs)
 
 
+def _sse_event(chunk: str) -> dict:
+    """One event of a stream (OpenAPI before 3.2: `schema` describes each event): a chunk, an error
+    (a failure after the first byte: `ErrorResponse`), or the closing `[DONE]`."""
+    payload = {"type": "string", "contentMediaType": "application/json",
+               "contentSchema": {"anyOf": [_ref(chunk), _ref("ErrorResponse")]}}
+    return {"type": "object", "required": ["data"], "description": f"`data: <{chunk}>` events, then `data: [DONE]`",
+            "properties": {"event": {"type": "string"}, "data": {"anyOf": [{"const": "[DONE]"}, payload]}}}
+
+
 def _generate(request: str, response: str, chunk: str | None, security: list) -> dict:
-    stream = {"schema": {"type": "string", "description": f"SSE: `data: <{chunk}>` events, then `data: [DONE]`"}}
+    stream = {"schema": _sse_event(chunk)}
     ok = {"description": "the completion (JSON), or with `stream: true` its SSE stream",
           "content": {"application/json": {"schema": _ref(response)}, "text/event-stream": stream}}
     return {"post": {
@@ -86,11 +123,13 @@ def _generate(request: str, response: str, chunk: str | None, security: list) ->
         "responses": {"200": ok, **_errors(400, 401, 404, 413, 429, 500, 503)}, "security": security}}
 
 
-def openapi_document(model: str, api: ApiConfig, admin: list[str], keys_set: bool = False) -> dict:
+def openapi_document(model: str, api: ApiConfig, admin: list[str], keys_set: bool = False,
+                     vocab_size: int | None = None) -> dict:
     """The document for a server of `model` under `api`; `admin`: which admin routes it has
-    ("instances", "autoscaler"); `keys_set`: API keys are in force (/v1/* needs one)."""
+    ("instances", "autoscaler"); `keys_set`: API keys are in force (/v1/* needs one); `vocab_size`:
+    the model's, which bounds token ids."""
     schemas = copy.deepcopy(_schemas())
-    _request_schemas(schemas, model, api)
+    _request_schemas(schemas, model, api, vocab_size)
     user = [{"apiKey": []}] if keys_set else []
     health_security = user if api.health_needs_key else []
     metrics_security = user if api.metrics_needs_key else []

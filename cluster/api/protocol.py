@@ -176,7 +176,10 @@ class ChatMessage(_Request):
 
     def for_template(self) -> dict:
         extra = {k: v for k, v in (self.model_extra or {}).items() if v is not None}
-        return {**extra, "role": self.role, "content": self.text(), **({"name": self.name} if self.name else {})}
+        # no content (OpenAI allows it, e.g. an assistant turn that only called a tool) renders as empty
+        text = self.text()
+        return {**extra, "role": self.role, "content": "" if text is None else text,
+                **({"name": self.name} if self.name else {})}
 
 
 class ChatCompletionRequest(_SamplingFields):

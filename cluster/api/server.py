@@ -35,7 +35,7 @@ from cluster.api.auth import KeyCheck, KeyRing
 from cluster.api.errors import (APIError, ClientGone, from_overloaded, from_validation, from_value_error, guarded,
                                install_error_handlers, invalid)
 from cluster.api.http import SSEResponse, json_response, read_json, until_disconnected
-from cluster.api.limits import check_prompt, check_request
+from cluster.api.limits import check_prompt, check_request, default_output_tokens
 from cluster.api.openapi import openapi_document
 from cluster.api.protocol import (AddInstanceRequest, AddInstanceResponse, ChatChoiceLogprobs, ChatCompletionChoice,
                                   ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage, CompletionChoice,
@@ -76,7 +76,7 @@ class OpenAIServer:
             body = CompletionRequest.model_validate(await read_json(request, self.api))
             self._check_model(body.model)
             check_request(self.api, body)
-            params = self._check_params(body.sampling_params())
+            params = self._check_params(default_output_tokens(self.api, body, body.sampling_params()))
             prompts = [self._encode(p) for p in body.prompts()]
         response_id = f"cmpl-{uuid.uuid4().hex}"
         run = self._run(response_id, prompts, params, start_s, "prompt")
@@ -101,7 +101,7 @@ class OpenAIServer:
             body = ChatCompletionRequest.model_validate(await read_json(request, self.api))
             self._check_model(body.model)
             check_request(self.api, body)
-            params = self._check_params(body.sampling_params())
+            params = self._check_params(default_output_tokens(self.api, body, body.sampling_params()))
             prompt = self._render_chat(body)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         run = self._run(response_id, [prompt], params, start_s, "messages")
@@ -299,7 +299,8 @@ def build_app(client: EngineClient, metrics: Metrics, served_model_name: str,
     if autoscaler_status is not None:
         app.add_api_route("/admin/autoscaler", lambda: JSONResponse(autoscaler_status()), methods=["GET"])
         admin.append("autoscaler")
-    document = openapi_document(served_model_name, api, admin, keys_set=not ring.open)
+    document = openapi_document(served_model_name, api, admin, keys_set=not ring.open,
+                                vocab_size=server.info.vocab_size)
     app.add_api_route("/openapi.json", lambda: JSONResponse(document), methods=["GET"], include_in_schema=False)
     app.add_middleware(KeyCheck, ring=ring, metrics=metrics, model=served_model_name)
     app.state.server = server

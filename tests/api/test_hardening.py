@@ -232,3 +232,17 @@ def test_draining_refuses_new_requests_with_503_and_lets_one_in_flight_finish(ch
         assert cut["n"] == 0
     finally:
         s.close()
+
+
+def test_a_request_that_leaves_max_tokens_out_gets_the_ceiling_not_a_refusal(secured):
+    api = secured.openai(KEY)
+    chat = api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"ignore_eos": True})
+    assert chat.usage.completion_tokens == LIMITS["max_output_tokens"] and chat.choices[0].finish_reason == "length"
+    out = api.completions.create(model=MODEL, prompt="hi", extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 16  # the protocol's default, under the ceiling
+
+
+def test_an_admin_key_alone_guards_admin_routes_and_leaves_the_api_open():
+    ring = KeyRing(ApiConfig(), loader=lambda: ApiKeys(admin=frozenset({ADMIN})))
+    assert ring.open and ring.allows(ADMIN, "admin") and not ring.allows(KEY, "admin")
