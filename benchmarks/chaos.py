@@ -165,7 +165,8 @@ class Run:
         self.target = {"prefill": args.prefill, "decode": args.decode + 1}
         self.worker = self.ray.add_node(num_cpus=NODE_CPUS, node_ip_address="127.0.0.1")
         self.on_worker = self.serving.launch("decode")  # the head is full: this one goes to the worker node
-        assert self.serving.node_of(self.on_worker) == self.worker.node_id, "the extra decode is not on the worker"
+        if self.serving.node_of(self.on_worker) != self.worker.node_id:
+            raise RuntimeError("the extra decode instance did not land on the worker node")
         self.spec = LoadSpec(model=self.serving.cluster.client.info().name, url=self.serving.base + "/v1",
                              max_tokens=args.max_tokens, timeout_s=args.request_timeout_s)
         self.load = SteadyLoad(self.spec, args.clients, args.max_requests_per_client)
@@ -199,29 +200,25 @@ class Run:
             return {"skipped": f"no {role} instance was busy within 30 s"}
         legs = [l for l in self.serving.cluster.client.legs.values() if instance_id in (l.prefill_id, l.decode_id)]
         self.serving.cluster.kill_instance(instance_id)
-        return {"victim": instance_id, "victim_state": legs_state, "router_legs_on_victim": len(legs),
-                "recover": lambda: self._replace(instance_id, role)}
+        return {"victims": [instance_id], "victim_state": legs_state, "router_legs_on_victims": len(legs),
+                "recover": lambda: self._reconcile([instance_id])}
 
     def restart_redis(self) -> dict:
         self.redis.kill()
         time.sleep(self.args.redis_outage_s)
         self.redis.start()
-        back = time.monotonic()
-        return {"outage_s": self.args.redis_outage_s, "store_back_at": back, "recover": self._store_rebuilt}
+        return {"outage_s": self.args.redis_outage_s, "recover": self._store_rebuilt}
 
     def kill_worker_node(self) -> dict:
         node_id = self.worker.node_id
         victims = [i for i in self.serving.cluster.groups if self.serving.node_of(i) == node_id]
+        legs = [l for l in self.serving.cluster.client.legs.values() if {l.prefill_id, l.decode_id} & set(victims)]
         self.ray.remove_node(self.worker, allow_graceful=False)
 
         def recover() -> dict:
             self.worker = self.ray.add_node(num_cpus=NODE_CPUS, node_ip_address="127.0.0.1")  # the replacement node
-            out = {}
-            for instance_id in victims:
-                out.update(self._replace(instance_id, "decode"))
-                self.on_worker = out["relaunched"]
-            return out
-        return {"node": node_id, "victims": victims, "recover": recover}
+            return self._reconcile(victims)
+        return {"node": node_id, "victims": victims, "router_legs_on_victims": len(legs), "recover": recover}
 
     def overload(self) -> dict:
         n = self.args.clients * self.args.burst_factor
@@ -230,12 +227,20 @@ class Run:
         return {"burst_requests": n, "burst": summarize(records, records[0].t_start, time.monotonic())}
 
     # -- recovery -----------------------------------------------------------------------------------
-    def _replace(self, instance_id: str, role: str) -> dict:
-        """Release the dead instance (its placement group too) and launch a new one in its place."""
+    def _reconcile(self, victims: list[str]) -> dict:
+        """What an operator (or the autoscaler) does: once the victims are seen dead, release every dead
+        instance (its placement group too) and launch one through the admin API for each the pools miss."""
         t = time.monotonic()
-        self.serving.run(self.serving.cluster.release(instance_id), 120)
-        new_id = self.serving.launch(role)
-        return {"relaunched": new_id, "relaunch_s": round(time.monotonic() - t, 3)}
+        instances = self.serving.cluster.client.instances
+        _until(lambda: all(i not in instances or not instances[i].alive for i in victims), 60.0)
+        dead = sorted(i for i, view in list(instances.items()) if not view.alive)
+        for instance_id in dead:
+            self.serving.run(self.serving.cluster.release(instance_id), 120)
+        pools, launched = self.serving.pools(), []
+        for role, want in self.target.items():
+            launched += [self.serving.launch(role) for _ in range(want - pools.get(role, 0))]
+        return {"dead": dead, "collateral": [i for i in dead if i not in victims], "relaunched": launched,
+                "relaunch_s": round(time.monotonic() - t, 3)}
 
     def _store_rebuilt(self) -> dict:
         """Every live instance registered again and the shared prefix found in the index."""
@@ -249,7 +254,7 @@ class Run:
             registered = _until(lambda: len(other.list_instances()) >= sum(self.serving.pools().values()), 60.0)
             t_reg = time.monotonic() - t
             rebuilt = _until(lambda: other.match_prefix(hashes), 60.0)
-            return {"reregistered": bool(registered), "reregistered_s": round(t_reg, 3),
+            return {"redis_reregistered": bool(registered), "reregistered_s": round(t_reg, 3),
                     "prefix_index_rebuilt": bool(rebuilt), "prefix_index_rebuilt_s": round(time.monotonic() - t, 3)}
         finally:
             other.close()
@@ -267,13 +272,19 @@ class Run:
         if recover is not None:
             info.update(recover())
         full = _until(lambda: self.serving.pools() == {**self.target, "mixed": 0}, self.args.capacity_timeout_s)
-        info.update(summarize(self.load.records, t_fault, t_end), fault=name,
-                    capacity_restored=bool(full), capacity_restored_s=round(time.monotonic() - t_fault, 3),
-                    pools_after=self.serving.pools())
+        info.update(fault=name, t_fault=t_fault, t_end=t_end, capacity_restored=bool(full),
+                    capacity_restored_s=round(time.monotonic() - t_fault, 3), pools_after=self.serving.pools())
         self.phases.append(info)
-        print(f"    in flight {info['in_flight_at_fault']}, completed {info['completed']}, retried {info['retried']}, "
-              f"clear errors {info['clear_errors']} {info['clear_error_statuses']}, hung {info['hung']}, "
-              f"lost {info['lost']}, worst end {info['worst_time_to_end_s']} s, capacity back: {full}", flush=True)
+
+    def summaries(self) -> None:
+        """Once every client has ended: each fault's figures from the records, printed."""
+        for info in self.phases:
+            t_fault, t_end = info.pop("t_fault"), info.pop("t_end")
+            info.update(summarize(self.load.records, t_fault, t_end))
+            print(f"{info['fault']:>28}: in flight {info['in_flight_at_fault']}, completed {info['completed']}, "
+                  f"retried {info['retried']}, clear errors {info['clear_errors']} {info['clear_error_statuses']}, "
+                  f"hung {info['hung']}, lost {info['lost']}, worst end {info['worst_time_to_end_s']} s, "
+                  f"capacity back: {info['capacity_restored']} ({info['capacity_restored_s']} s)", flush=True)
 
     def execute(self) -> dict:
         self.load.start()
@@ -285,6 +296,7 @@ class Run:
                             ("overload_burst", self.overload)):
             self.phase(name, fault)
         self.load.stop(self.args.request_timeout_s * 2)
+        self.summaries()
         every = summarize(self.load.records, 0.0, time.monotonic())
         return {"hung": every["hung"], "lost": every["lost"], "requests": every["requests"],
                 "completed": every["completed"], "retried": every["retried"], "clear_errors": every["clear_errors"],
@@ -296,8 +308,7 @@ class Run:
     def close(self) -> None:
         import ray
 
-        for step in (self.load.stop, ):
-            step(1.0)
+        self.load.stop(1.0)
         for step in (self.serving.stop, ray.shutdown, self.ray.shutdown, self.redis.kill):
             try:
                 step()
