@@ -43,6 +43,7 @@ from cluster.runtime.pools import ClusterEvents, Pools
 from cluster.types import FinishReason, Role, SamplingParams, TokenDelta
 
 log = logging.getLogger(__name__)
+NO_INSTANCE_RETRY_AFTER_S = 2.0  # a pool left empty waits for a launch (the autoscaler's, or an operator's)
 MAX_RETRIES = 2
 
 
@@ -165,6 +166,10 @@ class ClusterClient(EngineClient, ClusterEvents):
         if self.num_pending >= self.config.api.max_pending:
             raise Overloaded(f"{self.num_pending} requests in flight (limit {self.config.api.max_pending})", 1.0)
         prefill_role, decode_role = (Role.PREFILL, Role.DECODE) if self.config.disaggregated else (Role.MIXED, Role.MIXED)
+        for role in {prefill_role, decode_role}:  # every instance of a pool lost (until one is launched): 503
+            if not self.pool(role):
+                raise Overloaded(f"no live {role.value} instance", NO_INSTANCE_RETRY_AFTER_S, unavailable=True,
+                                 reason="no_instance")
         admit(self.config.api, self.pool(prefill_role), self.pool(decode_role))  # past saturation: 429, not a queue
         queue: asyncio.Queue = asyncio.Queue()
         legs = self._legs(request_id, prompt_token_ids, params, prompt, queue)
