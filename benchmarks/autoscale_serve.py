@@ -15,11 +15,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import threading
 import time
 import urllib.request
 
 from benchmarks.serve import _bench, _start, _without_requests
+
+ADMIN_KEY = f"sk-bench-admin-{secrets.token_hex(8)}"  # GET /admin/autoscaler answers an admin key only
+
+
+def _admin_get(url: str, path: str) -> dict:
+    request = urllib.request.Request(url.replace("/v1", path), headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    with urllib.request.urlopen(request, timeout=5) as r:
+        return json.load(r)
 
 
 def _config(args, mode: str, port: int) -> dict:
@@ -33,7 +42,7 @@ def _config(args, mode: str, port: int) -> dict:
               "scheduler": {"max_num_seqs": 256, "max_num_batched_tokens": 4096},
               "runner": {"device": args.device}}
     config = {"engine": engine, "prefill": {"instances": 0}, "decode": {"instances": 0}, "mixed": pool,
-              "api": {"port": port, "max_pending": 1024},
+              "api": {"port": port, "max_pending": 1024, "admin_keys": [ADMIN_KEY]},
               "slo": {"ttft_s": args.slo_ttft_ms / 1e3, "itl_s": args.slo_tpot_ms / 1e3, "percentile": 95}}
     if mode == "autoscale":
         config["autoscale"] = {"enabled": True, "interval_s": 2, "stable_window_s": 20, "min_samples": 2,
@@ -45,8 +54,7 @@ def _config(args, mode: str, port: int) -> dict:
 def _poll_instances(url: str, stop: threading.Event, samples: list) -> None:
     while not stop.is_set():
         try:
-            with urllib.request.urlopen(url.replace("/v1", "/admin/autoscaler"), timeout=5) as r:
-                status = json.load(r)
+            status = _admin_get(url, "/admin/autoscaler")
             last = status.get("decisions", [{}])[0] if status.get("decisions") else {}
             samples.append({"t": time.monotonic(), "actual": last.get("actual"), "pending": last.get("pending"),
                             "draining": last.get("draining"), "direction": last.get("direction"),
@@ -74,8 +82,7 @@ def run_mode(args, mode: str, port: int) -> dict:
         wall_s = time.monotonic() - t0
         stop.set()
         poller.join()
-        with urllib.request.urlopen(url.replace("/v1", "/admin/autoscaler"), timeout=5) as r:
-            status = json.load(r)
+        status = _admin_get(url, "/admin/autoscaler")
         _stop(proc)
     if mode == "autoscale":
         held = [(s["actual"] or 0) + (s["pending"] or 0) + (s["draining"] or 0) for s in samples if s["actual"] is not None]

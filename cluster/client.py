@@ -11,6 +11,9 @@ Methods, all called by the API server:
   abort(request_id)   the client went away: stop the request and free its KV everywhere.
   info()              model name, max_model_len, tokenizer (for chat templates and token counts).
   health()            a dict; raises if the backend cannot serve.
+  drain(timeout_s)    the shutdown (SIGTERM): from now on `generate` raises Overloaded(unavailable,
+                      reason "draining"), the requests in flight get `timeout_s` to finish, those still
+                      running then end with an error delta; returns how many that was.
   close()             stop everything this client started.
 """
 from __future__ import annotations
@@ -53,6 +56,10 @@ class EngineClient(ABC):
 
     @abstractmethod
     async def health(self) -> dict: ...
+
+    async def drain(self, timeout_s: float) -> int:
+        """See the module docstring; a client that tracks no requests has none to wait for."""
+        return 0
 
     async def close(self) -> None:
         return None

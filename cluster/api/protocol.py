@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from cluster.types import SamplingParams
 
-MAX_N = 128  # completions per prompt (OpenAI's limit)
-MAX_STOP = 16  # stop strings per request
-MAX_LOGPROBS = 20
+MAX_N = 128  # completions per prompt (OpenAI's limit): the most `api.max_n` may allow (seeds count on it)
+MAX_LOGPROBS = 20  # the sampler's most: the most `api.max_logprobs` may allow
+# (the configured ceilings below these, and the stop strings', are checked in limits.py)
 
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 Prompt = Union[StrictStr, list[StrictInt], list[StrictStr], list[list[StrictInt]]]
@@ -64,8 +64,6 @@ class _SamplingFields(_Request):
         stops = [value] if isinstance(value, str) else (value or [])
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop strings are supported, got {len(stops)}")
         return value
 
     @property
@@ -178,7 +176,10 @@ class ChatMessage(_Request):
 
     def for_template(self) -> dict:
         extra = {k: v for k, v in (self.model_extra or {}).items() if v is not None}
-        return {**extra, "role": self.role, "content": self.text(), **({"name": self.name} if self.name else {})}
+        # no content (OpenAI allows it, e.g. an assistant turn that only called a tool) renders as empty
+        text = self.text()
+        return {**extra, "role": self.role, "content": "" if text is None else text,
+                **({"name": self.name} if self.name else {})}
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -325,3 +326,18 @@ class ErrorInfo(_Response):
 
 class ErrorResponse(_Response):
     error: ErrorInfo
+
+
+class HealthResponse(_Response):
+    """`/health`: `ok` (200), or `draining` / `unhealthy` (503, with the error) so a load balancer stops sending."""
+
+    status: Literal["ok", "draining", "unhealthy"]
+    error: ErrorInfo | None = None
+
+
+class AddInstanceRequest(_Request):
+    role: Literal["prefill", "decode", "mixed"] = "decode"
+
+
+class AddInstanceResponse(_Response):
+    instance_id: str

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cluster.config.api import ApiConfig
 from cluster.config.autoscale import AutoscaleConfig, SloConfig
 from cluster.config.engine import DisaggConfig, EngineConfig
 from cluster.config.fields import ConfigError, _is_positive_number, _positive_int, _require, from_dict
@@ -53,47 +54,23 @@ class RouterConfig:
 
 
 @dataclass(frozen=True)
-class ApiConfig:
-    """The OpenAI-compatible HTTP server."""
-
-    host: str = "127.0.0.1"  # bind address (0.0.0.0 only inside a container/pod)
-    port: int = 8000
-    max_pending: int = 256  # requests admitted at once; beyond it 429 with Retry-After
-    # a request that would wait longer than this before its prefill starts (the prompt tokens queued on
-    # the least loaded prefill or mixed instance, over that instance's measured prefill rate) gets 429
-    # with Retry-After at once, instead of a TTFT past its SLO; set it to the TTFT target less a
-    # prompt's prefill time. None: max_pending alone bounds admission
-    max_queue_wait_s: float | None = None
-    # requests are refused (429) as every decode (or mixed) instance's mean step time since its last
-    # heartbeat nears this: none under 3/4 of it, all over it, a share in proportion between (one more
-    # stream would slow them all past their TPOT target; set it a little under that target). None: no limit
-    max_decode_step_ms: float | None = None
-    served_model_name: str | None = None  # /v1/models id; None: the checkpoint directory's name
-    # how long an idle client connection stays open (uvicorn's default is 5 s): a client that pools
-    # connections may send on one just as the server closes it, and gets "Server disconnected" with no
-    # response (once in 706 requests on 2xH200); longer than clients keep idle ones makes that rare
-    keep_alive_s: float = 75.0
-
-    def __post_init__(self) -> None:
-        _require(isinstance(self.port, int) and 0 <= self.port < 65536, "ApiConfig", "port", self.port, "must be a port number")
-        _require(_is_positive_number(self.keep_alive_s), "ApiConfig", "keep_alive_s", self.keep_alive_s, "must be > 0 seconds")
-        _positive_int("ApiConfig", "max_pending", self.max_pending)
-        for name, unit in (("max_queue_wait_s", "seconds"), ("max_decode_step_ms", "milliseconds")):
-            limit = getattr(self, name)
-            _require(limit is None or _is_positive_number(limit),
-                     "ApiConfig", name, limit, f"must be a number of {unit} > 0 (or unset)")
-
-
-@dataclass(frozen=True)
 class StoreConfig:
     """Cluster state: in memory by default, Redis when redis_url is set."""
 
     redis_url: str | None = None  # redis://host:port/db; None: in-memory (one process)
     namespace: str = "llm_cluster:"
+    # every Redis call gives up after this (connect and socket timeouts; one immediate retry): an
+    # unreachable Redis costs a call at most about twice this, never a hang
+    timeout_s: float = 0.5
+    # after a failed call the store is left alone this long (calls fail at once, serving goes on from
+    # what the router holds), then tried again; the heartbeat re-registers and republishes when it answers
+    retry_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
         _require(self.redis_url is None or self.redis_url.startswith(("redis://", "rediss://", "memory://")),
                  "StoreConfig", "redis_url", self.redis_url, "must be redis://host:port/db (or unset)")
+        for name in ("timeout_s", "retry_interval_s"):
+            _require(_is_positive_number(getattr(self, name)), "StoreConfig", name, getattr(self, name), "must be > 0 seconds")
 
 
 @dataclass(frozen=True)

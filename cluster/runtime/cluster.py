@@ -36,14 +36,14 @@ from cluster.disagg.roles import EventKind, InstanceEvent, RequestSpec
 from cluster.runtime.dispatch import Dispatcher
 from cluster.runtime.instance import STALL_KEYS
 from cluster.runtime.latency import LatencyWindow
-from cluster.runtime.heartbeat import Heartbeat
+from cluster.runtime.heartbeat import Heartbeat, instance_info
 from cluster.runtime.leg import Leg, LegState, journal_finish
 from cluster.runtime.links import KVLinks
 from cluster.runtime.pools import ClusterEvents, Pools
-from cluster.store.base import InstanceInfo
 from cluster.types import FinishReason, Role, SamplingParams, TokenDelta
 
 log = logging.getLogger(__name__)
+NO_INSTANCE_RETRY_AFTER_S = 2.0  # a pool left empty waits for a launch (the autoscaler's, or an operator's)
 MAX_RETRIES = 2
 
 
@@ -63,6 +63,7 @@ class ClusterClient(EngineClient, ClusterEvents):
         self.poll_tasks: dict[str, asyncio.Task] = {}
         self.confirming: set[asyncio.Task] = set()  # confirmations on their way to prefill instances
         self.num_pending = 0
+        self.draining = False  # the shutdown began: nothing new is admitted
         self.latency = LatencyWindow()  # TTFT and ITL per pool as the clients saw them (the autoscaler's)
         self.finished_tokens = {role: [0, 0] for role in Role}  # per pool that ended them: (legs, output tokens)
         self.dispatcher = Dispatcher(self.pools, self.router, self.links, store, self.legs, self,
@@ -81,9 +82,10 @@ class ClusterClient(EngineClient, ClusterEvents):
         view.refresh(await handle.stats.remote(), asked_s=asked_s)
         self.instances[instance_id] = view
         self.poll_tasks[instance_id] = asyncio.create_task(self._poll(view))
-        self.store.register_instance(InstanceInfo(instance_id, role, info["link_address"] or instance_id,
-                                                  num_blocks=info["num_blocks"], block_size=info["block_size"],
-                                                  started_at=time.time()), self.config.router.instance_ttl_s)
+        try:
+            self.store.register_instance(instance_info(view), self.config.router.instance_ttl_s)
+        except Exception:  # the store may be away: the heartbeat registers it once it is back
+            log.warning("could not register %s in the state store", instance_id)
         self.links.prewarm(view, self.pool)
 
     async def remove_instance(self, instance_id: str) -> None:
@@ -146,13 +148,34 @@ class ClusterClient(EngineClient, ClusterEvents):
         keys = ("mean_step_ms", "mean_decode_step_ms", "num_running", "num_waiting", "num_queued_prefill_tokens",
                 "prefill_tokens_per_s", "num_held_transfers", *STALL_KEYS)
         instances = {v.instance_id: v.snapshot(keys) for v in self.instances.values()}
-        return {"status": "ok", "pools": pools, "in_flight": self.num_pending, "instances": instances}
+        return {"status": "ok", "pools": pools, "in_flight": self.num_pending, "draining": self.draining,
+                "store": self.store.status(), "instances": instances}
+
+    async def drain(self, timeout_s: float) -> int:
+        """The shutdown: admit nothing more, let the requests in flight finish within `timeout_s` (their
+        legs still retry elsewhere if an instance dies meanwhile), then end the rest with an error."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.num_pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = self.num_pending
+        for leg in [l for l in self.legs.values() if not l.done]:
+            leg.fail(f"the server shut down: still running at the drain deadline ({timeout_s} s)")
+            for instance_id in {leg.prefill_id, leg.decode_id} - {None}:
+                await self.abort_remote(instance_id, leg.leg_id)
+        return left
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        prompt: str | None = None) -> AsyncIterator[TokenDelta]:
+        if self.draining:
+            raise Overloaded("draining: the server is shutting down", 1.0, unavailable=True, reason="draining")
         if self.num_pending >= self.config.api.max_pending:
             raise Overloaded(f"{self.num_pending} requests in flight (limit {self.config.api.max_pending})", 1.0)
         prefill_role, decode_role = (Role.PREFILL, Role.DECODE) if self.config.disaggregated else (Role.MIXED, Role.MIXED)
+        for role in {prefill_role, decode_role}:  # every instance of a pool lost (until one is launched): 503
+            if not self.pool(role):
+                raise Overloaded(f"no live {role.value} instance", NO_INSTANCE_RETRY_AFTER_S, unavailable=True,
+                                 reason="no_instance")
         admit(self.config.api, self.pool(prefill_role), self.pool(decode_role))  # past saturation: 429, not a queue
         queue: asyncio.Queue = asyncio.Queue()
         legs = self._legs(request_id, prompt_token_ids, params, prompt, queue)
@@ -268,7 +291,10 @@ class ClusterClient(EngineClient, ClusterEvents):
             return
         view.alive = False
         log.warning("instance %s died: %s", view.instance_id, why.splitlines()[-1] if why else why)
-        self.store.deregister_instance(view.instance_id)
+        try:
+            self.store.deregister_instance(view.instance_id)
+        except Exception:  # the store may be away: its entry expires
+            log.warning("could not deregister %s", view.instance_id)
         await self.links.drop(view.instance_id, self.instances)
         # a leg still being placed (PLACING) is left to the `Dispatcher`, which sees the failure in its own
         # answers: restarting it here too would place it twice

@@ -1,6 +1,11 @@
-"""The cluster's heartbeat: every `router.heartbeat_s`, each live instance's load and prefix
-blocks are read, the store's registry and prefix index refreshed, the metrics exported; an
-instance that does not answer within its TTL is declared dead (`ClusterEvents.instance_died`).
+"""The cluster's heartbeat: every `router.heartbeat_s`,
+  (1) each live instance's load and prefix blocks are read (an instance that does not answer within
+      its TTL is declared dead: `ClusterEvents.instance_died`), its view refreshed, its metrics exported;
+  (2) then, off the event loop (a worker thread: a slow store never holds up a stream), the store's
+      registry and prefix index are refreshed: an instance the store no longer knows (it expired while
+      the store was away, or Redis restarted empty) is registered again, and every beat publishes the
+      blocks each instance holds, so the prefix index rebuilds itself one beat after the store is back.
+      A store that cannot be reached skips the rest of (2) this beat; serving goes on (store/guarded.py).
 It takes the pools, the store, the metrics and the router's config, not the client.
 """
 from __future__ import annotations
@@ -12,7 +17,7 @@ import time
 from cluster.config import RouterConfig
 from cluster.disagg.router import InstanceView
 from cluster.runtime.pools import ClusterEvents, Pools
-from cluster.store.base import InstanceLoad
+from cluster.store.base import InstanceInfo, InstanceLoad, StoreUnavailable
 from cluster.types import Role
 
 log = logging.getLogger(__name__)
@@ -34,31 +39,45 @@ class Heartbeat:
                 await self.beat()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # e.g. the store is unreachable: keep serving, try again next beat
+            except Exception:  # a bug in one beat must not end the heartbeat: try again next beat
                 log.exception("heartbeat")
             await asyncio.sleep(self.config.heartbeat_s)
 
     async def beat(self) -> None:
-        """Refresh every live instance's load, the store's registry and prefix index, the metrics."""
+        """(1) every live instance's load, then (2) the store, then the pool sizes."""
         ttl_s = self.config.instance_ttl_s
+        rows: list[tuple[InstanceView, InstanceLoad, list[int]]] = []
         for view in self.pools.live():
             asked_s = time.monotonic()  # dispatches from now on may miss these stats: they stay counted
             try:
                 stats = await asyncio.wait_for(view.handle.stats.remote(), ttl_s)
-                hashes = await view.handle.prefix_hashes.remote()
+                hashes = await asyncio.wait_for(view.handle.prefix_hashes.remote(), ttl_s)
             except Exception as exc:
                 await self.events.instance_died(view, f"heartbeat failed: {type(exc).__name__}: {exc}")
                 continue
             view.refresh(stats, asked_s=asked_s)
             load = InstanceLoad(stats["num_running"], stats["num_waiting"], stats["num_queued_prefill_tokens"],
                                 stats["num_free_blocks"], min(1.0, stats["kv_usage"]), time.time())
-            self.store.heartbeat(view.instance_id, load, ttl_s)
-            if hashes:
-                self.store.add_prefix_blocks(view.instance_id, hashes[-MAX_PREFIX_BLOCKS:])
+            rows.append((view, load, hashes[-MAX_PREFIX_BLOCKS:]))
             self.export(view, stats)
+        await asyncio.to_thread(self.publish, rows, ttl_s)
         if self.metrics is not None:
             for role in Role:
                 self.metrics.set_pool_size(role.value, len(self.pools.pool(role)), model=self.model)
+
+    def publish(self, rows: list[tuple[InstanceView, InstanceLoad, list[int]]], ttl_s: float) -> None:
+        """(2), on a worker thread: each instance's load and blocks, registering it again where the store lost it."""
+        for view, load, hashes in rows:
+            try:
+                if not self.store.heartbeat(view.instance_id, load, ttl_s) and view.alive:
+                    self.store.register_instance(instance_info(view), ttl_s)
+                    self.store.heartbeat(view.instance_id, load, ttl_s)
+                if hashes:
+                    self.store.add_prefix_blocks(view.instance_id, hashes)
+            except StoreUnavailable:
+                return  # the next beat tries again
+            except Exception:  # noqa: BLE001 - one instance's entry must not stop the others'
+                log.exception("publishing %s to the state store", view.instance_id)
 
     def export(self, view: InstanceView, stats: dict) -> None:
         metrics = self.metrics
@@ -74,3 +93,9 @@ class Heartbeat:
             metrics.kv_transfer_latency.labels(model, pool, view.instance_id).observe(seconds)
         for seconds in stats.get("queue_times_s", []):
             metrics.observe_queue_time(pool, view.instance_id, seconds, model=model)
+
+
+def instance_info(view: InstanceView) -> InstanceInfo:
+    """What the store's registry says of an instance (at its join, and again whenever the store lost it)."""
+    return InstanceInfo(view.instance_id, view.role, view.link_address or view.instance_id,
+                        num_blocks=view.num_blocks, block_size=view.block_size, started_at=time.time())

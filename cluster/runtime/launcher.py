@@ -148,7 +148,9 @@ class Cluster:
 
         self.owns_ray = start_ray(self.config)
         self.metrics = Metrics()
-        store = make_store(self.config.store.redis_url, namespace=self.config.store.namespace)
+        store_config = self.config.store
+        store = make_store(store_config.redis_url, namespace=store_config.namespace, timeout_s=store_config.timeout_s,
+                           retry_interval_s=store_config.retry_interval_s)
         self.client = ClusterClient(self.config, model_info(self.config), store, self.metrics)
         roles = [(Role.PREFILL, self.config.prefill.instances), (Role.DECODE, self.config.decode.instances),
                  (Role.MIXED, self.config.mixed.instances)]

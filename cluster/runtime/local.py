@@ -14,7 +14,9 @@ only the loop thread touches the engine. A request's life:
       frees the KV and open completions end with FinishReason.ABORT;
   (6) if `engine.step` raises, every in-flight completion ends with a delta whose `error` is
       set (FinishReason.ERROR) and the engine drops those requests; later requests still run;
-  (7) idle, the loop sleeps on its condition; `close` stops and joins it.
+  (7) `drain` (the shutdown) admits nothing more (Overloaded, unavailable: HTTP 503), waits for the
+      admitted requests to end, and fails those still running at its deadline as in (6);
+  (8) idle, the loop sleeps on its condition; `close` stops and joins it.
 Engine stats reach `Metrics` every `stats_interval_s` while busy and once on becoming idle.
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ from cluster.runtime.step_loop import LoopListener, StepLoop
 from cluster.types import FinishReason, SamplingParams, TokenDelta
 
 _ADMITTED = object()  # first queue item of a request the engine accepted
+DRAIN_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,7 @@ class LocalEngineClient(EngineClient, LoopListener):
         self._lock = threading.Lock()
         self._admitted: set[str] = set()  # request ids admitted and not yet ended; guarded by _lock
         self._closing = False
+        self._draining = False  # drain: nothing new is admitted
         self._dead: str | None = None  # why the loop stopped, if it did on its own
         self._pending: dict[str, _Pending] = {}  # loop thread only
         self._out = _Outbox()  # loop thread only: what the commands and the step put out this iteration
@@ -166,7 +170,23 @@ class LocalEngineClient(EngineClient, LoopListener):
             raise RuntimeError(f"engine loop is not running: {self._dead or 'closed'}")
         with self._lock:
             num_admitted = len(self._admitted)
-        return {"status": "ok", "num_admitted": num_admitted, **self._stats}
+        return {"status": "ok", "num_admitted": num_admitted, "draining": self._draining, **self._stats}
+
+    async def drain(self, timeout_s: float) -> int:
+        with self._lock:
+            self._draining = True
+        deadline = time.monotonic() + timeout_s
+        while self._num_admitted() and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        left = self._num_admitted()
+        if left:
+            self._loop.post(lambda: self._fail_all(f"the server shut down: {left} request(s) still running at the "
+                                                   f"drain deadline ({timeout_s} s)"))
+        return left
+
+    def _num_admitted(self) -> int:
+        with self._lock:
+            return len(self._admitted)
 
     async def close(self) -> None:
         with self._lock:
@@ -188,6 +208,9 @@ class LocalEngineClient(EngineClient, LoopListener):
             if self._closing or self._dead:
                 raise Overloaded(f"engine is not serving: {self._dead or 'closed'}",
                                  self.config.retry_after_s, unavailable=True)
+            if self._draining:
+                raise Overloaded("draining: the server is shutting down", self.config.retry_after_s, unavailable=True,
+                                 reason="draining")
             if request_id in self._admitted:
                 raise ValueError(f"request id {request_id!r} is already in use")
             if len(self._admitted) >= self.config.max_pending:

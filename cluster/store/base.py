@@ -47,6 +47,7 @@ Request journal (what is in flight where, so no request is silently dropped):
      died: the entries whose prefill or decode instance it was, to retry.
  12. `journal_get(request_id)` -- the router and tests.
  13. `close()` -- the owner, at shutdown.
+ 14. `status()` -- `/health`: "ok", or how long the backend has been unreachable.
 
 Journal entries expire `journal_ttl_s` after their last start/update, so a
 crashed router leaves nothing behind for good. Every method validates its
@@ -304,6 +305,10 @@ class ClusterStore(abc.ABC):
 
     @abc.abstractmethod
     def journal_get(self, request_id: str) -> JournalEntry | None: ...
+
+    def status(self) -> str:
+        """"ok", or why the store cannot be used now (GuardedStore: how long it has been away)."""
+        return "ok"
 
     def close(self) -> None:
         """Release connections; the store is not used afterwards."""

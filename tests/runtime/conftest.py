@@ -12,6 +12,9 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before ray is imported: loopback only
 
 
+ADMIN_KEY = "sk-test-admin-runtime"  # /admin/* answers an admin key only (off without one)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,7 +77,7 @@ def cluster_config(model_dir: str, prefill=1, decode=1, mixed=0, **engine):
         mixed=PoolConfig(instances=mixed, num_cpus_per_rank=0.25),
         disagg=DisaggConfig(transfer_timeout_s=engine.get("transfer_timeout_s", 5.0)),
         router=RouterConfig(heartbeat_s=0.5, instance_ttl_s=3.0),
-        api=ApiConfig(port=free_port(), max_pending=engine.get("max_pending", 256)),
+        api=ApiConfig(port=free_port(), max_pending=engine.get("max_pending", 256), admin_keys=(ADMIN_KEY,)),
     )
 
 

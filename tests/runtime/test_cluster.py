@@ -9,7 +9,7 @@ import time
 import pytest
 
 from cluster import LLM, SamplingParams
-from tests.runtime.conftest import RunningCluster, cluster_config
+from tests.runtime.conftest import ADMIN_KEY, RunningCluster, cluster_config
 
 pytestmark = pytest.mark.slow
 
@@ -114,7 +114,8 @@ def test_added_decode_instance_takes_traffic(cluster):
     import httpx
 
     before = {v.instance_id for v in cluster.client.instances.values()}
-    new_id = httpx.post(cluster.url.replace("/v1", "/admin/instances"), json={"role": "decode"}, timeout=120).json()["instance_id"]
+    new_id = httpx.post(cluster.url.replace("/v1", "/admin/instances"), json={"role": "decode"}, timeout=120,
+                        headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["instance_id"]
     assert new_id not in before
     assert any(new_id in pair for pair in _links_ready(cluster))  # linked as it joins, before its first request
     client = _openai(cluster)

@@ -170,11 +170,14 @@ class TorchDistTransport(KVTransport):
         manifest = torch.tensor(headers, dtype=torch.int64)
         size = torch.tensor([len(headers)], dtype=torch.int64)
         self._use(link, "send")
-        with self.lock:
-            link.announced.extend(tuple(h) for h in headers)
-            deadline = time.monotonic() + self._send_timeout_s()
-            link.sent.put((None, link.control.send([size], link.peer_rank, 0), "gloo", size, deadline))
-            link.sent.put((None, link.control.send([manifest], link.peer_rank, 0), "gloo", manifest, deadline))
+        try:
+            with self.lock:
+                link.announced.extend(tuple(h) for h in headers)
+                deadline = time.monotonic() + self._send_timeout_s()
+                link.sent.put((None, link.control.send([size], link.peer_rank, 0), "gloo", size, deadline))
+                link.sent.put((None, link.control.send([manifest], link.peer_rank, 0), "gloo", manifest, deadline))
+        except RuntimeError as exc:  # the peer is gone (gloo raises at once on a closed pair): its transfers
+            self._close(link, f"announcing to {peer_id} failed: {exc}")  # fail; this instance serves on
 
     def send_layer(self, peer_id, transfer_id, layer_id, num_layers, kv):
         """Post one message; it must be the next one announced (or it is announced alone now). Returns
