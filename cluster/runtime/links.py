@@ -4,12 +4,14 @@
       at once, in the background, so that no request waits for a link's set-up (an NCCL
       communicator takes a good part of a second); a pre-warm that fails is made again by
       (2) `ensure`: the first dispatch that needs the link makes it (both sides connect at
-      once, the decode side listening), one at a time per pair;
+      once, the decode side listening, under a key of this attempt's), one at a time per pair; a side
+      that still has a link to the peer (an adopted instance, one that switched roles) replaces it;
   (3) `drop`: a dead instance's links are forgotten and its live peers disconnect from it.
 """
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 from cluster.disagg.router import InstanceView
 from cluster.types import Role
@@ -50,9 +52,11 @@ class KVLinks:
         async with self.locks.setdefault(key, asyncio.Lock()):
             if key in self.pairs:
                 return
+            link_key = uuid.uuid4().hex[:12]  # this attempt's: both sides meet under it, whatever their history
             answers = await asyncio.gather(
-                decode.handle.connect.remote(prefill.instance_id, decode.link_address, True),
-                prefill.handle.connect.remote(decode.instance_id, decode.link_address, False), return_exceptions=True)
+                decode.handle.connect.remote(prefill.instance_id, decode.link_address, True, link_key),
+                prefill.handle.connect.remote(decode.instance_id, decode.link_address, False, link_key),
+                return_exceptions=True)
             failed = [(view, a) for view, a in zip((decode, prefill), answers) if isinstance(a, BaseException)]
             if failed:  # a dead actor is to blame before a live one whose peer vanished mid-connect
                 from ray.exceptions import RayActorError
