@@ -10,7 +10,8 @@ launched them, and the next API process that takes them over.
   (3) `adopt`: each is asked, once its group is placed, to forget what the dead API left on it
       (`InstanceActor.adopt`: its requests, whose clients went with that process, and its KV links,
       which the new router makes again) and answers its `info`: its id and its role (the actor's, which
-      a role flip may have changed since its name was given). One that fails is released;
+      a role flip may have changed since its name was given). One that fails, or whose model or layout
+      is not the new config's for its role, is released;
   (4) `remove_orphan_groups`: a named group whose actor is gone (it died while no API watched) is removed;
   (5) the launcher joins the adopted instances to the router and launches only what each pool still
       misses; a clean stop (SIGINT/SIGTERM, `ray job stop`) kills them and removes their groups like
@@ -65,20 +66,25 @@ def find_instances() -> list[Found]:
     return found
 
 
-async def adopt(found: Found) -> Role | None:
+async def adopt(found: Found, fits) -> Role | None:
     """(3) The instance's role once it has forgotten the dead API's requests and links; None (and the
-    instance released) if it does not answer."""
+    instance released) if it does not answer, or `fits(role, engine_config)` refuses the engine config it
+    was launched with (another model or layout: the config changed between the two API processes)."""
     try:
         if found.group is not None:
             await found.group.ready()
         info = await found.actor.adopt.remote()
-        return Role(info["role"])
+        role = Role(info["role"])
+        why = None if fits(role, info["engine_config"]) else f"its {role.value} engine is not this config's"
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # its actor died, or its engine failed
-        log.warning("instance %s could not be adopted (%s: %s): released", found.instance_id, type(exc).__name__, exc)
-        release(found.actor, found.group)
-        return None
+        why = f"{type(exc).__name__}: {exc}"
+    if why is None:
+        return role
+    log.warning("instance %s not adopted (%s): released", found.instance_id, why)
+    release(found.actor, found.group)
+    return None
 
 
 def remove_orphan_groups(live_ids: set[str]) -> list[str]:

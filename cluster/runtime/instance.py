@@ -71,6 +71,7 @@ class InstanceActor(LoopListener):
 
         self.instance_id = instance_id
         self.role = role
+        self.launch_config = engine_config  # as launched: what an API adopting it compares with its own
         clock, t0 = StartupClock(), time.perf_counter()
         engine_config = _on_assigned_gpus(engine_config)
         with clock.phase("tokenizer"):
@@ -151,7 +152,7 @@ class InstanceActor(LoopListener):
             self.transport.close()  # a prefill copy still waiting on a confirmation fails and is freed
         with self.cond:
             self.deltas, self.events = [], []
-        return self.info()
+        return {**self.info(), "engine_config": self.launch_config}
 
     def disconnect(self, peer_id: str) -> None:
         if self.transport is not None:

@@ -181,7 +181,7 @@ class Cluster:
         """The live instances a previous API process left (runtime/adopt.py) join the router; their ids
         and roles. Named groups with no live instance are removed."""
         found = adopt.find_instances()
-        roles = await asyncio.gather(*(adopt.adopt(f) for f in found))
+        roles = await asyncio.gather(*(adopt.adopt(f, self._fits) for f in found))
         adopted = {f.instance_id: role for f, role in zip(found, roles) if role is not None}
         for f in found:
             if f.instance_id in adopted:
@@ -198,6 +198,15 @@ class Cluster:
         launch = self.launch(role)
         await self.join(launch)
         return launch.instance_id
+
+    def _fits(self, role: Role, engine_config) -> bool:
+        """An adopted instance serves this config: its role is one of the pools in use, and its model and
+        layout are what this config would launch for that pool."""
+        pools = {Role.PREFILL: self.config.prefill, Role.DECODE: self.config.decode, Role.MIXED: self.config.mixed}
+        if (role == Role.MIXED) == self.config.disaggregated:
+            return False
+        wanted = _engine_config(self.config.engine, pools[role])
+        return (engine_config.model, engine_config.parallel) == (wanted.model, wanted.parallel)
 
     def launch(self, role: Role) -> Launch:
         instance_id, actor, group = start_instance(self.config, role)

@@ -29,7 +29,6 @@ import pytest
 from tests.deploy.ray_head import RayHead
 from tests.runtime.conftest import free_port
 
-pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NAMESPACE = "adopt_test"
 
@@ -126,6 +125,7 @@ def _look(head: RayHead, ping: bool = False) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_crashed_api_leaves_its_instances_to_the_next_one(tiny_model, tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="llmc-ray-")  # short: Ray's socket paths must fit in 107 bytes
     head = RayHead(temp_dir, dashboard=False)
@@ -174,3 +174,22 @@ def test_a_crashed_api_leaves_its_instances_to_the_next_one(tiny_model, tmp_path
         head.stop()
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert not head.pids()
+
+
+def test_only_an_instance_of_this_configs_model_and_layout_is_adopted():
+    """What `Cluster.adopt` keeps of what it finds: the config may have changed between the two APIs."""
+    from dataclasses import replace
+
+    from cluster.config import ClusterConfig, from_dict
+    from cluster.runtime.launcher import Cluster, _engine_config
+    from cluster.types import Role
+
+    config = from_dict(ClusterConfig, {"engine": {"model": {"path": "/m"}}, "decode": {"tp": 2}, "ray_address": "auto",
+                                       "detached_instances": True})
+    cluster = Cluster(config)
+    prefill, decode = _engine_config(config.engine, config.prefill), _engine_config(config.engine, config.decode)
+    assert cluster._fits(Role.PREFILL, prefill) and cluster._fits(Role.DECODE, decode)
+    assert not cluster._fits(Role.DECODE, prefill)  # tp 1, where this config's decode pool has 2
+    assert not cluster._fits(Role.MIXED, prefill)  # no mixed pool in a disaggregated config
+    other = replace(prefill, model=replace(prefill.model, path="/other"))
+    assert not cluster._fits(Role.PREFILL, other)
