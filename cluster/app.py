@@ -6,7 +6,8 @@ module hands its client to the API.
   (3) `cluster_app` builds the OpenAI app (api/server.py) over that client and its metrics, and
       gives it `Cluster.add_instance` for `POST /admin/instances` and the autoscaler's status for
       `GET /admin/autoscaler`;
-  (4) `serve_cluster` serves it with uvicorn until SIGINT/SIGTERM, then stops the autoscaler and the cluster.
+  (4) `serve_cluster` serves it with uvicorn until SIGINT/SIGTERM, then stops the autoscaler and the cluster
+      (a signal while the cluster starts stops what had started: only a crash leaves detached instances).
 
 So `runtime/` never imports `api/`, and `api/` knows the cluster only as an `EngineClient`
 (cluster/client.py) and a callable.
@@ -45,7 +46,12 @@ async def serve_cluster(config: ClusterConfig) -> None:
 
     cluster = Cluster(config)
     print(f"starting llm-cluster: model {config.engine.model.path}", file=sys.stderr, flush=True)
-    await cluster.start()
+    try:
+        await cluster.start()
+    except BaseException:  # SIGTERM (Ray's driver handler: SystemExit), SIGINT or a failure while it starts:
+        await cluster.stop()  # what it had launched or adopted goes, detached instances too
+        print("llm-cluster stopped.", flush=True)
+        raise
     autoscaler = start_autoscaler(cluster)
     freeze_startup_objects()  # the router and the HTTP streams run here: no full collection walks start-up's objects
     server = uvicorn.Server(uvicorn.Config(cluster_app(cluster, autoscaler), host=config.api.host, port=config.api.port,

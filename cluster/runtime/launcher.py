@@ -181,11 +181,13 @@ class Cluster:
         """The live instances a previous API process left (runtime/adopt.py) join the router; their ids
         and roles. Named groups with no live instance are removed."""
         found = adopt.find_instances()
+        for f in found:  # held from now on: a stop while they answer releases them too
+            self.actors[f.instance_id], self.groups[f.instance_id] = f.actor, f.group
         roles = await asyncio.gather(*(adopt.adopt(f, self._fits) for f in found))
         adopted = {f.instance_id: role for f, role in zip(found, roles) if role is not None}
         for f in found:
-            if f.instance_id in adopted:
-                self.actors[f.instance_id], self.groups[f.instance_id] = f.actor, f.group
+            if f.instance_id not in adopted:  # released by adopt.adopt
+                self.actors.pop(f.instance_id), self.groups.pop(f.instance_id)
         for name in adopt.remove_orphan_groups(set(adopted)):
             log.warning("removed placement group %s: its instance was gone", name)
         await asyncio.gather(*(self.client.add_instance(i, role, self.actors[i]) for i, role in adopted.items()))

@@ -1,8 +1,8 @@
 """Detached instances: an API process that crashes leaves its instances serving, the next one adopts them.
 
   1. a Ray head of the test's own on 127.0.0.1 (tests/deploy/ray_head.py, no dashboard);
-  2. `python -m cluster.cli up` with `detached_instances: true` joins it and serves a greedy completion
-     through the `openai` client;
+  2. `python -m cluster.cli up` with `detached_instances: true` joins it; SIGTERM while its instances
+     start releases them; started again, it serves a greedy completion through the `openai` client;
   3. SIGKILL of that API process: its two instance actors stay alive (a driver of the test, in the
      cluster's Ray namespace, finds them by name and they answer `ping`);
   4. a second `up` with the same config adopts them: the same instance ids in /health, no new actor, and
@@ -144,7 +144,15 @@ def test_a_crashed_api_leaves_its_instances_to_the_next_one(tiny_model, tmp_path
         env = dict(head.env, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         url = f"http://127.0.0.1:{port}/v1"
 
-        ups.append(Up(str(config), env))
+        ups.append(Up(str(config), env))  # stopped while its instances start: it releases what it launched
+        _wait("two instance actors", lambda: len(_look(head)["actors"]) == 2, timeout_s=90)
+        ups[0].kill(signal.SIGTERM)
+        ups[0].proc.wait(timeout=60)
+        ups[0].wait_for("llm-cluster stopped.", timeout_s=5)
+        _wait("nothing left of the stopped start", lambda: _look(head) == {"actors": [], "pings": [], "groups": []},
+              timeout_s=30)
+
+        ups[0] = Up(str(config), env)
         ups[0].wait_serving(url, timeout_s=150)
         first = _complete(url)
         ids = set(_health(url)["instances"])
