@@ -95,10 +95,11 @@ def start_instance(config: ClusterConfig, role: Role):
     bundle = {"CPU": pool.num_cpus_per_rank * num_ranks, **pool.ray_resources}
     if pool.num_gpus_per_rank:
         bundle["GPU"] = pool.num_gpus_per_rank * num_ranks
-    instance_id = new_instance_id(role, config.detached_instances)
-    name = adopt.detached_name(instance_id) if config.detached_instances else f"llm-cluster-{instance_id}-{os.getpid()}"
-    lifetime = {"lifetime": "detached"} if config.detached_instances else {}
-    group = placement_group([bundle], strategy="STRICT_PACK", **({"name": name, **lifetime} if lifetime else {}))
+    detached = config.detached_instances
+    instance_id = new_instance_id(role, detached)
+    name = adopt.detached_name(instance_id) if detached else f"llm-cluster-{instance_id}-{os.getpid()}"
+    lifetime = {"lifetime": "detached"} if detached else {}  # detached: Ray's GCS owns it, not this driver
+    group = placement_group([bundle], strategy="STRICT_PACK", **({"name": name, **lifetime} if detached else {}))
     # GPUs: every GPU of the host stays visible to the actor and its ranks bind the ones Ray assigned
     # (instance.local_device_ids): NCCL and CUDA IPC between processes want to see each other's GPU
     gpu_env = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1", "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}}
@@ -191,7 +192,7 @@ class Cluster:
         for name in adopt.remove_orphan_groups(set(adopted)):
             log.warning("removed placement group %s: its instance was gone", name)
         await asyncio.gather(*(self.client.add_instance(i, role, self.actors[i]) for i, role in adopted.items()))
-        if found:
+        if found:  # a warning: shown without any logging set up, like the banner
             log.warning("adopted %d of %d instances left by a previous API process: %s", len(adopted), len(found),
                         ", ".join(sorted(adopted)) or "none")
         return adopted
