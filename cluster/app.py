@@ -11,7 +11,8 @@ module hands its client to the API.
   (5) `serve_cluster` says who can reach it (keys or none, loopback or not: a warning when it listens
       beyond this machine without a key), then serves it with uvicorn until SIGTERM or SIGINT, which
       drain it (api/graceful.py: 503 to new requests, in-flight ones get `api.drain_timeout_s`), then
-      stops the autoscaler and the cluster.
+      stops the autoscaler and the cluster (a signal while the cluster starts stops what had started:
+      only a crash leaves detached instances).
 
 So `runtime/` never imports `api/`, and `api/` knows the cluster only as an `EngineClient`
 (cluster/client.py) and a callable.
@@ -53,7 +54,12 @@ async def serve_cluster(config: ClusterConfig) -> None:
     keys = KeyRing(config.api)
     cluster = Cluster(config)
     print(f"starting llm-cluster: model {config.engine.model.path}", file=sys.stderr, flush=True)
-    await cluster.start()
+    try:
+        await cluster.start()
+    except BaseException:  # SIGTERM (Ray's driver handler: SystemExit), SIGINT or a failure while it starts:
+        await cluster.stop()  # what it had launched or adopted goes, detached instances too
+        print("llm-cluster stopped.", flush=True)
+        raise
     autoscaler = start_autoscaler(cluster)
     app = cluster_app(cluster, autoscaler, keys)
     freeze_startup_objects()  # the router and the HTTP streams run here: no full collection walks start-up's objects

@@ -45,10 +45,20 @@ def test_nested_keys_override_only_what_they_name():
     ({"api": {"max_decode_step_ms": -5}}, "ApiConfig.max_decode_step_ms=-5"),
     ({"prefill": {"max_num_batched_tokens": 0}}, "ClusterConfig.prefill: PoolConfig.max_num_batched_tokens=0"),
     ({"api": {"keep_alive_s": 0}}, "ApiConfig.keep_alive_s=0"),
+    ({"detached_instances": "yes"}, "ClusterConfig.detached_instances = 'yes': must be true or false"),
+    ({"detached_instances": True}, "ClusterConfig.detached_instances=True needs ray_address"),
 ])
 def test_bad_values_name_the_field(data, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
         from_dict(ClusterConfig, data)
+
+
+def test_detached_instances_are_off_unless_asked_for_and_live_in_the_store_namespace():
+    assert ClusterConfig().detached_instances is False
+    config = from_dict(ClusterConfig, {"detached_instances": True, "ray_address": "auto",
+                                       "store": {"namespace": "llm_a:"}})
+    assert config.detached_instances and config.ray_namespace == "llm-cluster/llm_a"
+    assert ClusterConfig().ray_namespace != config.ray_namespace
 
 
 def test_pools_may_have_any_layout():

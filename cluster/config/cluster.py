@@ -91,8 +91,15 @@ class ClusterConfig:
     # joining ray_address: keep trying this long while its head is still starting (the API in a container
     # beside the Ray head: helm/llm-cluster); 0: one try
     ray_join_timeout_s: float = 0.0
+    # instances outlive the API process: detached actors and placement groups named in the Ray namespace
+    # `ray_namespace`, which the next API process adopts (runtime/adopt.py); a clean stop still ends them
+    detached_instances: bool = False
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.detached_instances, bool), "ClusterConfig", "detached_instances",
+                 self.detached_instances, "must be true or false")
+        _require(not self.detached_instances or bool(self.ray_address), "ClusterConfig", "detached_instances",
+                 self.detached_instances, "needs ray_address: a Ray that `up` starts itself ends with it")
         _require(isinstance(self.ray_join_timeout_s, (int, float)) and not isinstance(self.ray_join_timeout_s, bool)
                  and self.ray_join_timeout_s >= 0, "ClusterConfig", "ray_join_timeout_s", self.ray_join_timeout_s,
                  "must be >= 0 seconds")
@@ -117,6 +124,12 @@ class ClusterConfig:
     @property
     def disaggregated(self) -> bool:
         return self.prefill.instances > 0
+
+    @property
+    def ray_namespace(self) -> str:
+        """The Ray namespace of this cluster's detached instances: its store's namespace, so two clusters
+        on one Ray keep apart exactly when their state in a shared Redis does."""
+        return "llm-cluster/" + (self.store.namespace.rstrip(":") or "default")
 
 
 def load_cluster_config(path: str | None, overrides: dict | None = None) -> ClusterConfig:

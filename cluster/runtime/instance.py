@@ -71,6 +71,7 @@ class InstanceActor(LoopListener):
 
         self.instance_id = instance_id
         self.role = role
+        self.launch_config = engine_config  # as launched: what an API adopting it compares with its own
         clock, t0 = StartupClock(), time.perf_counter()
         engine_config = _on_assigned_gpus(engine_config)
         with clock.phase("tokenizer"):
@@ -128,11 +129,30 @@ class InstanceActor(LoopListener):
                 "prefill_tokens_per_s": self.prefill_rate_at_start, "link_address": self.worker.link_address(),
                 "startup_s": self.startup_s}
 
-    def connect(self, peer_id: str, address: str, is_master: bool) -> bool:
-        """Make a KV link to a peer instance (both sides are called at once; blocks until joined)."""
-        if not self.transport.has_link(peer_id):
-            self.transport.connect(peer_id, address, is_master)
+    def connect(self, peer_id: str, address: str, is_master: bool, link_key: str | None = None) -> bool:
+        """Make a KV link to a peer instance (both sides are called at once, with the same `link_key`; blocks
+        until joined). A link this side still has to the peer is replaced: the router asks only for a pair
+        it holds unlinked (a new router after a crash, a peer that dropped its side or switched roles), and
+        a side that kept its old link while the other dials a new one would leave the other waiting."""
+        if self.transport.has_link(peer_id):
+            self.transport.disconnect(peer_id)
+        self.transport.connect(peer_id, address, is_master, link_key)
         return True
+
+    def adopt(self) -> dict:
+        """A new router takes this instance over (detached instances, runtime/adopt.py): the requests the
+        last one placed here went with it (their clients' connections died with its process), so each is
+        aborted and its blocks freed; its KV links go too (the new router makes its own). Returns `info`."""
+        def forget_requests():
+            for request_id in list(self.engine.active_request_ids()):
+                self.worker.abort(request_id)
+
+        self._call(forget_requests)
+        if self.transport is not None:
+            self.transport.close()  # a prefill copy still waiting on a confirmation fails and is freed
+        with self.cond:
+            self.deltas, self.events = [], []
+        return {**self.info(), "engine_config": self.launch_config}
 
     def disconnect(self, peer_id: str) -> None:
         if self.transport is not None:

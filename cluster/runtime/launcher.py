@@ -4,12 +4,14 @@
   (2) start each pool's instances as Ray actors, one placement group per instance
       (its tp x pp ranks' CPUs/GPUs reserved together, on one host: the actor is the
       instance's rank 0 and spawns the other ranks itself);
-  (3) build the ClusterClient (router + state store) and join every instance;
+  (3) build the ClusterClient (router + state store); with `detached_instances`, adopt first the
+      instances a previous API process left serving (runtime/adopt.py); then launch what each pool
+      still misses and join every instance;
   (4) at run time (the autoscaler's actuator, `POST /admin/instances`): `launch` an instance (its
       placement group may wait for a node: a pending group is what makes Ray's autoscaler, or
       KubeRay's, add one), `join` it once placed and started, `release` it (actor and group go, so
       Ray's autoscaler can remove an idle node), or `switch_role` of a drained one (weights kept);
-  (5) `stop` the actors and Ray.
+  (5) `stop` the actors (detached ones too) and Ray.
 The HTTP app is built above this module (cluster/app.py): it serves the OpenAI API over the
 client, and `POST /admin/instances` calls `add_instance` to add an instance at run time.
 """
@@ -17,14 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
+import secrets
 import tempfile
 import time
 from dataclasses import dataclass
 
 from cluster.config import ClusterConfig
+from cluster.runtime import adopt
 from cluster.types import Role
 
+log = logging.getLogger(__name__)
 SWITCH_WAIT_S = 10.0  # a drained instance's engine lets go of its aborted requests within a few steps
 
 _ids = itertools.count()
@@ -37,10 +43,13 @@ def start_ray(config: ClusterConfig, num_cpus: int | None = None) -> bool:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
+    namespace = config.ray_namespace if config.detached_instances else None  # None: an anonymous one, as before
     if ray.is_initialized():
+        if namespace and ray.get_runtime_context().namespace != namespace:
+            raise ValueError(f"detached_instances: this process's Ray driver is not in the cluster's namespace {namespace!r}")
         return False
     if config.ray_address:
-        _join_ray(config.ray_address, config.ray_join_timeout_s)
+        _join_ray(config.ray_address, config.ray_join_timeout_s, namespace)
         return False
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus or max(4, os.cpu_count() or 1),
              _temp_dir=tempfile.mkdtemp(prefix="llm-cluster-ray-"), log_to_driver=False,
@@ -48,7 +57,7 @@ def start_ray(config: ClusterConfig, num_cpus: int | None = None) -> bool:
     return True
 
 
-def _join_ray(address: str, timeout_s: float) -> None:
+def _join_ray(address: str, timeout_s: float, namespace: str | None) -> None:
     """ray.init(address), tried again for `timeout_s` while no Ray answers there yet."""
     import time
 
@@ -57,7 +66,7 @@ def _join_ray(address: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, namespace=namespace, log_to_driver=False)
             return
         except ConnectionError:
             if time.monotonic() >= deadline:
@@ -65,8 +74,15 @@ def _join_ray(address: str, timeout_s: float) -> None:
             time.sleep(2.0)
 
 
+def new_instance_id(role: Role, detached: bool) -> str:
+    """`<role>-<n>`, counted in this process; detached, `<role>-<random hex>`: an API process that adopts
+    instances a previous one launched must not give a new one an id they already have."""
+    return f"{role.value}-{secrets.token_hex(4) if detached else next(_ids)}"
+
+
 def start_instance(config: ClusterConfig, role: Role):
-    """One instance actor in its own placement group; returns (instance_id, handle)."""
+    """One instance actor in its own placement group; returns (instance_id, actor, group). Detached
+    (`detached_instances`): both outlive this process, named in its Ray namespace (runtime/adopt.py)."""
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -79,13 +95,17 @@ def start_instance(config: ClusterConfig, role: Role):
     bundle = {"CPU": pool.num_cpus_per_rank * num_ranks, **pool.ray_resources}
     if pool.num_gpus_per_rank:
         bundle["GPU"] = pool.num_gpus_per_rank * num_ranks
-    group = placement_group([bundle], strategy="STRICT_PACK")
-    instance_id = f"{role.value}-{next(_ids)}"
+    detached = config.detached_instances
+    instance_id = new_instance_id(role, detached)
+    name = adopt.detached_name(instance_id) if detached else f"llm-cluster-{instance_id}-{os.getpid()}"
+    lifetime = {"lifetime": "detached"} if detached else {}  # detached: Ray's GCS owns it, not this driver
+    group = placement_group([bundle], strategy="STRICT_PACK", **({"name": name, **lifetime} if detached else {}))
     # GPUs: every GPU of the host stays visible to the actor and its ranks bind the ones Ray assigned
     # (instance.local_device_ids): NCCL and CUDA IPC between processes want to see each other's GPU
     gpu_env = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1", "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}}
     actor = ray.remote(InstanceActor).options(
-        name=f"llm-cluster-{instance_id}-{os.getpid()}",
+        name=name,
+        **lifetime,
         num_cpus=pool.num_cpus_per_rank * num_ranks,
         num_gpus=pool.num_gpus_per_rank * num_ranks,
         resources=dict(pool.ray_resources),
@@ -152,15 +172,46 @@ class Cluster:
         store = make_store(store_config.redis_url, namespace=store_config.namespace, timeout_s=store_config.timeout_s,
                            retry_interval_s=store_config.retry_interval_s)
         self.client = ClusterClient(self.config, model_info(self.config), store, self.metrics)
-        roles = [(Role.PREFILL, self.config.prefill.instances), (Role.DECODE, self.config.decode.instances),
-                 (Role.MIXED, self.config.mixed.instances)]
-        await asyncio.gather(*(self.add_instance(role) for role, count in roles for _ in range(count)))
+        adopted = await self.adopt() if self.config.detached_instances else {}
+        missing = {Role.PREFILL: self.config.prefill.instances, Role.DECODE: self.config.decode.instances,
+                   Role.MIXED: self.config.mixed.instances}
+        for role in adopted.values():  # a pool the autoscaler had grown keeps its size
+            missing[role] = max(0, missing[role] - 1)
+        await asyncio.gather(*(self.add_instance(role) for role, count in missing.items() for _ in range(count)))
         await self.client.start()
+
+    async def adopt(self) -> dict[str, Role]:
+        """The live instances a previous API process left (runtime/adopt.py) join the router; their ids
+        and roles. Named groups with no live instance are removed."""
+        found = adopt.find_instances()
+        for f in found:  # held from now on: a stop while they answer releases them too
+            self.actors[f.instance_id], self.groups[f.instance_id] = f.actor, f.group
+        roles = await asyncio.gather(*(adopt.adopt(f, self._fits) for f in found))
+        adopted = {f.instance_id: role for f, role in zip(found, roles) if role is not None}
+        for f in found:
+            if f.instance_id not in adopted:  # released by adopt.adopt
+                self.actors.pop(f.instance_id), self.groups.pop(f.instance_id)
+        for name in adopt.remove_orphan_groups(set(adopted)):
+            log.warning("removed placement group %s: its instance was gone", name)
+        await asyncio.gather(*(self.client.add_instance(i, role, self.actors[i]) for i, role in adopted.items()))
+        if found:  # a warning: shown without any logging set up, like the banner
+            log.warning("adopted %d of %d instances left by a previous API process: %s", len(adopted), len(found),
+                        ", ".join(sorted(adopted)) or "none")
+        return adopted
 
     async def add_instance(self, role: Role) -> str:
         launch = self.launch(role)
         await self.join(launch)
         return launch.instance_id
+
+    def _fits(self, role: Role, engine_config) -> bool:
+        """An adopted instance serves this config: its role is one of the pools in use, and its model and
+        layout are what this config would launch for that pool."""
+        pools = {Role.PREFILL: self.config.prefill, Role.DECODE: self.config.decode, Role.MIXED: self.config.mixed}
+        if (role == Role.MIXED) == self.config.disaggregated:
+            return False
+        wanted = _engine_config(self.config.engine, pools[role])
+        return (engine_config.model, engine_config.parallel) == (wanted.model, wanted.parallel)
 
     def launch(self, role: Role) -> Launch:
         instance_id, actor, group = start_instance(self.config, role)
@@ -179,18 +230,8 @@ class Cluster:
 
     async def release(self, instance_id: str) -> None:
         """The instance leaves the router, its actor and placement group go."""
-        import ray
-        from ray.util.placement_group import remove_placement_group
-
         await self.client.remove_instance(instance_id)
-        actor, group = self.actors.pop(instance_id, None), self.groups.pop(instance_id, None)
-        try:
-            if actor is not None:
-                ray.kill(actor, no_restart=True)
-            if group is not None:
-                remove_placement_group(group)
-        except Exception:  # already gone
-            pass
+        adopt.release(self.actors.pop(instance_id, None), self.groups.pop(instance_id, None))
 
     async def switch_role(self, instance_id: str, role: Role) -> None:
         """A drained instance rejoins with `role`: the same actor, engine and weights, a new role worker."""
@@ -213,21 +254,15 @@ class Cluster:
         ray.kill(self.actors[instance_id], no_restart=True)
 
     async def stop(self) -> None:
+        """Every instance's actor and placement group go, detached ones too (only a crash leaves those:
+        runtime/adopt.py); the reserved CPUs/GPUs go back to a Ray that outlives us."""
         import ray
 
         if self.client is not None:
             await self.client.close()
-        from ray.util.placement_group import remove_placement_group
-
-        for actor in self.actors.values():
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:  # already dead
-                pass
-        for group in self.groups.values():  # give the reserved CPUs/GPUs back to a Ray that outlives us
-            try:
-                remove_placement_group(group)
-            except Exception:
-                pass
+        for instance_id in list(self.actors):
+            adopt.release(self.actors.pop(instance_id), self.groups.pop(instance_id, None))
+        for group in self.groups.values():
+            adopt.release(None, group)
         if self.owns_ray:  # a Ray this cluster joined (ray_address, or a test's) outlives it
             ray.shutdown()

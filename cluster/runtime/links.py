@@ -4,12 +4,14 @@
       at once, in the background, so that no request waits for a link's set-up (an NCCL
       communicator takes a good part of a second); a pre-warm that fails is made again by
       (2) `ensure`: the first dispatch that needs the link makes it (both sides connect at
-      once, the decode side listening), one at a time per pair;
+      once, the decode side listening, under a key of this attempt's), one at a time per pair; a side
+      that still has a link to the peer (an adopted instance, one that switched roles) replaces it;
   (3) `drop`: a dead instance's links are forgotten and its live peers disconnect from it.
 """
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 from cluster.disagg.router import InstanceView
 from cluster.types import Role
@@ -53,7 +55,8 @@ class KVLinks:
         async with self.locks.setdefault(key, asyncio.Lock()):
             if key in self.pairs:
                 return
-            await _connect_both(prefill, decode)
+            await _connect_both(prefill, decode, uuid.uuid4().hex[:12])  # this attempt's key: both sides
+            # meet under it, whatever their history
             self.pairs.add(key)
 
     async def drop(self, dead_id: str, instances: dict[str, InstanceView]) -> None:
@@ -69,13 +72,13 @@ class KVLinks:
             task.cancel()
 
 
-async def _connect_both(prefill: InstanceView, decode: InstanceView) -> None:
+async def _connect_both(prefill: InstanceView, decode: InstanceView, link_key: str) -> None:
     """Both sides connect at once; the first failure ends the wait (the other side may block in its
     rendezvous until its peer comes, which a dead one never does), and so does `CONNECT_TIMEOUT_S`."""
     from ray.exceptions import RayActorError
 
-    calls = {asyncio.ensure_future(decode.handle.connect.remote(prefill.instance_id, decode.link_address, True)): decode,
-             asyncio.ensure_future(prefill.handle.connect.remote(decode.instance_id, decode.link_address, False)): prefill}
+    calls = {asyncio.ensure_future(decode.handle.connect.remote(prefill.instance_id, decode.link_address, True, link_key)): decode,
+             asyncio.ensure_future(prefill.handle.connect.remote(decode.instance_id, decode.link_address, False, link_key)): prefill}
     done, pending = await asyncio.wait(calls, timeout=CONNECT_TIMEOUT_S, return_when=asyncio.FIRST_EXCEPTION)
     for call in pending:
         call.cancel()

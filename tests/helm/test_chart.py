@@ -138,6 +138,7 @@ def test_cluster_yaml_loads_with_the_package_config_loader(rendered, values, tmp
     assert config.engine.model.path == v["model"]["path"]
     assert (config.api.host, config.api.port) == ("0.0.0.0", v["api"]["port"])
     assert config.disagg.link_host == "auto" and config.ray_address == "auto" and config.ray_join_timeout_s > 0
+    assert config.detached_instances  # a crashed API container leaves its instances to the restarted one
     assert config.autoscale.enabled == v["autoscale"]["enabled"]
     redis = v["redis"]["url"] or ("redis://rel-llm-cluster-redis:6379/0" if v["redis"]["deploy"] else None)
     assert config.store.redis_url == redis

@@ -17,7 +17,8 @@ Who owns the blocks at each moment:
 Methods (sender = prefill instance's step loop, receiver = decode instance's step loop,
 links = the runtime when instances join or leave):
   listen() -> address              links: where peers can rendezvous with this endpoint
-  connect(peer_id, address, is_master)  links: make a pairwise link (blocks until both sides join)
+  connect(peer_id, address, is_master, link_key)  links: make a pairwise link (blocks until both sides
+                                   join; both pass the same `link_key`, or none and count their connects)
   disconnect(peer_id)              links: tear a dead peer's link down; its transfers FAIL
   announce(peer_id, messages)      sender: what this step will send, in order (optional)
   send_layer(peer_id, transfer_id, index, num_messages, tensor)  sender: post message `index`
@@ -53,7 +54,7 @@ class KVTransport(ABC):
     def listen(self) -> str: ...
 
     @abstractmethod
-    def connect(self, peer_id: str, address: str, is_master: bool) -> None: ...
+    def connect(self, peer_id: str, address: str, is_master: bool, link_key: str | None = None) -> None: ...
 
     @abstractmethod
     def disconnect(self, peer_id: str) -> None: ...

@@ -32,7 +32,7 @@ class LoopbackTransport(KVTransport):
     def listen(self) -> str:
         return self.address
 
-    def connect(self, peer_id: str, address: str, is_master: bool) -> None:
+    def connect(self, peer_id: str, address: str, is_master: bool, link_key: str | None = None) -> None:
         self.links[peer_id] = address
 
     def has_link(self, peer_id: str) -> bool:

@@ -82,15 +82,19 @@ class TorchDistTransport(KVTransport):
             self.address = f"{self.host}:{self.store.port}"
         return self.address
 
-    def connect(self, peer_id: str, address: str, is_master: bool) -> None:
-        """Both sides call this (concurrently); `address` is the master side's listen()."""
+    def connect(self, peer_id: str, address: str, is_master: bool, link_key: str | None = None) -> None:
+        """Both sides call this (concurrently); `address` is the master side's listen(). The pair's groups
+        live under `link_key` in the master's store: the caller's, the same on both sides (a router that
+        took over from another, or a side whose last connect failed alone, cannot count alike), else
+        each side's count of its connects to the peer."""
         host, port = address.rsplit(":", 1)
         store = self.store if is_master else dial_store(host, int(port), None, self.timeout.total_seconds())
         pair = "/".join(sorted([self.endpoint_id, peer_id]))
-        epoch = self.epochs[peer_id] = self.epochs.get(peer_id, 0) + 1  # both sides count reconnects alike
+        epoch = self.epochs[peer_id] = self.epochs.get(peer_id, 0) + 1
+        key = f"link/{pair}/" + (f"key-{link_key}" if link_key else str(epoch))
         my_rank = 0 if is_master else 1
-        group = pair_group(store, f"link/{pair}/{epoch}", my_rank, self.backend, LINK_GROUP_TIMEOUT_S, self.host)
-        control = pair_group(store, f"link/{pair}/{epoch}/control", my_rank, "gloo", LINK_GROUP_TIMEOUT_S, self.host)
+        group = pair_group(store, key, my_rank, self.backend, LINK_GROUP_TIMEOUT_S, self.host)
+        control = pair_group(store, f"{key}/control", my_rank, "gloo", LINK_GROUP_TIMEOUT_S, self.host)
         device = self.device if self.backend == "nccl" else torch.device("cpu")
         bind_thread(device)  # NCCL opens the communicator on the calling thread's current device
         probe = torch.zeros(1, device=device)

@@ -1,7 +1,8 @@
 {{/*
 Names, labels, and the two things rendered from values that several objects share:
   (1) "llm-cluster.clusterYaml": the cluster YAML `llm-cluster up` reads (ConfigMap), its snake_case
-      blocks verbatim from values, the Kubernetes-only keys left out;
+      blocks verbatim from values, the Kubernetes-only keys left out; detached instances, so that the
+      API container restarting after a crash adopts the instances instead of relaunching them;
   (2) "llm-cluster.sloRules": dashboards/rules/llm-cluster-slo.rules.in.yaml with its ${slots} filled
       from `slo:` the way dashboards/slo.py's SloText.of fills them (tests/helm compares the two).
 */}}
@@ -67,6 +68,7 @@ slo: {{- toYaml $v.slo | nindent 2 }}
 autoscale: {{- toYaml $v.autoscale | nindent 2 }}
 ray_address: auto
 ray_join_timeout_s: 300
+detached_instances: true
 {{- end }}
 
 {{/* Rules the schema cannot state: each names the value to change. */}}
