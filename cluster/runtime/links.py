@@ -77,8 +77,9 @@ async def _connect_both(prefill: InstanceView, decode: InstanceView, link_key: s
     rendezvous until its peer comes, which a dead one never does), and so does `CONNECT_TIMEOUT_S`."""
     from ray.exceptions import RayActorError
 
-    calls = {asyncio.ensure_future(decode.handle.connect.remote(prefill.instance_id, decode.link_address, True, link_key)): decode,
-             asyncio.ensure_future(prefill.handle.connect.remote(decode.instance_id, decode.link_address, False, link_key)): prefill}
+    address = decode.link_address
+    calls = {asyncio.ensure_future(decode.handle.connect.remote(prefill.instance_id, address, True, link_key)): decode,
+             asyncio.ensure_future(prefill.handle.connect.remote(decode.instance_id, address, False, link_key)): prefill}
     done, pending = await asyncio.wait(calls, timeout=CONNECT_TIMEOUT_S, return_when=asyncio.FIRST_EXCEPTION)
     for call in pending:
         call.cancel()
