@@ -14,11 +14,6 @@ from benchmarks.chaos import build_parser, run
 pytestmark = pytest.mark.slow
 
 
-# Found by this run, not yet fixed: right after a prefill instance is killed and a new one launched,
-# requests that arrive then can stall with no byte until the client's timeout (4 of 4 clients once on a
-# 2-core box, 2026-12-07); a worker node's death no longer takes the prefill pool with it, and every
-# other fault passes. Not strict: it passes when the stall does not happen.
-@pytest.mark.xfail(reason="requests stall after a prefill instance is killed and replaced (see comment)", strict=False)
 def test_chaos_run_loses_nothing_and_recovers(checkpoint_dir, tmp_path):
     out = tmp_path / "chaos.json"
     args = build_parser().parse_args([
