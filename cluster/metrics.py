@@ -21,6 +21,7 @@ A labelled counter's series exists from an instance's first stats on, at 0, so r
 | llm_cluster_generation_tokens_total            | counter   | model, pool, instance           | api: tokens streamed back (each one's maker) |
 | llm_cluster_requests_finished_total            | counter   | model, pool, instance, finish_reason | api: one per completion (stop/length/abort/error) |
 | llm_cluster_requests_rejected_total            | counter   | model, reason                   | api: invalid, overloaded, unavailable, not_found |
+| llm_cluster_requests_within_slo_total          | counter   | model                           | api: requests that met both `slo:` targets (TTFT, and their mean time per output token within ITL): goodput |
 | llm_cluster_prefix_cache_queried_tokens_total  | counter   | model, pool, instance           | runtime: prompt tokens looked up in the prefix cache |
 | llm_cluster_prefix_cache_hit_tokens_total      | counter   | model, pool, instance           | runtime: of those, tokens found |
 | llm_cluster_preemptions_total                  | counter   | model, pool, instance           | runtime: sequences preempted for KV room |
@@ -145,6 +146,16 @@ class Metrics:
         self.scale_out_time = hist("autoscaler_scale_out_seconds", "A scale-up decision to the new instance serving.",
                                    ("model", "pool"))
         self.slo_target = gauge("slo_target_seconds", "The configured SLO targets.", ("model", "slo"))
+        self.within_slo = counter("requests_within_slo", "Requests that met both SLO targets (TTFT, and mean "
+                                  "time per output token within ITL): goodput.", ("model",))
+        self.slo: tuple[float, float] | None = None  # (ttft_s, itl_s): `set_slo`
+
+    def set_slo(self, model: str, ttft_s: float, itl_s: float) -> None:
+        """The `slo:` targets: exported, and each finished request counted against them (goodput)."""
+        self.slo = (ttft_s, itl_s)
+        self.slo_target.labels(model, "ttft").set(ttft_s)
+        self.slo_target.labels(model, "itl").set(itl_s)
+        self.within_slo.labels(model)  # a series from the start: goodput reads 0, not nothing
 
     # -- api -------------------------------------------------------------------
     def observe_request(self, model: str, record: RequestRecord) -> None:
@@ -159,6 +170,8 @@ class Metrics:
             self.generation_tokens.labels(model, *where).inc(count)
         for reason, where in record.finish_reasons:
             self.requests_finished.labels(model, *where, reason).inc()
+        if self.slo is not None and _within(record, *self.slo):
+            self.within_slo.labels(model).inc()
 
     def reject(self, model: str, reason: str) -> None:
         """A request was refused (reason: invalid, overloaded, unavailable, not_found, too_long ...)."""
@@ -212,3 +225,14 @@ class Metrics:
     def render(self) -> bytes:
         """Prometheus text format of everything in the registry."""
         return generate_latest(self.registry)
+
+
+def _within(record: RequestRecord, ttft_s: float, itl_s: float) -> bool:
+    """Met both targets: its first token within TTFT, its later ones a mean gap within ITL (TPOT, as
+    DistServe and vLLM's benchmarks count goodput), and it ended without an error or abort."""
+    if record.ttft_s is None or record.ttft_s > ttft_s:
+        return False
+    if any(reason in ("error", "abort") for reason, _ in record.finish_reasons):
+        return False
+    gaps = [gap for gap, _ in record.gaps]
+    return not gaps or sum(gaps) / len(gaps) <= itl_s

@@ -7,7 +7,7 @@
      WINDOWS, `llm_cluster:slo_errors:ratio_rate5m` ...: 1 - (bucket at the target) / (all). A window with
      no events has no sample (not NaN), so no alert and no dashboard line reads 0/0.
   3. The budget's period: the 5 m ratio averaged over 30 days (Sloth's way: cheap, time-weighted), and
-     goodput: requests/s whose first token met its target, times the share of tokens within ITL.
+     goodput: requests/s that met both targets, as the API counted each one (`requests_within_slo`).
   4. Alerts: multi-window, multi-burn-rate (slo.BURN_ALERTS): both windows above factor x budget.
 """
 from __future__ import annotations
@@ -42,9 +42,7 @@ def recording_rules(text: SloText) -> list[dict]:
         rules += [_record(errors(w), error_ratio_expr(slo, w, text), slo=slo) for w in WINDOWS]
         rules.append(_record(errors(BUDGET_WINDOW), f'avg_over_time({errors("5m")}{{slo="{slo}"}}[{BUDGET_WINDOW}])',
                              slo=slo))
-    rules.append(_record(f"{NS}goodput:rate5m",
-                         f'sum by (model) (rate({SLIS["ttft"]}_bucket{{le="{text.ttft_le}"}}[5m]))'
-                         f' * on (model) (1 - {errors("5m")}{{slo="itl"}})'))
+    rules.append(_record(f"{NS}goodput:rate5m", "sum by (model) (rate(llm_cluster_requests_within_slo_total[5m]))"))
     return rules
 
 

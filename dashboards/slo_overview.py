@@ -47,7 +47,7 @@ def build() -> dict:
                Query(f"{NS}slo_percentile:ratio", "percentile target"), Query(f"{NS}slo_objective:ratio", "objective")],
               unit="percentunit", max_value=1,
               description="Requests whose TTFT, and tokens whose ITL, met the slo: target."),
-        Panel("Goodput: requests/s meeting both targets (estimate)",
+        Panel("Goodput: requests/s meeting both targets",
               [Query(f"{NS}goodput:rate5m{{{M}}}", "goodput {{model}}"),
                Query(f"sum by (model) (rate({SLIS['ttft']}_count{{{M}}}[{RATE}]))", "all requests {{model}}")],
               unit="reqps", description="Requests/s whose first token met the TTFT target, times the share "

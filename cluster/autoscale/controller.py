@@ -41,9 +41,6 @@ class Autoscaler:
         self.last_s = time.monotonic()
         self.history: collections.deque = collections.deque(maxlen=HISTORY)
         self.task: asyncio.Task | None = None
-        if metrics is not None:
-            metrics.slo_target.labels(self.model, "ttft").set(self.slo.ttft_s)
-            metrics.slo_target.labels(self.model, "itl").set(self.slo.itl_s)
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.run())

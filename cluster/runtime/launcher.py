@@ -172,6 +172,7 @@ class Cluster:
         store = make_store(store_config.redis_url, namespace=store_config.namespace, timeout_s=store_config.timeout_s,
                            retry_interval_s=store_config.retry_interval_s)
         self.client = ClusterClient(self.config, model_info(self.config), store, self.metrics)
+        self.metrics.set_slo(self.client.info().name, self.config.slo.ttft_s, self.config.slo.itl_s)
         adopted = await self.adopt() if self.config.detached_instances else {}
         missing = {Role.PREFILL: self.config.prefill.instances, Role.DECODE: self.config.decode.instances,
                    Role.MIXED: self.config.mixed.instances}

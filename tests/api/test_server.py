@@ -21,7 +21,7 @@ from cluster import LLM, SamplingParams
 from cluster.api.server import build_app, make_server
 from cluster.client import EngineClient, ModelInfo, Overloaded
 from cluster.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig
-from cluster.metrics import Metrics
+from cluster.metrics import Metrics, RequestRecord
 from cluster.runtime.local import LocalClientConfig, LocalEngineClient
 
 MODEL = "tiny-llama"
@@ -299,6 +299,28 @@ def test_metrics_objects_do_not_collide():
     assert a.registry.get_sample_value("llm_cluster_kv_cache_usage_ratio", labels) == 0.25
     assert a.registry.get_sample_value("llm_cluster_kv_transfer_bytes_total", labels) is None
     assert b.registry.get_sample_value("llm_cluster_kv_transfer_bytes_total", labels) == 1024
+
+
+def test_goodput_counts_requests_that_met_both_targets():
+    metrics = Metrics()
+    metrics.set_slo("m", ttft_s=0.4, itl_s=0.04)
+    where = ("decode", "d0")
+
+    def record(ttft_s, gaps, reason="length"):
+        return RequestRecord(1.0, 8, where, where, ttft_s, [(g, where) for g in gaps], {where: len(gaps) + 1},
+                             [(reason, where)])
+
+    good = [record(0.3, [0.03, 0.05, 0.03]),  # one gap over ITL, the mean (TPOT) within it
+            record(0.4, []),  # one token: its TTFT alone (on the boundary: within)
+            record(0.1, [0.04] * 5)]
+    bad = [record(0.41, [0.01]),  # TTFT over
+           record(0.1, [0.05, 0.05]),  # TPOT over
+           record(0.1, [0.01], reason="error"),  # ended badly
+           record(None, [])]  # no token at all
+    for r in good + bad:
+        metrics.observe_request("m", r)
+    assert metrics.registry.get_sample_value("llm_cluster_requests_within_slo_total", {"model": "m"}) == len(good)
+    assert metrics.registry.get_sample_value("llm_cluster_slo_target_seconds", {"model": "m", "slo": "itl"}) == 0.04
 
 
 # -- hostile input ------------------------------------------------------------------------
