@@ -9,6 +9,10 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+# a penalty outside this divides or multiplies logits past float32 (5e-324 made them inf, and the
+# logprobs NaN): vLLM's own range is (0, 2] in practice
+REPETITION_PENALTY = (0.01, 100.0)
+
 
 class Role(enum.Enum):
     """What an engine instance does with a request."""
@@ -61,7 +65,8 @@ class SamplingParams:
         _check(_finite(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1]")
         _check(_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty", self.presence_penalty, "must be in [-2, 2]")
         _check(_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty", self.frequency_penalty, "must be in [-2, 2]")
-        _check(_finite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "must be > 0")
+        _check(_finite(self.repetition_penalty) and REPETITION_PENALTY[0] <= self.repetition_penalty <= REPETITION_PENALTY[1],
+               "repetition_penalty", self.repetition_penalty, "must be in [%g, %g]" % REPETITION_PENALTY)
         _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1), "max_tokens", self.max_tokens, "must be an integer >= 1")
         _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", self.min_tokens, "must be an integer >= 0")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens, "must not exceed max_tokens")

@@ -13,7 +13,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
-from cluster.types import SamplingParams
+from cluster.types import REPETITION_PENALTY, SamplingParams
 
 MAX_N = 128  # completions per prompt (OpenAI's limit): the most `api.max_n` may allow (seeds count on it)
 MAX_LOGPROBS = 20  # the sampler's most: the most `api.max_logprobs` may allow
@@ -49,7 +49,7 @@ class _SamplingFields(_Request):
     # vLLM extras that load generators send
     top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
     min_p: Annotated[StrictFloat, Field(ge=0.0, le=1.0)] | None = None
-    repetition_penalty: Annotated[StrictFloat, Field(gt=0.0)] | None = None
+    repetition_penalty: Annotated[StrictFloat, Field(ge=REPETITION_PENALTY[0], le=REPETITION_PENALTY[1])] | None = None
     ignore_eos: StrictBool = False
     min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None

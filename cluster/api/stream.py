@@ -29,6 +29,7 @@ from cluster.metrics import NOWHERE, Metrics, RequestRecord, Where
 from cluster.types import SamplingParams, TokenDelta, TokenLogprob
 
 DONE = "data: [DONE]\n\n"
+LOGPROB_FLOOR = -9999.0  # what a logprob of -inf (or NaN) reads as in JSON
 
 
 def sse(payload: str) -> str:
@@ -212,8 +213,8 @@ class TokenStrings:
         for lp in logprobs:
             token = self(lp.token_id)
             out.tokens.append(token)
-            out.token_logprobs.append(lp.logprob)
-            out.top_logprobs.append({self(t): v for t, v in lp.top.items()})
+            out.token_logprobs.append(_finite(lp.logprob))
+            out.top_logprobs.append({self(t): _finite(v) for t, v in lp.top.items()})
             out.text_offset.append(offset)
             offset += len(token)
         return offset
@@ -221,10 +222,15 @@ class TokenStrings:
     def chat(self, logprobs: list[TokenLogprob]) -> list[ChatLogprob]:
         def entry(token_id: int, value: float) -> TopLogprob:
             token = self(token_id)
-            return TopLogprob(token=token, logprob=value, bytes=list(token.encode("utf-8", "replace")))
+            return TopLogprob(token=token, logprob=_finite(value), bytes=list(token.encode("utf-8", "replace")))
 
         return [ChatLogprob(**entry(lp.token_id, lp.logprob).model_dump(),
                             top_logprobs=[entry(t, v) for t, v in lp.top.items()]) for lp in logprobs]
+
+
+def _finite(logprob: float) -> float:
+    """JSON has no -inf: a token the sampling masked out (a bias, a penalty) reads -9999.0, as OpenAI's does."""
+    return logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
 def _finish(delta: TokenDelta) -> tuple[str | None, str | int | None]:

@@ -345,7 +345,8 @@ def _hostile_cases(rng: random.Random) -> list[tuple[str, str, bytes]]:
               ("POST", chat, json.dumps({"model": MODEL}).encode()), ("GET", cmpl, b""), ("POST", "/v1/nothing", b"{}")]
     cases += [c(max_tokens=v) for v in ("abc", -1, 0, 10**9, 10**30, 1.5, True, "16")]
     cases += [c(temperature=v) for v in (-1, "hot", True, 5)] + [c(top_p=v) for v in (0, 1.5, -0.1)]
-    cases += [c(n=v) for v in (0, -3, 1000, "2", 1.0)] + [c(top_k=-5), c(min_p=2), c(repetition_penalty=0)]
+    cases += [c(n=v) for v in (0, -3, 1000, "2", 1.0)] + [c(top_k=-5), c(min_p=2), c(repetition_penalty=0),
+              c(repetition_penalty=5e-324), c(repetition_penalty=1e3)]
     cases += [c(logprobs=v) for v in (50, -1, True)] + [c(stop=v) for v in ([""], 5, [1, 2], ["a"] * 100)]
     cases += [c(stream="yes"), c(stream_options={"include_usage": "x"}), c(echo=True), c(suffix="x"), c(best_of=3)]
     cases += [c(prompt=v) for v in ("", [], [[]], [-1], [10**9], [1.5], {"a": 1}, None, [["a"]], long_text, [1] * 600)]
