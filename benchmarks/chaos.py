@@ -4,9 +4,10 @@
   (3) redis-server (the state store) is killed and started again empty,
   (4) the Ray worker node hosting an instance dies (a second raylet on 127.0.0.1, removed at once),
   (5) a 10x overload burst (ten times the steady clients at once, one attempt each).
-After each fault the run waits for the requests it hit to end, then brings the cluster back to full
-capacity by hand (no autoscaler here): the dead instance is released and a new one launched through
-`POST /admin/instances` (for (4) on a fresh worker node), and `/health`'s pool sizes are awaited.
+After each fault the run waits for the requests it hit to end, then for the cluster to be back to full
+capacity (`/health`'s pool sizes): the cluster releases a dead instance itself, and the autoscaler
+(each pool's min = max = its size here) launches its replacement (for (4) on a fresh worker node);
+with `--manual-recovery` the run launches it through `POST /admin/instances`, as an operator would.
 
 Everything listens on 127.0.0.1 and is bounded: requests per client, each request's timeout, each
 phase's waits. The figures come from the clients' own records (benchmarks/chaos_load.py): per fault,
@@ -82,13 +83,17 @@ class Redis:
             self.proc.wait(timeout=10)
 
 
+async def _started(start, cluster):
+    return start(cluster)  # on the serving loop: the autoscaler's task runs there
+
+
 class Serving:
     """The cluster and its API in this process (an event loop on a thread), joined to `ray_address`."""
 
     def __init__(self, config):
         import uvicorn
 
-        from cluster.app import cluster_app
+        from cluster.app import cluster_app, start_autoscaler
         from cluster.runtime.launcher import Cluster
 
         self.loop = asyncio.new_event_loop()
@@ -96,8 +101,9 @@ class Serving:
         self.cluster = Cluster(config)
         self.run(self.cluster.start(), 600)
         self.base = f"http://127.0.0.1:{config.api.port}"
-        self.server = uvicorn.Server(uvicorn.Config(cluster_app(self.cluster), host="127.0.0.1", port=config.api.port,
-                                                    log_level="warning"))
+        self.autoscaler = self.run(_started(start_autoscaler, self.cluster), 60)
+        self.server = uvicorn.Server(uvicorn.Config(cluster_app(self.cluster, self.autoscaler), host="127.0.0.1",
+                                                    port=config.api.port, log_level="warning"))
         asyncio.run_coroutine_threadsafe(self.server.serve(), self.loop)
         if not _until(lambda: self.server.started, 60.0):
             raise RuntimeError("the API did not start")
@@ -129,6 +135,8 @@ class Serving:
     def stop(self) -> None:
         self.server.should_exit = True
         time.sleep(0.5)
+        if self.autoscaler is not None:
+            self.run(self.autoscaler.close(), 60)
         self.run(self.cluster.stop(), 120)
         self.loop.call_soon_threadsafe(self.loop.stop)
 
@@ -143,6 +151,9 @@ def _config(args, redis_url: str, port: int):
         "disagg": {"transfer_timeout_s": 5.0}, "router": {"heartbeat_s": 0.5, "instance_ttl_s": 3.0},
         "api": {"port": port, "max_pending": args.clients * 2, "admin_keys": [ADMIN_KEY]},
         "store": {"redis_url": redis_url, "namespace": "chaos:", "timeout_s": 0.5, "retry_interval_s": 1.0},
+        "autoscale": {"enabled": not args.manual_recovery, "interval_s": 1.0, "role_flip": False,
+                      "prefill": {"min_instances": args.prefill, "max_instances": args.prefill},
+                      "decode": {"min_instances": args.decode + 1, "max_instances": args.decode + 1}},
         "ray_address": args.ray_address})
 
 
@@ -164,8 +175,14 @@ class Run:
         self.serving = Serving(_config(args, self.redis.url, _free_port()))
         self.target = {"prefill": args.prefill, "decode": args.decode + 1}
         self.worker = self.ray.add_node(num_cpus=NODE_CPUS, node_ip_address="127.0.0.1")
-        self.on_worker = self.serving.launch("decode")  # the head is full: this one goes to the worker node
-        if self.serving.node_of(self.on_worker) != self.worker.node_id:
+        # the head is full: the extra decode instance (the autoscaler's, below its pool's minimum) goes to the worker
+        if args.manual_recovery:
+            self.on_worker = self.serving.launch("decode")
+        else:  # decode starts one below its minimum: the autoscaler's first decision adds it
+            _until(lambda: self.serving.pools() == {**self.target, "mixed": 0}, args.capacity_timeout_s)
+            self.on_worker = next((i for i in self.serving.cluster.groups
+                                   if self.serving.node_of(i) == self.worker.node_id), None)
+        if self.on_worker is None or self.serving.node_of(self.on_worker) != self.worker.node_id:
             raise RuntimeError("the extra decode instance did not land on the worker node")
         self.spec = LoadSpec(model=self.serving.cluster.client.info().name, url=self.serving.base + "/v1",
                              max_tokens=args.max_tokens, timeout_s=args.request_timeout_s)
@@ -228,19 +245,21 @@ class Run:
 
     # -- recovery -----------------------------------------------------------------------------------
     def _reconcile(self, victims: list[str]) -> dict:
-        """What an operator (or the autoscaler) does: once the victims are seen dead, release every dead
-        instance (its placement group too) and launch one through the admin API for each the pools miss."""
+        """Once the victims are found dead the cluster releases them (and any instance that died with
+        them); the autoscaler launches what the pools miss, or, with --manual-recovery, this run does
+        through the admin API, as an operator would."""
         t = time.monotonic()
-        instances = self.serving.cluster.client.instances
-        _until(lambda: all(i not in instances or not instances[i].alive for i in victims), 60.0)
-        dead = sorted(i for i, view in list(instances.items()) if not view.alive)
-        for instance_id in dead:
-            self.serving.run(self.serving.cluster.release(instance_id), 120)
-        pools, launched = self.serving.pools(), []
-        for role, want in self.target.items():
-            launched += [self.serving.launch(role) for _ in range(want - pools.get(role, 0))]
-        return {"dead": dead, "collateral": [i for i in dead if i not in victims], "relaunched": launched,
-                "relaunch_s": round(time.monotonic() - t, 3)}
+        cluster = self.serving.cluster
+        before = set(cluster.actors)
+        _until(lambda: not set(victims) & set(cluster.actors), 60.0)  # found dead and released
+        dead = sorted(before - set(cluster.actors))
+        launched = []
+        if self.args.manual_recovery:
+            pools = self.serving.pools()
+            for role, want in self.target.items():
+                launched += [self.serving.launch(role) for _ in range(want - pools.get(role, 0))]
+        return {"dead": dead, "collateral": [i for i in dead if i not in victims],
+                "relaunched": launched or "by the autoscaler", "released_s": round(time.monotonic() - t, 3)}
 
     def _store_rebuilt(self) -> dict:
         """Every live instance registered again and the shared prefix found in the index."""
@@ -301,7 +320,8 @@ class Run:
         return {"hung": every["hung"], "lost": every["lost"], "requests": every["requests"],
                 "completed": every["completed"], "retried": every["retried"], "clear_errors": every["clear_errors"],
                 "capacity_restored": all(p["capacity_restored"] for p in self.phases), "target_pools": self.target,
-                "autoscaler": "off: each lost instance was released and re-launched through POST /admin/instances",
+                "recovery": ("manual: each lost instance re-launched through POST /admin/instances"
+                             if self.args.manual_recovery else "the autoscaler (each pool's min = max = its size)"),
                 "wall_s": round(time.monotonic() - self.t0, 1), "phases": self.phases,
                 "args": {k: v for k, v in vars(self.args).items() if k != "ray_address"}}
 
@@ -345,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settle-s", type=float, default=2.0)
     p.add_argument("--redis-outage-s", type=float, default=3.0)
     p.add_argument("--capacity-timeout-s", type=float, default=180.0)
+    p.add_argument("--manual-recovery", action="store_true",
+                   help="the run launches replacements through the admin API (default: the autoscaler does)")
     p.add_argument("--work-dir", default="/tmp/llm-cluster-chaos")
     p.add_argument("--out", default="benchmarks/results/chaos.json")
     return p

@@ -114,9 +114,11 @@ class ClusterConfig:
                 limits = getattr(self.autoscale, name)
                 if limits.min_instances < 1:
                     raise ConfigError(f"ClusterConfig: autoscale.{name}.min_instances must be >= 1 for a pool in use")
-                if not limits.min_instances <= pool.instances <= limits.max_instances:
-                    raise ConfigError(f"ClusterConfig: {name}.instances={pool.instances} must lie within autoscale."
-                                      f"{name} [{limits.min_instances}, {limits.max_instances}]")
+                # below the minimum is fine: the autoscaler's first decision brings the pool up to it (as a
+                # Kubernetes HPA does), e.g. onto nodes that join after the cluster started
+                if pool.instances > limits.max_instances:
+                    raise ConfigError(f"ClusterConfig: {name}.instances={pool.instances} must not exceed autoscale."
+                                      f"{name}.max_instances={limits.max_instances}")
         # the KV hand-over gathers a prefill instance's shards (heads over tp, layers over pp) to its
         # rank 0 and scatters them from a decode instance's rank 0 (engine/kv_handover.py): the pools
         # may have any tp x pp each

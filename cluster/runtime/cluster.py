@@ -66,6 +66,9 @@ class ClusterClient(EngineClient, ClusterEvents):
         self.draining = False  # the shutdown began: nothing new is admitted
         self.latency = LatencyWindow()  # TTFT and ITL per pool as the clients saw them (the autoscaler's)
         self.finished_tokens = {role: [0, 0] for role in Role}  # per pool that ended them: (legs, output tokens)
+        # called with an instance found dead, once its legs moved: the launcher releases its actor and placement
+        # group (a dead actor's group would hold its GPUs; on a lost node Ray would even place the group again)
+        self.on_instance_dead = None
         self.dispatcher = Dispatcher(self.pools, self.router, self.links, store, self.legs, self,
                                      config.disaggregated)
 
@@ -96,9 +99,9 @@ class ClusterClient(EngineClient, ClusterEvents):
         if view is None:
             return
         view.draining = True  # no placement here while its last legs move
-        if self.legs_on(instance_id):
-            log.warning("%s leaves with %d legs on it: they restart elsewhere", instance_id, len(self.legs_on(instance_id)))
-            await self.migrate(instance_id, "its instance left the pool")
+        # a dead one's legs were seen to at its death (restarted, or recomputed by their decode instance)
+        if view.alive and (moved := await self.migrate(instance_id, "its instance left the pool")):
+            log.warning("%s left with %d legs on it: they restart elsewhere", instance_id, moved)
         self.instances.pop(instance_id, None)
         view.alive = False
         task = self.poll_tasks.pop(instance_id, None)
@@ -121,8 +124,10 @@ class ClusterClient(EngineClient, ClusterEvents):
 
     async def migrate(self, instance_id: str, why: str) -> int:
         """Move every live leg off an instance that is going away: each restarts elsewhere from its prompt
-        and the tokens its client already has (the KV is recomputed there). Returns how many moved."""
-        legs = self.legs_on(instance_id)
+        and the tokens its client already has (the KV is recomputed there). Returns how many moved. A leg
+        still being placed is the `Dispatcher`'s: it sees the instance leave in its own answers (restarting
+        it here too would run it twice, and its client would get the tokens of both)."""
+        legs = [leg for leg in self.legs_on(instance_id) if leg.state != LegState.PLACING]
         for leg in legs:
             await self.abort_remote(instance_id, leg.leg_id)
             other = leg.prefill_id if leg.decode_id == instance_id else leg.decode_id
@@ -302,6 +307,9 @@ class ClusterClient(EngineClient, ClusterEvents):
             if leg.decode_id == view.instance_id or (leg.prefill_id == view.instance_id and leg.first_token is None
                                                      and not self.config.disaggregated):
                 await self._retry(leg, why)
+        if self.on_instance_dead is not None:
+            task = asyncio.get_running_loop().create_task(self.on_instance_dead(view.instance_id))
+            self.tasks.append(task)
 
     async def _retry(self, leg: Leg, why: str) -> None:
         """Restart a leg elsewhere from its prompt and the tokens the client already has."""

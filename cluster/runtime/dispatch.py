@@ -79,8 +79,9 @@ class Dispatcher:
                     break
             except ValueError:
                 raise  # the request itself is invalid: the client gets a 400
-            except LinkFailed as exc:
-                await self.events.instance_died(exc.view, f"link failed: {exc}")
+            except LinkFailed as exc:  # a side that died (or stopped answering) goes; else the next decode
+                if exc.view is not None:
+                    await self.events.instance_died(exc.view, f"link failed: {exc}")
                 if exc.view is prefill:  # start over on another prefill instance
                     leg.prefill_id = leg.decode_id = None
                     self._rename(leg)
@@ -112,7 +113,8 @@ class Dispatcher:
             await self.links.ensure(prefill, decode)
         except LinkFailed as exc:
             leg.prefill_id = leg.decode_id = None
-            await self.events.instance_died(exc.view, f"link failed: {exc}")
+            if exc.view is not None:
+                await self.events.instance_died(exc.view, f"link failed: {exc}")
             return False
         if not (_takes_requests(prefill) and _takes_requests(decode)):  # began draining during the link
             leg.prefill_id = leg.decode_id = None

@@ -173,6 +173,7 @@ class Cluster:
                            retry_interval_s=store_config.retry_interval_s)
         self.client = ClusterClient(self.config, model_info(self.config), store, self.metrics)
         self.metrics.set_slo(self.client.info().name, self.config.slo.ttft_s, self.config.slo.itl_s)
+        self.client.on_instance_dead = self._reap
         adopted = await self.adopt() if self.config.detached_instances else {}
         missing = {Role.PREFILL: self.config.prefill.instances, Role.DECODE: self.config.decode.instances,
                    Role.MIXED: self.config.mixed.instances}
@@ -233,6 +234,13 @@ class Cluster:
         """The instance leaves the router, its actor and placement group go."""
         await self.client.remove_instance(instance_id)
         adopt.release(self.actors.pop(instance_id, None), self.groups.pop(instance_id, None))
+
+    async def _reap(self, instance_id: str) -> None:
+        """An instance the router found dead goes: its actor and placement group are released, so its
+        resources (its node's, or a replacement node's) serve the next launch, the autoscaler's or an operator's."""
+        if instance_id in self.actors:
+            log.warning("releasing dead instance %s", instance_id)
+            await self.release(instance_id)
 
     async def switch_role(self, instance_id: str, role: Role) -> None:
         """A drained instance rejoins with `role`: the same actor, engine and weights, a new role worker."""

@@ -17,13 +17,14 @@ from cluster.disagg.router import InstanceView
 from cluster.types import Role
 
 
-CONNECT_TIMEOUT_S = 60.0  # an NCCL communicator takes about a second; gloo less
+CONNECT_TIMEOUT_S = 20.0  # an NCCL communicator takes about a second; gloo less
+PING_TIMEOUT_S = 5.0
 
 
 class LinkFailed(RuntimeError):
-    """A link could not be made; `view` is the side to blame (the one whose actor died, else decode's)."""
+    """A link could not be made; `view` is the side to blame (dead or not answering), None if neither."""
 
-    def __init__(self, view: InstanceView, cause: BaseException):
+    def __init__(self, view: InstanceView | None, cause: BaseException):
         super().__init__(f"{type(cause).__name__}: {cause}")
         self.view = view
 
@@ -74,7 +75,9 @@ class KVLinks:
 
 async def _connect_both(prefill: InstanceView, decode: InstanceView, link_key: str) -> None:
     """Both sides connect at once; the first failure ends the wait (the other side may block in its
-    rendezvous until its peer comes, which a dead one never does), and so does `CONNECT_TIMEOUT_S`."""
+    rendezvous until its peer comes, which a dead one never does), and so does `CONNECT_TIMEOUT_S`.
+    Blamed (`LinkFailed.view`): a side whose actor died, or that no longer answers a ping; none when
+    both answer (the pair is not linked this time: a dispatch tries another, nothing is marked dead)."""
     from ray.exceptions import RayActorError
 
     address = decode.link_address
@@ -84,9 +87,19 @@ async def _connect_both(prefill: InstanceView, decode: InstanceView, link_key: s
     for call in pending:
         call.cancel()
     failed = [(calls[c], c.exception()) for c in done if c.exception() is not None]
-    if failed:  # a dead actor is to blame before a live one whose peer vanished mid-connect
-        raise LinkFailed(*next(((v, e) for v, e in failed if isinstance(e, RayActorError)), failed[0]))
-    if pending:  # the side that never answered
-        silent = [calls[c] for c in pending]
-        raise LinkFailed(silent[0] if len(silent) == 1 else decode,
-                         TimeoutError(f"no answer to connect within {CONNECT_TIMEOUT_S:.0f} s"))
+    dead = next((v for v, e in failed if isinstance(e, RayActorError)), None)
+    if not failed and not pending:
+        return
+    cause = failed[0][1] if failed else TimeoutError(f"no answer to connect within {CONNECT_TIMEOUT_S:.0f} s")
+    if dead is None:  # who is to blame: the side that no longer answers, if either
+        silent = [calls[c] for c in pending] or [prefill, decode]
+        dead = next((v for v in silent if not await _answers(v)), None)
+    raise LinkFailed(dead, cause)
+
+
+async def _answers(view: InstanceView) -> bool:
+    try:
+        await asyncio.wait_for(view.handle.ping.remote(), PING_TIMEOUT_S)
+        return True
+    except Exception:  # dead, unavailable, or too slow to be of use
+        return False
