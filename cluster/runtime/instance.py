@@ -28,29 +28,53 @@ from cluster.runtime.step_loop import LoopListener, StepLoop
 from cluster.types import FinishReason, Role, TokenDelta
 
 
-def local_device_ids(assigned: list, num_visible: int) -> tuple[int, ...]:
-    """This process's CUDA indices of the GPUs Ray assigned it. Ray either masks
-    CUDA_VISIBLE_DEVICES to them (they are then 0..n-1 here) or, as the launcher asks
-    (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES), leaves every GPU of the host visible, and the
-    assigned ids are the indices. NCCL between processes that see different GPU sets is slow to
-    open P2P links and has hung on large messages (NVIDIA/nccl#1749), and CUDA IPC needs the peer's
-    GPU visible, so the KV links and one-shot all-reduce want the second way."""
-    ids = [int(i) for i in assigned]
-    return tuple(range(len(ids))) if num_visible == len(ids) else tuple(ids)
+def local_device_ids(assigned: list, visible: list[str] | None) -> tuple[int, ...]:
+    """This process's CUDA indices of the GPUs Ray assigned it, with the host's GPUs visible as they
+    were before Ray masked them (`visible`: that CUDA_VISIBLE_DEVICES, None when it was unset). Ray
+    names an assigned GPU by its entry in that list. Every GPU of the host stays visible: NCCL between
+    processes that see different GPU sets is slow to open P2P links and has hung on large messages
+    (NVIDIA/nccl#1749), and CUDA IPC needs the peer's GPU visible."""
+    if visible is None:
+        return tuple(int(i) for i in assigned)
+    return tuple(visible.index(str(i)) for i in assigned)
+
+
+def _see_host_gpus() -> list[str] | None:
+    """Undo Ray's CUDA_VISIBLE_DEVICES mask (it names only this actor's GPUs) before CUDA starts in this
+    process: the host's GPUs as the worker saw them at its start. Done here rather than by a runtime_env
+    (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES) so that the actor can take a worker Ray started ahead:
+    a runtime_env of its own made Ray start a process for each instance (about a second on a GPU host)."""
+    import os
+
+    import ray
+
+    visible = ray._private.worker.global_worker.original_visible_accelerator_ids.get("GPU")
+    if visible is None:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in visible)
+    return None if visible is None else [str(i) for i in visible]
 
 
 def _on_assigned_gpus(engine_config: EngineConfig) -> EngineConfig:
     """On GPUs: the engine's ranks bind the devices Ray assigned this actor, rank 0 this process."""
-    import torch
-
-    if engine_config.runner.device == "cpu" or not torch.cuda.is_available():
+    if engine_config.runner.device == "cpu":
         return engine_config
     import ray
 
     assigned = ray.get_gpu_ids()
     if not assigned:
         return engine_config
-    device_ids = local_device_ids(assigned, torch.cuda.device_count())
+    visible = _see_host_gpus()  # before the first torch.cuda call: CUDA reads the variable once
+    import os
+
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"  # the host side of a GPU rank needs one thread; its ranks inherit it
+    torch.set_num_threads(1)
+    if not torch.cuda.is_available():
+        return engine_config
+    device_ids = local_device_ids(assigned, visible)
     torch.cuda.set_device(device_ids[0])
     return replace(engine_config, runner=replace(engine_config.runner, device_ids=device_ids))
 

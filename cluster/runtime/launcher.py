@@ -100,9 +100,8 @@ def start_instance(config: ClusterConfig, role: Role):
     name = adopt.detached_name(instance_id) if detached else f"llm-cluster-{instance_id}-{os.getpid()}"
     lifetime = {"lifetime": "detached"} if detached else {}  # detached: Ray's GCS owns it, not this driver
     group = placement_group([bundle], strategy="STRICT_PACK", **({"name": name, **lifetime} if detached else {}))
-    # GPUs: every GPU of the host stays visible to the actor and its ranks bind the ones Ray assigned
-    # (instance.local_device_ids): NCCL and CUDA IPC between processes want to see each other's GPU
-    gpu_env = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1", "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}}
+    # no runtime_env: the actor then takes a Python worker Ray started ahead (instance._see_host_gpus
+    # keeps every GPU of the host visible to it and its ranks, as NCCL and CUDA IPC want)
     actor = ray.remote(InstanceActor).options(
         name=name,
         **lifetime,
@@ -110,7 +109,6 @@ def start_instance(config: ClusterConfig, role: Role):
         num_gpus=pool.num_gpus_per_rank * num_ranks,
         resources=dict(pool.ray_resources),
         max_concurrency=64,
-        **(gpu_env if pool.num_gpus_per_rank else {}),
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True),
     ).remote(instance_id, role, _engine_config(config.engine, pool), config.disagg)
     return instance_id, actor, group

@@ -7,17 +7,61 @@ from cluster.config import ConfigError, RunnerConfig
 from cluster.runtime.instance import local_device_ids
 
 
-def test_masked_by_ray_the_assigned_gpus_are_the_first_ones():
-    assert local_device_ids(["5"], num_visible=1) == (0,)
-    assert local_device_ids([2, 3], num_visible=2) == (0, 1)
+def test_with_every_gpu_of_the_host_visible_the_assigned_ids_are_the_indices():
+    assert local_device_ids(["1"], visible=None) == (1,)
+    assert local_device_ids([6, 7], visible=None) == (6, 7)
 
 
-def test_with_every_gpu_visible_the_assigned_ids_are_the_indices():
-    assert local_device_ids(["1"], num_visible=2) == (1,)
-    assert local_device_ids([6, 7], num_visible=8) == (6, 7)
+def test_a_host_that_shows_some_gpus_maps_ray_s_ids_to_their_place_in_the_list():
+    # the raylet saw CUDA_VISIBLE_DEVICES=4,5,6,7: Ray names GPU 6 "6", which is CUDA device 2 here
+    assert local_device_ids(["6"], visible=["4", "5", "6", "7"]) == (2,)
+    assert local_device_ids([4, 5], visible=["4", "5", "6", "7"]) == (0, 1)
 
 
 def test_device_ids_are_validated_by_name():
     assert RunnerConfig(device_ids=(1, 0)).device_ids == (1, 0)
     with pytest.raises((ConfigError, ValueError), match="device_ids"):
         RunnerConfig(device_ids=(-1,))
+
+
+_ACTOR_SEES = """
+import json, os, sys
+import ray
+from cluster.runtime.instance import _see_host_gpus, local_device_ids
+
+ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+
+@ray.remote(num_cpus=1, num_gpus=1)
+class Probe:
+    def sees(self):
+        masked = os.environ.get("CUDA_VISIBLE_DEVICES")
+        visible = _see_host_gpus()
+        assigned = ray.get_gpu_ids()
+        return {"masked": masked, "after": os.environ.get("CUDA_VISIBLE_DEVICES"), "assigned": [str(i) for i in assigned],
+                "local": list(local_device_ids(assigned, visible))}
+
+print(json.dumps(ray.get(Probe.remote().sees.remote())))
+ray.shutdown()
+"""
+
+
+@pytest.mark.parametrize("host_visible", [None, "4,5"])
+def test_a_ray_actor_on_a_gpu_node_sees_every_gpu_of_the_host_and_binds_its_own(host_visible):
+    """On a real (local) Ray node that declares two GPUs (none is used: this checks what the actor's
+    environment says, on CPU): Ray masks CUDA_VISIBLE_DEVICES to the actor's GPU, the actor undoes it
+    before CUDA starts, and its own GPU is the one Ray assigned."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    if host_visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = host_visible
+    done = subprocess.run([sys.executable, "-c", _ACTOR_SEES], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["masked"] == seen["assigned"][0]  # Ray showed the actor only its own GPU
+    assert seen["after"] == host_visible  # and the actor sees the host's again
+    host = (host_visible or "0,1").split(",")
+    assert seen["local"] == [host.index(seen["assigned"][0])]
