@@ -36,7 +36,7 @@ def _engine(args):
 
 def _sync(device: str) -> None:
     if device == "cuda":
-        _sync(args.device)
+        torch.cuda.synchronize()
 
 
 def _fill(engine, batch: int, context: int, vocab: int, steps: int, tag: str) -> int:

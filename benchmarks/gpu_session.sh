@@ -37,6 +37,7 @@
 #              prefill and offline throughput, no transformers baseline (≈6 min)
 #   scale-out  one GPU: benchmarks.scale_out, an 8B instance's cold start and two scale-outs beside it
 #              (decision to serving, by phase) (≈3 min)
+#   scale-out-ab:TGZ  (AB_ROUNDS=N) scale-out on the tree before (TGZ) and this one, B A per round (≈3 min a round)
 #   autoscale-serve  one GPU: benchmarks.autoscale_serve, a ~1B model in quarter-GPU instances, a burst
 #              (8, 48, 8 req/s) through HTTP: autoscaled against 4 and 1 static instances (≈6 min)
 #   decode-profile:TGZ[:BATCH]  one GPU: benchmarks.decode_profile on the tree before (TGZ, as ab-engine) and this
@@ -64,7 +65,7 @@ run_item() {  # name, command...
 }
 
 tree_of() {  # the tree a `git archive ... cluster | gzip` holds, extracted once: its `cluster` goes first on PYTHONPATH
-  local dir=/tmp/ab-before
+  local dir=/tmp/ab-$(basename "$1" .tgz)
   [[ -d $dir/cluster ]] || { mkdir -p "$dir" && tar -xzf "$1" -C "$dir"; }
   echo "$dir"
 }
@@ -160,6 +161,13 @@ for item in "$@"; do
     autoscale-serve) run_item autoscale-serve python3 -m benchmarks.autoscale_serve --model /tmp/llama1b --make-model \
                  --rates 8,48,8 --duration-s 30 --input-len 1024 --output-len 128 --slo-ttft-ms 300 --slo-tpot-ms 30 \
                  --out-dir autoscale_serve ;;
+    scale-out-ab:*) need_llama; before=$(tree_of "$PWD/${item#scale-out-ab:}")
+               for round in $(seq 1 "${AB_ROUNDS:-2}"); do
+                 PYTHONPATH=$before:$PYTHONPATH run_item "scale-out-before-$round" python3 -m benchmarks.scale_out \
+                   --model /tmp/llama8b --gpu-share 0.45 --kv-gib 8 --repeats 2 --out "scale-out-before-$round.json"
+                 run_item "scale-out-after-$round" python3 -m benchmarks.scale_out --model /tmp/llama8b --gpu-share 0.45 \
+                   --kv-gib 8 --repeats 2 --out "scale-out-after-$round.json"
+               done ;;
     scale-out) need_llama; run_item scale-out python3 -m benchmarks.scale_out --model /tmp/llama8b --gpu-share 0.45 \
                  --kv-gib 8 --repeats 2 --out scale_out.json ;;
     sender-host) need_llama; run_item sender-host python3 -m benchmarks.sender_host --model /tmp/llama8b --out sender_host.json ;;

@@ -14,8 +14,11 @@ no role branch: what differs between roles is the worker's.
 """
 from __future__ import annotations
 
-import threading
 import time
+
+_IMPORT_BEGAN_S = time.perf_counter()  # before this module's imports (torch's among them)
+
+import threading  # noqa: E402 (the clock above goes first)
 import traceback
 from dataclasses import replace
 
@@ -81,6 +84,25 @@ def _on_assigned_gpus(engine_config: EngineConfig) -> EngineConfig:
 
 _PROCESS_START_S = time.perf_counter()  # this module is imported as the actor's process starts
 
+
+def _process_age_s() -> float | None:
+    """How long this process had run when this module began to import (Linux: /proc), None elsewhere: a
+    worker Ray started ahead is old, one started for this actor young."""
+    try:
+        import os
+
+        with open("/proc/self/stat") as f:
+            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        age_now = uptime - started_ticks / os.sysconf("SC_CLK_TCK")
+        return max(0.0, age_now - (time.perf_counter() - _IMPORT_BEGAN_S))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_PROCESS_AGE_AT_IMPORT_S = _process_age_s()
+
 # what `stats()` says of the steps since the last call, worst case first: where a stream's pauses come
 # from; and the decode side's count of recomputed prefills (each a failed transfer, run inside its
 # decode steps), which /health reports beside them
@@ -107,7 +129,8 @@ class InstanceActor(LoopListener):
             self.prefill_rate_at_start = None if role == Role.DECODE else measure_prefill_rate(
                 self.engine, runs=2 if self.engine.device.type == "cuda" else 1)
         # what this instance's start took: since its process began (imports included), and by phase
-        self.startup_s = {"since_import": time.perf_counter() - _PROCESS_START_S, "actor_init": time.perf_counter() - t0,
+        self.startup_s = {**({"process_age_at_import": _PROCESS_AGE_AT_IMPORT_S} if _PROCESS_AGE_AT_IMPORT_S is not None else {}),
+                          "imports": _PROCESS_START_S - _IMPORT_BEGAN_S, "since_import": time.perf_counter() - _PROCESS_START_S, "actor_init": time.perf_counter() - t0,
                           **clock.phases, **self.engine.startup_s}
         self.transport = self._make_transport(disagg) if role != Role.MIXED else None
         self.worker = make_role_worker(role, self.engine, self.transport, disagg)

@@ -51,9 +51,18 @@ def start_ray(config: ClusterConfig, num_cpus: int | None = None) -> bool:
     if config.ray_address:
         _join_ray(config.ray_address, config.ray_join_timeout_s, namespace)
         return False
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus or max(4, os.cpu_count() or 1),
-             _temp_dir=tempfile.mkdtemp(prefix="llm-cluster-ray-"), log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    # the workers' one OpenMP thread comes from the raylet's environment, not a runtime_env: a job with a
+    # runtime_env gets no worker Ray started ahead, and each instance then waited for a process of its own
+    omp = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus or max(4, os.cpu_count() or 1),
+                 _temp_dir=tempfile.mkdtemp(prefix="llm-cluster-ray-"), log_to_driver=False)
+    finally:
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
     return True
 
 
