@@ -35,6 +35,10 @@ SWITCH_WAIT_S = 10.0  # a drained instance's engine lets go of its aborted reque
 
 _ids = itertools.count()
 
+# what a Ray node that runs instances has in its environment (the local Ray started here; the Helm
+# chart's pods): one OpenMP thread a worker, and the instance's module imported as a worker starts
+RAYLET_ENV = {"OMP_NUM_THREADS": "1", "RAY_preload_python_modules": "cluster.runtime.instance"}
+
 
 def start_ray(config: ClusterConfig, num_cpus: int | None = None) -> bool:
     """Join or start Ray; True if this call started a local Ray (its caller shuts it down)."""
@@ -51,18 +55,24 @@ def start_ray(config: ClusterConfig, num_cpus: int | None = None) -> bool:
     if config.ray_address:
         _join_ray(config.ray_address, config.ray_join_timeout_s, namespace)
         return False
-    # the workers' one OpenMP thread comes from the raylet's environment, not a runtime_env: a job with a
-    # runtime_env gets no worker Ray started ahead, and each instance then waited for a process of its own
-    omp = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
+    # the workers' one OpenMP thread comes from the raylet's environment, not a runtime_env
+    # (a runtime_env gets no worker Ray started ahead: each instance waited for a process of its own), and
+    # every worker imports the instance's module (torch with it) as it starts, so a worker Ray started
+    # ahead takes a new instance without a second's imports
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../cluster
+    path = os.pathsep.join(p for p in (os.path.dirname(package), os.environ.get("PYTHONPATH")) if p)
+    env = {**RAYLET_ENV, "PYTHONPATH": path}  # a worker Ray starts ahead imports before it knows the job's paths
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
     try:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus or max(4, os.cpu_count() or 1),
                  _temp_dir=tempfile.mkdtemp(prefix="llm-cluster-ray-"), log_to_driver=False)
     finally:
-        if omp is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = omp
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
     return True
 
 

@@ -220,3 +220,15 @@ def test_notes_say_how_to_reach_the_api():
     assert out.returncode == 0, out.stderr
     notes = out.stdout.split("NOTES:", 1)[1]
     assert "port-forward -n serving svc/rel-llm-cluster-api 8000:8000" in notes and "OpenAI(base_url=" in notes
+
+
+def test_every_ray_node_has_the_environment_the_local_launcher_gives_its_raylet(rendered):
+    """A scale-out on a worker Ray started ahead wants the same environment on a pod as the local Ray
+    gets (cluster.runtime.launcher.RAYLET_ENV): the instance's module preloaded, one OpenMP thread."""
+    from cluster.runtime.launcher import RAYLET_ENV
+
+    (cluster,) = by_kind(rendered["1p1d-gpu-values.yaml"], "RayCluster")
+    pods = [cluster["spec"]["headGroupSpec"]["template"]] + [g["template"] for g in cluster["spec"]["workerGroupSpecs"]]
+    for pod in pods:
+        ray_container = pod["spec"]["containers"][0]
+        assert {e["name"]: e["value"] for e in ray_container["env"]} == RAYLET_ENV, ray_container["name"]

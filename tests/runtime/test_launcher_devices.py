@@ -55,7 +55,7 @@ def test_a_ray_actor_on_a_gpu_node_sees_every_gpu_of_the_host_and_binds_its_own(
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "RAY_ADDRESS")}  # a Ray of its own
     if host_visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = host_visible
     done = subprocess.run([sys.executable, "-c", _ACTOR_SEES], env=env, capture_output=True, text=True, timeout=120)

@@ -118,3 +118,11 @@ initContainers:
   mountPath: {{ if eq .Values.model.source "init" }}{{ dir .Values.model.path | quote }}{{ else }}{{ .Values.model.path | quote }}{{ end }}
   readOnly: true
 {{- end }}
+
+{{/* A Ray node's environment for instance workers (cluster/runtime/launcher.py RAYLET_ENV): one OpenMP
+thread a worker, and the instance's module (torch with it) imported as each worker starts, so a worker
+Ray started ahead takes a new instance without its imports (scale-out). */}}
+{{- define "llm-cluster.rayNodeEnv" -}}
+- {name: OMP_NUM_THREADS, value: "1"}
+- {name: RAY_preload_python_modules, value: cluster.runtime.instance}
+{{- end }}
