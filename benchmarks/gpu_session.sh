@@ -40,8 +40,8 @@
 #   scale-out-ab:TGZ  (AB_ROUNDS=N) scale-out on the tree before (TGZ) and this one, B A per round (≈3 min a round)
 #   autoscale-serve  one GPU: benchmarks.autoscale_serve, a ~1B model in quarter-GPU instances, a burst
 #              (8, 48, 8 req/s) through HTTP: autoscaled against 4 and 1 static instances (≈6 min)
-#   decode-profile:TGZ[:BATCH]  one GPU: benchmarks.decode_profile on the tree before (TGZ, as ab-engine) and this
-#              one, B A B A: a decode step at BATCH (default 128) by synchronized step, host function and kernel (≈4 min)
+#   decode-profile:TGZ[:BATCH]  (AB_ROUNDS=N) one GPU: benchmarks.decode_profile on the tree before (TGZ, as ab-engine)
+#              and this one, B A per round: a decode step at BATCH (default 128) by synchronized step, host function and kernel (≈4 min)
 #   ab-serve:TGZ:RATE  the same A/B for one colocated instance through HTTP at RATE req/s (2k in, 256 out,
 #              2,048-token steps, admission on), B A B A (≈8 min)
 set -uo pipefail
@@ -142,7 +142,7 @@ for item in "$@"; do
                  --hf-batch 0 --requests 256 ;;
     decode-profile:*) need_llama; rest=${item#decode-profile:}; before=$(tree_of "$PWD/${rest%%:*}"); batch=128
                [[ $rest == *:* ]] && batch=${rest#*:}
-               for round in 1 2; do
+               for round in $(seq 1 "${AB_ROUNDS:-2}"); do
                  PYTHONPATH=$before:$PYTHONPATH run_item "profile-before-$round" python3 -m benchmarks.decode_profile \
                    --model /tmp/llama8b --batch "$batch" --out "profile-before-$round.json"
                  run_item "profile-after-$round" python3 -m benchmarks.decode_profile --model /tmp/llama8b --batch "$batch" \
