@@ -137,12 +137,15 @@ def main() -> None:
         make_model("llama", args.model, num_layers=16, hidden_size=2048, num_heads=32, num_kv_heads=8,
                    intermediate_size=8192, vocab_size=32000, max_position_embeddings=8192, dtype="bfloat16",
                    device="cuda", progress=False)
-    results = [run_mode(args, mode, args.port + i) for i, mode in enumerate(args.modes.split(","))]
-    with open(os.path.join(args.out_dir, "autoscale_serve.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    for r in results:
+    results = []
+    for i, mode in enumerate(args.modes.split(",")):
+        results.append(run_mode(args, mode, args.port + i))
+        with open(os.path.join(args.out_dir, "autoscale_serve.json"), "w") as f:  # after each mode: a call cut
+            json.dump(results, f, indent=1)                                         # short keeps what it ran
+        r = results[-1]
         att = "n/a" if r["attainment"] is None else f"{r['attainment']:.1%}"
-        print(f"{r['mode']:11s} attainment {att}  instance-seconds {r['instance_s']:.0f}  wall {r['wall_s']:.0f} s")
+        print(f"{r['mode']:11s} attainment {att}  instance-seconds {r['instance_s']:.0f}  wall {r['wall_s']:.0f} s",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import json
 import pstats
@@ -74,7 +75,7 @@ def main() -> None:
            "async_scheduling": getattr(engine, "async_scheduling", None),
            "graph_sizes": list(getattr(getattr(engine.runner, "graphs", None), "sizes", []) or [])}
     # (1) each step synchronized: the spread shows a step that is not a plain decode step
-    budget = 3 * args.steps + 16
+    budget = 4 * args.steps + 16
     out["prefill_steps"] = _fill(engine, args.batch, args.context, vocab, budget, "a")
     times = []
     for _ in range(args.steps):
@@ -84,13 +85,22 @@ def main() -> None:
         _sync(args.device)
         times.append((time.perf_counter() - t0) * 1e3)
     out["synced_step_ms"] = {"median": statistics.median(times), "min": min(times), "max": max(times), "all": times}
-    # (2) as the engine runs: unsynchronized steps, timed whole, and the host's functions under cProfile
-    _sync(args.device)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        engine.step()
-    _sync(args.device)
-    out["step_ms"] = (time.perf_counter() - t0) * 1e3 / args.steps
+    # (2) as the engine runs: unsynchronized steps, timed whole, with Python's collector as it is (this
+    # process froze nothing: an instance actor freezes its startup objects, runtime/gc_pauses.py) and
+    # off; then the host's functions under cProfile
+    for name, collect in (("step_ms", True), ("step_ms_gc_off", False)):
+        if not collect:
+            gc.disable()
+        before = [g["collections"] for g in gc.get_stats()]
+        _sync(args.device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        _sync(args.device)
+        out[name] = (time.perf_counter() - t0) * 1e3 / args.steps
+        out[name.replace("step_ms", "gc_collections")] = [g["collections"] - b for g, b in zip(gc.get_stats(), before)]
+        gc.enable()
+    out["gc_tracked_objects"] = len(gc.get_objects())
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(8):
