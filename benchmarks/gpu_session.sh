@@ -39,7 +39,7 @@
 #              (decision to serving, by phase) (≈3 min)
 #   scale-out-ab:TGZ  (AB_ROUNDS=N) scale-out on the tree before (TGZ) and this one, B A per round (≈3 min a round)
 #   autoscale-serve  one GPU: benchmarks.autoscale_serve, a ~1B model in quarter-GPU instances, a burst
-#              (8, 48, 8 req/s) through HTTP: autoscaled against 4 and 1 static instances (≈6 min)
+#              (8, 32, 8 req/s) through HTTP: autoscaled against 4 and 1 static instances (≈6 min)
 #   decode-profile:TGZ[:BATCH]  (AB_ROUNDS=N) one GPU: benchmarks.decode_profile on the tree before (TGZ, as ab-engine)
 #              and this one, B A per round: a decode step at BATCH (default 128) by synchronized step, host function and kernel (≈4 min)
 #   ab-serve:TGZ:RATE  the same A/B for one colocated instance through HTTP at RATE req/s (2k in, 256 out,
@@ -159,7 +159,7 @@ for item in "$@"; do
                  done
                done ;;
     autoscale-serve) run_item autoscale-serve python3 -m benchmarks.autoscale_serve --model /tmp/llama1b --make-model \
-                 --rates 8,48,8 --duration-s 30 --input-len 1024 --output-len 128 --slo-ttft-ms 300 --slo-tpot-ms 30 \
+                 --rates 8,32,8 --duration-s 30 --input-len 1024 --output-len 128 --slo-ttft-ms 300 --slo-tpot-ms 30 \
                  --out-dir autoscale_serve ;;
     scale-out-ab:*) need_llama; before=$(tree_of "$PWD/${item#scale-out-ab:}")
                for round in $(seq 1 "${AB_ROUNDS:-2}"); do
