@@ -18,7 +18,8 @@ import time
 
 _IMPORT_BEGAN_S = time.perf_counter()  # before this module's imports (torch's among them)
 
-import threading  # noqa: E402 (the clock above goes first)
+import logging  # noqa: E402 (the clock above goes first)
+import threading  # noqa: E402
 import traceback
 from dataclasses import replace
 
@@ -32,55 +33,61 @@ from cluster.types import FinishReason, Role, TokenDelta
 
 
 def local_device_ids(assigned: list, visible: list[str] | None) -> tuple[int, ...]:
-    """This process's CUDA indices of the GPUs Ray assigned it, with the host's GPUs visible as they
-    were before Ray masked them (`visible`: that CUDA_VISIBLE_DEVICES, None when it was unset). Ray
-    names an assigned GPU by its entry in that list. Every GPU of the host stays visible: NCCL between
-    processes that see different GPU sets is slow to open P2P links and has hung on large messages
-    (NVIDIA/nccl#1749), and CUDA IPC needs the peer's GPU visible."""
+    """This process's CUDA indices of the GPUs Ray assigned it, given the GPUs it sees (`visible`: its
+    CUDA_VISIBLE_DEVICES, None when unset: every GPU of the host). Ray names an assigned GPU by its
+    entry in that list, or by its index when the list is unset."""
     if visible is None:
         return tuple(int(i) for i in assigned)
     return tuple(visible.index(str(i)) for i in assigned)
 
 
-def _see_host_gpus() -> list[str] | None:
-    """Undo Ray's CUDA_VISIBLE_DEVICES mask (it names only this actor's GPUs) before CUDA starts in this
-    process: the host's GPUs as the worker saw them at its start. Done here rather than by a runtime_env
-    (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES) so that the actor can take a worker Ray started ahead:
-    a runtime_env of its own made Ray start a process for each instance (about a second on a GPU host)."""
+def _visible_gpus() -> list[str] | None:
+    """The GPUs this process sees. A node started with RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES (the
+    launcher's RAYLET_ENV, the chart's pods) leaves every GPU of the host visible. NCCL between
+    processes that see different GPU sets is slow to open P2P links and has hung on large messages
+    (NVIDIA/nccl#1749), and CUDA IPC needs the peer's GPU visible. A node without it masks each actor
+    to its own GPUs: that works, with a warning. The node's environment does this, not the actor's
+    runtime_env: an actor with a runtime_env of its own cannot start on a worker Ray started ahead."""
+    import os
+
+    if not os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"):
+        log.warning("this Ray node masks each actor to its own GPUs (no RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES "
+                    "in its environment, cluster/runtime/launcher.py RAYLET_ENV): KV links between instances of "
+                    "one host may open slowly")
+    masked = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return None if masked is None else [d.strip() for d in masked.split(",") if d.strip()]
+
+
+def _threads_for_assigned_cpus() -> None:
+    """As many torch threads as CPUs Ray gave this actor, one at least (a worker Ray started ahead may
+    have imported torch before its OMP_NUM_THREADS said so); its ranks' processes inherit the same."""
     import os
 
     import ray
+    import torch
 
-    visible = ray._private.worker.global_worker.original_visible_accelerator_ids.get("GPU")
-    if visible is None:
-        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-    else:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in visible)
-    return None if visible is None else [str(i) for i in visible]
+    cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    os.environ["OMP_NUM_THREADS"] = str(cpus)
+    torch.set_num_threads(cpus)
 
 
 def _on_assigned_gpus(engine_config: EngineConfig) -> EngineConfig:
     """On GPUs: the engine's ranks bind the devices Ray assigned this actor, rank 0 this process."""
+    _threads_for_assigned_cpus()
     if engine_config.runner.device == "cpu":
         return engine_config
     import ray
-
-    assigned = ray.get_gpu_ids()
-    if not assigned:
-        return engine_config
-    visible = _see_host_gpus()  # before the first torch.cuda call: CUDA reads the variable once
-    import os
-
     import torch
 
-    os.environ["OMP_NUM_THREADS"] = "1"  # the host side of a GPU rank needs one thread; its ranks inherit it
-    torch.set_num_threads(1)
-    if not torch.cuda.is_available():
+    assigned = ray.get_gpu_ids()
+    if not assigned or not torch.cuda.is_available():
         return engine_config
-    device_ids = local_device_ids(assigned, visible)
+    device_ids = local_device_ids(assigned, _visible_gpus())
     torch.cuda.set_device(device_ids[0])
     return replace(engine_config, runner=replace(engine_config.runner, device_ids=device_ids))
 
+
+log = logging.getLogger(__name__)
 
 _PROCESS_START_S = time.perf_counter()  # this module is imported as the actor's process starts
 

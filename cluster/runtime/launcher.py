@@ -36,8 +36,10 @@ SWITCH_WAIT_S = 10.0  # a drained instance's engine lets go of its aborted reque
 _ids = itertools.count()
 
 # what a Ray node that runs instances has in its environment (the local Ray started here; the Helm
-# chart's pods): one OpenMP thread a worker, and the instance's module imported as a worker starts
-RAYLET_ENV = {"OMP_NUM_THREADS": "1", "RAY_preload_python_modules": "cluster.runtime.instance"}
+# chart's pods): one OpenMP thread a worker, the instance's module imported as a worker starts, and
+# every GPU of the host visible to each actor (instance._visible_gpus)
+RAYLET_ENV = {"OMP_NUM_THREADS": "1", "RAY_preload_python_modules": "cluster.runtime.instance",
+              "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
 
 
 def start_ray(config: ClusterConfig, num_cpus: int | None = None) -> bool:
@@ -119,8 +121,8 @@ def start_instance(config: ClusterConfig, role: Role):
     name = adopt.detached_name(instance_id) if detached else f"llm-cluster-{instance_id}-{os.getpid()}"
     lifetime = {"lifetime": "detached"} if detached else {}  # detached: Ray's GCS owns it, not this driver
     group = placement_group([bundle], strategy="STRICT_PACK", **({"name": name, **lifetime} if detached else {}))
-    # no runtime_env: the actor then takes a Python worker Ray started ahead (instance._see_host_gpus
-    # keeps every GPU of the host visible to it and its ranks, as NCCL and CUDA IPC want)
+    # no runtime_env: the actor then takes a Python worker Ray started ahead (the node's environment,
+    # RAYLET_ENV, keeps every GPU of the host visible to it and its ranks, as NCCL and CUDA IPC want)
     actor = ray.remote(InstanceActor).options(
         name=name,
         **lifetime,

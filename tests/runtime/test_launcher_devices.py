@@ -27,17 +27,16 @@ def test_device_ids_are_validated_by_name():
 _ACTOR_SEES = """
 import json, os, sys
 import ray
-from cluster.runtime.instance import _see_host_gpus, local_device_ids
+from cluster.runtime.instance import _visible_gpus, local_device_ids
 
 ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
 
 @ray.remote(num_cpus=1, num_gpus=1)
 class Probe:
     def sees(self):
-        masked = os.environ.get("CUDA_VISIBLE_DEVICES")
-        visible = _see_host_gpus()
+        visible = _visible_gpus()
         assigned = ray.get_gpu_ids()
-        return {"masked": masked, "after": os.environ.get("CUDA_VISIBLE_DEVICES"), "assigned": [str(i) for i in assigned],
+        return {"visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "assigned": [str(i) for i in assigned],
                 "local": list(local_device_ids(assigned, visible))}
 
 print(json.dumps(ray.get(Probe.remote().sees.remote())))
@@ -46,22 +45,31 @@ ray.shutdown()
 
 
 @pytest.mark.parametrize("host_visible", [None, "4,5"])
-def test_a_ray_actor_on_a_gpu_node_sees_every_gpu_of_the_host_and_binds_its_own(host_visible):
+@pytest.mark.parametrize("node_env", ["launcher", "bare"])
+def test_a_ray_actor_binds_the_gpu_ray_assigned_it(host_visible, node_env):
     """On a real (local) Ray node that declares two GPUs (none is used: this checks what the actor's
-    environment says, on CPU): Ray masks CUDA_VISIBLE_DEVICES to the actor's GPU, the actor undoes it
-    before CUDA starts, and its own GPU is the one Ray assigned."""
+    environment says, on CPU). With the launcher's node environment (RAYLET_ENV) the actor sees every
+    GPU of the host and binds its own by its place there; on a bare node Ray masks the actor to its GPU,
+    which is then device 0."""
     import json
     import os
     import subprocess
     import sys
 
+    from cluster.runtime.launcher import RAYLET_ENV
+
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "RAY_ADDRESS")}  # a Ray of its own
     if host_visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = host_visible
+    if node_env == "launcher":
+        env.update({k: v for k, v in RAYLET_ENV.items() if k != "RAY_preload_python_modules"})
     done = subprocess.run([sys.executable, "-c", _ACTOR_SEES], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
-    assert seen["masked"] == seen["assigned"][0]  # Ray showed the actor only its own GPU
-    assert seen["after"] == host_visible  # and the actor sees the host's again
     host = (host_visible or "0,1").split(",")
-    assert seen["local"] == [host.index(seen["assigned"][0])]
+    assert seen["assigned"][0] in host
+    if node_env == "launcher":
+        assert seen["visible"] == host_visible  # every GPU of the host, as the node saw them
+        assert seen["local"] == [host.index(seen["assigned"][0])]
+    else:
+        assert seen["visible"] == seen["assigned"][0] and seen["local"] == [0]

@@ -120,9 +120,11 @@ initContainers:
 {{- end }}
 
 {{/* A Ray node's environment for instance workers (cluster/runtime/launcher.py RAYLET_ENV): one OpenMP
-thread a worker, and the instance's module (torch with it) imported as each worker starts, so a worker
-Ray started ahead takes a new instance without its imports (scale-out). */}}
+thread a worker; the instance's module (torch with it) imported as each worker starts, so a worker
+Ray started ahead takes a new instance without its imports (scale-out); every GPU of the host visible
+to each actor (NCCL and CUDA IPC between instances). */}}
 {{- define "llm-cluster.rayNodeEnv" -}}
 - {name: OMP_NUM_THREADS, value: "1"}
 - {name: RAY_preload_python_modules, value: cluster.runtime.instance}
+- {name: RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES, value: "1"}
 {{- end }}
