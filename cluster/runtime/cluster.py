@@ -13,8 +13,9 @@ A disaggregated request's life (one "leg" per completion; n > 1 makes n legs):
       when decode's first token shows the KV arrived (or after a timeout);
   (5) a failed transfer -> decode recomputes the prompt at once and says so (an event); the leg
       checks decode's first token against any the client already has (a different one restarts it);
-      a dead decode instance -> the leg restarts elsewhere from prompt + tokens so far;
-      every leg ends in a finish reason or an error the client sees.
+      a dead decode instance -> the leg restarts elsewhere from prompt + tokens so far; a dead
+      prefill instance -> decode recomputes, or the leg restarts if decode had the KV but the client
+      not the first token (leg.py); every leg ends in a finish reason or an error the client sees.
 A leg's state machine is in leg.py.
 Steps (1)-(3) are the `Dispatcher`'s (dispatch.py). Each instance is read by one long-poll task
 (all its deltas per call); a heartbeat task (heartbeat.py) refreshes loads, the store's registry and
@@ -33,7 +34,7 @@ from cluster.config import ClusterConfig
 from cluster.disagg.router import InstanceView, Router
 from cluster.runtime.admission import admit
 from cluster.disagg.roles import EventKind, InstanceEvent, RequestSpec
-from cluster.runtime.dispatch import Dispatcher
+from cluster.runtime.dispatch import NO_INSTANCE_RETRY_AFTER_S, Dispatcher
 from cluster.runtime.instance import STALL_KEYS
 from cluster.runtime.latency import LatencyWindow
 from cluster.runtime.heartbeat import Heartbeat, instance_info
@@ -43,8 +44,9 @@ from cluster.runtime.pools import ClusterEvents, Pools
 from cluster.types import FinishReason, Role, SamplingParams, TokenDelta
 
 log = logging.getLogger(__name__)
-NO_INSTANCE_RETRY_AFTER_S = 2.0  # a pool left empty waits for a launch (the autoscaler's, or an operator's)
 MAX_RETRIES = 2
+POLL_S = 0.5  # an instance's delta poll returns after this long without a delta
+TELL_TIMEOUT_S = 5.0  # an abort or confirmation not answered by then is given up (the heartbeat finds a dead one)
 
 
 class ClusterClient(EngineClient, ClusterEvents):
@@ -61,7 +63,7 @@ class ClusterClient(EngineClient, ClusterEvents):
         self.links = KVLinks()
         self.tasks: list[asyncio.Task] = []
         self.poll_tasks: dict[str, asyncio.Task] = {}
-        self.confirming: set[asyncio.Task] = set()  # confirmations on their way to prefill instances
+        self.background: set[asyncio.Task] = set()  # confirmations, and dead instances' peers dropping their links
         self.num_pending = 0
         self.draining = False  # the shutdown began: nothing new is admitted
         self.latency = LatencyWindow()  # TTFT and ITL per pool as the clients saw them (the autoscaler's)
@@ -98,15 +100,13 @@ class ClusterClient(EngineClient, ClusterEvents):
         view = self.instances.get(instance_id)
         if view is None:
             return
-        view.draining = True  # no placement here while its last legs move
+        view.draining, leaving = True, view.alive  # no placement here while its last legs move
         # a dead one's legs were seen to at its death (restarted, or recomputed by their decode instance)
-        if view.alive and (moved := await self.migrate(instance_id, "its instance left the pool")):
+        if leaving and (moved := await self.migrate(instance_id, "its instance left the pool")):
             log.warning("%s left with %d legs on it: they restart elsewhere", instance_id, moved)
         self.instances.pop(instance_id, None)
         view.alive = False
-        task = self.poll_tasks.pop(instance_id, None)
-        if task is not None:
-            task.cancel()
+        await self._end_poll(self.poll_tasks.pop(instance_id, None), leaving)
         try:
             self.store.deregister_instance(instance_id)
         except Exception:  # the store may be away: its entry expires
@@ -114,6 +114,14 @@ class ClusterClient(EngineClient, ClusterEvents):
         await self.links.drop(instance_id, self.instances)
         if self.metrics is not None:
             self.metrics.remove_instance(view.role.value, instance_id, model=self._info.name)
+
+    async def _end_poll(self, task: asyncio.Task | None, leaving: bool) -> None:
+        """A live instance's poll ends once its call in flight returns (within POLL_S: `alive` is off): cut
+        short, that call would still run on the actor, take its next deltas and hand them to no one (an
+        instance that flipped roles lost the first tokens of its first prefills so, and they hung). A dead
+        one's is cut at once."""
+        if task is not None and not (leaving and (await asyncio.wait({task}, timeout=POLL_S + TELL_TIMEOUT_S))[0]):
+            task.cancel()
 
     def legs_on(self, instance_id: str) -> list[Leg]:
         """The live legs that still need an instance: those it decodes (or runs, mixed), and those whose
@@ -129,11 +137,7 @@ class ClusterClient(EngineClient, ClusterEvents):
         it here too would run it twice, and its client would get the tokens of both)."""
         legs = [leg for leg in self.legs_on(instance_id) if leg.state != LegState.PLACING]
         for leg in legs:
-            await self.abort_remote(instance_id, leg.leg_id)
-            other = leg.prefill_id if leg.decode_id == instance_id else leg.decode_id
-            if other and other != instance_id:
-                await self.abort_remote(other, leg.leg_id)
-            await self._retry(leg, why)
+            await self._restart(leg, why, instance_id, leg.prefill_id if leg.decode_id == instance_id else leg.decode_id)
         return len(legs)
 
     async def start(self) -> None:
@@ -239,7 +243,7 @@ class ClusterClient(EngineClient, ClusterEvents):
             await self._abort_leg(leg)
 
     async def close(self) -> None:
-        for task in self.tasks + list(self.poll_tasks.values()) + list(self.confirming):
+        for task in self.tasks + list(self.poll_tasks.values()) + list(self.background):
             task.cancel()
         self.links.cancel()
 
@@ -247,7 +251,7 @@ class ClusterClient(EngineClient, ClusterEvents):
     async def _poll(self, view: InstanceView) -> None:
         while view.alive:
             try:
-                deltas, events, error = await view.handle.next_deltas.remote(0.5)
+                deltas, events, error = await view.handle.next_deltas.remote(POLL_S)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # RayActorError: the instance process is gone
@@ -286,30 +290,57 @@ class ClusterClient(EngineClient, ClusterEvents):
             self._confirm(leg)
         if out.abort_decode:
             await self.abort_remote(leg.decode_id, leg.leg_id)
-        if out.restart:  # decode's recomputed first token is not the one the client has
-            await self.abort_remote(leg.decode_id, leg.leg_id)
-            await self._retry(leg, "the recomputed first token differs from the one sent")
+        if out.restart:  # decode's recomputed first token is not the client's, or its prefill died (leg.py);
+            # off this poll: the retry's placement must not hold up the other streams of this instance
+            self._background(self._restart(leg, "its prefill instance died before the first token reached the "
+                                           "client" if leg.prefill_lost else "the recomputed first token differs "
+                                           "from the one sent", leg.decode_id))
 
     # -- (5) failures ---------------------------------------------------------------------------
     async def instance_died(self, view: InstanceView, why: str) -> None:
         if not view.alive:
             return
-        view.alive = False
+        self.pools.mark_dead(view)  # every dispatch call still waiting on it ends now
         log.warning("instance %s died: %s", view.instance_id, why.splitlines()[-1] if why else why)
         try:
             self.store.deregister_instance(view.instance_id)
         except Exception:  # the store may be away: its entry expires
             log.warning("could not deregister %s", view.instance_id)
-        await self.links.drop(view.instance_id, self.instances)
-        # a leg still being placed (PLACING) is left to the `Dispatcher`, which sees the failure in its own
-        # answers: restarting it here too would place it twice
-        for leg in [l for l in self.legs.values() if not l.done and l.state != LegState.PLACING]:
-            if leg.decode_id == view.instance_id or (leg.prefill_id == view.instance_id and leg.first_token is None
-                                                     and not self.config.disaggregated):
-                await self._retry(leg, why)
+        # its peers drop their links (a transfer still coming from it fails there: decode recomputes); not
+        # awaited: a peer on the same lost node would hold up the legs' retries until Ray gives up on it
+        self._background(self.links.drop(view.instance_id, self.instances))
+        # a leg still being placed (PLACING) is left to the `Dispatcher`, which checks its instances after each
+        # of its awaits (`leg_lost`): restarting it here too would place it twice
+        legs = [l for l in self.legs.values() if not l.done and l.state != LegState.PLACING
+                and view.instance_id in (l.prefill_id, l.decode_id)]
+        await asyncio.gather(*(self.leg_lost(leg, view, why) for leg in legs))
         if self.on_instance_dead is not None:
             task = asyncio.get_running_loop().create_task(self.on_instance_dead(view.instance_id))
             self.tasks.append(task)
+
+    async def leg_lost(self, leg: Leg, view: InstanceView, why: str) -> None:
+        """`view` died with `leg` on it: a decode (or mixed) instance's leg restarts elsewhere; a prefill
+        instance's is left to its decode instance unless the client has no first token and cannot get one
+        (`Leg.lost_prefill`)."""
+        if leg.done or leg.state == LegState.PLACING or self.legs.get(leg.leg_id) is not leg:
+            return  # ended, being placed (the dispatcher's), or already restarting
+        if leg.decode_id == view.instance_id:
+            await self._restart(leg, why, leg.prefill_id if leg.state == LegState.PREFILLING else None)
+        elif leg.prefill_id == view.instance_id and self.config.disaggregated and leg.lost_prefill():
+            await self._restart(leg, why, leg.decode_id)
+
+    def _restart(self, leg: Leg, why: str, *abort_on: str | None):
+        """Take the leg out of the table at once (what its instances still send under its id, or a death
+        seen by another path meanwhile, no longer reaches it: it restarts once), then (awaitable) abort
+        it where it still runs (`abort_on`) and retry it, unless its client ended it meanwhile."""
+        self.legs.pop(leg.leg_id, None)
+        return self._abort_and_retry(leg, leg.leg_id, why, abort_on)
+
+    async def _abort_and_retry(self, leg: Leg, leg_id: str, why: str, abort_on) -> None:
+        for instance_id in dict.fromkeys(abort_on):
+            await self.abort_remote(instance_id, leg_id)
+        if leg.leg_id == leg_id and not leg.done:
+            await self._retry(leg, why)
 
     async def _retry(self, leg: Leg, why: str) -> None:
         """Restart a leg elsewhere from its prompt and the tokens the client already has."""
@@ -330,9 +361,12 @@ class ClusterClient(EngineClient, ClusterEvents):
     def _confirm(self, leg: Leg) -> None:
         """Tell prefill it may free its copy, without holding up this decode instance's deltas: awaited in
         line, each confirmation would wait for the prefill step in progress, and the streams behind it too."""
-        task = asyncio.get_running_loop().create_task(self._tell(leg.prefill_id, "confirm", leg.leg_id))
-        self.confirming.add(task)
-        task.add_done_callback(self.confirming.discard)
+        self._background(self._tell(leg.prefill_id, "confirm", leg.leg_id))
+
+    def _background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     async def _abort_leg(self, leg: Leg) -> None:
         if not leg.done:  # wake the request's consumer, if it is still waiting
@@ -351,6 +385,6 @@ class ClusterClient(EngineClient, ClusterEvents):
         view = self.instances.get(instance_id or "")
         if view is not None and view.alive:
             try:
-                await getattr(view.handle, method).remote(leg_id)
-            except Exception:
+                await asyncio.wait_for(self.pools.call(view, getattr(view.handle, method).remote(leg_id)), TELL_TIMEOUT_S)
+            except Exception:  # dead (its death restarts its legs), or too slow: the leg is gone from here anyway
                 pass

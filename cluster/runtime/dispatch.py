@@ -9,8 +9,14 @@
 
 A `Dispatcher` takes the narrow things it uses: the pools, the router, the KV links, the store, the
 table of legs by id (it keeps a renamed leg's id current there), and `ClusterEvents` to hand failures
-(`instance_died`), aborts (`abort_remote`) and a prefill's early first token (`on_delta`) back. It
-moves a leg PLACING -> PREFILLING (leg.py) once both instances have taken it.
+(`instance_died`, `leg_lost`), aborts (`abort_remote`) and a prefill's early first token (`on_delta`)
+back. It moves a leg PLACING -> PREFILLING (leg.py) once both instances have taken it.
+
+While a leg is PLACING its instances' deaths are the dispatcher's to see (`instance_died` leaves such a
+leg alone, or it would be placed twice): every call to an instance ends when the instance is found dead
+(`Pools.call`), and after each await the dispatcher looks again at `alive` before it commits the leg: a
+decode that answered its reserve and died before the prefill answered too is a refusal, not a placement
+(that leg went on with no one to decode it).
 """
 from __future__ import annotations
 
@@ -24,6 +30,8 @@ from cluster.runtime.leg import Leg, LegState, journal_start
 from cluster.runtime.links import KVLinks, LinkFailed
 from cluster.runtime.pools import ClusterEvents, Pools
 from cluster.types import Role
+
+NO_INSTANCE_RETRY_AFTER_S = 2.0  # a pool left empty waits for a launch (the autoscaler's, or an operator's)
 
 
 class Dispatcher:
@@ -43,11 +51,16 @@ class Dispatcher:
         """The instance that prefills `leg` (mixed: runs it), its prompt counted there at once: the next
         request's placement and admission (a burst arrives between two heartbeats) see it queued."""
         spec = leg.spec
+        role = Role.PREFILL if self.disaggregated else Role.MIXED
+        candidates = self.pools.pool(role)
+        if not candidates:  # its last instance died or left while this leg was being placed (again): 503
+            raise Overloaded(f"no live {role.value} instance", NO_INSTANCE_RETRY_AFTER_S, unavailable=True,
+                             reason="no_instance")
         hits = self._prefix_hits(spec.prompt_token_ids)
         if self.disaggregated:
-            target = self.router.pick_prefill(self.pools.pool(Role.PREFILL), hits, len(spec.prompt_token_ids))
+            target = self.router.pick_prefill(candidates, hits, len(spec.prompt_token_ids))
         else:
-            target = self.router.pick_mixed(self.pools.pool(Role.MIXED), hits, len(spec.prompt_token_ids))
+            target = self.router.pick_mixed(candidates, hits, len(spec.prompt_token_ids))
         target.dispatched(len(spec.prompt_token_ids))
         return target
 
@@ -56,8 +69,13 @@ class Dispatcher:
         spec = leg.spec
         prefill = prefill or self.place(leg)
         if not self.disaggregated:
-            leg.placed(prefill.instance_id, prefill.instance_id)
-            await prefill.handle.submit.remote(spec)
+            leg.placed(prefill.instance_id, prefill.instance_id)  # placed first: its death restarts the leg
+            try:
+                await self.pools.call(prefill, prefill.handle.submit.remote(spec))
+            except ValueError:
+                raise  # the request itself is invalid: the client gets a 400
+            except Exception as exc:
+                await self.events.instance_died(prefill, f"submit failed: {type(exc).__name__}: {exc}")
             return
         ranked = list(self.router.rank_decode(self.pools.pool(Role.DECODE), len(spec.prompt_token_ids)))
         if ranked and await self.prefill_while_reserving(leg, prefill, ranked[0]):
@@ -74,8 +92,8 @@ class Dispatcher:
             leg.decode_id = decode.instance_id  # a client gone during the reserve aborts it there
             try:
                 await self.links.ensure(prefill, decode)
-                if _takes_requests(decode) and await decode.handle.reserve.remote(spec, prefill.instance_id,
-                                                                                  transfer_id):
+                if _takes_requests(decode) and await self.pools.call(
+                        decode, decode.handle.reserve.remote(spec, prefill.instance_id, transfer_id)) and decode.alive:
                     break
             except ValueError:
                 raise  # the request itself is invalid: the client gets a 400
@@ -91,14 +109,22 @@ class Dispatcher:
             leg.decode_id = None
         else:
             raise Overloaded("no decode instance has free KV blocks for this prompt", 2.0)
-        self._admitted(leg, prefill, decode)
+        if not _takes_requests(prefill):  # it died or began draining during the reserves: start over
+            await self.events.abort_remote(decode.instance_id, leg.leg_id)
+            leg.prefill_id = leg.decode_id = None
+            self._rename(leg)
+            return await self.dispatch(leg)
+        leg_id = leg.leg_id
+        await self._admitted(leg, prefill, decode)
         try:
-            await prefill.handle.submit_prefill.remote(spec, decode.instance_id, transfer_id)
+            await self.pools.call(prefill, prefill.handle.submit_prefill.remote(spec, decode.instance_id, transfer_id))
         except ValueError:
             await self.events.abort_remote(decode.instance_id, leg.leg_id)
             raise
         except Exception as exc:  # prefill died: the decode side's transfer fails and it recomputes
             await self.events.instance_died(prefill, f"submit failed: {type(exc).__name__}: {exc}")
+        if leg.leg_id == leg_id:  # not restarted meanwhile: a death found while it was PLACING is seen to here
+            await self._check_alive(leg, prefill, decode)
 
     async def prefill_while_reserving(self, leg: Leg, prefill: InstanceView, decode: InstanceView) -> bool:
         """(3) on the best-ranked decode instance: reserve and start the prefill at once, so the
@@ -120,8 +146,9 @@ class Dispatcher:
             leg.prefill_id = leg.decode_id = None
             return False
         reserved, submitted = await asyncio.gather(
-            decode.handle.reserve.remote(spec, prefill.instance_id, transfer_id),
-            prefill.handle.submit_prefill.remote(spec, decode.instance_id, transfer_id), return_exceptions=True)
+            self.pools.call(decode, decode.handle.reserve.remote(spec, prefill.instance_id, transfer_id)),
+            self.pools.call(prefill, prefill.handle.submit_prefill.remote(spec, decode.instance_id, transfer_id)),
+            return_exceptions=True)
         early_first, leg.early_first = leg.early_first, None
         invalid = next((r for r in (reserved, submitted) if isinstance(r, ValueError)), None)
         if invalid is not None:  # the request itself is invalid: the client gets a 400
@@ -129,18 +156,32 @@ class Dispatcher:
             await self.events.abort_remote(prefill.instance_id, leg.leg_id)
             leg.prefill_id = leg.decode_id = None
             raise invalid
-        if reserved is True:
-            self._admitted(leg, prefill, decode)
+        if reserved is True and decode.alive:
+            leg_id = leg.leg_id
+            await self._admitted(leg, prefill, decode)
             if isinstance(submitted, BaseException):  # prefill died: decode's transfer fails and it recomputes
                 await self.events.instance_died(prefill, f"submit failed: {type(submitted).__name__}: {submitted}")
             elif early_first is not None:
                 await self.events.on_delta(prefill, early_first)
+            if leg.leg_id == leg_id:
+                await self._check_alive(leg, prefill, decode)
             return True
+        # refused, or the decode died after its answer (its death left this PLACING leg to us)
         await self.events.abort_remote(prefill.instance_id, leg.leg_id)
         leg.prefill_id = leg.decode_id = None
         if isinstance(reserved, BaseException):  # that decode instance is gone
             await self.events.instance_died(decode, f"reserve failed: {type(reserved).__name__}: {reserved}")
+        if isinstance(submitted, BaseException):  # and so is that prefill instance: `dispatch` places it again
+            await self.events.instance_died(prefill, f"submit failed: {type(submitted).__name__}: {submitted}")
         return False
+
+    async def _check_alive(self, leg: Leg, prefill: InstanceView, decode: InstanceView) -> None:
+        """Just placed: an instance found dead while the leg was still PLACING left the leg to this
+        dispatcher (`instance_died` skips such legs); it is handled now as that death would have."""
+        for view in (decode, prefill):
+            if not view.alive:
+                await self.events.leg_lost(leg, view, f"instance {view.instance_id} died while the leg was placed")
+                return
 
     def _rename(self, leg: Leg) -> None:
         """A new id for the leg (`<base>~r<k>`): whatever the instances still send under the old one is dropped."""
@@ -148,12 +189,15 @@ class Dispatcher:
         leg.renamed(f"{leg.leg_id.split('~')[0]}~r{next(self.renames)}")
         self.legs[leg.leg_id] = leg
 
-    def _admitted(self, leg: Leg, prefill: InstanceView, decode: InstanceView) -> None:
+    async def _admitted(self, leg: Leg, prefill: InstanceView, decode: InstanceView) -> None:
         """Decode took the leg: it is placed (PLACING -> PREFILLING), decode counts its tokens (prefill did
-        at its pick), the journal says where."""
-        leg.placed(prefill.instance_id, decode.instance_id)
+        at its pick), the journal says where. Decode's deltas held while it was PLACING go through again
+        if decode recomputed meanwhile (RECOMPUTING: they no longer wait for prefill's first token)."""
+        replay = leg.placed(prefill.instance_id, decode.instance_id)
         decode.dispatched(len(leg.spec.prompt_token_ids))
         journal_start(self.store, leg)
+        for delta in replay:
+            await self.events.on_delta(decode, delta)
 
     def _prefix_hits(self, prompt_token_ids: list[int]) -> dict[str, int]:
         try:

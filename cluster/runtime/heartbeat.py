@@ -1,6 +1,9 @@
 """The cluster's heartbeat: every `router.heartbeat_s`,
-  (1) each live instance's load and prefix blocks are read (an instance that does not answer within
-      its TTL is declared dead: `ClusterEvents.instance_died`), its view refreshed, its metrics exported;
+  (1) every live instance's load and prefix blocks are read, all at once (one instance on a lost node
+      must not delay finding the others); an instance whose stats do not come within its TTL is pinged
+      (bounded by the TTL too): no answer, or a call that raised (Ray's `RayActorError`), declares it
+      dead (`ClusterEvents.instance_died`); a slow one that answers the ping is skipped this beat. Then
+      each view is refreshed and its metrics exported;
   (2) then, off the event loop (a worker thread: a slow store never holds up a stream), the store's
       registry and prefix index are refreshed: an instance the store no longer knows (it expired while
       the store was away, or Redis restarted empty) is registered again, and every beat publishes the
@@ -16,7 +19,7 @@ import time
 
 from cluster.config import RouterConfig
 from cluster.disagg.router import InstanceView
-from cluster.runtime.pools import ClusterEvents, Pools
+from cluster.runtime.pools import ClusterEvents, Pools, answers
 from cluster.store.base import InstanceInfo, InstanceLoad, StoreUnavailable
 from cluster.types import Role
 
@@ -46,15 +49,16 @@ class Heartbeat:
     async def beat(self) -> None:
         """(1) every live instance's load, then (2) the store, then the pool sizes."""
         ttl_s = self.config.instance_ttl_s
+        views = self.pools.live()
+        answered = await asyncio.gather(*(self.probe(view, ttl_s) for view in views))
         rows: list[tuple[InstanceView, InstanceLoad, list[int]]] = []
-        for view in self.pools.live():
-            asked_s = time.monotonic()  # dispatches from now on may miss these stats: they stay counted
-            try:
-                stats = await asyncio.wait_for(view.handle.stats.remote(), ttl_s)
-                hashes = await asyncio.wait_for(view.handle.prefix_hashes.remote(), ttl_s)
-            except Exception as exc:
-                await self.events.instance_died(view, f"heartbeat failed: {type(exc).__name__}: {exc}")
+        for view, answer in zip(views, answered):
+            if isinstance(answer, str):
+                await self.events.instance_died(view, answer)
                 continue
+            if answer is None or not view.alive:
+                continue
+            stats, hashes, asked_s = answer
             view.refresh(stats, asked_s=asked_s)
             load = InstanceLoad(stats["num_running"], stats["num_waiting"], stats["num_queued_prefill_tokens"],
                                 stats["num_free_blocks"], min(1.0, stats["kv_usage"]), time.time())
@@ -64,6 +68,22 @@ class Heartbeat:
         if self.metrics is not None:
             for role in Role:
                 self.metrics.set_pool_size(role.value, len(self.pools.pool(role)), model=self.model)
+
+    async def probe(self, view: InstanceView, ttl_s: float):
+        """(stats, prefix hashes, when they were asked for); None: slow but alive (it answered a ping);
+        a string: why the instance is dead."""
+        asked_s = time.monotonic()  # dispatches from now on may miss these stats: they stay counted
+        try:
+            stats = await asyncio.wait_for(view.handle.stats.remote(), ttl_s)
+            hashes = await asyncio.wait_for(view.handle.prefix_hashes.remote(), ttl_s)
+            return stats, hashes, asked_s
+        except asyncio.TimeoutError:
+            if await answers(view, ttl_s):
+                log.warning("%s answered no stats within %.1f s but answers a ping: alive", view.instance_id, ttl_s)
+                return None
+            return f"heartbeat failed: no stats and no ping answered within {ttl_s:.1f} s each"
+        except Exception as exc:
+            return f"heartbeat failed: {type(exc).__name__}: {exc}"
 
     def publish(self, rows: list[tuple[InstanceView, InstanceLoad, list[int]]], ttl_s: float) -> None:
         """(2), on a worker thread: each instance's load and blocks, registering it again where the store lost it."""

@@ -5,9 +5,9 @@ request has one leg carrying all n. A leg restarted elsewhere after a failure ke
 queue (the client's stream) and gets a new id (`~<retry>`).
 
     PLACING ──placed──▶ PREFILLING ──prefill's first token──▶ TRANSFERRING ──decode's token──▶ DECODING
-       ▲                    │  (mixed: the instance's first token ─────────────────────────────▶ DECODING)
-       │                    └──────── transfer failed ──┐           │ transfer failed
-       │                                                ▼           ▼
+       ▲   │                │  (mixed: the instance's first token ─────────────────────────────▶ DECODING)
+       │   │                └──────── transfer failed ──┐           │ transfer failed
+       │   └─ placed, transfer failed while PLACING ───▶▼           ▼
        │                                            RECOMPUTING (decode computes the prompt itself)
        │                                                │ decode's first token: the client's first token,
        │                                                │ or checked against the one it already has
@@ -17,7 +17,10 @@ queue (the client's stream) and gets a new id (`~<retry>`).
 
 Tokens from prefill (its first) and from decode (the rest) meet here: decode's wait while the
 client has no first token (`held`), a prefill's first token waits while the leg is PLACING
-(`early_first`: decode has not taken the request yet).
+(`early_first`: decode has not taken the request yet). Only prefill's delta carries the first token
+to the client (decode lands it with the KV and streams the tokens after it), so a prefill that dies
+PREFILLING (`lost_prefill`) leaves a leg whose decode recomputes (its own first token is the client's)
+or, if the KV had landed, runs again (a retry): its held deltas would wait for a first token that died.
 """
 from __future__ import annotations
 
@@ -71,6 +74,8 @@ class Leg:
     finished_indices: set = field(default_factory=set)  # completions of this leg that have ended
     early_first: TokenDelta | None = None  # prefill's first token, held while PLACING
     origin: RequestSpec | None = None  # the spec as the client asked it (None: `spec`); retries resume from it
+    prefill_lost: bool = False  # the prefill instance died before the client had its first token
+    recompute_early: bool = False  # decode gave up on the transfer while the leg was still PLACING
 
     def __post_init__(self) -> None:
         self.origin = self.origin or self.spec
@@ -83,19 +88,40 @@ class Leg:
         """Go on under `new_id`: whatever the instances still send under the old id is not this leg's."""
         self.leg_id = new_id
         self.spec = replace(self.spec, request_id=new_id)
+        self.held, self.recompute_early = [], False  # the old placement's: not this one's
 
-    def placed(self, prefill_id: str, decode_id: str) -> None:
-        """PLACING -> PREFILLING: the instances have taken it."""
+    def placed(self, prefill_id: str, decode_id: str) -> list[TokenDelta]:
+        """PLACING -> PREFILLING: the instances have taken it. RECOMPUTING instead if decode already gave
+        up on the transfer (it said so while the leg was PLACING): the decode deltas held meanwhile are
+        returned, to be delivered again (the first carries decode's own first token, the client's)."""
         self.prefill_id, self.decode_id = prefill_id, decode_id
-        if self.state == LegState.PLACING:
+        if self.state != LegState.PLACING:
+            return []
+        if not self.recompute_early:
             self.state = LegState.PREFILLING
+            return []
+        self.state, held, self.held = LegState.RECOMPUTING, self.held, []
+        return held
 
     def recomputing(self) -> None:
         """The decode instance lost the KV transfer and computes the prompt itself (PREFILLING or
-        TRANSFERRING -> RECOMPUTING). Prefill's first token, if the client does not have it yet, will
-        not be the client's: decode's own is."""
+        TRANSFERRING -> RECOMPUTING; PLACING: once placed). Prefill's first token, if the client does not
+        have it yet, will not be the client's: decode's own is."""
         if self.state in (LegState.PREFILLING, LegState.TRANSFERRING):
             self.state = LegState.RECOMPUTING
+        elif self.state == LegState.PLACING:
+            self.recompute_early = True
+
+    def lost_prefill(self) -> bool:
+        """The prefill instance died. True: the leg must run again now (PREFILLING with decode's deltas held:
+        the KV landed and the first token, which only prefill's delta brings, is gone with it). Otherwise,
+        while PREFILLING, decode either recomputes (its transfer fails: RECOMPUTING) or lands the KV after
+        all, and then its first delta asks for the retry (`_from_decode`). TRANSFERRING (the client has the
+        first token) or later: nothing to do, decode has the KV or recomputes."""
+        if self.state != LegState.PREFILLING:
+            return False
+        self.prefill_lost = True
+        return bool(self.held)
 
     def resume(self) -> None:
         """Start again elsewhere (a retry; any state -> PLACING): the prompt is the client's prompt plus
@@ -111,6 +137,7 @@ class Leg:
         self.leg_id = self.spec.request_id
         self.state, self.first_token, self.held, self.early_first = LegState.PLACING, None, [], None
         self.prefill_id = self.decode_id = None
+        self.prefill_lost = self.recompute_early = False
 
     def deliver(self, delta: TokenDelta, from_prefill: bool, disaggregated: bool, completions: int,
                 prefill_listed: bool) -> Delivery:
@@ -146,6 +173,9 @@ class Leg:
     def _from_decode(self, delta: TokenDelta, prefill_listed: bool) -> Delivery:
         out = Delivery()
         if self.state in (LegState.PLACING, LegState.PREFILLING):
+            if self.prefill_lost:  # the KV landed, but prefill's first token died with it
+                out.restart = True
+                return out
             self.held.append(delta)  # the client has no first token yet: prefill's comes first
             return out
         if self.state == LegState.TRANSFERRING:

@@ -6,7 +6,8 @@
       (2) `ensure`: the first dispatch that needs the link makes it (both sides connect at
       once, the decode side listening, under a key of this attempt's), one at a time per pair; a side
       that still has a link to the peer (an adopted instance, one that switched roles) replaces it;
-  (3) `drop`: a dead instance's links are forgotten and its live peers disconnect from it.
+  (3) `drop`: an instance's links are forgotten at once and its live peers disconnect from it, each
+      call bounded (a peer that died too, undetected yet, must not hold up the rest).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import asyncio
 import uuid
 
 from cluster.disagg.router import InstanceView
+from cluster.runtime.pools import answers
 from cluster.types import Role
 
 
@@ -62,11 +64,13 @@ class KVLinks:
 
     async def drop(self, dead_id: str, instances: dict[str, InstanceView]) -> None:
         """(3)"""
+        peers = []
         for key in [k for k in self.pairs if dead_id in k]:
             self.pairs.discard(key)
             other = instances.get(key[1] if key[0] == dead_id else key[0])
             if other is not None and other.alive:
-                await other.handle.disconnect.remote(dead_id)
+                peers.append(other)
+        await asyncio.gather(*(_disconnect(other, dead_id) for other in peers))
 
     def cancel(self) -> None:
         for task in self.tasks:
@@ -93,13 +97,12 @@ async def _connect_both(prefill: InstanceView, decode: InstanceView, link_key: s
     cause = failed[0][1] if failed else TimeoutError(f"no answer to connect within {CONNECT_TIMEOUT_S:.0f} s")
     if dead is None:  # who is to blame: the side that no longer answers, if either
         silent = [calls[c] for c in pending] or [prefill, decode]
-        dead = next((v for v in silent if not await _answers(v)), None)
+        dead = next((v for v in silent if not await answers(v, PING_TIMEOUT_S)), None)
     raise LinkFailed(dead, cause)
 
 
-async def _answers(view: InstanceView) -> bool:
+async def _disconnect(peer: InstanceView, dead_id: str) -> None:
     try:
-        await asyncio.wait_for(view.handle.ping.remote(), PING_TIMEOUT_S)
-        return True
-    except Exception:  # dead, unavailable, or too slow to be of use
-        return False
+        await asyncio.wait_for(peer.handle.disconnect.remote(dead_id), PING_TIMEOUT_S)
+    except Exception:  # the peer died too, or does not answer: its own death (or its timeouts) end its side
+        pass

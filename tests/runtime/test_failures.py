@@ -1,7 +1,9 @@
-"""Instances die mid-request: no request hangs, none is lost silently, the others are untouched."""
+"""Instances die (or leave and rejoin) mid-request: no request hangs, none is lost silently, the others are
+untouched."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -122,6 +124,156 @@ def test_prefill_killed_mid_request_recomputes_on_decode(tiny_model, reference):
 
         decode = next(v for v in client.instances.values() if v.role.value == "decode")
         assert ray.get(decode.handle.stats.remote())["num_recomputed"] >= 1
+    finally:
+        running.stop()
+
+
+def test_a_prefill_that_dies_after_its_kv_landed_but_before_its_first_token_came_restarts_the_leg(tiny_model,
+                                                                                                  reference):
+    """The prefill sends the KV and the first token to decode, then its delta (the client's first token)
+    dies with it: decode runs on, its deltas held for a first token that never comes (the chaos run's
+    prefill kill hung so). The leg restarts from the prompt and the stream is the engine's, whole."""
+    running = RunningCluster(cluster_config(tiny_model, prefill=2, decode=1))
+    try:
+        client = running.client
+        prompt, params = list(range(10, 70)), SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+        on_delta, seen = client.on_delta, {}
+
+        async def kill_once_decode_ran_ahead(view, leg):
+            for _ in range(1000):  # bounded: 10 s for decode's first held delta
+                if leg.held:
+                    break
+                await asyncio.sleep(0.01)
+            seen["held"] = len(leg.held)
+            running.cluster.kill_instance(view.instance_id)
+
+        async def lose_prefills_first_token(view, delta):
+            leg = client.legs.get(delta.request_id)
+            if view.role.value == "prefill" and leg is not None and delta.request_id == "v#0" and "leg" not in seen:
+                seen["leg"] = leg  # this delta is lost, as if its instance died before the router polled it
+                seen["task"] = asyncio.create_task(kill_once_decode_ran_ahead(view, leg))
+                return
+            await on_delta(view, delta)
+
+        client.on_delta = lose_prefills_first_token
+
+        async def scenario():
+            return await asyncio.wait_for(_collect(client, "v", prompt, params), timeout=60)
+
+        tokens, reasons, errors = running.run(scenario(), timeout_s=90)
+        assert seen["held"] >= 1, "decode never ran ahead of the lost first token"
+        assert reasons == [FinishReason.LENGTH], errors
+        assert tokens == reference.generate([prompt], params)[0].outputs[0].token_ids
+        assert seen["leg"].retries == 1
+    finally:
+        running.stop()
+
+
+def test_a_decode_that_dies_after_answering_its_reserve_is_not_given_the_leg(tiny_model, reference):
+    """The dispatcher reserves on decode and submits to prefill at once; decode answers, then dies before
+    prefill does. Its death is found while the leg is still being placed (left to the dispatcher), so the
+    dispatcher must see it before it commits: the leg went to the dead decode and hung after its first token."""
+    running = RunningCluster(cluster_config(tiny_model, prefill=1, decode=2))
+    try:
+        client = running.client
+        prompt, params = list(range(10, 70)), SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+        call, killed = client.pools.call, []
+
+        async def die_after_answering(view, ref):
+            answer = await call(view, ref)
+            if view.role.value == "decode" and not killed:  # the first decode call: the leg's reserve
+                killed.append(view.instance_id)
+                running.cluster.kill_instance(view.instance_id)
+                for _ in range(1000):  # bounded: 10 s for its poll to find it dead
+                    if not view.alive:
+                        break
+                    await asyncio.sleep(0.01)
+            return answer
+
+        client.pools.call = die_after_answering
+
+        async def scenario():
+            return await asyncio.wait_for(_collect(client, "d", prompt, params), timeout=60)
+
+        tokens, reasons, errors = running.run(scenario(), timeout_s=90)
+        assert killed, "no decode call was seen"
+        assert reasons == [FinishReason.LENGTH], errors
+        assert tokens == reference.generate([prompt], params)[0].outputs[0].token_ids
+    finally:
+        running.stop()
+
+
+def test_a_prefill_and_a_decode_that_stop_answering_together_are_found_dead_and_the_stream_goes_on(tiny_model,
+                                                                                                    reference):
+    """A lost node's processes may raise nothing: frozen here (SIGSTOP), a linked prefill and decode pair,
+    the stream's own. The heartbeat asks every instance at once, its stats call and then a ping bounded by
+    the TTL (3 s here), and finds both dead; their peers drop the links in the background (a disconnect
+    sent to the other frozen one held up the death's handling, and with it the heartbeat, for good); the
+    stream continues on the surviving pair, whole and the engine's."""
+    import os
+    import signal
+
+    running = RunningCluster(cluster_config(tiny_model, prefill=2, decode=2))
+    stopped = []
+    try:
+        client = running.client
+        prompt = list(range(10, 40))
+        frozen = {}
+
+        async def scenario():
+            async def freeze_when_streaming(num_tokens):
+                if num_tokens == 20 and not frozen:
+                    leg = client.legs["f#0"]
+                    for instance_id in (leg.prefill_id, leg.decode_id):
+                        pid = await running.cluster.actors[instance_id].__ray_call__.remote(lambda actor: os.getpid())
+                        os.kill(pid, signal.SIGSTOP)
+                        stopped.append(pid)
+                    frozen.update(ids=(leg.prefill_id, leg.decode_id), t=time.monotonic())
+
+            result = await asyncio.wait_for(_collect(client, "f", prompt, LONG, freeze_when_streaming), timeout=60)
+            return result, time.monotonic() - frozen["t"]
+
+        (tokens, reasons, errors), seconds = running.run(scenario(), timeout_s=90)
+        assert reasons == [FinishReason.LENGTH], errors
+        assert tokens == reference.generate([prompt], LONG)[0].outputs[0].token_ids
+        assert seconds < 20, seconds  # found within two TTLs and a beat, then the rest of the stream
+        deadline = time.monotonic() + 30
+        while set(frozen["ids"]) & set(running.cluster.actors) and time.monotonic() < deadline:  # bounded
+            time.sleep(0.1)
+        assert not set(frozen["ids"]) & set(client.instances), "not both found dead and released"
+    finally:
+        for pid in stopped:  # released (killed) by the cluster once found dead, unless the test failed before
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        running.stop()
+
+
+def test_an_instance_that_leaves_and_rejoins_at_once_loses_no_delta(tiny_model, reference):
+    """What a role flip does to the router (remove, the actor's set_role, add), without the flip: the
+    rejoined prefill's first requests complete. Its old poll's call, cut short at the remove, still ran on
+    the actor and took their first tokens: the flip test hung on them about one run in three."""
+    from cluster.types import Role
+
+    running = RunningCluster(cluster_config(tiny_model, prefill=1, decode=1))
+    try:
+        client = running.client
+        prefill_id = next(v.instance_id for v in client.instances.values() if v.role == Role.PREFILL)
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        prompts = [list(range(10 + i, 40 + i)) for i in range(4)]
+
+        async def scenario():
+            results = []
+            for i, prompt in enumerate(prompts):
+                await client.remove_instance(prefill_id)
+                await client.add_instance(prefill_id, Role.PREFILL, running.cluster.actors[prefill_id])
+                results.append(await asyncio.wait_for(_collect(client, f"rejoin{i}", prompt, params), timeout=20))
+            return results
+
+        results = running.run(scenario(), timeout_s=150)
+        expected = reference.generate(prompts, params)
+        for (tokens, reasons, errors), want in zip(results, expected):
+            assert reasons == [FinishReason.LENGTH], errors
+            assert tokens == want.outputs[0].token_ids
     finally:
         running.stop()
 

@@ -129,3 +129,47 @@ def test_a_first_token_that_ends_the_leg_stops_decode():
     out = _deliver(leg, TokenDelta("r#0", 0, [10], "", finish_reason=FinishReason.STOP), from_prefill=True)
     assert out.finished and out.abort_decode and leg.done and leg.state == LegState.DONE
     assert _deliver(leg, TokenDelta("r#0", 0, [11], ""), from_prefill=False) == type(out)()  # after the end: nothing
+
+
+def test_a_prefill_lost_before_the_first_token_restarts_a_leg_whose_kv_had_landed():
+    """Only prefill's delta brings the client its first token (decode streams the tokens after it): decode's
+    deltas held when prefill dies would wait for it forever (the chaos run's prefill kill hung so)."""
+    landed = _leg()
+    _deliver(landed, TokenDelta("r#0", 0, [11], ""), from_prefill=False)  # held: decode had the KV
+    assert landed.lost_prefill() and landed.prefill_lost
+    waiting = _leg()  # no decode delta yet: decode recomputes, or lands the KV after all
+    assert not waiting.lost_prefill()
+    assert _deliver(waiting, TokenDelta("r#0", 0, [11], ""), from_prefill=False).restart and _stream(waiting) == []
+    recomputed = _leg()
+    assert not recomputed.lost_prefill()
+    recomputed.recomputing()  # the transfer failed: decode's own first token is the client's
+    assert not _deliver(recomputed, TokenDelta("r#0", 0, [10], ""), from_prefill=False).restart
+    assert _stream(recomputed) == [10]
+    has_first = _leg()
+    _deliver(has_first, TokenDelta("r#0", 0, [10], ""), from_prefill=True)
+    assert not has_first.lost_prefill() and not has_first.prefill_lost  # decode has the KV or recomputes
+    has_first.resume()
+    assert not has_first.prefill_lost
+
+
+def test_a_transfer_given_up_while_placing_makes_the_placed_leg_recompute_with_decodes_held_deltas():
+    leg = Leg("r#0", 0, RequestSpec("r#0", [1, 2, 3], SamplingParams()), asyncio.Queue())
+    leg.recomputing()  # decode timed out on the KV before the dispatcher heard back from the prefill
+    assert leg.state == LegState.PLACING
+    _deliver(leg, TokenDelta("r#0", 0, [10], ""), from_prefill=False)  # decode's own first token
+    replay = leg.placed("p0", "d0")
+    assert leg.state == LegState.RECOMPUTING and [d.token_ids for d in replay] == [[10]] and not leg.held
+    for delta in replay:
+        _deliver(leg, delta, from_prefill=False)
+    _deliver(leg, TokenDelta("r#0", 0, [99], ""), from_prefill=True)  # prefill's, late: dropped
+    assert _stream(leg) == [10] and leg.state == LegState.DECODING
+    assert _leg().placed("p1", "d1") == []  # the usual case: nothing to replay
+
+
+def test_renamed_forgets_what_the_old_placement_held():
+    leg = Leg("r#0", 0, RequestSpec("r#0", [1, 2, 3], SamplingParams()), asyncio.Queue())
+    _deliver(leg, TokenDelta("r#0", 0, [11], ""), from_prefill=False)
+    leg.recomputing()
+    leg.renamed("r#0~r1")
+    assert leg.held == [] and not leg.recompute_early and leg.placed("p", "d") == []
+    assert leg.state == LegState.PREFILLING
