@@ -66,7 +66,10 @@ def _threads_for_assigned_cpus() -> None:
     import ray
     import torch
 
-    cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    context = ray.get_runtime_context()
+    if context.get_actor_id() is None:  # built in-process (tests), not as Ray's actor: nothing assigned
+        return
+    cpus = max(1, int(context.get_assigned_resources().get("CPU", 1)))
     os.environ["OMP_NUM_THREADS"] = str(cpus)
     torch.set_num_threads(cpus)
 
