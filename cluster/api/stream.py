@@ -153,7 +153,7 @@ class Run:
                 except RuntimeError:  # still running in a cancelled merge pump; it aborts itself on exit
                     pass
         finally:
-            for request_id in unfinished:  # LocalEngineClient.abort never suspends: safe while being cancelled
+            for request_id in unfinished:  # no client's abort suspends: safe while being cancelled
                 await self.client.abort(request_id)
 
     def usage(self) -> UsageInfo:

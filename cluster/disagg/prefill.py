@@ -114,6 +114,8 @@ class KVSender(KVSink):
             self.transport.send_layer(plan.peer_id, plan.transfer_id, count - 1, count, first)
             if delta is not None and delta.finish_reason == FinishReason.PREFILLED:
                 delta.finish_reason = None  # the decode side continues the stream
+            elif delta is not None and delta.finish_reason is not None:  # the first token was the last: no one
+                plan.state = HandoverState.CONFIRMED  # waits for this copy, it goes once the sends are done
         self.step_plans = []
 
 

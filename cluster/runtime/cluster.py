@@ -210,7 +210,7 @@ class ClusterClient(EngineClient, ClusterEvents):
             self.num_pending -= 1
             for leg in legs:
                 if not leg.done:
-                    await self._abort_leg(leg)
+                    self._abort_leg(leg)
                 self.legs.pop(leg.leg_id, None)
 
     def _observe(self, delta: TokenDelta, started_s: float, last_s: dict) -> None:
@@ -240,7 +240,7 @@ class ClusterClient(EngineClient, ClusterEvents):
             return base == request_id or base.startswith(request_id + "#")
 
         for leg in [l for l in self.legs.values() if of_request(l.leg_id)]:
-            await self._abort_leg(leg)
+            self._abort_leg(leg)
 
     async def close(self) -> None:
         for task in self.tasks + list(self.poll_tasks.values()) + list(self.background):
@@ -368,14 +368,18 @@ class ClusterClient(EngineClient, ClusterEvents):
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    async def _abort_leg(self, leg: Leg) -> None:
+    def _abort_leg(self, leg: Leg) -> None:
+        """End `leg` here and tell its instances, off the caller: it never suspends. The caller is often
+        a request being cancelled (its client left) inside Starlette's cancel scope, where every await is
+        cancelled too: awaited here, the first instance's abort was cut off and the other never sent, so
+        a decode ran on for a client that had gone and a prefill held its copy (CI caught both)."""
         if not leg.done:  # wake the request's consumer, if it is still waiting
             leg.queue.put_nowait(TokenDelta(leg.leg_id, leg.index, [], "", finish_reason=FinishReason.ABORT))
         leg.state = LegState.FAILED
         self.legs.pop(leg.leg_id, None)
-        for instance_id in {leg.prefill_id, leg.decode_id} - {None}:
-            await self.abort_remote(instance_id, leg.leg_id)
         journal_finish(self.store, leg)
+        for instance_id in {leg.prefill_id, leg.decode_id} - {None}:
+            self._background(self.abort_remote(instance_id, leg.leg_id))
 
     async def abort_remote(self, instance_id: str | None, leg_id: str) -> None:
         await self._tell(instance_id, "abort", leg_id)

@@ -164,9 +164,10 @@ class Leg:
         held, self.held = self.held, []
         for each in (delta, *held):
             out.finished |= self.emit(each, 1, as_index=True)
-        if held and not self.done:  # decode ran ahead of this delta: its KV had landed
-            self.state = LegState.DECODING
-            out.confirm = True
+        if held:  # decode ran ahead of this delta: its KV had landed, prefill may free its copy (even when
+            out.confirm = True  # decode's held tokens ended the leg: unconfirmed, the copy waited out release_timeout_s)
+            if not self.done:
+                self.state = LegState.DECODING
         out.abort_decode = delta.finish_reason is not None
         return out
 

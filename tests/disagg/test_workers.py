@@ -165,6 +165,24 @@ def test_a_prefill_aborted_between_its_chunks_leaves_the_engine_clean(checkpoint
     assert _serve(prefill, decode, prompts[1:])["0"] == expected
 
 
+def test_a_request_that_ends_at_its_first_token_frees_the_prefill_copy_unconfirmed(checkpoint_dir):
+    """max_tokens=1: prefill's first token is the last; the router stops decode rather than confirming,
+    so prefill frees its copy once its sends are done, not after release_timeout_s."""
+    model_dir = checkpoint_dir("qwen2")
+    prefill, decode = _pair(model_dir, DisaggConfig(transport="loopback", release_timeout_s=600))
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    assert decode.reserve(RequestSpec("0", list(range(40, 90)), one), "P", 1)
+    prefill.submit_prefill(RequestSpec("0", list(range(40, 90)), one), "D", 1)
+    first = prefill.step()[0]
+    assert len(first.token_ids) == 1 and first.finish_reason is not None
+    for _ in range(100):
+        decode.step()  # lands the transfer: the sends are done
+        prefill.poll()
+        if not prefill.plans:
+            break
+    assert not prefill.plans and prefill.engine.kv.num_free_blocks == prefill.engine.kv.num_blocks
+
+
 def test_prefill_tp2_to_decode_tp1_reshards_kv_heads(checkpoint_dir):
     """A 2-rank prefill instance (real processes, gloo) gathers its KV head shards for a 1-rank decode."""
     from cluster.config import ParallelConfig

@@ -78,6 +78,17 @@ def test_decode_tokens_wait_for_prefills_first_token_and_then_confirm_the_transf
     assert _stream(leg) == [13]
 
 
+def test_decode_tokens_that_end_the_leg_before_prefills_first_token_still_confirm():
+    """Decode ran ahead and its held tokens end the leg the moment prefill's first token arrives: the KV
+    landed, so prefill must still be told to free its copy (unconfirmed, it held the blocks for
+    release_timeout_s; CI caught a prefill still holding a transfer after every request had ended)."""
+    leg = _leg(max_tokens=2, min_tokens=0)
+    _deliver(leg, TokenDelta("r#0", 0, [11], "", finish_reason=FinishReason.LENGTH), from_prefill=False)
+    out = _deliver(leg, TokenDelta("r#0", 0, [10], ""), from_prefill=True)
+    assert out.confirm and out.finished and leg.state == LegState.DONE
+    assert _stream(leg) == [10, 11]
+
+
 def test_first_decode_token_after_prefills_confirms_unless_prefill_is_gone():
     leg = _leg()
     assert not _deliver(leg, TokenDelta("r#0", 0, [10], ""), from_prefill=True).confirm  # nothing held yet
