@@ -12,11 +12,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 import uuid
 
 from cluster.disagg.router import InstanceView
 from cluster.runtime.pools import answers
 from cluster.types import Role
+
+log = logging.getLogger(__name__)
 
 
 CONNECT_TIMEOUT_S = 20.0  # an NCCL communicator takes about a second; gloo less
@@ -84,7 +88,7 @@ async def _connect_both(prefill: InstanceView, decode: InstanceView, link_key: s
     both answer (the pair is not linked this time: a dispatch tries another, nothing is marked dead)."""
     from ray.exceptions import RayActorError
 
-    address = decode.link_address
+    address, started_s = decode.link_address, time.monotonic()
     calls = {asyncio.ensure_future(decode.handle.connect.remote(prefill.instance_id, address, True, link_key)): decode,
              asyncio.ensure_future(prefill.handle.connect.remote(decode.instance_id, address, False, link_key)): prefill}
     done, pending = await asyncio.wait(calls, timeout=CONNECT_TIMEOUT_S, return_when=asyncio.FIRST_EXCEPTION)
@@ -96,8 +100,13 @@ async def _connect_both(prefill: InstanceView, decode: InstanceView, link_key: s
         return
     cause = failed[0][1] if failed else TimeoutError(f"no answer to connect within {CONNECT_TIMEOUT_S:.0f} s")
     if dead is None:  # who is to blame: the side that no longer answers, if either
-        silent = [calls[c] for c in pending] or [prefill, decode]
-        dead = next((v for v in silent if not await answers(v, PING_TIMEOUT_S)), None)
+        for view in [calls[c] for c in pending] or [prefill, decode]:
+            if not await answers(view, PING_TIMEOUT_S):
+                dead = view
+                break
+    log.warning("KV link %s -> %s not made after %.1f s (%s; still waiting: %s; blamed: %s)", prefill.instance_id,
+                decode.instance_id, time.monotonic() - started_s, cause,
+                [calls[c].instance_id for c in pending] or "none", dead.instance_id if dead else "neither")
     raise LinkFailed(dead, cause)
 
 

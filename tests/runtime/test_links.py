@@ -1,0 +1,75 @@
+"""A KV link that cannot be made: the router says which side to blame, with real Ray actors standing in
+for the two instances (each side's `connect` is made to fail or to block; the blame is read from Ray's own
+answers: a call that raised, a ping that did not come back)."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from cluster.disagg.router import InstanceView
+from cluster.runtime import links
+from cluster.types import Role
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from cluster.config import ClusterConfig
+    from cluster.runtime.launcher import start_ray
+
+    started = start_ray(ClusterConfig(), num_cpus=2)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def _side(ray_local, behaviour: str):
+    @ray_local.remote(num_cpus=0, max_concurrency=1)
+    class Side:
+        """One instance's link end: `connect` answers, raises, or blocks (and with max_concurrency 1 a
+        blocked side answers no ping either: as an instance stuck in its rendezvous does)."""
+
+        def connect(self, peer_id, address, is_master, link_key):
+            if behaviour == "raise":
+                raise ValueError("connect refused")
+            if behaviour == "block":
+                time.sleep(30)
+            return True
+
+        def ping(self):
+            return "side"
+
+    return Side.remote()
+
+
+def _pair(ray_local, prefill: str, decode: str) -> tuple[InstanceView, InstanceView]:
+    p = InstanceView("prefill-0", Role.PREFILL, _side(ray_local, prefill))
+    d = InstanceView("decode-0", Role.DECODE, _side(ray_local, decode), link_address="127.0.0.1:1")
+    ray_local.get([p.handle.ping.remote(), d.handle.ping.remote()])  # both up before the clock starts
+    return p, d
+
+
+def test_a_refused_link_between_two_live_sides_blames_neither(ray_local):
+    prefill, decode = _pair(ray_local, "raise", "ok")
+    with pytest.raises(links.LinkFailed) as failed:
+        asyncio.run(links._connect_both(prefill, decode, "k1"))
+    assert failed.value.view is None and "connect refused" in str(failed.value)
+
+
+def test_a_side_that_stops_answering_is_blamed_within_the_timeouts(ray_local, monkeypatch):
+    """The decode side never comes back from its rendezvous: the wait ends at CONNECT_TIMEOUT_S, its ping
+    goes unanswered, and it is the one to blame (CI caught this path raising TypeError: a generator with
+    an await in it is an async generator, which `next` cannot take, and the request got a 500)."""
+    monkeypatch.setattr(links, "CONNECT_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(links, "PING_TIMEOUT_S", 1.0)
+    prefill, decode = _pair(ray_local, "ok", "block")
+    started = time.monotonic()
+    with pytest.raises(links.LinkFailed) as failed:
+        asyncio.run(links._connect_both(prefill, decode, "k2"))
+    assert failed.value.view is decode and "no answer to connect" in str(failed.value)
+    assert time.monotonic() - started < 10
