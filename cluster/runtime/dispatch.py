@@ -58,6 +58,9 @@ class Dispatcher:
                              reason="no_instance")
         hits = self._prefix_hits(spec.prompt_token_ids)
         if self.disaggregated:
+            # a prefill instance still making its links (one that just joined, or whose connect is stuck on
+            # a peer that is going) takes no request while another has a link: nothing waits on a set-up
+            candidates = [v for v in candidates if self.links.linked(v.instance_id)] or candidates
             target = self.router.pick_prefill(candidates, hits, len(spec.prompt_token_ids))
         else:
             target = self.router.pick_mixed(candidates, hits, len(spec.prompt_token_ids))
@@ -77,7 +80,8 @@ class Dispatcher:
             except Exception as exc:
                 await self.events.instance_died(prefill, f"submit failed: {type(exc).__name__}: {exc}")
             return
-        ranked = list(self.router.rank_decode(self.pools.pool(Role.DECODE), len(spec.prompt_token_ids)))
+        ranked = self.router.rank_decode(self.pools.pool(Role.DECODE), len(spec.prompt_token_ids))
+        ranked.sort(key=lambda d: not self.links.linked(prefill.instance_id, d.instance_id))  # linked first, in rank
         if ranked and await self.prefill_while_reserving(leg, prefill, ranked[0]):
             return
         if not _takes_requests(prefill):  # it died or began draining meanwhile: start over on another

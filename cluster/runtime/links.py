@@ -3,7 +3,8 @@
   (1) `prewarm`: a joining prefill (decode) instance is linked to every live decode (prefill) one
       at once, in the background, so that no request waits for a link's set-up (an NCCL
       communicator takes a good part of a second); a pre-warm that fails is made again by
-      (2) `ensure`: the first dispatch that needs the link makes it (both sides connect at
+      (2) `ensure`: the first dispatch that needs the link makes it (the dispatcher prefers pairs already
+      linked, so only a request with no linked pair left waits for one; both sides connect at
       once, the decode side listening, under a key of this attempt's), one at a time per pair; a side
       that still has a link to the peer (an adopted instance, one that switched roles) replaces it;
   (3) `drop`: an instance's links are forgotten at once and its live peers disconnect from it, each
@@ -40,6 +41,12 @@ class KVLinks:
         self.pairs: set[tuple[str, str]] = set()  # (prefill id, decode id) linked
         self.locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.tasks: list[asyncio.Task] = []
+
+    def linked(self, prefill_id: str, decode_id: str | None = None) -> bool:
+        """Whether the pair has a link (`decode_id` None: whether the prefill instance has any)."""
+        if decode_id is not None:
+            return (prefill_id, decode_id) in self.pairs
+        return any(p == prefill_id for p, _ in self.pairs)
 
     def prewarm(self, view: InstanceView, pool) -> None:
         """(1) `pool(role)`: the live instances of a role."""

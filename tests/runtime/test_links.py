@@ -73,3 +73,35 @@ def test_a_side_that_stops_answering_is_blamed_within_the_timeouts(ray_local, mo
         asyncio.run(links._connect_both(prefill, decode, "k2"))
     assert failed.value.view is decode and "no answer to connect" in str(failed.value)
     assert time.monotonic() - started < 10
+
+
+def test_a_prefill_still_making_its_links_takes_no_request_while_another_has_one():
+    """A prefill instance that just joined (or whose connect is stuck on a peer that is going) is emptier
+    than the rest, so by load alone it would take every new request, and each would wait on its link:
+    the chaos run's requests that got no byte in 30 s. Linked instances and pairs go first; with none
+    linked, placement falls back to load."""
+    from cluster.config import RouterConfig
+    from cluster.disagg.router import Router
+    from cluster.runtime.dispatch import Dispatcher
+    from cluster.runtime.leg import Leg
+    from cluster.runtime.pools import Pools
+    from cluster.disagg.roles import RequestSpec
+    from cluster.store.memory import MemoryStore
+    from cluster.types import SamplingParams
+
+    pools, kv_links = Pools(), links.KVLinks()
+    busy = InstanceView("prefill-0", Role.PREFILL, None, load={"num_queued_prefill_tokens": 5000})
+    joined = InstanceView("prefill-1", Role.PREFILL, None)
+    for view in (busy, joined, InstanceView("decode-0", Role.DECODE, None)):
+        pools.instances[view.instance_id] = view
+    dispatcher = Dispatcher(pools, Router(RouterConfig()), kv_links, MemoryStore(), {}, events=None,
+                            disaggregated=True)
+
+    def leg(i):
+        return Leg(f"r{i}#0", 0, RequestSpec(f"r{i}#0", [1, 2, 3], SamplingParams()), asyncio.Queue())
+
+    assert dispatcher.place(leg(0)) is joined  # nothing linked yet: by load
+    kv_links.pairs.add(("prefill-0", "decode-0"))
+    assert dispatcher.place(leg(1)) is busy  # the only one with a link
+    kv_links.pairs.add(("prefill-1", "decode-0"))
+    assert dispatcher.place(leg(2)) is joined  # linked now: by load again
