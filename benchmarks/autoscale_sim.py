@@ -122,17 +122,21 @@ def main() -> None:
     ap.add_argument("--itl-s", type=float, default=0.05)
     ap.add_argument("--interval-s", type=float, default=5.0)
     ap.add_argument("--stable-window-s", type=float, default=120.0)
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="every rate of both traces times this: 10 sizes the pools in tens of GPUs, where the "
+                         "one-instance minimum of each pool no longer costs half of static peak at the trough")
     ap.add_argument("--out", default="autoscale_sim.json")
     args = ap.parse_args()
+    k = args.scale
     engine = EngineModel(**H100_8B, start_s=args.start_s, drain_s=10.0)
     slo = SloConfig(ttft_s=args.ttft_s, itl_s=args.itl_s, percentile=95.0)
     config = AutoscaleConfig(enabled=True, interval_s=args.interval_s, stable_window_s=args.stable_window_s,
-                             prefill=PoolLimits(1, 32), decode=PoolLimits(1, 32))
-    results = [compare("4x burst (10 -> 40 req/s, 2k in / 256 out)", burst_trace(10.0, 4.0, 2048, 256), engine, slo,
-                       config),
-               compare("day-shaped (8 -> 160 req/s over 2 h, 1k in / 256 out)", day_trace(8.0, 160.0, 2.0, 1024, 256),
-                       engine, slo, config)]
-    out = {"simulation": True, "engine_model": H100_8B, "start_s": args.start_s,
+                             prefill=PoolLimits(1, 64), decode=PoolLimits(1, 64))
+    results = [compare(f"4x burst ({10 * k:g} -> {40 * k:g} req/s, 2k in / 256 out)", burst_trace(10.0 * k, 4.0, 2048, 256),
+                       engine, slo, config),
+               compare(f"day-shaped ({8 * k:g} -> {160 * k:g} req/s over 2 h, 1k in / 256 out)",
+                       day_trace(8.0 * k, 160.0 * k, 2.0, 1024, 256), engine, slo, config)]
+    out = {"simulation": True, "engine_model": H100_8B, "start_s": args.start_s, "scale": k,
            "slo": {"ttft_s": args.ttft_s, "itl_s": args.itl_s, "percentile": 95.0}, "results": results}
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
