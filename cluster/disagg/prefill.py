@@ -12,7 +12,8 @@ KV boundary, engine/kv_boundary.py; the engine knows nothing of peers or transpo
   (3) after the step the first token is sent as the transfer's last message (SENT); the request's
       delta (that first token) goes back to the router;
   (4) `poll` frees a request's blocks once its sends are done and the decode side confirmed
-      (CONFIRMED), or the transfer failed, or `release_timeout_s` passed.
+      (CONFIRMED; a request whose first token was its last needs no confirmation), or the transfer
+      failed, or `release_timeout_s` passed.
 """
 from __future__ import annotations
 
