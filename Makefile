@@ -30,7 +30,7 @@ up: install
 	llm-cluster up
 
 test: install-test
-	$(PYTHON) -m pytest -q -m "not gpu" tests
+	$(PYTHON) -m pytest -q -m "not gpu" --durations=20 tests
 
 test-gpu:
 	$(PYTHON) -m pytest -q -m gpu tests
