@@ -8,7 +8,7 @@ Methods, all called by the API server:
       new token of any of the request's `n` completions; ends after every completion has a
       finish_reason; raises Overloaded before yielding anything if the request cannot be admitted;
       a delta with `error` set ends that completion with FinishReason.ERROR.
-  abort(request_id)   the client went away: stop the request and free its KV everywhere.
+  abort(request_id)   the client went away: stop the request and free its KV everywhere (never suspends).
   info()              model name, max_model_len, tokenizer (for chat templates and token counts).
   health()            a dict; raises if the backend cannot serve.
   drain(timeout_s)    the shutdown (SIGTERM): from now on `generate` raises Overloaded(unavailable,
@@ -49,7 +49,9 @@ class EngineClient(ABC):
                  prompt: str | None = None) -> AsyncIterator[TokenDelta]: ...
 
     @abstractmethod
-    async def abort(self, request_id: str) -> None: ...
+    async def abort(self, request_id: str) -> None:
+        """Must not suspend: it is called while the request is being cancelled (its client left), inside a
+        cancel scope where any await is cancelled too. Work that must wait goes to a background task."""
 
     @abstractmethod
     def info(self) -> ModelInfo: ...

@@ -60,7 +60,8 @@ class Dispatcher:
         if self.disaggregated:
             # a prefill instance still making its links (one that just joined, or whose connect is stuck on
             # a peer that is going) takes no request while another has a link: nothing waits on a set-up
-            candidates = [v for v in candidates if self.links.linked(v.instance_id)] or candidates
+            linked = self.links.linked_prefills()  # one pass over the pairs, not one per candidate
+            candidates = [v for v in candidates if v.instance_id in linked] or candidates
             target = self.router.pick_prefill(candidates, hits, len(spec.prompt_token_ids))
         else:
             target = self.router.pick_mixed(candidates, hits, len(spec.prompt_token_ids))

@@ -42,11 +42,12 @@ class KVLinks:
         self.locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.tasks: list[asyncio.Task] = []
 
-    def linked(self, prefill_id: str, decode_id: str | None = None) -> bool:
-        """Whether the pair has a link (`decode_id` None: whether the prefill instance has any)."""
-        if decode_id is not None:
-            return (prefill_id, decode_id) in self.pairs
-        return any(p == prefill_id for p, _ in self.pairs)
+    def linked(self, prefill_id: str, decode_id: str) -> bool:
+        return (prefill_id, decode_id) in self.pairs
+
+    def linked_prefills(self) -> set[str]:
+        """The prefill instances with at least one link."""
+        return {prefill_id for prefill_id, _ in self.pairs}
 
     def prewarm(self, view: InstanceView, pool) -> None:
         """(1) `pool(role)`: the live instances of a role."""
