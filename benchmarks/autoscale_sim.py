@@ -89,7 +89,8 @@ def oracle_plan(trace: list[Load], limits: dict[Role, list[float]]) -> list[dict
              for role, highest in limits.items()} for load in trace]
 
 
-def compare(name: str, trace: list[Load], engine: EngineModel, slo: SloConfig, config: AutoscaleConfig) -> dict:
+def compare(name: str, trace: list[Load], engine: EngineModel, slo: SloConfig, config: AutoscaleConfig,
+            warm_start: bool = True) -> dict:
     peak = max(load.rate_per_s for load in trace)
     mean = sum(load.rate_per_s for load in trace) / len(trace)
     prompt, output = trace[0].prompt_tokens, trace[0].output_tokens
@@ -99,7 +100,10 @@ def compare(name: str, trace: list[Load], engine: EngineModel, slo: SloConfig, c
         result = simulate(trace, engine, slo, None, sizes)
         rows[label] = {"attainment": result.attainment, "gpu_seconds": result.gpu_seconds,
                        "sizes": {r.value: n for r, n in sizes.items()}}
-    start = {Role.PREFILL: config.prefill.min_instances, Role.DECODE: config.decode.min_instances}
+    # a deployment that was already running: the pools as the first second's load needs them (from their
+    # minimums the run would open on a scale-from-zero under full load, which is not what a trace measures)
+    start = static_size(trace[0].rate_per_s, prompt, output, engine, slo) if warm_start else \
+        {Role.PREFILL: config.prefill.min_instances, Role.DECODE: config.decode.min_instances}
     result = simulate(trace, engine, slo, config, start)
     sizes = [s for s in result.sizes]
     rows["autoscaled"] = {"attainment": result.attainment, "gpu_seconds": result.gpu_seconds,
@@ -125,18 +129,23 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0,
                     help="every rate of both traces times this: 10 sizes the pools in tens of GPUs, where the "
                          "one-instance minimum of each pool no longer costs half of static peak at the trough")
+    ap.add_argument("--backlog-drain-s", type=float, default=AutoscaleConfig.backlog_drain_s)
+    ap.add_argument("--cold-start", action="store_true",
+                    help="the autoscaled pools start at their minimums (1 each) under the trace's first load, not "
+                         "at the sizes that load needs")
     ap.add_argument("--out", default="autoscale_sim.json")
     args = ap.parse_args()
     k = args.scale
     engine = EngineModel(**H100_8B, start_s=args.start_s, drain_s=10.0)
     slo = SloConfig(ttft_s=args.ttft_s, itl_s=args.itl_s, percentile=95.0)
     config = AutoscaleConfig(enabled=True, interval_s=args.interval_s, stable_window_s=args.stable_window_s,
-                             prefill=PoolLimits(1, 64), decode=PoolLimits(1, 64))
+                             prefill=PoolLimits(1, 64), decode=PoolLimits(1, 64), backlog_drain_s=args.backlog_drain_s)
     results = [compare(f"4x burst ({10 * k:g} -> {40 * k:g} req/s, 2k in / 256 out)", burst_trace(10.0 * k, 4.0, 2048, 256),
-                       engine, slo, config),
+                       engine, slo, config, not args.cold_start),
                compare(f"day-shaped ({8 * k:g} -> {160 * k:g} req/s over 2 h, 1k in / 256 out)",
-                       day_trace(8.0 * k, 160.0 * k, 2.0, 1024, 256), engine, slo, config)]
+                       day_trace(8.0 * k, 160.0 * k, 2.0, 1024, 256), engine, slo, config, not args.cold_start)]
     out = {"simulation": True, "engine_model": H100_8B, "start_s": args.start_s, "scale": k,
+           "backlog_drain_s": args.backlog_drain_s, "cold_start": args.cold_start,
            "slo": {"ttft_s": args.ttft_s, "itl_s": args.itl_s, "percentile": 95.0}, "results": results}
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)

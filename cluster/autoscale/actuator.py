@@ -65,6 +65,11 @@ class Actuator:
         ages += [now_s - d.started_s for d in self.draining.values() if d.flip_to == role]  # on their way here
         return tuple(ages)
 
+    def scale_out_s(self, role: Role) -> float | None:
+        """Decision to serving of the pool's recent scale-ups (the median; None: none finished yet)."""
+        took = sorted(s["total_s"] for s in self.scale_outs if s["pool"] == role.value)
+        return took[len(took) // 2] if took else None
+
     def num_draining(self, role: Role) -> int:
         return sum(1 for d in self.draining.values() if d.role == role)
 

@@ -96,7 +96,7 @@ class Autoscaler:
             requests / elapsed_s, tokens / elapsed_s, tokens / requests if requests else 0.0,
             client.latency.quantile(role, "ttft", p) if role != Role.DECODE else None,
             client.latency.quantile(role, "itl", p) if role != Role.PREFILL else None,
-            pool.num_gpus_per_rank * pool.tp * pool.pp, mean_output)
+            pool.num_gpus_per_rank * pool.tp * pool.pp, mean_output, self.actuator.scale_out_s(role))
 
     # -- (3) ------------------------------------------------------------------------------
     def _report(self, observations: Observations, decision: Decision) -> None:

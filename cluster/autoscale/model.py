@@ -134,13 +134,33 @@ class PoolModel:
         times those seen)."""
         return self.ttft_bias * self._raw_ttft(obs, num_instances, percentile, backlog=False, load=load)
 
-    def backlog_drain_s(self, obs: PoolObservation, num_instances: int, load: float = 1.0) -> float:
-        """Seconds until the queue there is now is gone, arrivals going on (inf: it only grows)."""
+    def backlog_drain_s(self, obs: PoolObservation, num_instances: int, load: float = 1.0,
+                        queued: float | None = None) -> float:
+        """Seconds until the queue (`queued` prompt tokens; default: the queue there is now) is gone once
+        `num_instances` serve, arrivals going on (inf: it only grows)."""
         mu = self.prefill_rate
-        if not obs.num_queued_prefill_tokens:
+        queued = obs.num_queued_prefill_tokens if queued is None else queued
+        if not queued:
             return 0.0
         spare = (num_instances * mu - load * obs.prompt_tokens_per_s) if mu else 0.0
-        return obs.num_queued_prefill_tokens / spare if spare > 0 else INF
+        return queued / spare if spare > 0 else INF
+
+    def backlog_when_serving(self, obs: PoolObservation, num_instances: int, start_s: float) -> float:
+        """The prompt queue by the time `num_instances` serve: the instances beyond those serving now
+        start later (the pending ones in what is left of `start_s`, new ones in all of it), and until
+        they do the queue grows by what the serving instances cannot take. Sizing a burst's backlog
+        on the queue seen now, a pool chases it: each decision finds it grown while its last scale-up
+        starts, and adds again, to many times what the load needs."""
+        queued = float(obs.num_queued_prefill_tokens)
+        n_now, mu = obs.num_actual, self.prefill_rate
+        if num_instances <= n_now or not mu:
+            return queued
+        ages = obs.pending_ages_s
+        pending_left = sum(max(0.0, start_s - age) for age in ages) / len(ages) if ages else 0.0
+        queued += max(0.0, obs.prompt_tokens_per_s - n_now * mu) * pending_left
+        if num_instances > n_now + len(ages):  # new ones serve after the pending ones
+            queued += max(0.0, obs.prompt_tokens_per_s - (n_now + len(ages)) * mu) * (start_s - pending_left)
+        return queued
 
     def predict_itl(self, obs: PoolObservation, num_instances: int, load: float = 1.0) -> float | None:
         raw = self._raw_itl(obs, num_instances, load)

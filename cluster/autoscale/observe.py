@@ -36,6 +36,7 @@ class PoolObservation:
     observed_itl_s: float | None = None  # at the SLO percentile, over the last window (decode and mixed)
     gpus_per_instance: float = 1.0
     mean_output_tokens: float | None = None  # tokens of the requests that finished here since the last decision
+    scale_out_s: float | None = None  # decision to serving of the pool's recent scale-ups (median; None: none yet)
 
     @property
     def num_actual(self) -> int:

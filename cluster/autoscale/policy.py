@@ -7,7 +7,9 @@ Per pool, in order (the first that applies is the pool's decision; each carries 
   (2) UP to the pool's minimum (BELOW_MIN);
   (3) UP to the smallest size predicted to meet every target of the pool at `upscale_headroom` of
       it (prefill: TTFT; decode: ITL and KV room; mixed: both), counting scale-ups in flight, in one
-      step however large the deficit (reason: the target that binds). Until the pool's model has
+      step however large the deficit (reason: the target that binds); a prompt backlog is sized as it
+      will be when the new instances serve (it grows while they start), so later decisions of a
+      burst find it as predicted and do not add again. Until the pool's model has
       `min_samples` observations (and, for decode, a measured cost per sequence of the step) it goes
       by the observed latency instead, in proportion to it;
   (4) WITHDRAW pending scale-ups the load no longer needs (LOAD_FELL), after `stable_window_s`
@@ -104,14 +106,42 @@ class Decision:
 def decide(observations: Observations, state: PolicyState, config: AutoscaleConfig, slo: SloConfig) -> Decision:
     now = observations.now_s
     decisions, states = {}, {}
-    for role, obs in observations.pools.items():
+    for role in sorted(observations.pools, key=_ORDER.index):  # prefill before decode: its backlog is decode's inflow
+        obs = observations.pools[role]
         pool_state = state.pools.get(role, PoolState())
         recent = tuple(r for r in pool_state.recent_arrivals if now - r[0] < config.stable_window_s)
         pool_state = replace(pool_state, model=pool_state.model.update(obs, slo.percentile),
                              recent_arrivals=recent + ((now, obs.arrivals_per_s),))
-        decisions[role], states[role] = _decide_pool(obs, pool_state, _limits(config, role), config, slo, now)
+        inflow = _decode_inflow(observations, decisions, states, config, slo) if role == Role.DECODE else 1.0
+        decisions[role], states[role] = _decide_pool(obs, pool_state, _limits(config, role), config, slo, now, inflow)
     decisions, states = _share_budget(observations, decisions, states, config, slo)
     return Decision(now, decisions, PolicyState(states))
+
+
+_ORDER = [Role.PREFILL, Role.DECODE, Role.MIXED]
+
+
+def _decode_inflow(observations: Observations, decisions: dict, states: dict, config: AutoscaleConfig,
+                   slo: SloConfig) -> float:
+    """The load the decode pool must be sized for, as a multiple of what is placed on it now: a prompt
+    backlog in the prefill pool reaches decode as fast as prefill clears it, on top of the arrivals
+    (sized on arrivals alone, decode grows only once that backlog lands, and then one KV-full step at a
+    time)."""
+    prefill, decode = observations.pools.get(Role.PREFILL), observations.pools.get(Role.DECODE)
+    if prefill is None or decode is None or not decode.arrivals_per_s or Role.PREFILL not in decisions:
+        return 1.0
+    model, queued = states[Role.PREFILL].model, prefill.num_queued_prefill_tokens
+    if not queued or not model.prefill_rate or not prefill.mean_prompt_tokens:
+        return 1.0
+    d = decisions[Role.PREFILL]
+    serving = max(d.desired if d.direction == Direction.UP else prefill.num_actual + prefill.num_pending, 1)
+    sizing = _Sizing(prefill, model, config, slo)
+    backlog = model.backlog_when_serving(prefill, serving, sizing.start_s())
+    clear_s = model.backlog_drain_s(prefill, serving, queued=backlog)
+    if clear_s == math.inf:
+        return 1.0  # prefill is the bottleneck: decode sees no more than prefill lets through
+    extra = backlog / prefill.mean_prompt_tokens / max(clear_s + sizing.start_s(), config.interval_s)
+    return 1.0 + extra / decode.arrivals_per_s
 
 
 def _limits(config: AutoscaleConfig, role: Role):
@@ -144,11 +174,20 @@ class _Sizing:
     def itl_at(self, n: int, load: float = 1.0) -> float | None:
         return None if not self.itl or self.warming else self.model.predict_itl(self.obs, n, load)
 
-    def meets(self, n: int, share: float, load: float = 1.0) -> Reason | None:
+    def start_s(self) -> float:
+        """How long a scale-up takes to serve: as measured, else (none measured yet) by the next
+        decision, or the oldest pending one's age by then."""
+        if self.obs.scale_out_s is not None:
+            return self.obs.scale_out_s
+        return max(self.obs.pending_ages_s, default=0.0) + self.config.interval_s
+
+    def meets(self, n: int, share: float, load: float = 1.0, growing: bool = False) -> Reason | None:
         """None if `n` instances are predicted within `share` of every target (and their KV within
-        `share` of the pool's limit), at `load` times the load seen; else the first target missed."""
+        `share` of the pool's limit), at `load` times the load seen; else the first target missed.
+        `growing`: the backlog to clear is the one there will be when the `n` serve, not the one now."""
         ttft, itl = self.steady_ttft_at(n, load), self.itl_at(n, load)
-        if ttft is not None and (ttft > share * self.slo.ttft_s or self.model.backlog_drain_s(self.obs, n, load)
+        queued = self.model.backlog_when_serving(self.obs, n, self.start_s()) if growing and ttft is not None else None
+        if ttft is not None and (ttft > share * self.slo.ttft_s or self.model.backlog_drain_s(self.obs, n, load, queued)
                                  > self.config.backlog_drain_s * share):
             return Reason.TTFT
         if itl is not None and itl > share * self.slo.itl_s:
@@ -176,25 +215,27 @@ class _Sizing:
             burns.append(self.model.kv_share(self.obs, n) / KV_LIMIT)  # a scale-up for KV is pressure too
         return max(burns)
 
-    def needed(self, largest: int) -> tuple[int, Reason | None]:
-        """The smallest size (up to `largest`) within `upscale_headroom` of every target, and the
-        target that binds at the current size (None: none)."""
+    def needed(self, largest: int, inflow: float = 1.0) -> tuple[int, Reason | None]:
+        """The smallest size (up to `largest`) within `upscale_headroom` of every target at `inflow`
+        times the load placed now, and the target that binds at the current size (None: none)."""
         n_now = max(self.obs.num_actual, 1)
         headroom = self.config.upscale_headroom
         if self.warming or self.unmeasured_step:  # no model (of the step) yet: what is observed, in proportion
             burn, reason = self.observed_burn()
             if burn <= headroom:
                 return self.obs.num_actual, None
+            if self.obs.num_pending:  # what is observed cannot show the scale-ups on their way yet
+                return self.obs.num_actual + self.obs.num_pending, None
             return min(largest, math.ceil(n_now * burn / headroom)), reason
-        binding = self.meets(self.obs.num_actual, headroom) if self.obs.num_actual else None
+        binding = self.meets(self.obs.num_actual, headroom, inflow) if self.obs.num_actual else None
         for n in range(1, largest + 1):
-            if self.meets(n, headroom) is None:
+            if self.meets(n, headroom, inflow, growing=True) is None:
                 return n, binding
         return largest, binding or Reason.TTFT
 
 
 def _decide_pool(obs: PoolObservation, state: PoolState, limits, config: AutoscaleConfig, slo: SloConfig,
-                 now: float) -> tuple[PoolDecision, PoolState]:
+                 now: float, inflow: float = 1.0) -> tuple[PoolDecision, PoolState]:
     sizing = _Sizing(obs, state.model, config, slo)
     n_now, n_pending = obs.num_actual, obs.num_pending
     pressure = (sizing.observed_burn()[0] > config.downscale_margin
@@ -215,7 +256,7 @@ def _decide_pool(obs: PoolObservation, state: PoolState, limits, config: Autosca
     if total < limits.min_instances:  # (2)
         return out(Direction.UP, limits.min_instances - total, Reason.BELOW_MIN, limits.min_instances,
                    replace(state, last_up_s=now))
-    needed, binding = sizing.needed(limits.max_instances)
+    needed, binding = sizing.needed(limits.max_instances, inflow)
     needed = max(needed, limits.min_instances)
     if needed > total and binding is not None:  # (3)
         return out(Direction.UP, needed - total, binding, needed, replace(state, last_up_s=now))

@@ -5,7 +5,8 @@ for tuning `autoscale:` and `slo:` before a deployment, and it is what the polic
 benchmarks/autoscale_sim.py drive. The pools are fluids, one tick a second:
 
   prefill   prompt tokens arrive and queue; `N` instances drain `N * prefill_tokens_per_s` a
-            second; a request arriving now waits for the queue ahead of it, then its own prompt;
+            second; a request arriving now waits for the queue ahead of it (the fluid's, within the
+            second), for the random arrivals' queueing (an M/D/1 tail), then for its own prompt;
   decode    each request joins the running batch once prefilled and leaves after its output tokens;
             a step takes `step_ms(B) = a + b * B` at a batch of `B` per instance: the ITL. KV beyond an
             instance's capacity preempts (the ITL doubles while it does);
@@ -58,6 +59,7 @@ class _Pool:
     draining: list[float] = field(default_factory=list)  # when each drained instance is released
     queue_tokens: float = 0.0
     running: float = 0.0  # sequences in the decode batch
+    scaled_out: bool = False  # a scale-up has served (the actuator has measured one's decision to serving)
 
 
 @dataclass
@@ -93,7 +95,9 @@ def simulate(trace: list[Load], engine: EngineModel, slo: SloConfig, config: Aut
             for role, pool in pools.items():
                 pool.size = plan[t][role]
         for pool in pools.values():
-            pool.size += sum(1 for _, serves in pool.pending if serves <= now)
+            served = sum(1 for _, serves in pool.pending if serves <= now)
+            pool.size += served
+            pool.scaled_out |= served > 0
             pool.pending = [p for p in pool.pending if p[1] > now]
             pool.draining = [s for s in pool.draining if s > now]
         ttft, itl = _tick(pools, load, engine)
@@ -138,11 +142,12 @@ def _tick(pools: dict[Role, _Pool], load: Load, engine: EngineModel) -> tuple[fl
     prefill = pools.get(Role.PREFILL) or pools[Role.MIXED]
     decode = pools.get(Role.DECODE) or pools[Role.MIXED]
     capacity = max(prefill.size, 0) * engine.prefill_tokens_per_s
-    prefill.queue_tokens += load.rate_per_s * load.prompt_tokens
+    arriving = load.rate_per_s * load.prompt_tokens
+    ttft = _ttft(prefill.queue_tokens, arriving, capacity, load.prompt_tokens / engine.prefill_tokens_per_s)
+    prefill.queue_tokens += arriving
     busy_share = 0.0
     if prefill is decode:  # mixed: prefill takes its share of each instance's time first
         busy_share = min(1.0, prefill.queue_tokens / capacity) if capacity else 1.0
-    ttft = (prefill.queue_tokens / capacity + load.prompt_tokens / engine.prefill_tokens_per_s) if capacity else math.inf
     done_tokens = min(prefill.queue_tokens, capacity)
     prefill.queue_tokens -= done_tokens
     decode.running += done_tokens / max(load.prompt_tokens, 1)
@@ -157,6 +162,26 @@ def _tick(pools: dict[Role, _Pool], load: Load, engine: EngineModel) -> tuple[fl
     tokens_per_seq = 1.0 / itl if itl > 0 else 0.0
     decode.running = max(0.0, decode.running - decode.running * min(1.0, tokens_per_seq / max(load.output_tokens, 1)))
     return ttft, itl
+
+
+def _ttft(queued: float, arriving: float, capacity: float, service_s: float, percentile: float = 95.0) -> float:
+    """TTFT at `percentile` of the prompts arriving (evenly) over one second: the queue ahead of each
+    (the fluid: what was left from before, growing or shrinking as arrivals outpace the pool or not),
+    the random arrivals' own queueing, and the prompt's run. The queueing is an instance's M/D/1
+    wait (Poisson arrivals, a fixed prompt): waiting with probability rho, and then, in heavy
+    traffic, for an exponential time of mean E[W]/rho, E[W] = service * rho / (2 (1 - rho))."""
+    if capacity <= 0:
+        return math.inf
+    if arriving >= capacity:
+        mean_queue = queued + (arriving - capacity) / 2
+    elif queued > (capacity - arriving):  # the queue shrinks all second long
+        mean_queue = queued - (capacity - arriving) / 2
+    else:  # gone at queued / (capacity - arriving) of the second
+        mean_queue = queued * queued / (capacity - arriving) / 2
+    rho = min(arriving / capacity, 0.99)
+    tail = 1.0 - percentile / 100.0
+    wait = service_s / (2 * (1 - rho)) * math.log(rho / tail) if rho > tail else 0.0
+    return mean_queue / capacity + wait + service_s
 
 
 def _observe(pool: _Pool, engine: EngineModel, load: Load, latencies: list[tuple[float, float]],
@@ -175,7 +200,8 @@ def _observe(pool: _Pool, engine: EngineModel, load: Load, latencies: list[tuple
     return PoolObservation(pool.role, samples, tuple(now - decided for decided, _ in pool.pending), len(pool.draining),
                            requests / elapsed_s if elapsed_s else 0.0, tokens / elapsed_s if elapsed_s else 0.0,
                            tokens / requests if requests else 0.0, ttft, itl, engine.gpus,
-                           load.output_tokens if decode_side and pool.running else None)
+                           load.output_tokens if decode_side and pool.running else None,
+                           engine.start_s if pool.scaled_out else None)
 
 
 def _apply(decision: Decision, pools: dict[Role, _Pool], engine: EngineModel, now: float) -> None:

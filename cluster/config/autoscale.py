@@ -66,7 +66,7 @@ class AutoscaleConfig:
     drain_timeout_s: float = 120.0  # a draining instance's requests get this long to finish, then move or end
     role_flip: bool = True  # a pool short of capacity may take another pool's idle instance when no GPU is free
     min_samples: int = 3  # observations a pool's model needs before it predicts (until then: observed latency only)
-    backlog_drain_s: float = 30.0  # a prompt queue built up (a burst while instances start) should be gone within this
+    backlog_drain_s: float = 15.0  # a prompt queue built up (a burst while instances start) should be gone within this
 
     def __post_init__(self) -> None:
         _require(self.mode in MODES, "AutoscaleConfig", "mode", self.mode, f"must be one of {', '.join(MODES)}")
