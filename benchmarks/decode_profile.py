@@ -12,7 +12,9 @@ import cProfile
 import gc
 import io
 import json
+import os
 import pstats
+import resource
 import statistics
 import time
 
@@ -56,6 +58,34 @@ def _fill(engine, batch: int, context: int, vocab: int, steps: int, tag: str) ->
     return n
 
 
+def _thread_cpu_s() -> dict[str, float]:
+    """CPU seconds (user + system) each of this process's OS threads has used, by "name/tid"."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[f"{name}/{tid}"] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _process_facts() -> dict:
+    """What could slow every host function alike: threads, intra-op threads, cores, the GIL's switch interval."""
+    import sys
+    import threading
+
+    return {"python_threads": sorted(t.name for t in threading.enumerate()), "os_threads": len(os.listdir("/proc/self/task")),
+            "torch_num_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+            "affinity_cores": len(os.sched_getaffinity(0)), "switch_interval_s": sys.getswitchinterval(),
+            "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "KMP_", "GOMP_"))}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -93,14 +123,22 @@ def main() -> None:
             gc.disable()
         before = [g["collections"] for g in gc.get_stats()]
         _sync(args.device)
+        cpu0, usage0 = _thread_cpu_s(), resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         for _ in range(args.steps):
             engine.step()
         _sync(args.device)
         out[name] = (time.perf_counter() - t0) * 1e3 / args.steps
+        cpu1, usage1 = _thread_cpu_s(), resource.getrusage(resource.RUSAGE_SELF)
+        # which threads used the CPU while the steps ran (a spinning one slows the stepping thread's Python)
+        busy = {k: round((v - cpu0.get(k, 0.0)) * 1e3 / args.steps, 3) for k, v in cpu1.items() if v - cpu0.get(k, 0.0) > 0}
+        out[name.replace("step_ms", "thread_cpu_ms_per_step")] = dict(sorted(busy.items(), key=lambda kv: -kv[1])[:12])
+        out[name.replace("step_ms", "ctx_switches")] = {"voluntary": usage1.ru_nvcsw - usage0.ru_nvcsw,
+                                                       "involuntary": usage1.ru_nivcsw - usage0.ru_nivcsw}
         out[name.replace("step_ms", "gc_collections")] = [g["collections"] - b for g, b in zip(gc.get_stats(), before)]
         gc.enable()
     out["gc_tracked_objects"] = len(gc.get_objects())
+    out["process"] = _process_facts()
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(8):
