@@ -116,9 +116,13 @@ def main() -> None:
         times.append((time.perf_counter() - t0) * 1e3)
     out["synced_step_ms"] = {"median": statistics.median(times), "min": min(times), "max": max(times), "all": times}
     # (2) as the engine runs: unsynchronized steps, timed whole, with Python's collector as it is (this
-    # process froze nothing: an instance actor freezes its startup objects, runtime/gc_pauses.py) and
-    # off; then the host's functions under cProfile
-    for name, collect in (("step_ms", True), ("step_ms_gc_off", False)):
+    # process froze nothing), off, and with start-up's objects frozen as an instance actor freezes them
+    # (runtime/gc_pauses.py); then the host's functions under cProfile
+    out["gc_tracked_objects"] = len(gc.get_objects())  # what a full collection walks, unfrozen
+    for name, collect in (("step_ms", True), ("step_ms_gc_off", False), ("step_ms_frozen", True)):
+        if name == "step_ms_frozen":  # as an instance actor runs: start-up's objects frozen (runtime/gc_pauses.py)
+            gc.collect()
+            gc.freeze()
         if not collect:
             gc.disable()
         before = [g["collections"] for g in gc.get_stats()]
@@ -137,7 +141,6 @@ def main() -> None:
                                                        "involuntary": usage1.ru_nivcsw - usage0.ru_nivcsw}
         out[name.replace("step_ms", "gc_collections")] = [g["collections"] - b for g, b in zip(gc.get_stats(), before)]
         gc.enable()
-    out["gc_tracked_objects"] = len(gc.get_objects())
     out["process"] = _process_facts()
     prof = cProfile.Profile()
     prof.enable()

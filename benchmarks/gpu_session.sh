@@ -41,7 +41,7 @@
 #   autoscale-serve  one GPU: benchmarks.autoscale_serve, a ~1B model in quarter-GPU instances, a burst
 #              (8, 32, 8 req/s) through HTTP: autoscaled against 4 and 1 static instances (≈6 min)
 #   decode-profile:TGZ[:BATCH]  (AB_ROUNDS=N) one GPU: benchmarks.decode_profile on the tree before (TGZ, as ab-engine)
-#              and this one, B A per round: a decode step at BATCH (default 128) by synchronized step, host function and kernel (≈4 min)
+#              and this one, B A per round (AB_ORDER=after-first: A B): a decode step at BATCH (default 128) by synchronized step, host function and kernel (≈4 min)
 #   ab-serve:TGZ:RATE  the same A/B for one colocated instance through HTTP at RATE req/s (2k in, 256 out,
 #              2,048-token steps, admission on), B A B A (≈8 min)
 set -uo pipefail
@@ -142,11 +142,13 @@ for item in "$@"; do
                  --hf-batch 0 --requests 256 ;;
     decode-profile:*) need_llama; rest=${item#decode-profile:}; before=$(tree_of "$PWD/${rest%%:*}"); batch=128
                [[ $rest == *:* ]] && batch=${rest#*:}
+               sides="before after"; [[ ${AB_ORDER:-} == after-first ]] && sides="after before"
                for round in $(seq 1 "${AB_ROUNDS:-2}"); do
-                 PYTHONPATH=$before:$PYTHONPATH run_item "profile-before-$round" python3 -m benchmarks.decode_profile \
-                   --model /tmp/llama8b --batch "$batch" --out "profile-before-$round.json"
-                 run_item "profile-after-$round" python3 -m benchmarks.decode_profile --model /tmp/llama8b --batch "$batch" \
-                   --out "profile-after-$round.json"
+                 for side in $sides; do
+                   tree=$PYTHONPATH; [[ $side == before ]] && tree=$before:$PYTHONPATH
+                   PYTHONPATH=$tree run_item "profile-$side-$round" python3 -m benchmarks.decode_profile \
+                     --model /tmp/llama8b --batch "$batch" --out "profile-$side-$round.json"
+                 done
                done ;;
     ab-serve:*) need_llama; rest=${item#ab-serve:}; before=$(tree_of "$PWD/${rest%%:*}"); rate=${rest#*:}
                for round in $(seq 1 "${AB_ROUNDS:-2}"); do
