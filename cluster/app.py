@@ -19,6 +19,7 @@ So `runtime/` never imports `api/`, and `api/` knows the cluster only as an `Eng
 """
 from __future__ import annotations
 
+import asyncio
 import sys
 
 from cluster.api.auth import KeyRing, exposure_notes
@@ -76,13 +77,20 @@ async def serve_cluster(config: ClusterConfig) -> None:
                                            timeout_keep_alive=config.api.keep_alive_s), drain)
     pools = ", ".join(f"{r.value}={len(cluster.client.pool(r))}" for r in Role if cluster.client.pool(r))
     key = "api_key='<your key>'" if not keys.open else "api_key='none'"
-    print(f"llm-cluster is up ({pools}).\n  OpenAI API: http://{config.api.host}:{config.api.port}/v1   "
-          f"model: {cluster.client.info().name}\n  e.g. OpenAI(base_url='http://{config.api.host}:{config.api.port}/v1', "
-          f"{key})\n  " + "\n  ".join(exposure_notes(config.api, keys)) + "\n  Ctrl-C (or SIGTERM) drains and stops it.",
-          flush=True)
+    serving = asyncio.ensure_future(server.serve())
     try:
-        await server.serve()
+        # "up" only once the socket listens: a client that connects on reading it must not be refused
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.02)
+        if server.started:
+            print(f"llm-cluster is up ({pools}).\n  OpenAI API: http://{config.api.host}:{config.api.port}/v1   "
+                  f"model: {cluster.client.info().name}\n  e.g. OpenAI(base_url='http://{config.api.host}:"
+                  f"{config.api.port}/v1', {key})\n  " + "\n  ".join(exposure_notes(config.api, keys))
+                  + "\n  Ctrl-C (or SIGTERM) drains and stops it.", flush=True)
+        await serving
     finally:
+        if not serving.done():
+            serving.cancel()
         if autoscaler is not None:
             await autoscaler.close()
         await cluster.stop()
