@@ -21,6 +21,7 @@ import time
 import torch
 
 from benchmarks.engine import _prompts
+from cluster.runtime.gc_pauses import freeze_startup_objects
 
 
 def _engine(args):
@@ -120,9 +121,8 @@ def main() -> None:
     # (runtime/gc_pauses.py); then the host's functions under cProfile
     out["gc_tracked_objects"] = len(gc.get_objects())  # what a full collection walks, unfrozen
     for name, collect in (("step_ms", True), ("step_ms_gc_off", False), ("step_ms_frozen", True)):
-        if name == "step_ms_frozen":  # as an instance actor runs: start-up's objects frozen (runtime/gc_pauses.py)
-            gc.collect()
-            gc.freeze()
+        if name == "step_ms_frozen":  # as an instance actor runs: start-up's objects frozen
+            freeze_startup_objects()
         if not collect:
             gc.disable()
         before = [g["collections"] for g in gc.get_stats()]

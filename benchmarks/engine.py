@@ -22,6 +22,7 @@ import torch
 
 from benchmarks import hardware
 from cluster.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig
+from cluster.runtime.gc_pauses import freeze_startup_objects
 from cluster.types import SamplingParams
 
 
@@ -40,11 +41,10 @@ def _engine(args, max_num_seqs: int, budget_tokens: int):
         runner=RunnerConfig(device="cuda", enable_cuda_graphs=not args.no_cuda_graphs, cuda_graph_max_batch=max_num_seqs),
     )
     engine = Engine(cfg, progress=False)
-    # as an instance actor does (runtime/gc_pauses.py): what start-up made goes to the permanent
-    # generation, so a full collection in the timed steps walks only what the steps made (unfrozen,
-    # one walks ~220k objects for ~130 ms, and whether it lands in a timed window is luck)
-    gc.collect()
-    gc.freeze()
+    # as an instance actor does: what start-up made goes to the permanent generation, so a full
+    # collection in the timed steps walks only what the steps made (unfrozen, one walks ~220k objects
+    # for ~130 ms, and whether it lands in a timed window depends on what the process allocated before)
+    freeze_startup_objects()
     return engine
 
 

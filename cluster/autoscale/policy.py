@@ -128,19 +128,19 @@ def _decode_inflow(observations: Observations, decisions: dict, states: dict, co
     (sized on arrivals alone, decode grows only once that backlog lands, and then one KV-full step at a
     time)."""
     prefill, decode = observations.pools.get(Role.PREFILL), observations.pools.get(Role.DECODE)
-    if prefill is None or decode is None or not decode.arrivals_per_s or Role.PREFILL not in decisions:
+    if prefill is None or decode is None or not decode.arrivals_per_s:  # prefill, if any, was decided first
         return 1.0
     model, queued = states[Role.PREFILL].model, prefill.num_queued_prefill_tokens
     if not queued or not model.prefill_rate or not prefill.mean_prompt_tokens:
         return 1.0
     d = decisions[Role.PREFILL]
     serving = max(d.desired if d.direction == Direction.UP else prefill.num_actual + prefill.num_pending, 1)
-    sizing = _Sizing(prefill, model, config, slo)
-    backlog = model.backlog_when_serving(prefill, serving, sizing.start_s())
+    start_s = _Sizing(prefill, model, config, slo).start_s
+    backlog = model.backlog_when_serving(prefill, serving, start_s)
     clear_s = model.backlog_drain_s(prefill, serving, queued=backlog)
     if clear_s == math.inf:
         return 1.0  # prefill is the bottleneck: decode sees no more than prefill lets through
-    extra = backlog / prefill.mean_prompt_tokens / max(clear_s + sizing.start_s(), config.interval_s)
+    extra = backlog / prefill.mean_prompt_tokens / max(clear_s + start_s, config.interval_s)
     return 1.0 + extra / decode.arrivals_per_s
 
 
@@ -160,6 +160,10 @@ class _Sizing:
         self.ttft = obs.role in (Role.PREFILL, Role.MIXED)
         self.itl = obs.role in (Role.DECODE, Role.MIXED)
         self.unmeasured_step = self.itl and model.slope_ms is None
+        # how long a scale-up takes to serve: as measured, else (none measured yet) by the next
+        # decision, or the oldest pending one's age by then
+        self.start_s = obs.scale_out_s if obs.scale_out_s is not None else \
+            max(obs.pending_ages_s, default=0.0) + config.interval_s
 
     def ttft_at(self, n: int) -> float | None:
         if not self.ttft or self.warming or not self.model.prefill_rate:
@@ -174,19 +178,12 @@ class _Sizing:
     def itl_at(self, n: int, load: float = 1.0) -> float | None:
         return None if not self.itl or self.warming else self.model.predict_itl(self.obs, n, load)
 
-    def start_s(self) -> float:
-        """How long a scale-up takes to serve: as measured, else (none measured yet) by the next
-        decision, or the oldest pending one's age by then."""
-        if self.obs.scale_out_s is not None:
-            return self.obs.scale_out_s
-        return max(self.obs.pending_ages_s, default=0.0) + self.config.interval_s
-
     def meets(self, n: int, share: float, load: float = 1.0, growing: bool = False) -> Reason | None:
         """None if `n` instances are predicted within `share` of every target (and their KV within
         `share` of the pool's limit), at `load` times the load seen; else the first target missed.
         `growing`: the backlog to clear is the one there will be when the `n` serve, not the one now."""
         ttft, itl = self.steady_ttft_at(n, load), self.itl_at(n, load)
-        queued = self.model.backlog_when_serving(self.obs, n, self.start_s()) if growing and ttft is not None else None
+        queued = self.model.backlog_when_serving(self.obs, n, self.start_s) if growing and ttft is not None else None
         if ttft is not None and (ttft > share * self.slo.ttft_s or self.model.backlog_drain_s(self.obs, n, load, queued)
                                  > self.config.backlog_drain_s * share):
             return Reason.TTFT
